@@ -1,0 +1,123 @@
+"""The algorithm interface: how a storage places its nodes and runs requests.
+
+Like DST's `dst_alg_ops` and nbdkit's filters, an algorithm sits between the
+storage and its nodes. It owns the map from logical offsets to (node, node
+offset) and carries out each request on the nodes it maps to. The storage
+checks bounds before calling it, so every request an algorithm sees lies
+within `[0, size)`.
+
+An algorithm is built from an ordered list of nodes that are already started,
+then `start(nursery)` is awaited once (a mirror reads its metadata and starts
+resync there). It must never reach around a node's interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import trio
+
+from ..nodes.base import Node
+
+
+@dataclass
+class ControlFile:
+    """One file of a node's control directory: `read()` gives its text;
+    `write(text)` is present only for writable files and raises
+    `UserError` for bad input."""
+
+    read: Callable[[], str]
+    write: Callable[[str], None] | None = None
+
+
+@dataclass
+class Placement:
+    """Where a node sits in the storage: bytes [start, start + size) of the
+    storage map to bytes [0, size) of the node. `cookie` is unique within the
+    storage and names the node's control directory ``n-<start>-<cookie>``."""
+
+    node: Node
+    start: int
+    size: int
+    cookie: int
+    controls: dict[str, ControlFile] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> str:
+        return f"n-{self.start}-{self.cookie}"
+
+
+class Algorithm(abc.ABC):
+    """Base of storage algorithms; subclasses register under `name`."""
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, storage_name: str, nodes: list[tuple[Node, int | None]], options: dict
+    ) -> None:
+        """`nodes` holds each started node with its optional size limit (the
+        config's `size:`). `options` holds the storage's algorithm-specific
+        config values plus, from the mount: `client_name` (str), `client_id`
+        (16 bytes, new per mount) and `force` (bool, mount -o force)."""
+        self.storage_name = storage_name
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """The storage's size in bytes."""
+
+    @property
+    @abc.abstractmethod
+    def writable(self) -> bool:
+        """True when every request kind can be served."""
+
+    @abc.abstractmethod
+    def placements(self) -> list[Placement]:
+        """The node map, in storage order, for the control tree."""
+
+    @property
+    def state(self) -> str:
+        """`clean`, `degraded`, `resyncing` or `failed` (status contract)."""
+        return "clean"
+
+    def node_state(self, placement: Placement) -> str:
+        """`clean`, `dirty`, `resyncing` or `offline` for one node."""
+        from ..nodes.base import NodeState
+
+        return "offline" if placement.node.state is NodeState.OFFLINE else "clean"
+
+    def controls(self) -> dict[str, ControlFile]:
+        """Extra storage-level control files (e.g. a mirror's `verify`)."""
+        return {}
+
+    def resync_progress(self, placement: Placement) -> tuple[int, int]:
+        """(bytes done, bytes total) of the node's current resync."""
+        return (0, 0)
+
+    async def start(self, nursery: trio.Nursery) -> None:  # noqa: B027 - optional hook
+        """Start background work (none by default)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work and record a clean shutdown (nothing by default)."""
+
+    @abc.abstractmethod
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    @abc.abstractmethod
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def flush(self) -> None: ...
+
+    @abc.abstractmethod
+    async def trim(self, offset: int, length: int) -> None: ...
+
+    @abc.abstractmethod
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def checksum(self, offset: int, length: int) -> bytes:
+        """xxh3-128 of the storage range; used when this storage is a node."""

@@ -1,0 +1,143 @@
+"""The node interface: one linear range of bytes that a storage places.
+
+A node is a remote export (`RemoteNode`), a local file or block device
+(`LocalNode`) or another storage (`StorageNode`). Algorithms see only this
+interface. Invariants every implementation keeps:
+
+- offsets are bytes from the node's start; `offset + length <= size` is
+  checked here (`check_range`) before any I/O is issued;
+- a method either completes (the data is on the node, or read from it) or
+  raises `NodeError` with the errno the kernel should see; it never returns
+  partial success;
+- `write(..., fua=True)` returns only once the data is on stable storage;
+  `flush()` puts every write completed before it on stable storage;
+- `state` changes are announced through `wait_state_change`, so watchers
+  (a mirror's resync) need no callbacks into the node.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import asdict, dataclass
+
+import trio
+
+from ..errors import NodeError, RequestOutOfRange
+
+#: Digest size of `Node.checksum`: xxh3-128 over the range's bytes.
+CHECKSUM_SIZE = 16
+
+
+class NodeState(enum.Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclass
+class NodeCounters:
+    """What a node has done since it was opened; shown in the control tree."""
+
+    requests: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    resends: int = 0
+    reconnects: int = 0
+    errors: int = 0
+    in_flight: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Node(abc.ABC):
+    """A range of `size` bytes that can be read, written, flushed and trimmed.
+
+    Subclasses set `kind` ("R", "L", "N", "S" as in the control tree's `type`
+    file) and `address` (host:port, path, NBD URI or storage name).
+    """
+
+    kind: str = "?"
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.size = 0
+        self.writable = False
+        self.counters = NodeCounters()
+        self._state = NodeState.OFFLINE
+        self._state_changed = trio.Event()
+
+    # -- identity -------------------------------------------------------
+    @property
+    def description(self) -> str:
+        """The control tree's `type` line, e.g. ``R: 10.0.0.5:1025``."""
+        return f"{self.kind}: {self.address}"
+
+    def __str__(self) -> str:
+        return self.description
+
+    # -- state ----------------------------------------------------------
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    def _set_state(self, state: NodeState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._state_changed.set()
+            self._state_changed = trio.Event()
+
+    async def wait_state_change(self, seen: NodeState) -> NodeState:
+        """Return the node's state once it differs from `seen`."""
+        while self._state is seen:
+            await self._state_changed.wait()
+        return self._state
+
+    # -- bounds ---------------------------------------------------------
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RequestOutOfRange(
+                f"{self}: request [{offset}, +{length}) is past the end ({self.size} bytes)"
+            )
+
+    def check_writable(self) -> None:
+        if not self.writable:
+            import errno
+
+            raise NodeError(str(self), "node is read-only", errno=errno.EROFS)
+
+    # -- lifecycle ------------------------------------------------------
+    @abc.abstractmethod
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open the node (connect and negotiate for remote ones) and start its
+        background tasks in `nursery`. Sets `size` and `writable`. Raises
+        `NodeError` (a `UserError` for refusals) when it cannot be opened."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the node. Callers flush first if they want durability."""
+
+    # -- I/O ------------------------------------------------------------
+    @abc.abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """Return exactly `length` bytes at `offset`."""
+
+    @abc.abstractmethod
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        """Write `data` at `offset`; with `fua`, durable before returning."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every write completed so far durable."""
+
+    @abc.abstractmethod
+    async def trim(self, offset: int, length: int) -> None:
+        """Discard the range; later reads return zeroes."""
+
+    @abc.abstractmethod
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Make the range read back as zeroes."""
+
+    @abc.abstractmethod
+    async def checksum(self, offset: int, length: int) -> bytes:
+        """xxh3-128 digest of the range, computed where the data lives."""

@@ -1,0 +1,255 @@
+"""One negotiated connection from a client to an export node.
+
+A `Session` owns a transport stream and its protocol `Connection`. It
+connects, runs the handshake, and then runs three tasks until the stream
+breaks: a sender that frames queued transactions in order (the only writer
+of the stream, so a cancelled caller can never leave half a frame on the
+wire), a receiver that hands replies to the transaction table, and a
+keepalive that pings when idle and declares the peer dead after three
+silent intervals.
+
+A session never retries: when anything fails it ends, and the `RemoteNode`
+that owns it decides what to do (reconnect, resend). It must never complete
+a transaction except from a reply with a valid check.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..address import Address
+from ..errors import NodeRefused, NodeUnavailable
+from ..protocol import (
+    NEED_DATA,
+    Challenged,
+    Command,
+    Connection,
+    ConnectionClosed,
+    HandshakeFailed,
+    ProtocolError,
+    Ready,
+    Refused,
+    Reply,
+    Request,
+    Role,
+)
+from .transactions import Transaction
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 1 << 18
+#: Keepalive pings use handles from this space, disjoint from transactions'.
+PING_HANDLE_BASE = 1 << 63
+
+
+Connector = Callable[[Address], Awaitable[trio.abc.Stream]]
+
+
+async def open_stream(address: Address) -> trio.abc.Stream:
+    """The default connector: TCP (IPv4/IPv6, TCP_NODELAY) or a unix socket."""
+    if address.kind == "unix":
+        return await trio.open_unix_socket(address.path)
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+class Session:
+    """A live, negotiated connection. `ready` holds what the node granted."""
+
+    def __init__(
+        self,
+        node_name: str,
+        stream: trio.abc.Stream,
+        connection: Connection,
+        ready: Ready,
+        number: int,
+    ) -> None:
+        self.node_name = node_name
+        self.number = number
+        self.ready = ready
+        self._stream = stream
+        self._conn = connection
+        self._outbox_send, self._outbox = trio.open_memory_channel[Transaction | int](math.inf)
+        self._last_heard = trio.current_time()
+        self._pings = 0  # keepalive pings sent, also their handle suffix
+
+    # -- establishing ---------------------------------------------------
+    @classmethod
+    async def establish(
+        cls,
+        node_name: str,
+        address: Address,
+        *,
+        export: str | None,
+        key: bytes | None,
+        modes: list[str],
+        client_id: bytes,
+        client_name: str,
+        number: int,
+        connector: Connector = open_stream,
+    ) -> Session:
+        """Connect and negotiate. Raises NodeUnavailable when the node
+        cannot be reached or drops us, NodeRefused when it says no (ACL,
+        export, key) or the negotiation fails. The caller bounds the time."""
+        try:
+            stream = await connector(address)
+        except OSError as exc:
+            raise NodeUnavailable(node_name, f"cannot connect: {exc.strerror or exc}") from None
+        try:
+            conn = Connection(Role.CLIENT, key=key, modes=modes)
+            await stream.send_all(
+                conn.hello(export=export, client_id=client_id, client_name=client_name)
+            )
+            ready = await cls._handshake(node_name, stream, conn)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return cls(node_name, stream, conn, ready, number)
+
+    @staticmethod
+    async def _handshake(node_name: str, stream: trio.abc.Stream, conn: Connection) -> Ready:
+        while True:
+            try:
+                event = conn.next_event()
+            except HandshakeFailed as exc:
+                await _tell_peer(stream, conn, exc)
+                raise NodeRefused(node_name, exc.message, errno=errno.EACCES) from None
+            except ProtocolError as exc:
+                raise NodeUnavailable(node_name, f"bad handshake from node: {exc}") from None
+            if event is NEED_DATA:
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, OSError) as exc:
+                    raise NodeUnavailable(
+                        node_name, f"connection lost in handshake: {exc}"
+                    ) from None
+                conn.receive_data(data)
+            elif isinstance(event, Challenged):
+                await stream.send_all(conn.confirm())
+            elif isinstance(event, Ready):
+                return event
+            elif isinstance(event, Refused):
+                raise NodeRefused(
+                    node_name,
+                    f"refused by the node: {event.message}",
+                    errno=event.status or errno.EACCES,
+                )
+            elif isinstance(event, ConnectionClosed):
+                raise NodeUnavailable(node_name, "node closed the connection during the handshake")
+            else:
+                raise NodeUnavailable(node_name, f"unexpected {type(event).__name__} in handshake")
+
+    @property
+    def mode(self) -> str:
+        """The negotiated integrity/cipher mode."""
+        return self._conn.mode or "?"
+
+    async def close(self) -> None:
+        self._outbox_send.close()
+        await trio.aclose_forcefully(self._stream)
+
+    # -- running --------------------------------------------------------
+    def transmit(self, item: Transaction | int) -> None:
+        """Queue a transaction (or a ping handle) for sending, in order.
+        On a session that has ended this does nothing: whatever is still in
+        flight is resent by the next session."""
+        try:
+            self._outbox_send.send_nowait(item)
+        except trio.ClosedResourceError:
+            pass
+
+    async def run(
+        self,
+        on_reply: Callable[[Reply], None],
+        *,
+        keepalive: float,
+    ) -> str:
+        """Serve until the stream breaks; return why it ended (for logs)."""
+        reason = "cancelled"
+
+        def finish(why: str) -> None:
+            nonlocal reason
+            reason = why
+            nursery.cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop, finish)
+                nursery.start_soon(self._receive_loop, on_reply, finish)
+                nursery.start_soon(self._keepalive_loop, keepalive, finish)
+        finally:
+            await self.close()
+        return reason
+
+    async def _send_loop(self, finish: Callable[[str], None]) -> None:
+        async for item in self._outbox:
+            if isinstance(item, int):
+                request = Request(Command.PING, item)
+            elif item.done.is_set():
+                continue
+            else:
+                request = item.request()
+                item.sends += 1
+            try:
+                await self._stream.send_all(self._conn.send(request))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                finish(f"send failed: {exc}")
+                return
+
+    async def _receive_loop(
+        self, on_reply: Callable[[Reply], None], finish: Callable[[str], None]
+    ) -> None:
+        conn = self._conn
+        while True:
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                finish(f"receive failed: {exc}")
+                return
+            self._last_heard = trio.current_time()
+            conn.receive_data(data)
+            while True:
+                try:
+                    event = conn.next_event()
+                except ProtocolError as exc:
+                    # A frame that fails its check is never used: the whole
+                    # connection is dropped and everything in flight resent.
+                    finish(f"protocol error from node: {exc}")
+                    return
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Reply):
+                    if event.command is not Command.PING:
+                        on_reply(event)
+                elif isinstance(event, ConnectionClosed):
+                    finish("node closed the connection")
+                    return
+                else:
+                    finish(f"unexpected {type(event).__name__} from node")
+                    return
+
+    async def _keepalive_loop(self, interval: float, finish: Callable[[str], None]) -> None:
+        """Ping whenever nothing was heard for an interval; a peer that stays
+        silent for three intervals (pings unanswered) is declared dead."""
+        while True:
+            await trio.sleep(interval)
+            silent = trio.current_time() - self._last_heard
+            if silent >= 3 * interval:
+                finish(f"node silent for {silent:.1f}s")
+                return
+            if silent >= interval:
+                self._pings += 1
+                self.transmit(PING_HANDLE_BASE + self._pings)
+
+
+async def _tell_peer(stream: trio.abc.Stream, conn: Connection, exc: HandshakeFailed) -> None:
+    """Best effort: let the node log why we gave up on the handshake."""
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(conn.refuse(exc.status, exc.message))
+        except Exception:  # noqa: BLE001 - the refusal is advisory only
+            pass

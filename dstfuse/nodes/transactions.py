@@ -1,0 +1,96 @@
+"""Transactions: requests kept until the node acknowledges them.
+
+A `Transaction` is one request to a remote node with a handle unique for
+the node's lifetime. The `TransactionTable` holds the in-flight ones in
+submission order (the order a reconnect resends them in) and bounds how many
+there are: `begin` waits while the table is full.
+
+Invariants:
+- a transaction is in the table from `begin` until `end`; a handle is never
+  reused, so a late reply for an ended transaction finds nothing and is
+  dropped by the caller;
+- `complete` records the first reply only; duplicates (from resends) are
+  ignored;
+- the table never holds more than `capacity` transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from ..protocol import Command, Flag, Reply, Request
+
+
+@dataclass(eq=False)
+class Transaction:
+    command: Command
+    handle: int
+    offset: int
+    length: int
+    flags: Flag = Flag.NONE
+    data: bytes | memoryview = field(default=b"", repr=False)
+    sends: int = 0
+    reply: Reply | None = None
+    done: trio.Event = field(default_factory=trio.Event, repr=False)
+
+    def request(self) -> Request:
+        return Request(self.command, self.handle, self.offset, self.length, self.flags, self.data)
+
+    def __str__(self) -> str:
+        return f"{self.command.name} #{self.handle} [{self.offset}, +{self.length})"
+
+
+class TransactionTable:
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._slots = trio.Semaphore(capacity)
+        self._in_flight: dict[int, Transaction] = {}
+        self._next_handle = 1
+
+    def __len__(self) -> int:
+        return len(self._in_flight)
+
+    def __iter__(self) -> Iterator[Transaction]:
+        """In-flight transactions in submission order (a snapshot)."""
+        return iter(list(self._in_flight.values()))
+
+    def new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    async def begin(
+        self,
+        command: Command,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        flags: Flag = Flag.NONE,
+        data: bytes | memoryview = b"",
+    ) -> Transaction:
+        """Wait for a free slot, then register a new transaction."""
+        await self._slots.acquire()
+        txn = Transaction(command, self.new_handle(), offset, length, flags, data)
+        self._in_flight[txn.handle] = txn
+        return txn
+
+    def complete(self, reply: Reply) -> Transaction | None:
+        """Record `reply` on its transaction; None when the handle is not in
+        flight (a late duplicate or a reply we never asked for)."""
+        txn = self._in_flight.get(reply.handle)
+        if txn is None or txn.command is not reply.command:
+            return None
+        if txn.reply is None:
+            txn.reply = reply
+            txn.done.set()
+        return txn
+
+    def end(self, txn: Transaction) -> None:
+        """Remove `txn` and free its slot; safe to call once per `begin`."""
+        if self._in_flight.pop(txn.handle, None) is not None:
+            self._slots.release()

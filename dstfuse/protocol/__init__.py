@@ -1,0 +1,44 @@
+"""The dstfuse wire protocol, sans-IO: no sockets, no trio, no clocks.
+
+`Connection` turns received bytes into events and events into bytes to
+send; see docs/protocol.md for the frame and handshake layout.
+"""
+
+from .constants import (
+    CLIENT_ID_SIZE,
+    KEYED_MODES,
+    UNKEYED_MODES,
+    WRITE_COMMANDS,
+    Command,
+    Feature,
+    Flag,
+    Permission,
+)
+from .connection import NEED_DATA, Connection, Role, State
+from .errors import (
+    HandshakeFailed,
+    IntegrityError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from .events import (
+    Challenged,
+    ConnectionClosed,
+    Confirmed,
+    Event,
+    HelloReceived,
+    Ready,
+    Refused,
+    Reply,
+    Request,
+)
+from .handshake import offered_modes
+
+__all__ = [
+    "CLIENT_ID_SIZE", "KEYED_MODES", "UNKEYED_MODES", "WRITE_COMMANDS", "Command", "Feature",
+    "Flag", "Permission", "NEED_DATA", "Connection", "Role", "State", "HandshakeFailed",
+    "IntegrityError", "LocalProtocolError", "ProtocolError", "RemoteProtocolError", "Challenged",
+    "ConnectionClosed", "Confirmed", "Event", "HelloReceived", "Ready", "Refused", "Reply",
+    "Request", "offered_modes",
+]

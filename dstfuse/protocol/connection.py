@@ -1,0 +1,486 @@
+"""The sans-IO protocol connection: bytes in, events out; events in, bytes out.
+
+One `Connection` is one side (client or server) of one transport stream. It
+frames, seals and checks every frame, runs the handshake state machine, and
+never touches a socket, a clock or a thread.
+
+Handshake (see docs/protocol.md):
+
+    client                                server
+    HELLO  (versions, modes, nonce) --->
+                                    <---  CHALLENGE (version, mode, nonce, proof)
+    CONFIRM (proof)                 --->
+                                    <---  READY (size, permissions, limits)   | REFUSED
+
+HELLO, CHALLENGE and CONFIRM are sealed with the unkeyed checksum; every
+later frame of a direction with the negotiated session sealer. Either side
+may send REFUSED instead of its next handshake frame.
+
+Invariants:
+- a frame's payload length is checked against the limit for the current
+  state before any of it is buffered beyond the header;
+- once an error was raised by `next_event`, the connection is in ERROR and
+  every later call raises; the caller must drop the transport;
+- requests and replies are only accepted in state OPEN.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import os
+from typing import Final
+
+from . import attributes as attrs
+from .constants import (
+    ALL_FEATURES,
+    CLIENT_ID_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    MAGIC,
+    MAX_HANDSHAKE_PAYLOAD,
+    NONCE_SIZE,
+    PROOF_SIZE,
+    REQUEST_COMMANDS,
+    SUPPORTED_VERSIONS,
+    TAG_SIZE,
+    VERSION,
+    Attr,
+    Command,
+    Feature,
+    Flag,
+    Permission,
+    DEFAULT_MAX_PAYLOAD,
+    KEYED_MODES,
+)
+from .errors import HandshakeFailed, LocalProtocolError, RemoteProtocolError
+from .events import (
+    Challenged,
+    ConnectionClosed,
+    Confirmed,
+    Event,
+    HelloReceived,
+    Ready,
+    Refused,
+    Reply,
+    Request,
+)
+from .handshake import (
+    SessionKeys,
+    allowed_modes,
+    choose_mode,
+    choose_version,
+    derive_keys,
+    proof,
+    transcript_hash,
+)
+from .sealing import Sealer, Xxh3Sealer, session_sealer
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    HELLO_SENT = "hello-sent"  # client
+    HELLO_RECEIVED = "hello-received"  # server, the application decides
+    CHALLENGE_SENT = "challenge-sent"  # server
+    CHALLENGED = "challenged"  # client, must confirm
+    CONFIRM_SENT = "confirm-sent"  # client
+    CONFIRMED = "confirmed"  # server, must send READY
+    OPEN = "open"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+_PROOF_TLV_SIZE = 4 + PROOF_SIZE
+
+
+class Connection:
+    """One side of a dstfuse protocol stream.
+
+    `key` is the pre-shared key (None: unkeyed checksums only); `modes` the
+    modes a client offers (preferred first). `max_payload` bounds every
+    frame after the handshake; handshake frames are bounded by
+    MAX_HANDSHAKE_PAYLOAD.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        key: bytes | None = None,
+        modes: list[str] | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        if max_payload < 1:
+            raise LocalProtocolError("max_payload must be positive")
+        self.role = role
+        self.state = State.IDLE
+        self.max_payload = max_payload
+        self.mode: str | None = None
+        self.version: int | None = None
+        self._key = key
+        self._modes = modes
+        self._send_sealer: Sealer = Xxh3Sealer()
+        self._recv_sealer: Sealer = Xxh3Sealer()
+        self._buffer = bytearray()
+        self._eof = False
+        self._header: tuple | None = None  # parsed header of the frame being received
+        self._nonce = os.urandom(NONCE_SIZE)
+        self._hello_payload = b""
+        self._peer_nonce = b""
+        self._peer_modes: tuple[str, ...] = ()
+        self._peer_versions: tuple[int, ...] = ()
+        self._keys: SessionKeys | None = None
+        self._transcript = b""
+
+    # ------------------------------------------------------------------
+    # framing
+    def _frame(
+        self,
+        command: int,
+        *,
+        flags: int = 0,
+        handle: int = 0,
+        offset: int = 0,
+        length: int = 0,
+        status: int = 0,
+        payload: bytes | bytearray | memoryview = b"",
+    ) -> bytes:
+        header = HEADER.pack(
+            MAGIC, VERSION, command, flags, handle, offset, length, status, len(payload), 0
+        )
+        return header + self._send_sealer.seal(header, payload)
+
+    def _expect(self, *states: State) -> None:
+        if self.state not in states:
+            raise LocalProtocolError(f"not allowed in state {self.state.value}")
+
+    # ------------------------------------------------------------------
+    # client side of the handshake
+    def hello(self, *, export: str | None, client_id: bytes, client_name: str) -> bytes:
+        """Client: the opening HELLO frame."""
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError("only a client says HELLO")
+        self._expect(State.IDLE)
+        if len(client_id) != CLIENT_ID_SIZE:
+            raise LocalProtocolError(f"client id must be {CLIENT_ID_SIZE} bytes")
+        modes = self._modes or []
+        if not modes:
+            raise LocalProtocolError("a client must offer at least one mode")
+        if any(m in KEYED_MODES for m in modes) and self._key is None:
+            raise LocalProtocolError("keyed modes offered without a key")
+        items = [
+            (Attr.VERSIONS, bytes(SUPPORTED_VERSIONS)),
+            (Attr.CLIENT_ID, client_id),
+            (Attr.CLIENT_NAME, attrs.text(client_name)),
+            (Attr.CIPHERS, attrs.text(",".join(modes))),
+            (Attr.NONCE, self._nonce),
+        ]
+        if export is not None:
+            items.append((Attr.EXPORT, attrs.text(export)))
+        self._hello_payload = attrs.encode(items)
+        self.state = State.HELLO_SENT
+        return self._frame(Command.HELLO, payload=self._hello_payload)
+
+    def confirm(self) -> bytes:
+        """Client: the CONFIRM frame after a `Challenged` event."""
+        self._expect(State.CHALLENGED)
+        items = []
+        if self._keys is not None:
+            items.append((Attr.PROOF, proof(self._keys.client_confirm, b"client", self._transcript)))
+        frame = self._frame(Command.CONFIRM, payload=attrs.encode(items))
+        self._send_sealer = self._session_sealer(sending=True)
+        self.state = State.CONFIRM_SENT
+        return frame
+
+    # ------------------------------------------------------------------
+    # server side of the handshake
+    def challenge(self, *, node_name: str) -> bytes:
+        """Server: answer a `HelloReceived` the application accepted. Raises
+        HandshakeFailed when no version or mode is common (then `refuse`)."""
+        self._expect(State.HELLO_RECEIVED)
+        self.version = choose_version(list(self._peer_versions))
+        self.mode = choose_mode(list(self._peer_modes), allowed_modes(self._key is not None))
+        items = [
+            (Attr.VERSION, attrs.u8(self.version)),
+            (Attr.CIPHER, attrs.text(self.mode)),
+            (Attr.NONCE, self._nonce),
+            (Attr.NODE_NAME, attrs.text(node_name)),
+        ]
+        prefix = attrs.encode(items)
+        payload = prefix
+        if self.mode in KEYED_MODES:
+            assert self._key is not None
+            self._keys = derive_keys(self._key, self._peer_nonce, self._nonce, self.mode)
+            self._transcript = transcript_hash(self._hello_payload, prefix)
+            server_proof = proof(self._keys.server_confirm, b"server", self._transcript)
+            payload = prefix + attrs.encode([(Attr.PROOF, server_proof)])
+        frame = self._frame(Command.CHALLENGE, payload=payload)
+        self._send_sealer = self._session_sealer(sending=True)
+        self.state = State.CHALLENGE_SENT
+        return frame
+
+    def ready(self, ready: Ready) -> bytes:
+        """Server: the READY frame after `Confirmed`; the connection opens."""
+        self._expect(State.CONFIRMED)
+        payload = attrs.encode(
+            [
+                (Attr.SIZE, attrs.u64(ready.size)),
+                (Attr.PERMISSIONS, attrs.u8(int(ready.permissions))),
+                (Attr.BLOCK_SIZE, attrs.u32(ready.block_size)),
+                (Attr.MAX_REQUEST, attrs.u32(ready.max_request)),
+                (Attr.FEATURES, attrs.u32(int(ready.features))),
+                (Attr.EXPORT, attrs.text(ready.export)),
+            ]
+        )
+        self.state = State.OPEN
+        return self._frame(Command.READY, payload=payload)
+
+    def refuse(self, status: int, message: str) -> bytes:
+        """Either side, during the handshake: a REFUSED frame; closes."""
+        if self.state in (State.OPEN, State.CLOSED):
+            raise LocalProtocolError(f"cannot refuse in state {self.state.value}")
+        payload = attrs.encode([(Attr.MESSAGE, attrs.text(message[:1000]))])
+        self.state = State.CLOSED
+        return self._frame(Command.REFUSED, status=status, payload=payload)
+
+    def _session_sealer(self, *, sending: bool) -> Sealer:
+        assert self.mode is not None
+        if self._keys is None:
+            return session_sealer(self.mode, None)
+        client_to_server = sending == (self.role is Role.CLIENT)
+        key = self._keys.client_write if client_to_server else self._keys.server_write
+        return session_sealer(self.mode, key)
+
+    # ------------------------------------------------------------------
+    # requests and replies
+    def send(self, event: Request | Reply) -> bytes:
+        """Frame a request (client) or reply (server) on an open connection."""
+        self._expect(State.OPEN)
+        if isinstance(event, Request):
+            if self.role is not Role.CLIENT:
+                raise LocalProtocolError("only a client sends requests")
+            return self._frame(
+                event.command,
+                flags=int(event.flags),
+                handle=event.handle,
+                offset=event.offset,
+                length=event.length,
+                payload=event.data,
+            )
+        if self.role is not Role.SERVER:
+            raise LocalProtocolError("only a server sends replies")
+        return self._frame(
+            event.command,
+            flags=int(Flag.REPLY),
+            handle=event.handle,
+            offset=event.offset,
+            length=event.length,
+            status=event.status,
+            payload=event.data,
+        )
+
+    # ------------------------------------------------------------------
+    # receiving
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the transport; b"" means the peer closed."""
+        if self._eof and data:
+            raise LocalProtocolError("data after end of stream")
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as events."""
+        return len(self._buffer)
+
+    def _payload_limit(self) -> int:
+        if self.state is State.OPEN:
+            return self.max_payload
+        return MAX_HANDSHAKE_PAYLOAD
+
+    def next_event(self) -> Event | _NeedData:
+        """The next complete event, or NEED_DATA. Raises RemoteProtocolError
+        (IntegrityError for a failed check) or HandshakeFailed, after which
+        the connection is in ERROR."""
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the error state")
+        try:
+            return self._next_event()
+        except (RemoteProtocolError, HandshakeFailed):
+            self.state = State.ERROR
+            raise
+
+    def _next_event(self) -> Event | _NeedData:
+        buffer = self._buffer
+        if self._header is None:
+            if len(buffer) < HEADER_SIZE:
+                return self._at_end_of_data()
+            self._header = self._parse_header(bytes(buffer[:HEADER_SIZE]))
+        header_fields = self._header
+        payload_len = header_fields[8]
+        total = HEADER_SIZE + payload_len + TAG_SIZE
+        if len(buffer) < total:
+            return self._at_end_of_data()
+        header = bytes(buffer[:HEADER_SIZE])
+        with memoryview(buffer) as view:
+            payload = self._recv_sealer.open(header, view[HEADER_SIZE:total])
+        del buffer[:total]
+        self._header = None
+        return self._dispatch(header_fields, payload)
+
+    def _at_end_of_data(self) -> Event | _NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if self._buffer:
+            raise RemoteProtocolError("connection closed in the middle of a frame")
+        self.state = State.CLOSED
+        return ConnectionClosed()
+
+    def _parse_header(self, raw: bytes) -> tuple:
+        fields = HEADER.unpack(raw)
+        magic, version, command, flags, _, _, _, _, payload_len, reserved = fields
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad frame magic {magic!r}")
+        if version != VERSION:
+            raise RemoteProtocolError(f"unsupported frame version {version}")
+        if reserved != 0:
+            raise RemoteProtocolError("reserved header field is not zero")
+        if flags & ~int(KNOWN_FLAGS):
+            raise RemoteProtocolError(f"unknown frame flags {flags:#x}")
+        try:
+            Command(command)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown command {command}") from None
+        limit = self._payload_limit()
+        if payload_len > limit:
+            raise RemoteProtocolError(f"frame payload of {payload_len} bytes exceeds the limit {limit}")
+        return fields
+
+    def _dispatch(self, fields: tuple, payload: bytes) -> Event:
+        _, _, command, flags, handle, offset, length, status, _, _ = fields
+        command = Command(command)
+        if command is Command.REFUSED:
+            if self.state is State.OPEN:
+                raise RemoteProtocolError("REFUSED on an open connection")
+            message = attrs.Reader(attrs.decode(payload)).text(Attr.MESSAGE, default="refused")
+            self.state = State.CLOSED
+            return Refused(status=status, message=message)
+        if command in REQUEST_COMMANDS:
+            return self._dispatch_io(command, flags, handle, offset, length, status, payload)
+        return self._dispatch_handshake(command, payload)
+
+    def _dispatch_io(
+        self, command: Command, flags: int, handle: int, offset: int, length: int, status: int,
+        payload: bytes,
+    ) -> Request | Reply:
+        if self.state is not State.OPEN:
+            raise RemoteProtocolError(f"{command.name} before the handshake finished")
+        is_reply = bool(flags & Flag.REPLY)
+        if self.role is Role.SERVER:
+            if is_reply:
+                raise RemoteProtocolError("a client sent a reply")
+            if command is Command.WRITE and len(payload) != length:
+                raise RemoteProtocolError("WRITE length differs from its payload")
+            if command is not Command.WRITE and payload:
+                raise RemoteProtocolError(f"{command.name} request with a payload")
+            return Request(command, handle, offset, length, Flag(flags), payload)
+        if not is_reply:
+            raise RemoteProtocolError("a server sent a request")
+        return Reply(command, handle, status, offset, length, payload)
+
+    def _dispatch_handshake(self, command: Command, payload: bytes) -> Event:
+        reader = attrs.Reader(attrs.decode(payload))
+        if self.role is Role.SERVER:
+            if command is Command.HELLO and self.state is State.IDLE:
+                return self._on_hello(payload, reader)
+            if command is Command.CONFIRM and self.state is State.CHALLENGE_SENT:
+                return self._on_confirm(reader)
+        else:
+            if command is Command.CHALLENGE and self.state is State.HELLO_SENT:
+                return self._on_challenge(payload, reader)
+            if command is Command.READY and self.state is State.CONFIRM_SENT:
+                return self._on_ready(reader)
+        raise RemoteProtocolError(f"unexpected {command.name} in state {self.state.value}")
+
+    def _on_hello(self, payload: bytes, reader: attrs.Reader) -> HelloReceived:
+        self._hello_payload = payload
+        self._peer_nonce = reader.raw(Attr.NONCE, size=NONCE_SIZE)
+        self._peer_versions = tuple(reader.raw(Attr.VERSIONS))
+        self._peer_modes = tuple(m for m in reader.text(Attr.CIPHERS).split(",") if m)
+        export = reader.text(Attr.EXPORT) if reader.has(Attr.EXPORT) else None
+        self.state = State.HELLO_RECEIVED
+        return HelloReceived(
+            export=export,
+            client_id=reader.raw(Attr.CLIENT_ID, size=CLIENT_ID_SIZE),
+            client_name=reader.text(Attr.CLIENT_NAME, default="?"),
+            versions=self._peer_versions,
+            modes=self._peer_modes,
+        )
+
+    def _on_challenge(self, payload: bytes, reader: attrs.Reader) -> Challenged:
+        version = reader.u8(Attr.VERSION)
+        mode = reader.text(Attr.CIPHER)
+        if version not in SUPPORTED_VERSIONS:
+            raise HandshakeFailed(f"node chose protocol version {version}, which we do not speak")
+        if mode not in (self._modes or []):
+            raise HandshakeFailed(f"node chose cipher {mode}, which we did not offer")
+        self.version, self.mode = version, mode
+        if mode in KEYED_MODES:
+            assert self._key is not None
+            server_proof = reader.raw(Attr.PROOF, size=PROOF_SIZE)
+            if payload[-_PROOF_TLV_SIZE:] != attrs.encode([(Attr.PROOF, server_proof)]):
+                raise RemoteProtocolError("CHALLENGE must end with its PROOF attribute")
+            prefix = payload[:-_PROOF_TLV_SIZE]
+            server_nonce = reader.raw(Attr.NONCE, size=NONCE_SIZE)
+            self._keys = derive_keys(self._key, self._nonce, server_nonce, mode)
+            self._transcript = transcript_hash(self._hello_payload, prefix)
+            expected = proof(self._keys.server_confirm, b"server", self._transcript)
+            if not hmac.compare_digest(expected, server_proof):
+                raise HandshakeFailed(
+                    "wrong key: the node does not hold the same pre-shared key as this client"
+                )
+        self._recv_sealer = self._session_sealer(sending=False)
+        self.state = State.CHALLENGED
+        return Challenged(version=version, mode=mode, node_name=reader.text(Attr.NODE_NAME, "?"))
+
+    def _on_confirm(self, reader: attrs.Reader) -> Confirmed:
+        if self._keys is not None:
+            expected = proof(self._keys.client_confirm, b"client", self._transcript)
+            if not hmac.compare_digest(expected, reader.raw(Attr.PROOF, size=PROOF_SIZE)):
+                raise HandshakeFailed("wrong key: the client does not hold this node's pre-shared key")
+        self._recv_sealer = self._session_sealer(sending=False)
+        self.state = State.CONFIRMED
+        return Confirmed()
+
+    def _on_ready(self, reader: attrs.Reader) -> Ready:
+        try:
+            ready = Ready(
+                size=reader.u64(Attr.SIZE),
+                permissions=Permission(reader.u8(Attr.PERMISSIONS) & 3),
+                block_size=reader.u32(Attr.BLOCK_SIZE, 4096),
+                max_request=reader.u32(Attr.MAX_REQUEST),
+                features=Feature(reader.u32(Attr.FEATURES, 0) & int(ALL_FEATURES)),
+                export=reader.text(Attr.EXPORT, ""),
+            )
+        except LocalProtocolError as exc:
+            raise RemoteProtocolError(f"bad READY: {exc}") from None
+        self.max_payload = min(self.max_payload, ready.max_request)
+        self.state = State.OPEN
+        return ready
+

@@ -1,0 +1,52 @@
+"""Ordering of overlapping writes.
+
+`WriteOrder` makes writes to overlapping byte ranges take effect in the
+order they were admitted: `admit` registers a range at once (no await before
+registration, so call order is admission order) and then waits until every
+earlier-admitted range that overlaps it has been released. Used by the client
+(a write overlapping an unacknowledged one waits, so a resend can never
+overwrite newer data) and by the export node (an original and its resend, or
+a stale frame from a dead connection, can never land after newer data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+
+@dataclass(eq=False)
+class RangeTicket:
+    """One admitted range; release it exactly once when the write is done."""
+
+    offset: int
+    end: int
+    released: trio.Event = field(default_factory=trio.Event)
+
+
+class WriteOrder:
+    def __init__(self) -> None:
+        self._active: list[RangeTicket] = []
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    async def admit(self, offset: int, length: int) -> RangeTicket:
+        """Register [offset, offset+length) and wait for earlier overlapping
+        ranges. If cancelled while waiting, the ticket is released."""
+        ticket = RangeTicket(offset, offset + max(length, 1))
+        earlier = [t for t in self._active if t.offset < ticket.end and ticket.offset < t.end]
+        self._active.append(ticket)
+        try:
+            for other in earlier:
+                await other.released.wait()
+        except BaseException:
+            self.release(ticket)
+            raise
+        return ticket
+
+    def release(self, ticket: RangeTicket) -> None:
+        if not ticket.released.is_set():
+            self._active.remove(ticket)
+            ticket.released.set()

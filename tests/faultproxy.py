@@ -63,16 +63,17 @@ class FaultProxy:
         except OSError:
             await client.aclose()
             return
-        with trio.CancelScope() as scope:
-            self._open.add(scope)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, node, TO_NODE, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, node, client, TO_CLIENT, nursery.cancel_scope)
-            finally:
-                self._open.discard(scope)
-        await trio.aclose_forcefully(client)
-        await trio.aclose_forcefully(node)
+        async with client, node:
+            with trio.CancelScope() as scope:
+                self._open.add(scope)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pump, client, node, TO_NODE, nursery.cancel_scope)
+                        nursery.start_soon(
+                            self._pump, node, client, TO_CLIENT, nursery.cancel_scope
+                        )
+                finally:
+                    self._open.discard(scope)
 
     async def _pump(self, source, sink, direction: str, done: trio.CancelScope) -> None:
         try:

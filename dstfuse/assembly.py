@@ -1,0 +1,354 @@
+"""Assembly: turn a `MountConfig` into started nodes, algorithms and storages.
+
+This module owns the order in which a mount's parts are opened and closed:
+
+1. every remote/local node of every storage is built and started at once
+   (so N unreachable nodes cost one connect timeout, not N);
+2. storages are built in the config's dependency order: a `storage:` node
+   wraps the already-built inner storage in a `StorageNode`, then the
+   algorithm is made from `(node, size limit)` pairs and started;
+3. on exit, everything is closed in reverse order: outer storages before the
+   storages and nodes under them.
+
+If any part fails, everything opened so far is closed before the error
+leaves, and the error is a `UserError` naming the storage and the node, so
+`dstfuse mount` prints one line. It never flushes: the caller decides when
+data must be durable (the daemon flushes every storage before closing).
+
+Only top-level storages (those that are not a node of another storage) are
+exposed as files in the mount: writing to an inner storage behind the back
+of the storage that uses it would corrupt it. Every storage gets a control
+directory.
+
+RemoteNode and LocalNode are imported when first needed, so a config that
+uses only one kind never imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from .algorithms import algorithm_class
+from .config import MountConfig, NodeSpec, StorageSpec
+from .errors import DstError, UserError
+from .fanout import gather
+from .nodes.base import Node
+from .nodes.stacked import StorageNode
+from .storage import Storage
+from .units import format_size
+
+log = logging.getLogger(__name__)
+
+#: How long closing one part may take before we give up on it (it is
+#: logged); closing must never hang an unmount.
+CLOSE_TIMEOUT = 30.0
+
+
+@dataclass
+class Assembly:
+    """The started storages of one mount. `storages` holds every storage in
+    dependency order; `exposed` only the top-level ones, which become files."""
+
+    storages: dict[str, Storage]
+    exposed: dict[str, Storage]
+    nodes: list[Node] = field(default_factory=list)
+    client_name: str = ""
+    client_id: bytes = b""
+
+
+def describe_spec(spec: NodeSpec) -> str:
+    """The control-tree `type` line a node spec will get, for messages about
+    nodes that could not even be built."""
+    kind = {"remote": "R", "local": "L", "storage": "S", "nbd": "N"}.get(spec.kind, "?")
+    return f"{kind}: {spec.target}"
+
+
+def default_client_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Opened:
+    """Everything opened so far, closed in reverse order by `close_all`."""
+
+    def __init__(self) -> None:
+        self._closers: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+
+    def add(self, what: str, close: Callable[[], Awaitable[None]]) -> None:
+        self._closers.append((what, close))
+
+    async def close_all(self) -> None:
+        while self._closers:
+            what, close = self._closers.pop()
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                try:
+                    await close()
+                except Exception:
+                    log.exception("%s: error while closing", what)
+            if scope.cancelled_caught:
+                log.error("%s: not closed within %.0f s; abandoned", what, CLOSE_TIMEOUT)
+
+
+class _Builder:
+    """One mount's construction; kept apart so `open_assembly` stays a small
+    lifecycle wrapper."""
+
+    def __init__(
+        self,
+        config: MountConfig,
+        nursery: trio.Nursery,
+        opened: _Opened,
+        *,
+        mount_options: Mapping[str, str | bool],
+        force: bool,
+        client_name: str,
+        client_id: bytes,
+    ) -> None:
+        self.config = config
+        self.nursery = nursery
+        self.opened = opened
+        self.mount_options = dict(mount_options)
+        self.force = force
+        self.client_name = client_name
+        self.client_id = client_id
+        self._key: bytes | None = None
+        self.nodes: list[Node] = []
+
+    # -- nodes ----------------------------------------------------------
+    def _key_bytes(self) -> bytes | None:
+        if self.config.key_file is None:
+            return None
+        if self._key is None:
+            from .keys import load_key
+
+            self._key = load_key(self.config.key_file)
+        return self._key
+
+    def _make_node(self, spec: NodeSpec) -> Node:
+        if spec.kind == "remote":
+            from .nodes.remote import RemoteNode
+
+            assert spec.address is not None
+            return RemoteNode(
+                spec.address,
+                export=spec.export,
+                timeouts=self.config.timeouts,
+                key=self._key_bytes(),
+                cipher=self.config.cipher,
+                max_in_flight=self.config.max_in_flight,
+                client_id=self.client_id,
+                client_name=self.client_name,
+            )
+        if spec.kind == "local":
+            from .nodes.local import LocalNode
+
+            return LocalNode(spec.target)
+        if spec.kind == "nbd":
+            raise UserError("nbd nodes are not supported yet")
+        raise AssertionError(f"no builder for {spec.kind} nodes")
+
+    def _start_timeout(self) -> float:
+        # RemoteNode gives up after timeouts.connect by itself; this bound
+        # only catches a node that hangs in start against its contract.
+        return 2 * self.config.timeouts.connect + 10.0
+
+    async def _start_node(self, storage: str, spec: NodeSpec) -> Node:
+        described = describe_spec(spec)
+        try:
+            node = self._make_node(spec)
+        except DstError as exc:
+            raise _node_error(storage, described, spec, exc) from exc
+        except OSError as exc:
+            raise _node_error(storage, described, spec, exc) from exc
+        try:
+            with trio.fail_after(self._start_timeout()):
+                await node.start(self.nursery)
+        except trio.TooSlowError:
+            await _close_quietly(node)
+            raise UserError(
+                f"storage {storage}: node {described} (line {spec.line}) did not start "
+                f"within {self._start_timeout():.0f} s"
+            ) from None
+        except (DstError, OSError) as exc:
+            await _close_quietly(node)
+            raise _node_error(storage, described, spec, exc) from exc
+        except BaseException:
+            await _close_quietly(node)
+            raise
+        self.opened.add(f"storage {storage}: node {node}", node.aclose)
+        log.info(
+            "storage %s: node %s started (%s, %s)",
+            storage,
+            node,
+            format_size(node.size),
+            "rw" if node.writable else "ro",
+        )
+        return node
+
+    async def start_leaf_nodes(self) -> dict[tuple[str, int], Node]:
+        """Build and start every remote/local/nbd node of every storage at
+        once; (storage name, node index) -> node. The first failure in
+        config order is raised after every start has ended; the nodes that
+        did start are already registered for closing."""
+        wanted = [
+            (name, index, spec)
+            for name, storage in self.config.storages.items()
+            for index, spec in enumerate(storage.nodes)
+            if spec.kind != "storage"
+        ]
+        outcomes = await gather(
+            [lambda n=name, s=spec: self._start_node(n, s) for name, _, spec in wanted]
+        )
+        errors = [error for _, error in outcomes if error is not None]
+        for error in errors[1:]:
+            log.error("%s", error)
+        if errors:
+            raise errors[0]
+        self.nodes.extend(node for node, _ in outcomes)
+        return {
+            (name, index): node
+            for (name, index, _), (node, _) in zip(wanted, outcomes, strict=True)
+        }
+
+    # -- storages -------------------------------------------------------
+    async def build_storage(
+        self, spec: StorageSpec, leaves: dict[tuple[str, int], Node], built: dict[str, Storage]
+    ) -> Storage:
+        nodes: list[tuple[Node, int | None]] = []
+        for index, node_spec in enumerate(spec.nodes):
+            if node_spec.kind == "storage":
+                inner = built[node_spec.target]
+                node: Node = StorageNode(inner)
+                await node.start(self.nursery)
+                self.opened.add(f"storage {spec.name}: node {node}", node.aclose)
+                self.nodes.append(node)
+            else:
+                node = leaves[(spec.name, index)]
+            if node_spec.size is not None and node_spec.size > node.size:
+                raise UserError(
+                    f"storage {spec.name}: node {node} (line {node_spec.line}): size "
+                    f"{format_size(node_spec.size)} is larger than the node "
+                    f"({format_size(node.size)})"
+                )
+            nodes.append((node, node_spec.size))
+        options = dict(spec.options)
+        options.update(
+            client_name=self.client_name,
+            client_id=self.client_id,
+            force=self.force,
+            mount_options=dict(self.mount_options),
+        )
+        try:
+            algorithm = algorithm_class(spec.algorithm)(spec.name, nodes, options)
+        except (DstError, ValueError) as exc:
+            raise UserError(f"storage {spec.name}: {exc}") from exc
+        storage = Storage(spec.name, algorithm)
+        try:
+            await storage.start(self.nursery)
+        except DstError as exc:
+            await _close_quietly(storage)
+            raise UserError(f"storage {spec.name}: {exc}", errno=exc.errno) from exc
+        self.opened.add(f"storage {spec.name}", storage.aclose)
+        log.info(
+            "storage %s: %s over %d node(s), %s, %s, state %s",
+            spec.name,
+            spec.algorithm,
+            len(nodes),
+            format_size(storage.size),
+            "rw" if storage.writable else "ro",
+            storage.state,
+        )
+        return storage
+
+
+def _node_error(storage: str, described: str, spec: NodeSpec, exc: Exception) -> UserError:
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.filename:
+            reason = f"{exc.filename}: {reason}"
+        message = f"{described}: {reason}"
+    else:
+        message = str(exc)
+        # NodeError messages start with the node's description already.
+        if not message.startswith(described):
+            message = f"{described}: {message}"
+    errno = getattr(exc, "errno", None)
+    return UserError(
+        f"storage {storage}: node {message} (line {spec.line})",
+        errno=errno if isinstance(errno, int) else None,
+    )
+
+
+async def _close_quietly(part: Node | Storage) -> None:
+    """Close a part whose start failed; its own error is the one reported."""
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+        try:
+            await part.aclose()
+        except Exception as exc:  # noqa: BLE001 - the start error is what matters
+            log.debug("%s: close after failed start: %s", part, exc)
+
+
+def top_level_storages(config: MountConfig, storages: Mapping[str, Storage]) -> dict[str, Storage]:
+    """The storages that are not a node of another storage, in config order."""
+    used = {n.target for s in config.storages.values() for n in s.nodes if n.kind == "storage"}
+    return {name: storage for name, storage in storages.items() if name not in used}
+
+
+@asynccontextmanager
+async def open_assembly(
+    config: MountConfig,
+    *,
+    mount_options: Mapping[str, str | bool] | None = None,
+    force: bool = False,
+    client_name: str | None = None,
+    client_id: bytes | None = None,
+) -> AsyncIterator[Assembly]:
+    """Build and start every node and storage of `config`; close them all on
+    exit (outer storages first). Raises `UserError` naming the storage and
+    node when a part cannot be opened, after closing what was opened."""
+    opened = _Opened()
+    # Errors are carried out of the nursery and raised after it: raised
+    # inside, trio would wrap them in an ExceptionGroup and callers could
+    # not catch UserError.
+    error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        builder = _Builder(
+            config,
+            nursery,
+            opened,
+            mount_options=mount_options or {},
+            force=force,
+            client_name=client_name or default_client_name(),
+            client_id=client_id if client_id is not None else secrets.token_bytes(16),
+        )
+        try:
+            leaves = await builder.start_leaf_nodes()
+            built: dict[str, Storage] = {}
+            for name, spec in config.storages.items():
+                built[name] = await builder.build_storage(spec, leaves, built)
+            assembly = Assembly(
+                storages=built,
+                exposed=top_level_storages(config, built),
+                nodes=list(builder.nodes),
+                client_name=builder.client_name,
+                client_id=builder.client_id,
+            )
+            try:
+                yield assembly
+            finally:
+                await opened.close_all()
+        except BaseException as exc:
+            error = exc
+            await opened.close_all()
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error

@@ -1,0 +1,1 @@
+"""The `dstfuse` subcommands, one module each (see dstfuse/cli.py)."""

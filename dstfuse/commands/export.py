@@ -1,0 +1,192 @@
+"""`dstfuse export`: serve a file or block device (or an export.yaml's
+exports) to dstfuse clients until SIGTERM/SIGINT.
+
+This module turns flags into an `ExportConfig`, loads the key, runs the
+`ExportServer` and reports where it listens. Every user mistake (missing
+file, bad address or rule, address in use, unreadable key) is a one-line
+`UserError`; it never prints a traceback for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..address import parse_address
+from ..errors import UserError
+from ..units import format_size, parse_duration
+
+if TYPE_CHECKING:
+    from ..config import ExportConfig
+    from ..export import ExportServer
+
+log = logging.getLogger(__name__)
+
+HELP = "serve a file or block device to dstfuse clients"
+LOG_LEVEL = logging.INFO
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+#: Flags that describe one export; with --config the file says these.
+_SINGLE_EXPORT_FLAGS = ("listen", "allow", "key_file", "read_only", "name", "nbd_listen")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", metavar="PATH", help="file or block device to serve")
+    parser.add_argument(
+        "--config", metavar="export.yaml", help="serve the exports in this file (instead of PATH)"
+    )
+    parser.add_argument(
+        "--listen", action="append", metavar="ADDR",
+        help="HOST:PORT, [IPV6]:PORT or unix:/PATH (repeatable; default 0.0.0.0:1025)",
+    )
+    parser.add_argument(
+        "--allow", action="append", metavar="NET[=rw|ro]",
+        help="admit peers in NET (repeatable; default: loopback only)",
+    )
+    parser.add_argument("--key-file", metavar="FILE", help="pre-shared key (see 'dstfuse keygen')")
+    parser.add_argument("--read-only", action="store_true", help="refuse every write")
+    parser.add_argument("--name", help="export name (default: the file's name)")
+    parser.add_argument(
+        "--nbd-listen", action="append", metavar="ADDR",
+        help="also serve over NBD (not supported yet)",
+    )
+    parser.add_argument(
+        "--max-connections", metavar="N", help="most connections open at once (default 256)"
+    )
+    parser.add_argument(
+        "--handshake-timeout", metavar="DURATION",
+        help="close peers that do not finish the handshake in time (default 10s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import ExportServer
+    from ..keys import load_key
+
+    config = build_config(args)
+    key = load_key(config.key_file) if config.key_file is not None else None
+    server = ExportServer.from_config(config, key=key)
+    try:
+        trio.run(_serve_until_signalled, server)
+    except BaseExceptionGroup as group:
+        _raise_user_error(group)
+        raise
+    return 0
+
+
+def build_config(args: argparse.Namespace) -> ExportConfig:
+    """The ExportConfig the flags (or --config file) describe."""
+    from ..config import ExportConfig, ExportSpec, load_export_config, parse_acl_rule
+
+    if args.config is not None:
+        if args.path is not None:
+            raise UserError("give either PATH or --config, not both")
+        given = [f"--{flag.replace('_', '-')}" for flag in _SINGLE_EXPORT_FLAGS
+                 if getattr(args, flag)]
+        if given:
+            raise UserError(
+                f"{', '.join(given)} cannot be combined with --config (set it in the file)"
+            )
+        config = load_export_config(args.config)
+    else:
+        if args.path is None:
+            raise UserError("nothing to serve: give PATH or --config export.yaml")
+        path = Path(args.path)
+        name = args.name if args.name is not None else path.name
+        if not _NAME_RE.fullmatch(name):
+            raise UserError(
+                f"bad export name {name!r} (use letters, digits, '.', '_', '-', "
+                "not starting with '.'); choose one with --name"
+            )
+        rules = []
+        for text in args.allow or ():
+            try:
+                rules.append(parse_acl_rule(text))
+            except ValueError as exc:
+                raise UserError(f"--allow: {exc}") from None
+        listen = []
+        for text in args.listen or ("0.0.0.0:1025",):
+            try:
+                listen.append(parse_address(text))
+            except ValueError as exc:
+                raise UserError(f"--listen: {exc}") from None
+        if args.nbd_listen:
+            raise UserError("NBD serving is not supported yet (--nbd-listen)")
+        config = ExportConfig(
+            listen=tuple(listen),
+            key_file=Path(args.key_file) if args.key_file else None,
+            exports=(ExportSpec(name, path, read_only=args.read_only, allow=tuple(rules)),),
+        )
+    if config.nbd_listen:
+        raise UserError(f"{args.config}: NBD serving is not supported yet (nbd_listen)")
+    overrides: dict[str, Any] = {}
+    if args.max_connections is not None:
+        try:
+            overrides["max_connections"] = int(args.max_connections)
+        except ValueError:
+            overrides["max_connections"] = 0
+        if not 1 <= overrides["max_connections"] <= 65536:
+            raise UserError(f"--max-connections {args.max_connections!r}: use a number 1..65536")
+    if args.handshake_timeout is not None:
+        try:
+            timeout = parse_duration(args.handshake_timeout)
+        except ValueError as exc:
+            raise UserError(f"--handshake-timeout: {exc}") from None
+        if timeout <= 0:
+            raise UserError("--handshake-timeout must be positive")
+        overrides["handshake_timeout"] = timeout
+    if overrides:
+        from dataclasses import replace
+
+        config = replace(config, **overrides)
+    return config
+
+
+async def _serve_until_signalled(server: ExportServer) -> None:
+    # The receiver is open before anything listens, so a SIGTERM right after
+    # the "listening" line is always a graceful shutdown.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await server.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()  # done: stop watching signals
+
+            addresses = await nursery.start(serve)
+            summary = ", ".join(
+                f"{export.name} ({format_size(export.size)}, {'ro' if export.read_only else 'rw'})"
+                for export in server.exports
+            )
+            word = "export" if len(server.exports) == 1 else "exports"
+            for address in addresses:
+                log.info("%s %s listening on %s", word, summary, address)
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not server.is_shutting_down:
+                    log.info("%s: finishing requests in flight, then exiting", name)
+                    server.shutdown()
+                else:
+                    log.warning("%s again: exiting now", name)
+                    nursery.cancel_scope.cancel()
+
+
+def _raise_user_error(group: BaseExceptionGroup) -> None:
+    """Trio wraps errors in groups; a group of only user errors is one."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    if leaves and all(isinstance(error, UserError) for error in leaves):
+        raise leaves[0] from None

@@ -1,0 +1,16 @@
+"""The export node: serve local files or block devices to dstfuse clients.
+
+- `backend`: the disk (one file or block device, I/O in threads);
+- `acl`: which peer addresses may connect, and with what access;
+- `served`: one named export, its per-request checks and write order;
+- `session`: one client connection (handshake, requests, takeover);
+- `listeners`: TCP/IPv6/unix listening sockets;
+- `server`: `ExportServer`, tying them together.
+"""
+
+from .acl import ExportAcl
+from .backend import Backend
+from .served import ServedExport
+from .server import ExportServer
+
+__all__ = ["Backend", "ExportAcl", "ExportServer", "ServedExport"]

@@ -1,0 +1,309 @@
+"""The bytes behind an export or a local node: one regular file or block device.
+
+`Backend` owns one file descriptor, opened once, and runs every disk call
+(pread, pwrite, fdatasync, fallocate, ioctl) in a worker thread through a
+`trio.CapacityLimiter` it owns, so the event loop never blocks on the disk.
+It is shared by the export server (`dstfuse.export.server`) and `LocalNode`.
+
+Invariants:
+- `size` is fixed when the backend is opened (fstat for files,
+  BLKGETSIZE64 for block devices); every method checks
+  `0 <= offset`, `offset + length <= size` before touching the disk, so a
+  read never runs into the end of a file;
+- a method either does all it was asked or raises `OSError` with the errno
+  the disk gave (EIO for a file that shrank underneath us); it never returns
+  partial success and never allocates more than `CHUNK_SIZE` bytes for
+  TRIM, WRITE_ZEROES or CHECKSUM whatever the range;
+- `fua=True` means the data is on stable storage (fdatasync) before the call
+  returns;
+- the descriptor is closed only by `aclose`, after every call that uses it
+  has finished: a closed descriptor number can never be reused under a
+  running pread/pwrite.
+
+It must never interpret the bytes it stores, and never log data.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+import xxhash
+
+log = logging.getLogger(__name__)
+
+#: Largest buffer TRIM/WRITE_ZEROES fallbacks and CHECKSUM allocate at once.
+CHUNK_SIZE = 1 << 20
+#: Disk calls one backend runs at once.
+DEFAULT_THREADS = 8
+
+# linux/fs.h
+_BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
+_BLKDISCARD = 0x1277  # _IO(0x12, 119)
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+# linux/falloc.h
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+#: errnos that mean "this file system or device cannot do that operation".
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY})
+
+_T = TypeVar("_T")
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    function = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate_function = _load_fallocate()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with `mode` flags (os.posix_fallocate has none); raises
+    OSError with the call's errno."""
+    if _fallocate_function is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _fallocate_function(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class Backend:
+    """A regular file or block device at `path`, opened read-write (or
+    read-only) once; `size` bytes addressable from offset 0.
+
+    Raises OSError from the constructor when the path cannot be opened or is
+    neither a regular file nor a block device (EINVAL then).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        fd = os.open(self.path, flags)
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISBLK(info.st_mode):
+                self.is_block_device = True
+                raw = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+                self.size: int = struct.unpack("Q", raw)[0]
+            elif stat.S_ISREG(info.st_mode):
+                self.is_block_device = False
+                self.size = info.st_size
+            else:
+                raise OSError(
+                    errno.EINVAL, "neither a regular file nor a block device", str(self.path)
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._limiter = trio.CapacityLimiter(threads)
+        self._calls = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        mode = "ro" if self.read_only else "rw"
+        return f"Backend({str(self.path)!r}, {self.size} bytes, {mode})"
+
+    # -- thread plumbing ------------------------------------------------
+    async def _run(self, function: Callable[..., _T], *args: object) -> _T:
+        """Run `function(*args)` in a worker thread. Not abandoned on
+        cancellation: the caller waits for the disk call to finish, so the
+        descriptor stays valid and the in-flight count stays exact."""
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.path} is closed")
+        self._calls += 1
+        if self._calls == 1:
+            self._idle = trio.Event()
+        try:
+            return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
+        finally:
+            self._calls -= 1
+            if self._calls == 0:
+                self._idle.set()
+
+    def _check(self, offset: int, length: int, *, writing: bool) -> None:
+        if writing and self.read_only:
+            raise OSError(errno.EROFS, f"{self.path} is open read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(
+                errno.EINVAL,
+                f"range [{offset}, +{length}) is outside {self.path} ({self.size} bytes)",
+            )
+
+    # -- blocking primitives (run in threads) -----------------------------
+    def _pread(self, offset: int, length: int) -> bytes:
+        first = os.pread(self._fd, length, offset)
+        if len(first) == length:
+            return first
+        # Reads of regular files only come back short at end of file, which
+        # bounds checks exclude unless the file shrank under us; block
+        # devices may split very large reads.
+        buffer = bytearray(first)
+        while len(buffer) < length:
+            chunk = os.pread(self._fd, length - len(buffer), offset + len(buffer))
+            if not chunk:
+                raise OSError(errno.EIO, f"{self.path} ended at {offset + len(buffer)} (shrunk?)")
+            buffer += chunk
+        return bytes(buffer)
+
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                written = os.pwrite(self._fd, view[done:], offset + done)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"{self.path}: write made no progress")
+                done += written
+        if fua:
+            os.fdatasync(self._fd)
+
+    def _write_zero_buffers(self, offset: int, length: int) -> None:
+        zeroes = bytes(min(length, CHUNK_SIZE))
+        end = offset + length
+        while offset < end:
+            step = min(len(zeroes), end - offset)
+            self._pwrite(offset, zeroes[:step] if step < len(zeroes) else zeroes, False)
+            offset += step
+
+    def _zero_range(self, offset: int, length: int, fua: bool) -> None:
+        """WRITE_ZEROES: allocate-and-zero, else punch a hole, else write
+        zero buffers; each fallback only when the one before is unsupported."""
+        modes = [
+            _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,
+            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+        ]
+        if length and not self._try_fallocate(modes, offset, length):
+            if not (self.is_block_device and self._try_zeroout(offset, length)):
+                self._write_zero_buffers(offset, length)
+        if fua:
+            os.fdatasync(self._fd)
+
+    def _discard(self, offset: int, length: int) -> None:
+        """TRIM. Files: punch a hole. Block devices: fallocate(PUNCH_HOLE) is
+        a discard that guarantees zeroes afterwards (BLKDISCARD alone does
+        not, and `Node.trim` promises zeroes); devices that cannot, get
+        BLKZEROOUT, then zero buffers."""
+        if not length:
+            return
+        if self._try_fallocate([_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE], offset, length):
+            return
+        if self.is_block_device and self._try_zeroout(offset, length):
+            return
+        self._write_zero_buffers(offset, length)
+
+    def _try_fallocate(self, modes: list[int], offset: int, length: int) -> bool:
+        for mode in modes:
+            try:
+                fallocate(self._fd, mode, offset, length)
+                return True
+            except OSError as exc:
+                # Block devices refuse ranges not aligned to their logical
+                # block size with EINVAL; the range itself was checked.
+                if exc.errno in _UNSUPPORTED or (
+                    self.is_block_device and exc.errno == errno.EINVAL
+                ):
+                    continue
+                raise
+        return False
+
+    def _try_zeroout(self, offset: int, length: int) -> bool:
+        try:
+            fcntl.ioctl(self._fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+            return True
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED or exc.errno == errno.EINVAL:
+                return False
+            raise
+
+    def _digest(self, offset: int, length: int) -> bytes:
+        hasher = xxhash.xxh3_128()
+        end = offset + length
+        while offset < end:
+            step = min(CHUNK_SIZE, end - offset)
+            hasher.update(self._pread(offset, step))
+            offset += step
+        return hasher.digest()
+
+    # -- the async interface --------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`."""
+        self._check(offset, length, writing=False)
+        if length == 0:
+            return b""
+        return await self._run(self._pread, offset, length)
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        """Write all of `data` at `offset`; with `fua`, durable on return."""
+        self._check(offset, len(data), writing=True)
+        if len(data) or fua:
+            await self._run(self._pwrite, offset, data, fua)
+
+    async def flush(self) -> None:
+        """fdatasync: every write completed before this call is durable."""
+        await self._run(os.fdatasync, self._fd)
+
+    async def trim(self, offset: int, length: int) -> None:
+        """Discard the range; it reads back as zeroes afterwards."""
+        self._check(offset, length, writing=True)
+        if length:
+            await self._run(self._discard, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Make the range read back as zeroes; with `fua`, durable on return."""
+        self._check(offset, length, writing=True)
+        if length or fua:
+            await self._run(self._zero_range, offset, length, fua)
+
+    async def checksum(self, offset: int, length: int) -> bytes:
+        """xxh3-128 digest of the range: equal to
+        `xxhash.xxh3_128_digest(data)` of the same bytes."""
+        self._check(offset, length, writing=False)
+        return await self._run(self._digest, offset, length)
+
+    def close(self) -> None:
+        """Close the descriptor now; only for a backend no call is using
+        (e.g. when startup fails). Otherwise use `aclose`."""
+        if self._calls:
+            raise RuntimeError(f"{self.path}: close() with {self._calls} disk call(s) running")
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    async def aclose(self) -> None:
+        """Close the descriptor once no disk call uses it. Later calls raise
+        EBADF. Does not flush: callers flush first when they want that."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await self._idle.wait()
+        os.close(self._fd)

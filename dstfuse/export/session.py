@@ -1,0 +1,532 @@
+"""One client connection to the export server: handshake, then requests.
+
+An `ExportSession` owns one accepted stream and its protocol `Connection`.
+It runs the handshake under a deadline (ACL and export checks happen on
+HELLO, the key check inside the protocol), then one reader task that turns
+frames into request tasks, and replies from those tasks as they complete.
+
+Invariants:
+- every request is checked by `ServedExport.check` before it touches the
+  disk; a refused or failed request gets its errno, never success;
+- writes are admitted to the export's `WriteOrder` before the reader looks
+  at the next frame (they are started with `nursery.start`), so arrival
+  order is admission order; other requests start without that handoff;
+- at most `max_in_flight` requests and about `max_buffered` bytes of
+  request/reply data are held per connection: while full, the reader stops
+  reading the socket (back-pressure);
+- one writer: handshake frames and READY are sent before any reply exists;
+  after that only the sender task writes, sealing replies (each with the
+  next sequence number) in the order they go on the wire, and coalescing
+  replies that complete together into one write;
+- takeover: when a connection with the same client id completes its
+  handshake on the same export, this session stops reading, its started
+  requests finish their disk work, it closes, and only then does the new
+  session send READY. So no stale frame of an old connection can be applied
+  after data the client sent on the new one. A request being dispatched at
+  the very moment the reader stops may be dropped without a reply before it
+  touches the disk (the client resends it);
+- a protocol or integrity error closes this connection only.
+
+It never allocates from a length the peer sent before the protocol's
+`max_payload` check, and never logs data or key material.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from ..protocol import (
+    NEED_DATA,
+    WRITE_COMMANDS,
+    Command,
+    Confirmed,
+    Connection,
+    ConnectionClosed,
+    Event,
+    HandshakeFailed,
+    HelloReceived,
+    Permission,
+    Ready,
+    Refused,
+    RemoteProtocolError,
+    Reply,
+    Request,
+    Role,
+    State,
+)
+from ..protocol.constants import ALL_FEATURES
+from .acl import IPAddress
+from .served import RequestRejected, ServedExport
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 1 << 18
+BLOCK_SIZE = 4096
+#: How long a refusal may take to reach the peer before the socket is closed.
+_REFUSE_LINGER = 1.0
+_CLIENT_NAME_LIMIT = 100
+#: Replies queued together are sent in one write up to about this many bytes.
+_BATCH_BYTES = 256 << 10
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end: `text` for logs, `ip` for the ACL (None for
+    a unix-socket peer)."""
+
+    text: str
+    ip: IPAddress | None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Per-connection limits, fixed by the server for every session."""
+
+    max_request: int = 4 << 20
+    handshake_timeout: float = 10.0
+    max_in_flight: int = 64
+    max_buffered: int = 16 << 20
+    node_name: str = "dstfuse"
+
+
+class _ByteBudget:
+    """Bytes of request/reply data a connection holds. One request is always
+    admitted when nothing is held, so a budget below `max_request` cannot
+    stall a connection."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, amount: int) -> None:
+        while self.used and self.used + amount > self.limit:
+            await self._lot.park()
+        self.used += amount
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._lot.unpark_all()
+
+
+class ExportSession:
+    """One accepted connection serving one of `exports` (chosen by HELLO)."""
+
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        peer: Peer,
+        exports: Sequence[ServedExport],
+        *,
+        key: bytes | None,
+        limits: SessionLimits,
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.export: ServedExport | None = None
+        self.client_name = "?"
+        self.client_id = b""
+        self.permission = Permission.NONE
+        self._exports = exports
+        self._limits = limits
+        self._conn = Connection(Role.SERVER, key=key, max_payload=limits.max_request)
+        self._handshake_scope = trio.CancelScope()
+        self._reading_scope = trio.CancelScope()
+        self._send_broken = False
+        self._outbox: trio.MemorySendChannel[tuple[Reply, int]] | None = None
+        self._slots = trio.Semaphore(limits.max_in_flight)
+        self._budget = _ByteBudget(limits.max_buffered)
+        self._working = 0
+        self._work_done = trio.Event()
+        self._work_done.set()
+        self._reader_done = trio.Event()
+        self._predecessor: ExportSession | None = None
+
+    def __str__(self) -> str:
+        export = self.export.name if self.export is not None else "?"
+        return f"export {export}: peer {self.peer} (client {self.client_name})"
+
+    # -- lifecycle ------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the connection until the peer leaves, an error, `stop` or
+        `retire`; the stream is closed on return."""
+        try:
+            if await self._handshake():
+                await self._serve()
+        except Exception:
+            log.exception("%s: closing the connection after an unexpected error", self)
+        finally:
+            self._reader_done.set()
+            try:
+                await trio.aclose_forcefully(self.stream)
+                if self._predecessor is not None:
+                    await self._predecessor.wait_drained()
+            finally:
+                # Released only now: a newer connection of this client that
+                # arrives meanwhile finds this session, and so waits for
+                # everything this one was still waiting for.
+                if self.export is not None and self.client_id:
+                    self.export.release(self.client_id, self)
+
+    def stop(self) -> None:
+        """Stop reading new requests (server shutdown); started ones finish."""
+        self._handshake_scope.cancel()
+        self._reading_scope.cancel()
+
+    async def retire(self) -> None:
+        """Takeover by a newer connection of the same client: stop reading,
+        wait until the requests already started have done their disk work,
+        then close the stream (unblocking replies nobody reads)."""
+        self._reading_scope.cancel()
+        await self._reader_done.wait()
+        await self._work_done.wait()
+        await trio.aclose_forcefully(self.stream)
+        await self.wait_drained()
+
+    async def wait_drained(self) -> None:
+        """Return once this session, and every session it took over from,
+        has stopped reading and finished the disk work it started."""
+        await self._reader_done.wait()
+        await self._work_done.wait()
+        if self._predecessor is not None:
+            await self._predecessor.wait_drained()
+
+    # -- receiving ------------------------------------------------------
+    async def _next_event(self) -> Event | None:
+        """The next protocol event; None when the connection is over (the
+        reason is logged here)."""
+        while True:
+            try:
+                event = self._conn.next_event()
+            except HandshakeFailed as exc:
+                log.warning("%s: handshake failed: %s", self, exc.message)
+                await self._refuse(exc.status, exc.message)
+                return None
+            except RemoteProtocolError as exc:
+                log.warning("%s: closing the connection: %s", self, exc)
+                return None
+            if event is not NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("%s: connection lost: %s", self, exc.__cause__ or exc)
+                return None
+            self._conn.receive_data(data)
+
+    # -- handshake ------------------------------------------------------
+    async def _handshake(self) -> bool:
+        """True once the peer was admitted and proved its key (Confirmed)."""
+        with trio.move_on_after(self._limits.handshake_timeout) as deadline:
+            with self._handshake_scope:
+                return await self._negotiate()
+        if deadline.cancelled_caught:
+            log.warning(
+                "%s: no handshake within %.1fs; closing the connection",
+                self,
+                self._limits.handshake_timeout,
+            )
+        return False
+
+    async def _negotiate(self) -> bool:
+        while True:
+            event = await self._next_event()
+            if event is None:
+                return False
+            if isinstance(event, HelloReceived):
+                if not await self._on_hello(event):
+                    return False
+            elif isinstance(event, Confirmed):
+                return True
+            elif isinstance(event, Refused):
+                log.warning(
+                    "%s: the client refused the handshake: %s (%s)",
+                    self,
+                    event.message,
+                    os.strerror(event.status) if event.status else "no errno",
+                )
+                return False
+            elif isinstance(event, ConnectionClosed):
+                log.info("%s: closed during the handshake", self)
+                return False
+            else:
+                log.warning("%s: unexpected %s during the handshake", self, type(event).__name__)
+                return False
+
+    async def _on_hello(self, hello: HelloReceived) -> bool:
+        # The name only goes to logs: keep it short and on one line.
+        name = hello.client_name[:_CLIENT_NAME_LIMIT]
+        self.client_name = "".join(c if c.isprintable() else "?" for c in name) or "?"
+        self.client_id = hello.client_id
+        export = self._choose_export(hello.export)
+        if isinstance(export, tuple):
+            status, message = export
+            log.warning("%s: refused: %s", self, message)
+            await self._refuse(status, message)
+            return False
+        permission = export.permission(self.peer.ip)
+        if permission is None:
+            address = self.peer.ip if self.peer.ip is not None else self.peer.text
+            message = f"address {address} is not allowed by export {export.name}'s ACL"
+            log.warning("%s: refused: %s", self, message)
+            await self._refuse(errno.EACCES, message)
+            return False
+        self.export = export
+        self.permission = permission
+        try:
+            frame = self._conn.challenge(node_name=self._limits.node_name)
+        except HandshakeFailed as exc:
+            log.warning("%s: handshake failed: %s", self, exc.message)
+            await self._refuse(exc.status, exc.message)
+            return False
+        return await self._send_frame(frame)
+
+    def _choose_export(self, name: str | None) -> ServedExport | tuple[int, str]:
+        """The export HELLO asked for, or (errno, message) to refuse with.
+        Refusals list only the exports this peer's address may use."""
+        by_name = {export.name: export for export in self._exports}
+        if name and name in by_name:
+            return by_name[name]
+        if not name and len(self._exports) == 1:
+            return self._exports[0]
+        usable = [e.name for e in self._exports if e.permission(self.peer.ip) is not None]
+        listed = ", ".join(usable) if usable else "none that admit your address"
+        if name:
+            return errno.ENOENT, f"no export {name!r} on this node (exports: {listed})"
+        return (
+            errno.ENOENT,
+            f"this node serves several exports ({listed}); name one with 'export:'",
+        )
+
+    async def _refuse(self, status: int, message: str) -> None:
+        """Send REFUSED (best effort), then let it reach the peer before the
+        socket closes: closing with unread input would reset the connection
+        and could destroy the frame."""
+        try:
+            frame = self._conn.refuse(status, message)
+        except Exception:  # noqa: BLE001 - the connection is already over
+            return
+        with trio.move_on_after(_REFUSE_LINGER):
+            try:
+                await self.stream.send_all(frame)
+                await self.stream.send_eof()
+                while await self.stream.receive_some(RECEIVE_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    # -- open connection ------------------------------------------------
+    async def _serve(self) -> None:
+        export = self.export
+        assert export is not None
+        previous = export.claim(self.client_id, self)
+        outbox, replies = trio.open_memory_channel[tuple[Reply, int]](math.inf)
+        self._outbox = outbox
+        async with trio.open_nursery() as sending:
+            sending.start_soon(self._send_replies, replies)
+            try:
+                async with trio.open_nursery() as requests:
+                    with self._reading_scope:
+                        if previous is not None:
+                            self._predecessor = previous
+                            log.info(
+                                "%s: client reconnected; retiring its connection from %s first",
+                                self,
+                                previous.peer,
+                            )
+                            await previous.retire()
+                        ready = Ready(
+                            size=export.size,
+                            permissions=self.permission,
+                            block_size=BLOCK_SIZE,
+                            max_request=self._limits.max_request,
+                            features=ALL_FEATURES,
+                            export=export.name,
+                        )
+                        # Sent directly: no reply can be queued before it.
+                        if not await self._send_frame(self._conn.ready(ready)):
+                            return
+                        log.info(
+                            "%s: connected (%s)",
+                            self,
+                            "rw" if self.permission & Permission.WRITE else "ro",
+                        )
+                        await self._read_requests(requests)
+                    self._reader_done.set()
+            finally:
+                outbox.close()  # the sender sends what is queued, then ends
+
+    async def _read_requests(self, requests: trio.Nursery) -> None:
+        max_request = self._limits.max_request
+        while True:
+            event = await self._next_event()
+            if event is None:
+                return
+            if isinstance(event, ConnectionClosed):
+                log.info("%s: client closed the connection", self)
+                return
+            if not isinstance(event, Request):
+                log.warning("%s: unexpected %s; closing the connection", self, type(event).__name__)
+                return
+            if event.command is Command.WRITE:
+                cost = len(event.data)
+            elif event.command is Command.READ and event.length <= max_request:
+                cost = event.length
+            else:
+                cost = 0
+            # Only wait (a checkpoint) when the connection is at its limit, so
+            # frames that arrived together are dispatched in one go.
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._slots.acquire()
+            try:
+                await self._budget.acquire(cost)
+            except BaseException:
+                self._slots.release()
+                raise
+            # From here the request task owns the slot, the budget and its
+            # count in `_working` (counted now, before it runs, so a retiring
+            # session never misses a request it has dispatched).
+            self._working += 1
+            if self._working == 1:
+                self._work_done = trio.Event()
+            if event.command in WRITE_COMMANDS:
+                # start(): admitted to the export's WriteOrder before the
+                # next frame is looked at (see _serve_request).
+                await requests.start(self._serve_request, event, cost)
+            else:
+                requests.start_soon(self._serve_request, event, cost)
+
+    async def _serve_request(
+        self,
+        request: Request,
+        cost: int,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        export = self.export
+        assert export is not None and self._outbox is not None
+        reply: Reply | None = None
+        try:
+            status = self._check(export, request)
+            # No checkpoint before here: WriteOrder.admit registers the range
+            # before its first await, so it is admitted before the reader
+            # looks at the next frame.
+            task_status.started()
+            data = b""
+            if status == 0:
+                status, data = await self._execute(export, request)
+            reply = Reply(
+                request.command, request.handle, status, request.offset, request.length, data
+            )
+        finally:
+            self._working -= 1
+            if self._working == 0:
+                self._work_done.set()
+            if reply is None:  # cancelled (shutdown): nothing to send
+                self._budget.release(cost)
+                self._slots.release()
+        # The sender releases the slot and the budget once the reply is out.
+        self._outbox.send_nowait((reply, cost))
+
+    def _check(self, export: ServedExport, request: Request) -> int:
+        """0 if the request may run, else the errno to reply with (logged)."""
+        try:
+            export.check(request, self.permission, self._limits.max_request)
+            return 0
+        except RequestRejected as exc:
+            log.warning(
+                "%s: handle %d: %s [%d, +%d) refused (%s): %s",
+                self, request.handle, request.command.name, request.offset,
+                request.length, errno.errorcode.get(exc.status, exc.status), exc.reason,
+            )
+            return exc.status
+        except Exception:
+            log.exception("%s: handle %d: checking the request failed", self, request.handle)
+            return errno.EIO
+
+    async def _execute(self, export: ServedExport, request: Request) -> tuple[int, bytes]:
+        ticket = None
+        try:
+            if request.command in WRITE_COMMANDS:
+                ticket = await export.write_order.admit(request.offset, request.length)
+            return 0, await export.execute(request)
+        except OSError as exc:
+            status = exc.errno or errno.EIO
+            log.error(
+                "%s: handle %d: %s [%d, +%d) failed on the disk: %s",
+                self, request.handle, request.command.name, request.offset, request.length,
+                os.strerror(status),
+            )
+            return status, b""
+        except RequestRejected as exc:
+            log.warning("%s: handle %d: %s", self, request.handle, exc.reason)
+            return exc.status, b""
+        except Exception:
+            log.exception(
+                "%s: handle %d: %s failed unexpectedly", self, request.handle, request.command.name
+            )
+            return errno.EIO, b""
+        finally:
+            if ticket is not None:
+                export.write_order.release(ticket)
+
+    # -- sending --------------------------------------------------------
+    # One writer at a time: handshake frames and READY are sent before the
+    # sender task has anything to send; afterwards only the sender writes.
+    async def _send_replies(self, replies: trio.MemoryReceiveChannel[tuple[Reply, int]]) -> None:
+        """Seal and send replies in completion order, coalescing those that
+        are ready together into one write (one syscall, one wakeup)."""
+        async with replies:
+            async for first in replies:
+                # Let other requests that completed in this same step queue
+                # their replies first, so they go out in the same write.
+                await trio.lowlevel.checkpoint()
+                batch = [first]
+                size = len(first[0].data)
+                while size < _BATCH_BYTES:
+                    try:
+                        item = replies.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(item)
+                    size += len(item[0].data)
+                try:
+                    # After a protocol error from the peer the connection is
+                    # in ERROR and the stream is being dropped: replies to it
+                    # are discarded (the client resends what it misses).
+                    if not self._send_broken and self._conn.state is State.OPEN:
+                        # Sealed here, in wire order: sequence numbers must match it.
+                        frames = [self._conn.send(reply) for reply, _ in batch]
+                        await self._send_frame(frames[0] if len(frames) == 1 else b"".join(frames))
+                finally:
+                    for _, cost in batch:
+                        self._budget.release(cost)
+                        self._slots.release()
+
+    async def _send_frame(self, frame: bytes) -> bool:
+        if self._send_broken:
+            return False
+        try:
+            await self.stream.send_all(frame)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._send_broken = True
+            log.info("%s: cannot send (%s); closing the connection", self, exc.__cause__ or exc)
+            self._reading_scope.cancel()
+            return False
+        except BaseException:
+            # Cancelled mid-frame: the stream may hold half a frame now.
+            self._send_broken = True
+            raise

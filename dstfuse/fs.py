@@ -1,0 +1,734 @@
+"""The FUSE filesystem: one regular file per storage plus the `.dst/` tree.
+
+This is the only module that imports pyfuse3. It maps FUSE requests onto
+`Storage` calls and onto the control tree model (`control.py`), and turns
+every failure into a `FUSEError`: a `DstError` becomes its errno and is
+logged once here with the storage and the request (node errors name the
+node in their message); anything else is a bug, logged with its traceback,
+and becomes EIO. It never caches storage data and never retries: durability
+and resends belong to the storage, algorithm and node layers below.
+
+Layout of the mount::
+
+    /<storage>       one file per top-level storage; size = storage size;
+                     mode 0600, or 0400 when the storage is not writable
+    /.dst/...        the control tree (control.py)
+
+Semantics that users and the loop driver rely on:
+
+- storage files are opened with direct_io, so the kernel caches nothing and
+  `losetup --direct-io=on` works; requests up to 1 MiB arrive whole
+  (libfuse >= 3.6 negotiates max_write = max_pages * 4 KiB = 1 MiB with the
+  kernel, whose `fs.fuse.max_pages_limit` is 256 pages by default);
+- reads past the end are short or empty; writes starting at or past the end
+  fail with ENOSPC, writes crossing it are cut short (like a block device);
+- FUSE `flush` is close(2) and sends nothing to the storage; `fsync` flushes
+  the storage (FLUSH to every node); files opened with O_SYNC or O_DSYNC
+  make every write FUA;
+- fallocate: PUNCH_HOLE|KEEP_SIZE trims, ZERO_RANGE writes zeroes, plain
+  allocation inside the file succeeds doing nothing, other modes get
+  EOPNOTSUPP. pyfuse3 (3.5) has no fallocate handler, so `FuseSession`
+  installs one directly in libfuse's handler table (see `_LibfusePatch`);
+  if that is not possible the kernel answers EOPNOTSUPP by itself;
+- namespace changes (create, unlink, mkdir, rename, ...) fail with EPERM;
+  size changes of a storage file fail with EPERM; other attribute changes
+  are accepted and ignored. Control files accept truncation (so that
+  `echo 1 > .dst/vol0/n-0-0/dirty` works); each write(2) to a control file
+  is one value, handed to `ControlFile.write`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import itertools
+import logging
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .algorithms import ControlFile
+from .control import CONTROL_DIRECTORY, ControlDirectory, ControlEntry, ControlTree
+from .errors import DstError, UserError
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+#: Handler tasks pyfuse3 may run at once; each holds one request buffer of
+#: about 1 MiB, so this also bounds the memory of requests in progress.
+DEFAULT_WORKERS = 64
+#: Asynchronous requests (the loop driver's direct I/O) the kernel may have
+#: outstanding at once; the kernel default is 12.
+DEFAULT_MAX_BACKGROUND = 64
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+BLOCK_SIZE = 4096
+
+TreePath = tuple[str, ...]
+
+
+# ----------------------------------------------------------------- handles
+
+
+@dataclass
+class _StorageHandle:
+    storage: Storage
+    fua: bool
+    writable: bool
+
+
+@dataclass
+class _ControlHandle:
+    path: TreePath
+    file: ControlFile
+    snapshot: bytes
+
+
+@dataclass
+class _DirectoryHandle:
+    entries: list[tuple[str, TreePath]] = field(default_factory=list)
+
+
+class _Request:
+    """Turns what escapes a handler into one `FUSEError`, logging it once.
+
+    `what` is a %-format and `args` its arguments, rendered only when
+    something failed."""
+
+    __slots__ = ("what", "args")
+
+    def __init__(self, what: str, *args: object) -> None:
+        self.what = what
+        self.args = args
+
+    def __enter__(self) -> _Request:
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if exc is None or isinstance(exc, pyfuse3.FUSEError) or not isinstance(exc, Exception):
+            return False
+        request = self.what % self.args
+        if isinstance(exc, DstError):
+            log.warning("%s failed (%s): %s", request, errno.errorcode.get(exc.errno, "?"), exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        log.error("%s failed with an unexpected error", request, exc_info=exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+# -------------------------------------------------------------- operations
+
+
+class StorageFilesystem(pyfuse3.Operations):
+    """The FUSE operations of one mount.
+
+    Inodes: the root is `pyfuse3.ROOT_INODE`; every other path gets an inode
+    number on first lookup and keeps it for the life of the mount (the tree
+    is small and finite, so the table is bounded by the number of paths
+    that ever existed). `forget` therefore has nothing to release.
+    """
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, storages: Mapping[str, Storage], control: ControlTree) -> None:
+        super().__init__()
+        for name in storages:
+            if name.startswith(".") or "/" in name or not name:
+                raise ValueError(f"bad storage file name {name!r}")
+        self._storages = dict(storages)
+        self._control = control
+        self._inodes: dict[TreePath, int] = {(): pyfuse3.ROOT_INODE}
+        self._paths: dict[int, TreePath] = {pyfuse3.ROOT_INODE: ()}
+        self._next_inode = itertools.count(pyfuse3.ROOT_INODE + 1)
+        self._handles: dict[int, _StorageHandle | _ControlHandle | _DirectoryHandle] = {}
+        self._next_handle = itertools.count(1)
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._time_ns = time.time_ns()
+        # Fixed inodes for the storage files and .dst, in a stable order.
+        for name in self._storages:
+            self._inode((name,))
+        self._inode((CONTROL_DIRECTORY,))
+
+    # -- the namespace ----------------------------------------------------
+    def _inode(self, path: TreePath) -> int:
+        inode = self._inodes.get(path)
+        if inode is None:
+            inode = next(self._next_inode)
+            self._inodes[path] = inode
+            self._paths[inode] = path
+        return inode
+
+    def _path(self, inode: int) -> TreePath:
+        path = self._paths.get(inode)
+        if path is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return path
+
+    def _resolve(self, path: TreePath) -> Storage | ControlEntry | None:
+        """What `path` is now: a Storage, a control entry, the root (the
+        control root stands in for it as a directory), or None."""
+        if not path:
+            return _ROOT
+        if path[0] == CONTROL_DIRECTORY:
+            return self._control.resolve(path[1:])
+        if len(path) == 1:
+            return self._storages.get(path[0])
+        return None
+
+    def _children(self, path: TreePath) -> list[str]:
+        if not path:
+            return [*self._storages, CONTROL_DIRECTORY]
+        entry = self._resolve(path)
+        if isinstance(entry, ControlDirectory):
+            return list(entry.entries())
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _attributes(self, path: TreePath, entry: Storage | ControlEntry) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = self._inode(path)
+        attr.generation = 0
+        attr.st_uid = self._uid
+        attr.st_gid = self._gid
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._time_ns
+        if isinstance(entry, Storage):
+            attr.st_mode = stat.S_IFREG | (0o600 if entry.writable else 0o400)
+            attr.st_nlink = 1
+            attr.st_size = entry.size
+            attr.st_blocks = (entry.size + 511) // 512
+            # The size of a storage never changes while mounted.
+            attr.entry_timeout = attr.attr_timeout = 60
+        elif isinstance(entry, ControlDirectory):
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+            attr.st_size = 0
+            attr.entry_timeout = 1
+            attr.attr_timeout = 1
+        else:
+            attr.st_mode = stat.S_IFREG | (0o644 if entry.write is not None else 0o444)
+            attr.st_nlink = 1
+            attr.st_size = self._rendered_length(path, entry)
+            attr.st_blocks = 0
+            # Rendered at open: sizes change with the state they show.
+            attr.entry_timeout = 1
+            attr.attr_timeout = 0
+        return attr
+
+    def _rendered_length(self, path: TreePath, entry: ControlFile) -> int:
+        try:
+            return len(entry.read().encode())
+        except Exception:  # noqa: BLE001 - the read at open reports it
+            log.debug("%s: cannot render for its size", "/".join(path), exc_info=True)
+            return BLOCK_SIZE
+
+    def _entry(self, inode: int) -> tuple[TreePath, Storage | ControlEntry]:
+        path = self._path(inode)
+        entry = self._resolve(path)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return path, entry
+
+    # -- lookup and attributes --------------------------------------------
+    async def lookup(self, parent_inode, name, ctx=None):
+        with _Request("lookup %r in inode %d", name, parent_inode):
+            parent = self._path(parent_inode)
+            text = os.fsdecode(name)
+            if text == ".":
+                path = parent
+            elif text == "..":
+                path = parent[:-1]
+            else:
+                path = (*parent, text)
+            entry = self._resolve(path)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attributes(path, entry)
+
+    async def getattr(self, inode, ctx=None):
+        with _Request("getattr inode %d", inode):
+            path, entry = self._entry(inode)
+            return self._attributes(path, entry)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        with _Request("setattr inode %d", inode):
+            path, entry = self._entry(inode)
+            if fields.update_size and isinstance(entry, Storage) and attr.st_size != entry.size:
+                log.warning(
+                    "storage %s: refused to change its size to %d bytes", entry.name, attr.st_size
+                )
+                raise pyfuse3.FUSEError(errno.EPERM)
+            # Mode, owner and times are fixed; accepting the change without
+            # applying it keeps tools like cp --preserve and touch working.
+            return self._attributes(path, entry)
+
+    async def forget(self, inode_list):
+        pass
+
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        total = sum(storage.size for storage in self._storages.values())
+        stats.f_bsize = BLOCK_SIZE
+        stats.f_frsize = BLOCK_SIZE
+        stats.f_blocks = total // BLOCK_SIZE
+        stats.f_bfree = 0
+        stats.f_bavail = 0
+        stats.f_files = len(self._inodes)
+        stats.f_ffree = 0
+        stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    # -- directories ------------------------------------------------------
+    async def opendir(self, inode, ctx):
+        with _Request("opendir inode %d", inode):
+            path, entry = self._entry(inode)
+            if isinstance(entry, (Storage, ControlFile)):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            handle = _DirectoryHandle([(name, (*path, name)) for name in self._children(path)])
+            fh = next(self._next_handle)
+            self._handles[fh] = handle
+            return fh
+
+    async def readdir(self, fh, start_id, token):
+        with _Request("readdir handle %d", fh):
+            handle = self._handles.get(fh)
+            if not isinstance(handle, _DirectoryHandle):
+                raise pyfuse3.FUSEError(errno.EBADF)
+            for index in range(start_id, len(handle.entries)):
+                name, path = handle.entries[index]
+                entry = self._resolve(path)
+                if entry is None:  # gone since opendir
+                    continue
+                attr = self._attributes(path, entry)
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, index + 1):
+                    break
+
+    async def releasedir(self, fh):
+        self._handles.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        pass
+
+    # -- files --------------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        with _Request("open inode %d", inode):
+            path, entry = self._entry(inode)
+            access = flags & os.O_ACCMODE
+            wants_write = access in (os.O_WRONLY, os.O_RDWR)
+            handle: _StorageHandle | _ControlHandle
+            if isinstance(entry, Storage):
+                if wants_write and not entry.writable:
+                    raise pyfuse3.FUSEError(errno.EROFS)
+                # O_SYNC includes the O_DSYNC bit.
+                handle = _StorageHandle(entry, fua=bool(flags & os.O_DSYNC), writable=wants_write)
+            elif isinstance(entry, ControlFile):
+                if wants_write and entry.write is None:
+                    raise pyfuse3.FUSEError(errno.EACCES)
+                snapshot = b"" if access == os.O_WRONLY else entry.read().encode()
+                handle = _ControlHandle(path, entry, snapshot)
+            else:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            fh = next(self._next_handle)
+            self._handles[fh] = handle
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def release(self, fh):
+        self._handles.pop(fh, None)
+
+    async def flush(self, fh):
+        # close(2): durability comes from fsync or FUA, not from every close.
+        pass
+
+    def _file_handle(self, fh: int) -> _StorageHandle | _ControlHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, (_StorageHandle, _ControlHandle)):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    async def read(self, fh, off, size):
+        handle = self._file_handle(fh)
+        if isinstance(handle, _ControlHandle):
+            return handle.snapshot[off : off + size]
+        storage = handle.storage
+        with _Request("storage %s: read %d bytes at %d", storage.name, size, off):
+            return await storage.read(off, size)
+
+    async def write(self, fh, off, buf):
+        handle = self._file_handle(fh)
+        if isinstance(handle, _ControlHandle):
+            return self._write_control(handle, buf)
+        storage = handle.storage
+        with _Request("storage %s: write %d bytes at %d", storage.name, len(buf), off):
+            room = storage.size - off
+            if not buf:
+                return 0
+            if room <= 0:
+                log.warning(
+                    "storage %s: write %d bytes at %d: past the end (%d bytes)",
+                    storage.name,
+                    len(buf),
+                    off,
+                    storage.size,
+                )
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            data = buf if len(buf) <= room else memoryview(buf)[:room]
+            await storage.write(off, data, fua=handle.fua)
+            return len(data)
+
+    def _write_control(self, handle: _ControlHandle, buf: bytes) -> int:
+        name = "/".join((CONTROL_DIRECTORY, *handle.path))
+        with _Request("control file %s: write %r", name, bytes(buf[:64])):
+            if handle.file.write is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            try:
+                text = bytes(buf).decode("utf-8")
+            except UnicodeDecodeError:
+                log.warning("control file %s: write is not UTF-8 text", name)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            try:
+                handle.file.write(text)
+            except UserError as exc:
+                log.warning("control file %s: %s", name, exc)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            log.info("control file %s: wrote %r", name, text.strip())
+            return len(buf)
+
+    async def fsync(self, fh, datasync):
+        handle = self._file_handle(fh)
+        if isinstance(handle, _ControlHandle):
+            return
+        storage = handle.storage
+        with _Request("storage %s: fsync", storage.name):
+            await storage.flush()
+
+    async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a storage file (called through `_LibfusePatch`)."""
+        with _Request("fallocate inode %d mode %#x at %d (+%d)", inode, mode, offset, length):
+            _, entry = self._entry(inode)
+            if not isinstance(entry, Storage):
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            storage = entry
+            if offset < 0 or length <= 0:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            end = offset + length
+            keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+            kind = mode & ~FALLOC_FL_KEEP_SIZE
+            if kind not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE):
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            if end > storage.size and not keep_size:
+                # Would grow the file; a storage has a fixed size.
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            end = min(end, storage.size)
+            if kind == 0 or end <= offset:
+                return  # every byte inside the file is already allocated
+            if not storage.writable:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            if kind == FALLOC_FL_PUNCH_HOLE:
+                await storage.trim(offset, end - offset)
+            else:
+                await storage.write_zeroes(offset, end - offset)
+
+    # -- namespace changes are not allowed ------------------------------------
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    def open_handles(self) -> dict[str, int]:
+        """Storage name -> number of open handles (for shutdown messages)."""
+        counts: dict[str, int] = {}
+        for handle in self._handles.values():
+            if isinstance(handle, _StorageHandle):
+                counts[handle.storage.name] = counts.get(handle.storage.name, 0) + 1
+        return counts
+
+
+#: Stands in for the mount root, which is a directory but no control entry.
+_ROOT = ControlDirectory(dict)
+
+
+# ----------------------------------------------------------- libfuse patch
+
+
+def _elf_symbols(path: str, names: set[str]) -> dict[str, int]:
+    """Values of the named symbols in the ELF64 little-endian file's .symtab."""
+    with open(path, "rb") as file:
+        image = file.read()
+    if image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    (section_offset,) = struct.unpack_from("<Q", image, 0x28)
+    entry_size, count = struct.unpack_from("<HH", image, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", image, section_offset + i * entry_size)
+        for i in range(count)
+    ]
+    found: dict[str, int] = {}
+    for section in sections:
+        if section[1] != 2:  # SHT_SYMTAB
+            continue
+        strings = sections[section[6]][4]
+        for offset in range(section[4], section[4] + section[5], 24):
+            name_offset, _, _, _, value, _ = struct.unpack_from("<IBBHQQ", image, offset)
+            start = strings + name_offset
+            name = image[start : image.index(b"\0", start)].decode("ascii", "replace")
+            if name in names:
+                found[name] = value
+    return found
+
+
+_FALLOCATE_HANDLER = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+    ctypes.c_void_p,
+)
+_INIT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+# pyfuse3's own init handler runs Python code without taking the GIL (libfuse
+# calls it from inside pyfuse3, which holds it), so we must call it holding
+# the GIL: PYFUNCTYPE does, CFUNCTYPE would release it.
+_PYFUSE3_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _LibfusePatch:
+    """Installs what pyfuse3 3.x cannot: a fallocate handler, and a larger
+    `max_background` in the INIT reply.
+
+    libfuse copies the `fuse_lowlevel_ops` table into the session in
+    `fuse_session_new`, and looks handlers up there for each request, so we
+    write our function pointers into that copy after `pyfuse3.init` and
+    before the first request is processed. The session pointer and
+    pyfuse3's own table come from pyfuse3's symbol table (pyfuse3 is built
+    from source here and keeps it). Every assumption is checked first —
+    symbols present, pyfuse3's table found byte for byte inside the session,
+    the slots pyfuse3 fills (and only those) non-empty, the session's fd
+    being /dev/fuse — and any mismatch leaves everything untouched: the
+    mount then works without fallocate (the kernel answers EOPNOTSUPP).
+    """
+
+    SLOTS = 44  # fuse_lowlevel_ops in libfuse 3.x: 44 function pointers
+    INIT, FALLOCATE = 0, 40
+    # Slots pyfuse3 fills / leaves empty; a layout check.
+    FILLED = (0, 2, 3, 4, 5, 16, 17, 35, 36, 38, 41)
+    EMPTY = (1, 37, 39, 40, 42, 43)
+    CONN_MAX_BACKGROUND = 7 * 4  # offset in struct fuse_conn_info
+    CONN_CONGESTION = 8 * 4
+
+    def __init__(self, on_fallocate: Callable[[int, int, int, int, int], None], max_background):
+        self._on_fallocate = on_fallocate
+        self._max_background = max_background
+        self._libfuse: ctypes.CDLL | None = None
+        self._original_init = None
+        # The ctypes callbacks must live as long as the session.
+        self._fallocate_callback = _FALLOCATE_HANDLER(self._fallocate)
+        self._init_callback = _INIT_HANDLER(self._init)
+        self.installed = False
+
+    def reply_error(self, request: int, error: int) -> None:
+        assert self._libfuse is not None
+        result = self._libfuse.fuse_reply_err(ctypes.c_void_p(request), error)
+        if result != 0:
+            log.debug("fuse_reply_err: %s", os.strerror(-result))
+
+    def apply(self) -> bool:
+        try:
+            self._apply()
+        except Exception as exc:  # noqa: BLE001 - optional; the mount works without it
+            log.warning(
+                "fallocate (discard) is not available on this mount: cannot extend pyfuse3 (%s)",
+                exc,
+            )
+            return False
+        self.installed = True
+        return True
+
+    def _apply(self) -> None:
+        module = pyfuse3.__file__
+        if module is None:
+            raise RuntimeError("pyfuse3 has no file")
+        names = {"__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops", "PyInit_pyfuse3"}
+        symbols = _elf_symbols(module, names)
+        missing = names - set(symbols)
+        if missing:
+            raise RuntimeError(f"symbols not found in {module}: {', '.join(sorted(missing))}")
+        library = ctypes.CDLL(module)
+        base = ctypes.cast(library.PyInit_pyfuse3, ctypes.c_void_p).value
+        if base is None:
+            raise RuntimeError("cannot locate pyfuse3 in memory")
+        base -= symbols["PyInit_pyfuse3"]
+        session = ctypes.c_void_p.from_address(base + symbols["__pyx_v_7pyfuse3_session"]).value
+        if not session:
+            raise RuntimeError("no FUSE session")
+        pointer_size = ctypes.sizeof(ctypes.c_void_p)
+        table = (ctypes.c_void_p * self.SLOTS).from_address(
+            base + symbols["__pyx_v_7pyfuse3_fuse_ops"]
+        )
+        if any(not table[i] for i in self.FILLED) or any(table[i] for i in self.EMPTY):
+            raise RuntimeError("unexpected pyfuse3 handler table")
+        table_bytes = ctypes.string_at(ctypes.addressof(table), self.SLOTS * pointer_size)
+        session_bytes = ctypes.string_at(session, 512)
+        where = session_bytes.find(table_bytes)
+        if where < 0 or session_bytes.find(table_bytes, where + 1) >= 0:
+            raise RuntimeError("handler table not found in the FUSE session")
+
+        libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+        libfuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
+        libfuse.fuse_session_fd.restype = ctypes.c_int
+        libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        libfuse.fuse_reply_err.restype = ctypes.c_int
+        fd = libfuse.fuse_session_fd(session)
+        if os.readlink(f"/proc/self/fd/{fd}") != "/dev/fuse":
+            raise RuntimeError("the session's fd is not /dev/fuse")
+        self._libfuse = libfuse
+
+        slots = (ctypes.c_void_p * self.SLOTS).from_address(session + where)
+        self._original_init = _PYFUSE3_INIT(slots[self.INIT])
+        slots[self.FALLOCATE] = ctypes.cast(self._fallocate_callback, ctypes.c_void_p).value
+        slots[self.INIT] = ctypes.cast(self._init_callback, ctypes.c_void_p).value
+        log.debug("libfuse handler table at session+%d: fallocate and init installed", where)
+
+    # Both run synchronously inside libfuse's request dispatch, on the trio
+    # thread; nothing may escape them.
+    def _init(self, userdata, conn) -> None:
+        try:
+            assert self._original_init is not None
+            self._original_init(userdata, conn)
+            if self._max_background:
+                ctypes.c_uint.from_address(conn + self.CONN_MAX_BACKGROUND).value = (
+                    self._max_background
+                )
+                ctypes.c_uint.from_address(conn + self.CONN_CONGESTION).value = (
+                    self._max_background * 3 // 4
+                )
+        except BaseException:  # noqa: BLE001 - must not unwind through C
+            log.exception("FUSE init hook failed")
+
+    def _fallocate(self, request, inode, mode, offset, length, file_info) -> None:
+        try:
+            self._on_fallocate(request, inode, mode, offset, length)
+        except BaseException:  # noqa: BLE001 - must not unwind through C
+            log.exception("fallocate dispatch failed")
+            self.reply_error(request, errno.EIO)
+
+
+# ----------------------------------------------------------------- session
+
+
+class FuseSession:
+    """One pyfuse3 mount of a `StorageFilesystem` (pyfuse3 allows one per
+    process): `mount()`, then `await serve()` until unmounted or `stop()`,
+    then `close()`. `close()` must be called whenever `mount()` was."""
+
+    def __init__(
+        self,
+        filesystem: StorageFilesystem,
+        mountpoint: str,
+        *,
+        options: Iterable[str] = (),
+        workers: int = DEFAULT_WORKERS,
+        max_background: int = DEFAULT_MAX_BACKGROUND,
+    ) -> None:
+        self.filesystem = filesystem
+        self.mountpoint = mountpoint
+        self.options = set(pyfuse3.default_options) | {"fsname=dstfuse", "subtype=dstfuse"}
+        self.options |= set(options)
+        self.workers = workers
+        self._patch = _LibfusePatch(self._dispatch_fallocate, max_background)
+        self._nursery: trio.Nursery | None = None
+        self._mounted = False
+        self._session = False
+        self._stopped = False
+
+    @property
+    def fallocate_supported(self) -> bool:
+        return self._patch.installed
+
+    def mount(self) -> None:
+        """Mount at `mountpoint` (raises UserError if the kernel refuses)."""
+        try:
+            pyfuse3.init(self.filesystem, self.mountpoint, self.options)
+        except RuntimeError as exc:
+            # A failed mount leaves a session to destroy; a failed
+            # fuse_session_new leaves none.
+            self._session = "fuse_session_new" not in str(exc)
+            raise UserError(
+                f"cannot mount FUSE at {self.mountpoint} ({exc}; is /dev/fuse usable?)"
+            ) from None
+        self._session = True
+        self._mounted = True
+        self._patch.apply()
+
+    async def serve(self) -> None:
+        """Answer requests until the filesystem is unmounted or `stop()`."""
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await pyfuse3.main(min_tasks=1, max_tasks=self.workers)
+            except BaseException as exc:
+                error = exc  # raised below, outside the nursery, unwrapped
+            finally:
+                # Pending fallocate tasks still reply before the session goes.
+                self._nursery = None
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        """Make `serve()` return once requests in progress are answered."""
+        if self._mounted and not self._stopped:
+            self._stopped = True
+            pyfuse3.terminate()
+
+    def close(self, *, unmount: bool = True) -> None:
+        """Destroy the session; with `unmount`, also unmount (lazily, so an
+        open file cannot make it fail). Safe to call more than once."""
+        if self._session:
+            self._session = False
+            self._mounted = False
+            pyfuse3.close(unmount=unmount)
+
+    def _dispatch_fallocate(self, request, inode, mode, offset, length) -> None:
+        nursery = self._nursery
+        if nursery is None:
+            self._patch.reply_error(request, errno.ENOSYS)
+            return
+        nursery.start_soon(self._fallocate, request, inode, mode, offset, length)
+
+    async def _fallocate(self, request, inode, mode, offset, length) -> None:
+        error = errno.EIO
+        try:
+            await self.filesystem.fallocate(inode, mode, offset, length)
+            error = 0
+        except pyfuse3.FUSEError as exc:
+            error = exc.errno
+        finally:
+            # Exactly one reply per request, also when cancelled.
+            self._patch.reply_error(request, error)

@@ -144,7 +144,6 @@ class _Builder:
                 key=self._key_bytes(),
                 cipher=self.config.cipher,
                 max_in_flight=self.config.max_in_flight,
-                client_id=self.client_id,
                 client_name=self.client_name,
             )
         if spec.kind == "local":

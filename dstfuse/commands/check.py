@@ -123,10 +123,6 @@ async def check_mount_config(
                     key=key,
                     cipher=config.cipher,
                     max_in_flight=config.max_in_flight,
-                    # One id per connection: an export treats a second
-                    # connection with the same id as a reconnect and drops
-                    # the first, and two storages may use the same export.
-                    client_id=os.urandom(16),
                     client_name=client_name,
                 )
                 pending.append((node_report, node))

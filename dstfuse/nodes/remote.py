@@ -29,7 +29,16 @@ from ..address import Address
 from ..config import Timeouts
 from ..errors import NodeError, NodeRefused, NodeUnavailable
 from ..fanout import gather_or_raise
-from ..protocol import WRITE_COMMANDS, Command, Feature, Flag, Permission, Reply, offered_modes
+from ..protocol import (
+    CLIENT_ID_SIZE,
+    WRITE_COMMANDS,
+    Command,
+    Feature,
+    Flag,
+    Permission,
+    Reply,
+    offered_modes,
+)
 from ..ranges import WriteOrder
 from .base import Node, NodeState
 from .session import Connector, Session, open_stream
@@ -62,7 +71,6 @@ class RemoteNode(Node):
         key: bytes | None,
         cipher: str = "aes-256-gcm",
         max_in_flight: int = 64,
-        client_id: bytes | None = None,
         client_name: str = "dstfuse",
         connector: Connector = open_stream,
     ) -> None:
@@ -73,7 +81,11 @@ class RemoteNode(Node):
         self._timeouts = timeouts
         self._key = key
         self._modes = offered_modes(key is not None, cipher)
-        self._client_id = client_id or os.urandom(16)
+        # Names this node's connection to the export: the export treats a new
+        # connection with the same id as a reconnect and retires the old one
+        # first. So it is new for every RemoteNode (two storages may use one
+        # export) and kept across this node's reconnects.
+        self._client_id = os.urandom(CLIENT_ID_SIZE)
         self._client_name = client_name
         self._connector = connector
         self._table = TransactionTable(max_in_flight)

@@ -37,6 +37,7 @@ from ..protocol import (
     Reply,
     Request,
     Role,
+    State,
 )
 from .transactions import Transaction
 
@@ -187,6 +188,8 @@ class Session:
 
     async def _send_loop(self, finish: Callable[[str], None]) -> None:
         async for item in self._outbox:
+            if self._conn.state is not State.OPEN:
+                return  # the receiver saw the end; it ends the session
             if isinstance(item, int):
                 request = Request(Command.PING, item)
             elif item.done.is_set():

@@ -4,6 +4,7 @@
 send; see docs/protocol.md for the frame and handshake layout.
 """
 
+from .connection import NEED_DATA, Connection, Role, State
 from .constants import (
     CLIENT_ID_SIZE,
     KEYED_MODES,
@@ -14,7 +15,6 @@ from .constants import (
     Flag,
     Permission,
 )
-from .connection import NEED_DATA, Connection, Role, State
 from .errors import (
     HandshakeFailed,
     IntegrityError,
@@ -24,8 +24,8 @@ from .errors import (
 )
 from .events import (
     Challenged,
-    ConnectionClosed,
     Confirmed,
+    ConnectionClosed,
     Event,
     HelloReceived,
     Ready,

@@ -2,34 +2,44 @@
 
 Readers skip types they do not know, so either side can add attributes
 without breaking older peers. A type seen twice keeps its first value.
+This module only encodes and decodes; it never decides what a handshake
+means, and it never raises anything but RemoteProtocolError on bad input
+(LocalProtocolError when our own code asks it to encode something too big).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 from .constants import Attr
-from .errors import RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 
 _TLV = struct.Struct(">HH")
+TLV_HEADER_SIZE = _TLV.size
 MAX_ATTRIBUTES = 64
+MAX_VALUE_SIZE = 0xFFFF
 _U8 = struct.Struct(">B")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
-def encode(attributes: list[tuple[int, bytes]]) -> bytes:
-    parts = []
+def encode(attributes: Iterable[tuple[int, bytes]]) -> bytes:
+    """TLV-encode `attributes` in the order given."""
+    parts: list[bytes] = []
     for kind, value in attributes:
-        if len(value) > 0xFFFF:
-            raise ValueError(f"attribute {kind} is {len(value)} bytes; at most 65535")
+        if len(value) > MAX_VALUE_SIZE:
+            raise LocalProtocolError(
+                f"attribute {kind} is {len(value)} bytes; at most {MAX_VALUE_SIZE}"
+            )
         parts.append(_TLV.pack(kind, len(value)))
         parts.append(value)
     return b"".join(parts)
 
 
 def decode(payload: bytes) -> dict[int, bytes]:
-    """Parse a TLV list; raise RemoteProtocolError on truncation or excess."""
+    """Parse a TLV list; raise RemoteProtocolError on truncation or when it
+    holds more than MAX_ATTRIBUTES attributes (known or not)."""
     found: dict[int, bytes] = {}
     pos, count = 0, 0
     while pos < len(payload):
@@ -64,7 +74,9 @@ def text(value: str) -> bytes:
 
 
 class Reader:
-    """Typed access to decoded attributes, with errors naming the attribute."""
+    """Typed access to decoded attributes, with errors naming the attribute.
+    Every accessor raises RemoteProtocolError (never struct.error or
+    UnicodeDecodeError) for a missing or malformed attribute."""
 
     def __init__(self, attributes: dict[int, bytes]) -> None:
         self._attrs = attributes
@@ -79,13 +91,16 @@ class Reader:
                 return default
             raise RemoteProtocolError(f"handshake lacks attribute {kind.name}")
         if size is not None and len(value) != size:
-            raise RemoteProtocolError(f"attribute {kind.name} is {len(value)} bytes, expected {size}")
+            raise RemoteProtocolError(
+                f"attribute {kind.name} is {len(value)} bytes, expected {size}"
+            )
         return value
 
     def _int(self, kind: Attr, fmt: struct.Struct, default: int | None) -> int:
         if kind not in self._attrs and default is not None:
             return default
-        return fmt.unpack(self.raw(kind, size=fmt.size))[0]
+        value: int = fmt.unpack(self.raw(kind, size=fmt.size))[0]
+        return value
 
     def u8(self, kind: Attr, default: int | None = None) -> int:
         return self._int(kind, _U8, default)

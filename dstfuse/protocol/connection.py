@@ -18,10 +18,17 @@ may send REFUSED instead of its next handshake frame.
 
 Invariants:
 - a frame's payload length is checked against the limit for the current
-  state before any of it is buffered beyond the header;
-- once an error was raised by `next_event`, the connection is in ERROR and
-  every later call raises; the caller must drop the transport;
-- requests and replies are only accepted in state OPEN.
+  state as soon as its header is complete, before any of its payload is
+  buffered for it; after `next_event` returned NEED_DATA, `buffered` is at
+  most HEADER_SIZE + limit + TAG_SIZE - 1;
+- no event is returned from a frame that failed its check, and the fields
+  of every returned event are exactly those the peer sealed;
+- once `next_event` raised RemoteProtocolError or HandshakeFailed (or
+  `challenge` raised HandshakeFailed), the connection is in ERROR and every
+  later call raises LocalProtocolError, except `refuse` during the
+  handshake; the caller must drop the transport;
+- requests and replies are only accepted in state OPEN, requests only by a
+  server and replies only by a client.
 """
 
 from __future__ import annotations
@@ -29,36 +36,42 @@ from __future__ import annotations
 import enum
 import hmac
 import os
-from typing import Final
+from dataclasses import replace
+from typing import Final, NamedTuple
 
 from . import attributes as attrs
 from .constants import (
     ALL_FEATURES,
+    ALL_PERMISSIONS,
     CLIENT_ID_SIZE,
+    DEFAULT_MAX_PAYLOAD,
     HEADER,
     HEADER_SIZE,
+    KEYED_MODES,
     KNOWN_FLAGS,
     MAGIC,
     MAX_HANDSHAKE_PAYLOAD,
+    MAX_MESSAGE_CHARS,
+    MAX_NAME_CHARS,
+    MAX_PAYLOAD_LIMIT,
     NONCE_SIZE,
     PROOF_SIZE,
     REQUEST_COMMANDS,
     SUPPORTED_VERSIONS,
     TAG_SIZE,
+    UNKEYED_MODES,
     VERSION,
     Attr,
     Command,
     Feature,
     Flag,
     Permission,
-    DEFAULT_MAX_PAYLOAD,
-    KEYED_MODES,
 )
 from .errors import HandshakeFailed, LocalProtocolError, RemoteProtocolError
 from .events import (
     Challenged,
-    ConnectionClosed,
     Confirmed,
+    ConnectionClosed,
     Event,
     HelloReceived,
     Ready,
@@ -75,15 +88,20 @@ from .handshake import (
     proof,
     transcript_hash,
 )
-from .sealing import Sealer, Xxh3Sealer, session_sealer
+from .sealing import Buffer, Sealer, Xxh3Sealer, session_sealer
 
 
-class _NeedData:
+class _NeedData(enum.Enum):
+    # An enum member so that `event is NEED_DATA` narrows the type for mypy.
+    NEED_DATA = "NEED_DATA"
+
     def __repr__(self) -> str:
         return "NEED_DATA"
 
+    __str__ = __repr__
 
-NEED_DATA: Final = _NeedData()
+
+NEED_DATA: Final = _NeedData.NEED_DATA
 
 
 class Role(enum.Enum):
@@ -104,16 +122,31 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-_PROOF_TLV_SIZE = 4 + PROOF_SIZE
+class _Header(NamedTuple):
+    magic: bytes
+    version: int
+    command: int
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    status: int
+    payload_len: int
+    reserved: int
+
+
+_PROOF_TLV_SIZE = attrs.TLV_HEADER_SIZE + PROOF_SIZE
+_KNOWN_MODES = frozenset(KEYED_MODES + UNKEYED_MODES)
 
 
 class Connection:
     """One side of a dstfuse protocol stream.
 
     `key` is the pre-shared key (None: unkeyed checksums only); `modes` the
-    modes a client offers (preferred first). `max_payload` bounds every
-    frame after the handshake; handshake frames are bounded by
-    MAX_HANDSHAKE_PAYLOAD.
+    modes a client offers (preferred first; a server ignores it and accepts
+    the keyed modes with a key, the unkeyed ones without). `max_payload`
+    bounds the payload of every frame received after the handshake;
+    handshake frames are bounded by MAX_HANDSHAKE_PAYLOAD.
     """
 
     def __init__(
@@ -124,20 +157,26 @@ class Connection:
         modes: list[str] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
-        if max_payload < 1:
-            raise LocalProtocolError("max_payload must be positive")
+        if not 1 <= max_payload <= MAX_PAYLOAD_LIMIT:
+            raise LocalProtocolError(f"max_payload must be in 1..{MAX_PAYLOAD_LIMIT}")
+        if key is not None and not key:
+            raise LocalProtocolError("an empty key authenticates nothing; pass None")
+        unknown = [m for m in modes or [] if m not in _KNOWN_MODES]
+        if unknown:
+            raise LocalProtocolError(f"unknown modes {', '.join(unknown)}")
         self.role = role
         self.state = State.IDLE
         self.max_payload = max_payload
         self.mode: str | None = None
         self.version: int | None = None
         self._key = key
-        self._modes = modes
+        self._modes = list(modes) if modes else None
         self._send_sealer: Sealer = Xxh3Sealer()
         self._recv_sealer: Sealer = Xxh3Sealer()
         self._buffer = bytearray()
         self._eof = False
-        self._header: tuple | None = None  # parsed header of the frame being received
+        self._header: _Header | None = None  # parsed header of the frame being received
+        self._opened = False  # reached OPEN once: REFUSED is no longer possible
         self._nonce = os.urandom(NONCE_SIZE)
         self._hello_payload = b""
         self._peer_nonce = b""
@@ -157,10 +196,17 @@ class Connection:
         offset: int = 0,
         length: int = 0,
         status: int = 0,
-        payload: bytes | bytearray | memoryview = b"",
+        payload: Buffer = b"",
     ) -> bytes:
+        size = memoryview(payload).nbytes
+        if command not in REQUEST_COMMANDS and size > MAX_HANDSHAKE_PAYLOAD:
+            raise LocalProtocolError(
+                f"{Command(command).name} payload of {size} bytes exceeds {MAX_HANDSHAKE_PAYLOAD}"
+            )
+        if size > MAX_PAYLOAD_LIMIT:
+            raise LocalProtocolError(f"payload of {size} bytes does not fit in one frame")
         header = HEADER.pack(
-            MAGIC, VERSION, command, flags, handle, offset, length, status, len(payload), 0
+            MAGIC, VERSION, command, flags, handle, offset, length, status, size, 0
         )
         return header + self._send_sealer.seal(header, payload)
 
@@ -184,23 +230,26 @@ class Connection:
             raise LocalProtocolError("keyed modes offered without a key")
         items = [
             (Attr.VERSIONS, bytes(SUPPORTED_VERSIONS)),
-            (Attr.CLIENT_ID, client_id),
-            (Attr.CLIENT_NAME, attrs.text(client_name)),
+            (Attr.CLIENT_ID, bytes(client_id)),
+            (Attr.CLIENT_NAME, attrs.text(client_name[:MAX_NAME_CHARS])),
             (Attr.CIPHERS, attrs.text(",".join(modes))),
             (Attr.NONCE, self._nonce),
         ]
         if export is not None:
             items.append((Attr.EXPORT, attrs.text(export)))
-        self._hello_payload = attrs.encode(items)
+        payload = attrs.encode(items)
+        frame = self._frame(Command.HELLO, payload=payload)
+        self._hello_payload = payload
         self.state = State.HELLO_SENT
-        return self._frame(Command.HELLO, payload=self._hello_payload)
+        return frame
 
     def confirm(self) -> bytes:
         """Client: the CONFIRM frame after a `Challenged` event."""
         self._expect(State.CHALLENGED)
         items = []
         if self._keys is not None:
-            items.append((Attr.PROOF, proof(self._keys.client_confirm, b"client", self._transcript)))
+            client_proof = proof(self._keys.client_confirm, b"client", self._transcript)
+            items.append((Attr.PROOF, client_proof))
         frame = self._frame(Command.CONFIRM, payload=attrs.encode(items))
         self._send_sealer = self._session_sealer(sending=True)
         self.state = State.CONFIRM_SENT
@@ -210,52 +259,69 @@ class Connection:
     # server side of the handshake
     def challenge(self, *, node_name: str) -> bytes:
         """Server: answer a `HelloReceived` the application accepted. Raises
-        HandshakeFailed when no version or mode is common (then `refuse`)."""
+        HandshakeFailed when no version or mode is common; the connection is
+        then in ERROR and the caller sends `refuse(exc.status, exc.message)`."""
         self._expect(State.HELLO_RECEIVED)
-        self.version = choose_version(list(self._peer_versions))
-        self.mode = choose_mode(list(self._peer_modes), allowed_modes(self._key is not None))
+        try:
+            version = choose_version(list(self._peer_versions))
+            mode = choose_mode(list(self._peer_modes), allowed_modes(self._key is not None))
+        except HandshakeFailed:
+            self.state = State.ERROR
+            raise
         items = [
-            (Attr.VERSION, attrs.u8(self.version)),
-            (Attr.CIPHER, attrs.text(self.mode)),
+            (Attr.VERSION, attrs.u8(version)),
+            (Attr.CIPHER, attrs.text(mode)),
             (Attr.NONCE, self._nonce),
-            (Attr.NODE_NAME, attrs.text(node_name)),
+            (Attr.NODE_NAME, attrs.text(node_name[:MAX_NAME_CHARS])),
         ]
         prefix = attrs.encode(items)
         payload = prefix
-        if self.mode in KEYED_MODES:
+        keys: SessionKeys | None = None
+        if mode in KEYED_MODES:
             assert self._key is not None
-            self._keys = derive_keys(self._key, self._peer_nonce, self._nonce, self.mode)
+            keys = derive_keys(self._key, self._peer_nonce, self._nonce, mode)
             self._transcript = transcript_hash(self._hello_payload, prefix)
-            server_proof = proof(self._keys.server_confirm, b"server", self._transcript)
+            server_proof = proof(keys.server_confirm, b"server", self._transcript)
             payload = prefix + attrs.encode([(Attr.PROOF, server_proof)])
         frame = self._frame(Command.CHALLENGE, payload=payload)
+        self.version, self.mode, self._keys = version, mode, keys
         self._send_sealer = self._session_sealer(sending=True)
         self.state = State.CHALLENGE_SENT
         return frame
 
     def ready(self, ready: Ready) -> bytes:
-        """Server: the READY frame after `Confirmed`; the connection opens."""
+        """Server: the READY frame after `Confirmed`; the connection opens.
+        The max_request sent is capped at this side's own `max_payload`, so
+        the client never sends a WRITE this connection would reject."""
         self._expect(State.CONFIRMED)
         payload = attrs.encode(
             [
                 (Attr.SIZE, attrs.u64(ready.size)),
                 (Attr.PERMISSIONS, attrs.u8(int(ready.permissions))),
                 (Attr.BLOCK_SIZE, attrs.u32(ready.block_size)),
-                (Attr.MAX_REQUEST, attrs.u32(ready.max_request)),
+                (Attr.MAX_REQUEST, attrs.u32(min(ready.max_request, self.max_payload))),
                 (Attr.FEATURES, attrs.u32(int(ready.features))),
                 (Attr.EXPORT, attrs.text(ready.export)),
             ]
         )
+        frame = self._frame(Command.READY, payload=payload)
         self.state = State.OPEN
-        return self._frame(Command.READY, payload=payload)
+        self._opened = True
+        return frame
 
     def refuse(self, status: int, message: str) -> bytes:
-        """Either side, during the handshake: a REFUSED frame; closes."""
-        if self.state in (State.OPEN, State.CLOSED):
+        """Either side, during the handshake (also after a handshake error):
+        a REFUSED frame carrying errno `status` and a one-line `message`.
+        The connection is CLOSED afterwards (it stays ERROR if it was)."""
+        if self.state is State.CLOSED or self._opened:
             raise LocalProtocolError(f"cannot refuse in state {self.state.value}")
-        payload = attrs.encode([(Attr.MESSAGE, attrs.text(message[:1000]))])
-        self.state = State.CLOSED
-        return self._frame(Command.REFUSED, status=status, payload=payload)
+        if not 0 <= status <= MAX_PAYLOAD_LIMIT:
+            raise LocalProtocolError("status out of range")
+        payload = attrs.encode([(Attr.MESSAGE, attrs.text(message[:MAX_MESSAGE_CHARS]))])
+        frame = self._frame(Command.REFUSED, status=status, payload=payload)
+        if self.state is not State.ERROR:
+            self.state = State.CLOSED
+        return frame
 
     def _session_sealer(self, *, sending: bool) -> Sealer:
         assert self.mode is not None
@@ -268,7 +334,9 @@ class Connection:
     # ------------------------------------------------------------------
     # requests and replies
     def send(self, event: Request | Reply) -> bytes:
-        """Frame a request (client) or reply (server) on an open connection."""
+        """Frame a request (client) or reply (server) on an open connection.
+        Frames must go out in the order `send` returned them: each one's
+        check covers its sequence number."""
         self._expect(State.OPEN)
         if isinstance(event, Request):
             if self.role is not Role.CLIENT:
@@ -281,6 +349,8 @@ class Connection:
                 length=event.length,
                 payload=event.data,
             )
+        if not isinstance(event, Reply):
+            raise LocalProtocolError(f"cannot send {type(event).__name__}")
         if self.role is not Role.SERVER:
             raise LocalProtocolError("only a server sends replies")
         return self._frame(
@@ -295,8 +365,10 @@ class Connection:
 
     # ------------------------------------------------------------------
     # receiving
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Feed bytes from the transport; b"" means the peer closed."""
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the error state")
         if self._eof and data:
             raise LocalProtocolError("data after end of stream")
         if data:
@@ -332,17 +404,18 @@ class Connection:
             if len(buffer) < HEADER_SIZE:
                 return self._at_end_of_data()
             self._header = self._parse_header(bytes(buffer[:HEADER_SIZE]))
-        header_fields = self._header
-        payload_len = header_fields[8]
-        total = HEADER_SIZE + payload_len + TAG_SIZE
+        fields = self._header
+        total = HEADER_SIZE + fields.payload_len + TAG_SIZE
         if len(buffer) < total:
             return self._at_end_of_data()
         header = bytes(buffer[:HEADER_SIZE])
-        with memoryview(buffer) as view:
-            payload = self._recv_sealer.open(header, view[HEADER_SIZE:total])
+        # Both views are released before the buffer is resized, even when
+        # the frame fails to open.
+        with memoryview(buffer) as view, view[HEADER_SIZE:total] as sealed:
+            payload = self._recv_sealer.open(header, sealed)
         del buffer[:total]
         self._header = None
-        return self._dispatch(header_fields, payload)
+        return self._dispatch(fields, payload)
 
     def _at_end_of_data(self) -> Event | _NeedData:
         if not self._eof:
@@ -352,57 +425,67 @@ class Connection:
         self.state = State.CLOSED
         return ConnectionClosed()
 
-    def _parse_header(self, raw: bytes) -> tuple:
-        fields = HEADER.unpack(raw)
-        magic, version, command, flags, _, _, _, _, payload_len, reserved = fields
-        if magic != MAGIC:
-            raise RemoteProtocolError(f"bad frame magic {magic!r}")
-        if version != VERSION:
-            raise RemoteProtocolError(f"unsupported frame version {version}")
-        if reserved != 0:
+    def _parse_header(self, raw: bytes) -> _Header:
+        fields = _Header._make(HEADER.unpack(raw))
+        if fields.magic != MAGIC:
+            raise RemoteProtocolError(f"bad frame magic {fields.magic!r}")
+        if fields.version != VERSION:
+            raise RemoteProtocolError(f"unsupported frame version {fields.version}")
+        if fields.reserved != 0:
             raise RemoteProtocolError("reserved header field is not zero")
-        if flags & ~int(KNOWN_FLAGS):
-            raise RemoteProtocolError(f"unknown frame flags {flags:#x}")
+        if fields.flags & ~int(KNOWN_FLAGS):
+            raise RemoteProtocolError(f"unknown frame flags {fields.flags:#x}")
         try:
-            Command(command)
+            Command(fields.command)
         except ValueError:
-            raise RemoteProtocolError(f"unknown command {command}") from None
+            raise RemoteProtocolError(f"unknown command {fields.command}") from None
         limit = self._payload_limit()
-        if payload_len > limit:
-            raise RemoteProtocolError(f"frame payload of {payload_len} bytes exceeds the limit {limit}")
+        if fields.payload_len > limit:
+            raise RemoteProtocolError(
+                f"frame payload of {fields.payload_len} bytes exceeds the limit {limit}"
+            )
         return fields
 
-    def _dispatch(self, fields: tuple, payload: bytes) -> Event:
-        _, _, command, flags, handle, offset, length, status, _, _ = fields
-        command = Command(command)
+    def _dispatch(self, fields: _Header, payload: bytes) -> Event:
+        command = Command(fields.command)
+        if self.state is State.CLOSED:
+            raise RemoteProtocolError(f"{command.name} after the handshake was refused")
+        if command in REQUEST_COMMANDS:
+            return self._dispatch_io(command, fields, payload)
+        if fields.flags or fields.handle or fields.offset or fields.length:
+            raise RemoteProtocolError(f"{command.name} with non-zero request fields")
         if command is Command.REFUSED:
             if self.state is State.OPEN:
                 raise RemoteProtocolError("REFUSED on an open connection")
-            message = attrs.Reader(attrs.decode(payload)).text(Attr.MESSAGE, default="refused")
+            reader = attrs.Reader(attrs.decode(payload))
+            message = reader.text(Attr.MESSAGE, default="refused")
             self.state = State.CLOSED
-            return Refused(status=status, message=message)
-        if command in REQUEST_COMMANDS:
-            return self._dispatch_io(command, flags, handle, offset, length, status, payload)
+            return Refused(status=fields.status, message=message)
+        if fields.status:
+            raise RemoteProtocolError(f"{command.name} with a non-zero status")
         return self._dispatch_handshake(command, payload)
 
-    def _dispatch_io(
-        self, command: Command, flags: int, handle: int, offset: int, length: int, status: int,
-        payload: bytes,
-    ) -> Request | Reply:
+    def _dispatch_io(self, command: Command, fields: _Header, payload: bytes) -> Request | Reply:
         if self.state is not State.OPEN:
             raise RemoteProtocolError(f"{command.name} before the handshake finished")
-        is_reply = bool(flags & Flag.REPLY)
+        is_reply = bool(fields.flags & Flag.REPLY)
         if self.role is Role.SERVER:
             if is_reply:
                 raise RemoteProtocolError("a client sent a reply")
-            if command is Command.WRITE and len(payload) != length:
+            if fields.status:
+                raise RemoteProtocolError(f"{command.name} request with a non-zero status")
+            if command is Command.WRITE and len(payload) != fields.length:
                 raise RemoteProtocolError("WRITE length differs from its payload")
             if command is not Command.WRITE and payload:
                 raise RemoteProtocolError(f"{command.name} request with a payload")
-            return Request(command, handle, offset, length, Flag(flags), payload)
+            return Request(
+                command, fields.handle, fields.offset, fields.length, Flag(fields.flags), payload
+            )
         if not is_reply:
             raise RemoteProtocolError("a server sent a request")
-        return Reply(command, handle, status, offset, length, payload)
+        if fields.flags != Flag.REPLY:
+            raise RemoteProtocolError(f"reply with request flags {fields.flags:#x}")
+        return Reply(command, fields.handle, fields.status, fields.offset, fields.length, payload)
 
     def _dispatch_handshake(self, command: Command, payload: bytes) -> Event:
         reader = attrs.Reader(attrs.decode(payload))
@@ -419,19 +502,20 @@ class Connection:
         raise RemoteProtocolError(f"unexpected {command.name} in state {self.state.value}")
 
     def _on_hello(self, payload: bytes, reader: attrs.Reader) -> HelloReceived:
-        self._hello_payload = payload
-        self._peer_nonce = reader.raw(Attr.NONCE, size=NONCE_SIZE)
-        self._peer_versions = tuple(reader.raw(Attr.VERSIONS))
-        self._peer_modes = tuple(m for m in reader.text(Attr.CIPHERS).split(",") if m)
-        export = reader.text(Attr.EXPORT) if reader.has(Attr.EXPORT) else None
-        self.state = State.HELLO_RECEIVED
-        return HelloReceived(
-            export=export,
+        nonce = reader.raw(Attr.NONCE, size=NONCE_SIZE)
+        versions = tuple(reader.raw(Attr.VERSIONS))
+        modes = tuple(m for m in reader.text(Attr.CIPHERS).split(",") if m)
+        event = HelloReceived(
+            export=reader.text(Attr.EXPORT) if reader.has(Attr.EXPORT) else None,
             client_id=reader.raw(Attr.CLIENT_ID, size=CLIENT_ID_SIZE),
             client_name=reader.text(Attr.CLIENT_NAME, default="?"),
-            versions=self._peer_versions,
-            modes=self._peer_modes,
+            versions=versions,
+            modes=modes,
         )
+        self._hello_payload = payload
+        self._peer_nonce, self._peer_versions, self._peer_modes = nonce, versions, modes
+        self.state = State.HELLO_RECEIVED
+        return event
 
     def _on_challenge(self, payload: bytes, reader: attrs.Reader) -> Challenged:
         version = reader.u8(Attr.VERSION)
@@ -439,8 +523,10 @@ class Connection:
         if version not in SUPPORTED_VERSIONS:
             raise HandshakeFailed(f"node chose protocol version {version}, which we do not speak")
         if mode not in (self._modes or []):
-            raise HandshakeFailed(f"node chose cipher {mode}, which we did not offer")
-        self.version, self.mode = version, mode
+            raise HandshakeFailed(
+                f"node chose cipher {mode}, which we did not offer ({', '.join(self._modes or [])})"
+            )
+        keys: SessionKeys | None = None
         if mode in KEYED_MODES:
             assert self._key is not None
             server_proof = reader.raw(Attr.PROOF, size=PROOF_SIZE)
@@ -448,31 +534,44 @@ class Connection:
                 raise RemoteProtocolError("CHALLENGE must end with its PROOF attribute")
             prefix = payload[:-_PROOF_TLV_SIZE]
             server_nonce = reader.raw(Attr.NONCE, size=NONCE_SIZE)
-            self._keys = derive_keys(self._key, self._nonce, server_nonce, mode)
+            keys = derive_keys(self._key, self._nonce, server_nonce, mode)
             self._transcript = transcript_hash(self._hello_payload, prefix)
-            expected = proof(self._keys.server_confirm, b"server", self._transcript)
+            expected = proof(keys.server_confirm, b"server", self._transcript)
             if not hmac.compare_digest(expected, server_proof):
                 raise HandshakeFailed(
                     "wrong key: the node does not hold the same pre-shared key as this client"
                 )
+        elif self._key is not None:
+            # Only reachable when this client offered an unkeyed mode too;
+            # accepting it would let anyone on the path forge every frame.
+            raise HandshakeFailed(
+                f"key not used: the node chose {mode} without authentication although this "
+                "client has a key; configure the same key on the node"
+            )
+        node_name = reader.text(Attr.NODE_NAME, "?")
+        self.version, self.mode, self._keys = version, mode, keys
         self._recv_sealer = self._session_sealer(sending=False)
         self.state = State.CHALLENGED
-        return Challenged(version=version, mode=mode, node_name=reader.text(Attr.NODE_NAME, "?"))
+        return Challenged(version=version, mode=mode, node_name=node_name)
 
     def _on_confirm(self, reader: attrs.Reader) -> Confirmed:
         if self._keys is not None:
             expected = proof(self._keys.client_confirm, b"client", self._transcript)
             if not hmac.compare_digest(expected, reader.raw(Attr.PROOF, size=PROOF_SIZE)):
-                raise HandshakeFailed("wrong key: the client does not hold this node's pre-shared key")
+                raise HandshakeFailed(
+                    "wrong key: the client does not hold this node's pre-shared key"
+                )
         self._recv_sealer = self._session_sealer(sending=False)
         self.state = State.CONFIRMED
         return Confirmed()
 
     def _on_ready(self, reader: attrs.Reader) -> Ready:
+        # Unknown permission and feature bits are ignored: a newer node may
+        # grant more than this client understands.
         try:
             ready = Ready(
                 size=reader.u64(Attr.SIZE),
-                permissions=Permission(reader.u8(Attr.PERMISSIONS) & 3),
+                permissions=Permission(reader.u8(Attr.PERMISSIONS) & int(ALL_PERMISSIONS)),
                 block_size=reader.u32(Attr.BLOCK_SIZE, 4096),
                 max_request=reader.u32(Attr.MAX_REQUEST),
                 features=Feature(reader.u32(Attr.FEATURES, 0) & int(ALL_FEATURES)),
@@ -480,7 +579,9 @@ class Connection:
             )
         except LocalProtocolError as exc:
             raise RemoteProtocolError(f"bad READY: {exc}") from None
-        self.max_payload = min(self.max_payload, ready.max_request)
+        if ready.max_request > self.max_payload:
+            ready = replace(ready, max_request=self.max_payload)
+        self.max_payload = ready.max_request
         self.state = State.OPEN
+        self._opened = True
         return ready
-

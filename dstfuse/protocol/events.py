@@ -1,14 +1,25 @@
 """Protocol events: what `Connection.next_event` returns and `send` takes.
 
 Events are frozen dataclasses validated on construction, so a malformed
-event is a `LocalProtocolError` at the point where it is built.
+event is a `LocalProtocolError` at the point where it is built, never a
+bad frame on the wire. Fields given as plain ints are normalised to their
+enum types (`Command`, `Flag`, `Permission`, `Feature`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .constants import REQUEST_COMMANDS, Command, Feature, Flag, Permission
+from .constants import (
+    ALL_FEATURES,
+    ALL_PERMISSIONS,
+    REQUEST_COMMANDS,
+    REQUEST_FLAGS,
+    Command,
+    Feature,
+    Flag,
+    Permission,
+)
 from .errors import LocalProtocolError
 
 _U32 = 1 << 32
@@ -19,6 +30,33 @@ Buffer = bytes | bytearray | memoryview
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise LocalProtocolError(message)
+
+
+def _set(event: object, name: str, value: object) -> None:
+    object.__setattr__(event, name, value)
+
+
+def _command(event: object, value: int) -> Command:
+    try:
+        command = Command(value)
+    except (ValueError, TypeError):
+        raise LocalProtocolError(f"{value!r} is not a command") from None
+    _check(command in REQUEST_COMMANDS, f"{command!r} is not a request")
+    _set(event, "command", command)
+    return command
+
+
+def _data(event: object, value: object) -> int:
+    """Check the data is a byte buffer; return its size in bytes."""
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    _check(isinstance(value, memoryview), "data must be a byte buffer")
+    assert isinstance(value, memoryview)
+    _check(value.c_contiguous, "data must be a contiguous buffer")
+    if value.ndim != 1 or value.format != "B":
+        # The frame carries bytes; a view of wider items would be sized wrong.
+        _set(event, "data", value.cast("B"))
+    return value.nbytes
 
 
 @dataclass(frozen=True)
@@ -49,7 +87,11 @@ class Confirmed:
 
 @dataclass(frozen=True)
 class Ready:
-    """The export's parameters for this peer; the connection is open after it."""
+    """The export's parameters for this peer; the connection is open after it.
+
+    `max_request` is the largest READ/WRITE payload either side sends: the
+    client's event carries the smaller of the node's value and the client's
+    own `max_payload`, so splitting requests at it is always safe."""
 
     size: int
     permissions: Permission
@@ -62,6 +104,19 @@ class Ready:
         _check(0 <= self.size < _U64, "size out of range")
         _check(0 < self.block_size < _U32, "block size out of range")
         _check(0 < self.max_request < _U32, "max request out of range")
+        # int() because IntFlag's ~ drops unknown bits instead of keeping them.
+        permissions, features = int(self.permissions), int(self.features)
+        _check(
+            permissions >= 0 and not permissions & ~int(ALL_PERMISSIONS),
+            f"unknown permission bits in {permissions:#x}",
+        )
+        _check(
+            features >= 0 and not features & ~int(ALL_FEATURES),
+            f"unknown feature bits in {features:#x}",
+        )
+        _check(isinstance(self.export, str), "export must be a str")
+        _set(self, "permissions", Permission(self.permissions))
+        _set(self, "features", Feature(self.features))
 
 
 @dataclass(frozen=True)
@@ -75,7 +130,8 @@ class Refused:
 @dataclass(frozen=True)
 class Request:
     """A client request. `length` is the byte count the request covers; for
-    WRITE it must equal len(data), every other command carries no data."""
+    WRITE it must equal len(data), every other command carries no data.
+    `flags` may only hold Flag.FUA (REPLY is the wire's mark for replies)."""
 
     command: Command
     handle: int
@@ -85,22 +141,28 @@ class Request:
     data: Buffer = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
-        _check(self.command in REQUEST_COMMANDS, f"{self.command!r} is not a request")
+        command = _command(self, self.command)
         _check(0 <= self.handle < _U64, "handle out of range")
         _check(0 <= self.offset < _U64, "offset out of range")
         _check(0 <= self.length < _U32, "length out of range")
-        _check(not self.flags & Flag.REPLY, "requests cannot carry the REPLY flag")
-        if self.command is Command.WRITE:
-            _check(len(self.data) == self.length, "WRITE length differs from its data")
+        flags = int(self.flags)
+        _check(flags >= 0, "flags out of range")
+        _check(not flags & Flag.REPLY, "requests cannot carry the REPLY flag")
+        _check(not flags & ~int(REQUEST_FLAGS), f"unknown request flags {flags:#x}")
+        _set(self, "flags", Flag(self.flags))
+        size = _data(self, self.data)
+        if command is Command.WRITE:
+            _check(size == self.length, "WRITE length differs from its data")
         else:
-            _check(len(self.data) == 0, f"{self.command.name} carries no data")
+            _check(size == 0, f"{command.name} carries no data")
 
 
 @dataclass(frozen=True)
 class Reply:
     """The node's answer to request `handle`; `status` 0 or an errno. READ
     replies carry the data, CHECKSUM replies the 16-byte digest. `offset` and
-    `length` echo the request for logs."""
+    `length` echo the request for logs. The protocol does not check a
+    reply's data against its request: the client's transaction layer does."""
 
     command: Command
     handle: int
@@ -110,11 +172,12 @@ class Reply:
     data: Buffer = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
-        _check(self.command in REQUEST_COMMANDS, f"{self.command!r} is not a request")
+        _command(self, self.command)
         _check(0 <= self.handle < _U64, "handle out of range")
         _check(0 <= self.status < _U32, "status out of range")
         _check(0 <= self.offset < _U64, "offset out of range")
         _check(0 <= self.length < _U32, "length out of range")
+        _check(_data(self, self.data) < _U32, "reply data too large for one frame")
 
 
 @dataclass(frozen=True)
@@ -122,4 +185,6 @@ class ConnectionClosed:
     """The peer closed the stream cleanly between frames."""
 
 
-Event = HelloReceived | Challenged | Confirmed | Ready | Refused | Request | Reply | ConnectionClosed
+Event = (
+    HelloReceived | Challenged | Confirmed | Ready | Refused | Request | Reply | ConnectionClosed
+)

@@ -13,6 +13,12 @@ so a dropped, replayed or reordered frame fails to open. Modes:
 
 On the wire a sealed frame is header | body | 16-byte tag, where body is
 the payload (ciphertext for AEAD modes) and has the header's payload_len.
+
+Invariants: a sealer's sequence number advances by exactly one per frame
+sealed or opened, including a frame that fails to open (the connection is
+dead after that anyway); a sealer never keeps a reference to the buffers
+it was given, so the caller may resize them as soon as a call returns or
+raises.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ Buffer = bytes | bytearray | memoryview
 _SEQ = struct.Struct(">Q")
 _NONCE = struct.Struct(">4xQ")  # 96-bit AEAD nonce: 4 zero bytes + 64-bit sequence
 _SEQ_LIMIT = 1 << 64
+AEAD_MODES: dict[str, type[AESGCM] | type[ChaCha20Poly1305]] = {
+    "aes-256-gcm": AESGCM,
+    "chacha20-poly1305": ChaCha20Poly1305,
+}
 
 
 class Sealer(abc.ABC):
@@ -42,6 +52,11 @@ class Sealer(abc.ABC):
 
     def __init__(self) -> None:
         self._seq = 0
+
+    @property
+    def sequence(self) -> int:
+        """The sequence number the next frame will be sealed or opened with."""
+        return self._seq
 
     def _next_seq(self) -> int:
         seq = self._seq
@@ -59,26 +74,41 @@ class Sealer(abc.ABC):
         """Check and return the payload of body + tag; raise IntegrityError."""
 
 
-class Xxh3Sealer(Sealer):
+class _ChecksumSealer(Sealer):
+    """Sealers whose body is the plaintext followed by a 16-byte tag."""
+
+    _failure: str
+
+    @abc.abstractmethod
+    def _tag(self, seq: int, header: bytes, payload: Buffer) -> bytes:
+        """The 16-byte tag of `payload` under `header` as frame `seq`."""
+
+    def seal(self, header: bytes, payload: Buffer) -> bytes:
+        return b"".join((payload, self._tag(self._next_seq(), header, payload)))
+
+    def open(self, header: bytes, sealed: memoryview) -> bytes:
+        seq = self._next_seq()
+        # The views are released on the way out, even when the check fails,
+        # so a traceback kept by the caller cannot pin the receive buffer.
+        with sealed[:-TAG_SIZE] as payload, sealed[-TAG_SIZE:] as tag:
+            if not hmac.compare_digest(self._tag(seq, header, payload), tag):
+                raise IntegrityError(self._failure)
+            return bytes(payload)
+
+
+class Xxh3Sealer(_ChecksumSealer):
     mode = "xxh3-128"
+    _failure = "frame checksum mismatch (corrupted, dropped or reordered frame)"
 
     def _tag(self, seq: int, header: bytes, payload: Buffer) -> bytes:
         digest = xxhash.xxh3_128(header, seed=seq)
         digest.update(payload)
         return digest.digest()
 
-    def seal(self, header: bytes, payload: Buffer) -> bytes:
-        return b"".join((payload, self._tag(self._next_seq(), header, payload)))
 
-    def open(self, header: bytes, sealed: memoryview) -> bytes:
-        payload = sealed[:-TAG_SIZE]
-        if self._tag(self._next_seq(), header, payload) != sealed[-TAG_SIZE:]:
-            raise IntegrityError("frame checksum mismatch (corrupted, dropped or reordered frame)")
-        return bytes(payload)
-
-
-class Blake2bMacSealer(Sealer):
+class Blake2bMacSealer(_ChecksumSealer):
     mode = "blake2b-mac"
+    _failure = "frame authentication failed (tampered, replayed or reordered)"
 
     def __init__(self, key: bytes) -> None:
         super().__init__()
@@ -90,23 +120,12 @@ class Blake2bMacSealer(Sealer):
         mac.update(payload)
         return mac.digest()
 
-    def seal(self, header: bytes, payload: Buffer) -> bytes:
-        return b"".join((payload, self._tag(self._next_seq(), header, payload)))
-
-    def open(self, header: bytes, sealed: memoryview) -> bytes:
-        payload = sealed[:-TAG_SIZE]
-        if not hmac.compare_digest(self._tag(self._next_seq(), header, payload), sealed[-TAG_SIZE:]):
-            raise IntegrityError("frame authentication failed (tampered, replayed or reordered)")
-        return bytes(payload)
-
 
 class AeadSealer(Sealer):
-    _CIPHERS = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
-
     def __init__(self, mode: str, key: bytes) -> None:
         super().__init__()
         self.mode = mode
-        self._aead = self._CIPHERS[mode](key)
+        self._aead = AEAD_MODES[mode](key)
 
     def seal(self, header: bytes, payload: Buffer) -> bytes:
         return self._aead.encrypt(_NONCE.pack(self._next_seq()), payload, header)
@@ -128,6 +147,6 @@ def session_sealer(mode: str, key: bytes | None) -> Sealer:
         raise LocalProtocolError(f"mode {mode} needs a key")
     if mode == "blake2b-mac":
         return Blake2bMacSealer(key)
-    if mode in AeadSealer._CIPHERS:
+    if mode in AEAD_MODES:
         return AeadSealer(mode, key)
     raise LocalProtocolError(f"unknown mode {mode}")

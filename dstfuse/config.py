@@ -159,6 +159,8 @@ class ExportConfig:
     max_connections: int = 256
     handshake_timeout: float = 10.0
     max_request: int = 4 * MiB
+    #: keyed ciphers the node accepts (config names); empty = all of them
+    ciphers: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------ public parsers
@@ -219,6 +221,7 @@ def load_export_config(path: str | Path) -> ExportConfig:
             "max_connections",
             "handshake_timeout",
             "max_request",
+            "ciphers",
         ),
     )
     exports: list[ExportSpec] = []
@@ -249,7 +252,12 @@ def load_export_config(path: str | Path) -> ExportConfig:
         max_request=fields.read(
             "max_request", partial(_size_in, minimum=4 * KiB, maximum=64 * MiB), 4 * MiB
         ),
+        ciphers=fields.read("ciphers", _ciphers, ()),
     )
+    if config.ciphers and config.key_file is None:
+        raise fields.require("ciphers").error(
+            "ciphers need key_file (without a key, frames are only checksummed)"
+        )
     log.debug("%s: %d export(s)", source.name, len(exports))
     return config
 
@@ -498,6 +506,12 @@ def _addresses(item: _Item, default_port: int) -> tuple[Address, ...]:
     return tuple(
         _address(child, default_port) for child in _sequence(item, minimum=1, what="address")
     )
+
+
+def _ciphers(item: _Item) -> tuple[str, ...]:
+    if isinstance(item.node, ScalarNode):
+        return (_choice(item, CIPHERS),)
+    return tuple(_choice(child, CIPHERS) for child in _sequence(item, minimum=1, what="cipher"))
 
 
 def _network(text: str, rule: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

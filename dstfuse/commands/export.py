@@ -33,7 +33,15 @@ LOG_LEVEL = logging.INFO
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 #: Flags that describe one export; with --config the file says these.
-_SINGLE_EXPORT_FLAGS = ("listen", "allow", "key_file", "read_only", "name", "nbd_listen")
+_SINGLE_EXPORT_FLAGS = (
+    "listen",
+    "allow",
+    "key_file",
+    "cipher",
+    "read_only",
+    "name",
+    "nbd_listen",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,25 +50,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="export.yaml", help="serve the exports in this file (instead of PATH)"
     )
     parser.add_argument(
-        "--listen", action="append", metavar="ADDR",
+        "--listen",
+        action="append",
+        metavar="ADDR",
         help="HOST:PORT, [IPV6]:PORT or unix:/PATH (repeatable; default 0.0.0.0:1025)",
     )
     parser.add_argument(
-        "--allow", action="append", metavar="NET[=rw|ro]",
+        "--allow",
+        action="append",
+        metavar="NET[=rw|ro]",
         help="admit peers in NET (repeatable; default: loopback only)",
     )
     parser.add_argument("--key-file", metavar="FILE", help="pre-shared key (see 'dstfuse keygen')")
+    parser.add_argument(
+        "--cipher",
+        action="append",
+        metavar="NAME",
+        choices=("aes-256-gcm", "chacha20-poly1305", "none"),
+        help="with --key-file: accept only this cipher (repeatable; default: all; "
+        "none = authenticated, not encrypted)",
+    )
     parser.add_argument("--read-only", action="store_true", help="refuse every write")
     parser.add_argument("--name", help="export name (default: the file's name)")
     parser.add_argument(
-        "--nbd-listen", action="append", metavar="ADDR",
+        "--nbd-listen",
+        action="append",
+        metavar="ADDR",
         help="also serve over NBD (not supported yet)",
     )
     parser.add_argument(
         "--max-connections", metavar="N", help="most connections open at once (default 256)"
     )
     parser.add_argument(
-        "--handshake-timeout", metavar="DURATION",
+        "--handshake-timeout",
+        metavar="DURATION",
         help="close peers that do not finish the handshake in time (default 10s)",
     )
 
@@ -87,8 +110,9 @@ def build_config(args: argparse.Namespace) -> ExportConfig:
     if args.config is not None:
         if args.path is not None:
             raise UserError("give either PATH or --config, not both")
-        given = [f"--{flag.replace('_', '-')}" for flag in _SINGLE_EXPORT_FLAGS
-                 if getattr(args, flag)]
+        given = [
+            f"--{flag.replace('_', '-')}" for flag in _SINGLE_EXPORT_FLAGS if getattr(args, flag)
+        ]
         if given:
             raise UserError(
                 f"{', '.join(given)} cannot be combined with --config (set it in the file)"
@@ -118,9 +142,14 @@ def build_config(args: argparse.Namespace) -> ExportConfig:
                 raise UserError(f"--listen: {exc}") from None
         if args.nbd_listen:
             raise UserError("NBD serving is not supported yet (--nbd-listen)")
+        if args.cipher and not args.key_file:
+            raise UserError(
+                "--cipher needs --key-file (without a key, frames are only checksummed)"
+            )
         config = ExportConfig(
             listen=tuple(listen),
             key_file=Path(args.key_file) if args.key_file else None,
+            ciphers=tuple(args.cipher or ()),
             exports=(ExportSpec(name, path, read_only=args.read_only, allow=tuple(rules)),),
         )
     if config.nbd_listen:

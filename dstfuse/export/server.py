@@ -24,6 +24,7 @@ import trio
 
 from ..address import Address
 from ..errors import UserError
+from ..protocol import mode_of_cipher
 from .acl import ExportAcl, peer_ip
 from .backend import Backend
 from .listeners import BoundListener, ListenAddress, open_listeners
@@ -62,6 +63,7 @@ class ExportServer:
         max_buffered: int = 16 << 20,
         drain_timeout: float = 10.0,
         node_name: str | None = None,
+        ciphers: Sequence[str] = (),
     ) -> None:
         if not exports:
             raise ValueError("an export server needs at least one export")
@@ -83,6 +85,8 @@ class ExportServer:
         )
         self.addresses: list[Address] = []
         self._key = key
+        # Config cipher names -> protocol modes; empty: every keyed mode.
+        self._modes = [mode_of_cipher(cipher) for cipher in ciphers]
         self._sessions: set[ExportSession] = set()
         self._shutdown = trio.Event()
 
@@ -112,6 +116,7 @@ class ExportServer:
             max_connections=config.max_connections,
             handshake_timeout=config.handshake_timeout,
             max_request=config.max_request,
+            ciphers=config.ciphers,
         )
 
     @property
@@ -223,7 +228,9 @@ class ExportServer:
             return
         if local.kind == "tcp":
             _set_keepalive(stream)
-        session = ExportSession(stream, peer, self.exports, key=self._key, limits=self.limits)
+        session = ExportSession(
+            stream, peer, self.exports, key=self._key, modes=self._modes, limits=self.limits
+        )
         self._sessions.add(session)
         try:
             log.debug("exports %s: connection from %s on %s", self._names(), peer, local)

@@ -129,6 +129,7 @@ class ExportSession:
         exports: Sequence[ServedExport],
         *,
         key: bytes | None,
+        modes: Sequence[str] = (),
         limits: SessionLimits,
     ) -> None:
         self.stream = stream
@@ -139,7 +140,9 @@ class ExportSession:
         self.permission = Permission.NONE
         self._exports = exports
         self._limits = limits
-        self._conn = Connection(Role.SERVER, key=key, max_payload=limits.max_request)
+        self._conn = Connection(
+            Role.SERVER, key=key, modes=list(modes) or None, max_payload=limits.max_request
+        )
         self._handshake_scope = trio.CancelScope()
         self._reading_scope = trio.CancelScope()
         self._send_broken = False

@@ -33,12 +33,13 @@ from .events import (
     Reply,
     Request,
 )
-from .handshake import offered_modes
+from .handshake import mode_of_cipher, offered_modes
 
 __all__ = [
     "CLIENT_ID_SIZE", "KEYED_MODES", "UNKEYED_MODES", "WRITE_COMMANDS", "Command", "Feature",
     "Flag", "Permission", "NEED_DATA", "Connection", "Role", "State", "HandshakeFailed",
     "IntegrityError", "LocalProtocolError", "ProtocolError", "RemoteProtocolError", "Challenged",
     "ConnectionClosed", "Confirmed", "Event", "HelloReceived", "Ready", "Refused", "Reply",
-    "Request", "offered_modes",
+    "Request", "mode_of_cipher",
+    "offered_modes",
 ]

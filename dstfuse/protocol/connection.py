@@ -143,8 +143,9 @@ class Connection:
     """One side of a dstfuse protocol stream.
 
     `key` is the pre-shared key (None: unkeyed checksums only); `modes` the
-    modes a client offers (preferred first; a server ignores it and accepts
-    the keyed modes with a key, the unkeyed ones without). `max_payload`
+    modes a client offers (preferred first). A server accepts the keyed
+    modes with a key and the unkeyed ones without, narrowed to `modes` when
+    given (a node restricted to some ciphers). `max_payload`
     bounds the payload of every frame received after the handshake;
     handshake frames are bounded by MAX_HANDSHAKE_PAYLOAD.
     """
@@ -264,7 +265,10 @@ class Connection:
         self._expect(State.HELLO_RECEIVED)
         try:
             version = choose_version(list(self._peer_versions))
-            mode = choose_mode(list(self._peer_modes), allowed_modes(self._key is not None))
+            allowed = allowed_modes(self._key is not None)
+            if self._modes:  # a node restricted to some ciphers
+                allowed = [m for m in allowed if m in self._modes]
+            mode = choose_mode(list(self._peer_modes), allowed)
         except HandshakeFailed:
             self.state = State.ERROR
             raise

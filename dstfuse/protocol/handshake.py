@@ -71,12 +71,17 @@ def proof(confirm_key: bytes, side: bytes, transcript: bytes) -> bytes:
     return hmac.new(confirm_key, side + transcript, hashlib.sha256).digest()
 
 
+def mode_of_cipher(cipher: str) -> str:
+    """The keyed mode a config's `cipher:` names (`none`: MAC only)."""
+    return "blake2b-mac" if cipher == "none" else cipher
+
+
 def offered_modes(has_key: bool, cipher: str) -> list[str]:
     """What a client offers: its configured cipher with a key (`none` means
     keyed MAC only), the unkeyed checksum without one."""
     if not has_key:
         return list(UNKEYED_MODES)
-    return ["blake2b-mac" if cipher == "none" else cipher]
+    return [mode_of_cipher(cipher)]
 
 
 def allowed_modes(has_key: bool) -> list[str]:

@@ -986,3 +986,18 @@ def test_parse_acl_rule_rejects_with_clear_message(text, message):
     with pytest.raises(ValueError) as info:
         parse_acl_rule(text)
     assert str(info.value) == message
+
+
+def test_export_ciphers_restrict_the_node_and_need_a_key(in_tmp):
+    write(
+        in_tmp,
+        "key_file: k\nciphers: [aes-256-gcm, none]\nexports:\n  - {name: d, path: /d}\n",
+        "export.yaml",
+    )
+    assert load_export_config("export.yaml").ciphers == ("aes-256-gcm", "none")
+    message = export_error(in_tmp, "ciphers: aes-256-gcm\nexports:\n  - {name: d, path: /d}\n")
+    assert message.startswith("export.yaml:1: ciphers:") and "key_file" in message
+    message = export_error(
+        in_tmp, "key_file: k\nciphers: [rot13]\nexports:\n  - {name: d, path: /d}\n"
+    )
+    assert "export.yaml:2" in message and "rot13" in message

@@ -431,16 +431,18 @@ def exported(
     directory: Path,
     *,
     tcp: bool = False,
+    port: int | None = None,
     args: Sequence[str] = (),
     timeout: float = START_TIMEOUT,
 ) -> Iterator[Export]:
     """Serve `path` with `dstfuse export` on a unix socket (or, with `tcp`,
-    on a free 127.0.0.1 port) until the block ends. `args` are extra flags
-    (--read-only, --key-file F, --name N, ...). `directory` holds the log
-    (and the socket when it is short enough for sun_path)."""
+    on 127.0.0.1:`port`, a free port by default) until the block ends.
+    `args` are extra flags (--read-only, --key-file F, --name N, ...).
+    `directory` holds the log (and the socket when it is short enough for
+    sun_path); a node restarted on the same port needs another directory."""
     socket_directory = None
-    if tcp:
-        listen = f"127.0.0.1:{free_tcp_port()}"
+    if tcp or port is not None:
+        listen = f"127.0.0.1:{port or free_tcp_port()}"
         address = listen
     else:
         socket_directory = tempfile.mkdtemp(prefix="dste-")

@@ -10,9 +10,8 @@ import errno
 import logging
 import os
 import signal
-import subprocess
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from dstfuse.nodes.base import NodeState
 from dstfuse.nodes.remote import RemoteNode
 
 from .faultproxy import TO_CLIENT, TO_NODE, FaultProxy
-from .mounts import DSTFUSE, dstfuse_env, free_tcp_port, stop_pid, tail
+from .mounts import exported, free_tcp_port
 
 SIZE = 8 << 20
 PATTERN = b"KNOWN-PLAINTEXT-PATTERN-0123456789"
@@ -90,7 +89,7 @@ async def test_writes_survive_connections_cut_repeatedly(tmp_path):
     expected = bytearray(SIZE)
     async with served(disk) as proxy, remote_node(proxy.port, FAST) as node:
         async with trio.open_nursery() as nursery:
-            for worker in range(4):
+            for _ in range(4):
                 nursery.start_soon(write_blocks, node, expected, 30)
             for _ in range(5):
                 await trio.sleep(0.15)
@@ -133,42 +132,13 @@ async def test_encrypted_stream_never_shows_plaintext_and_tampering_is_resent(tm
     assert content[: len(data)] == data and content[1 << 20 : (1 << 20) + len(data)] == data
 
 
-@contextmanager
-def export_process(path: Path, port: int, log: Path):
-    """`dstfuse export` as a separate process on 127.0.0.1:port."""
-    with open(log, "ab") as output:
-        process = subprocess.Popen(
-            [*DSTFUSE, "export", str(path), "--listen", f"127.0.0.1:{port}"],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=dstfuse_env(),
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "listening on" not in log.read_text(errors="replace").split("started")[-1]:
-            assert process.poll() is None, tail(log)
-            assert time.monotonic() < deadline, tail(log)
-            time.sleep(0.05)
-        yield process
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-            process.terminate()
-        stop_pid(process.pid, process)
-
-
-def started_marker(log: Path) -> None:
-    with open(log, "a") as output:
-        output.write("\n--- started ---\n")
-
-
 @pytest.mark.slow
 async def test_node_paused_and_continued_within_the_budget_loses_nothing(tmp_path):
     disk = make_disk(tmp_path / "disk.img")
-    log = tmp_path / "export.log"
-    port = free_tcp_port()
     expected = bytearray(SIZE)
-    started_marker(log)
-    with export_process(disk, port, log) as process:
-        async with remote_node(port, FAST) as node:
+    with exported(disk, tmp_path, tcp=True) as export:
+        process = export.process
+        async with remote_node(parse_address(export.address).port, FAST) as node:
             await write_blocks(node, expected, 10)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(write_blocks, node, expected, 20)
@@ -183,11 +153,12 @@ async def test_node_paused_and_continued_within_the_budget_loses_nothing(tmp_pat
 @pytest.mark.slow
 async def test_node_killed_and_restarted_on_the_same_port_mid_write(tmp_path):
     disk = make_disk(tmp_path / "disk.img")
-    log = tmp_path / "export.log"
     port = free_tcp_port()
     expected = bytearray(SIZE)
-    started_marker(log)
-    with export_process(disk, port, log) as first:
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with exported(disk, tmp_path / "first", port=port) as export:
+        first = export.process
         async with remote_node(port, FAST) as node:
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
@@ -197,8 +168,7 @@ async def test_node_killed_and_restarted_on_the_same_port_mid_write(tmp_path):
                 first.wait()
                 await trio.sleep(1)
                 assert node.state is NodeState.OFFLINE
-                started_marker(log)
-                with export_process(disk, port, log):
+                with exported(disk, tmp_path / "second", port=port):
                     await trio.sleep(0)  # the writers finish inside this block
                     while nursery.child_tasks:
                         await trio.sleep(0.05)
@@ -211,11 +181,10 @@ async def test_node_killed_and_restarted_on_the_same_port_mid_write(tmp_path):
 @pytest.mark.slow
 async def test_node_gone_past_the_budget_gives_eio_naming_the_node(tmp_path, caplog):
     disk = make_disk(tmp_path / "disk.img")
-    log = tmp_path / "export.log"
-    port = free_tcp_port()
     budget = Timeouts(resend=0.5, max_resends=3, keepalive=0.5, connect=1.0)
-    started_marker(log)
-    with export_process(disk, port, log) as process:
+    with exported(disk, tmp_path, tcp=True) as export:
+        process = export.process
+        port = parse_address(export.address).port
         async with remote_node(port, budget) as node:
             await node.write(0, b"a" * 4096)
             os.kill(process.pid, signal.SIGKILL)

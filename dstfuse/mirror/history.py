@@ -1,0 +1,274 @@
+"""What the legs' headers say at mount: which leg holds the newest data,
+which legs need a resync, and whether the legs split.
+
+`plan_start` is a pure function from what was found on each leg to a
+`StartPlan`; it never does I/O, so every case (first use, clean and
+unclean shutdown, a stale or foreign leg, split brain, `primary=`) is
+tested as a table. The rules (docs/mirror-metadata.md, "Deciding at mount"):
+
+- a leg's data is complete ("consistent") when its own member record says
+  in sync; a leg another consistent leg records as stale missed writes;
+- two consistent legs that each record the other as stale were both written
+  without each other: split brain, refused unless `primary` names the leg
+  whose data wins;
+- otherwise the source is the consistent, unclaimed leg with the highest
+  generation (lowest index on a tie); every other leg resyncs the regions
+  marked in the union of the legs' bitmaps (the bitmap keeps every region
+  written while any leg was stale), or everything when its history is
+  unknown (no metadata, another storage's metadata, an unfinished full
+  resync).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from .metadata import MirrorHeader
+
+IN_SYNC = "in_sync"
+PARTIAL = "partial"
+FULL = "full"
+OFFLINE = "offline"
+
+
+@dataclass(frozen=True)
+class LegFinding:
+    """What start-up found on leg `index`: `header` is None when the leg is
+    unreachable or has no usable metadata (`problem` says why)."""
+
+    index: int
+    reachable: bool
+    header: MirrorHeader | None = None
+    problem: str = ""
+
+
+@dataclass
+class StartPlan:
+    storage_id: bytes | None  # None: first use, a new id is made
+    source: int
+    roles: dict[int, str]
+    generation: int = 0
+    region_size: int | None = None
+    data_size: int | None = None
+    unclean: bool = False
+    #: legs whose bitmaps are read and united (same storage, reachable)
+    bitmap_legs: list[int] = field(default_factory=list)
+    #: the check arrays were kept by every session (else they are zeroed)
+    checks_valid: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fresh(self) -> bool:
+        return self.storage_id is None
+
+
+def _short(storage_id: bytes) -> str:
+    return storage_id.hex()[:8]
+
+
+def _claims_stale(holder: LegFinding, other: LegFinding) -> bool:
+    """`holder` records `other` as stale (a leg added after `holder` last
+    wrote its table makes no claim)."""
+    assert holder.header is not None
+    record = holder.header.member(other.index)
+    return record is not None and not record.in_sync
+
+
+def plan_start(
+    storage_name: str,
+    findings: list[LegFinding],
+    *,
+    primary: int | None = None,
+    assume_clean: bool = False,
+) -> StartPlan:
+    """Decide the start of a mirror from its legs' headers (see module doc).
+    Raises UserError for split brain, legs of different storages, a
+    reordered config, or a first use whose source leg is unreachable."""
+    if primary is not None and not 0 <= primary < len(findings):
+        raise UserError(
+            f"storage {storage_name}: primary={primary} is not a leg index "
+            f"(0 to {len(findings) - 1})"
+        )
+    known = [f for f in findings if f.header is not None]
+    if not known:
+        return _plan_first_use(storage_name, findings, primary, assume_clean)
+
+    storage_id = _choose_storage(storage_name, known, primary)
+    members = [f for f in known if f.header is not None and f.header.storage_id == storage_id]
+    for finding in members:
+        assert finding.header is not None
+        if finding.header.leg_index != finding.index:
+            raise UserError(
+                f"storage {storage_name}: node {finding.index} holds leg "
+                f"{finding.header.leg_index} of this mirror; the order of its nodes in the "
+                "config changed: restore it"
+            )
+    consistent = [f for f in members if f.header is not None and f.header.self_record.in_sync]
+    claimed = {
+        other.index
+        for other in members
+        for holder in consistent
+        if holder is not other and _claims_stale(holder, other)
+    }
+    by_index = {f.index: f for f in findings}
+
+    if primary is not None:
+        source = by_index[primary]
+        if source not in members:
+            raise UserError(
+                f"storage {storage_name}: primary={primary} names a leg that is unreachable "
+                "or holds no metadata of this storage"
+            )
+        if source not in consistent:
+            raise UserError(
+                f"storage {storage_name}: leg {primary} is incomplete (its resync never "
+                "finished) and cannot be the primary"
+            )
+    else:
+        _refuse_split_brain(storage_name, consistent)
+        candidates = [f for f in consistent if f.index not in claimed]
+        if not candidates:
+            raise UserError(
+                f"storage {storage_name}: no leg is known to hold the newest data "
+                f"(legs {', '.join(str(f.index) for f in consistent)} record each other as "
+                "stale); mount with -o primary=<leg> to choose the leg to keep"
+            )
+        source = max(candidates, key=lambda f: (f.header.generation, -f.index))  # type: ignore[union-attr]
+
+    src = source.header
+    assert src is not None
+    unclean = not src.clean or any(
+        not f.header.clean  # type: ignore[union-attr]
+        for f in consistent
+        if f.index not in claimed and f is not source
+    )
+    plan = StartPlan(
+        storage_id=storage_id,
+        source=source.index,
+        roles={},
+        generation=max(f.header.generation for f in members),  # type: ignore[union-attr]
+        region_size=src.region_size,
+        data_size=src.data_size,
+        unclean=unclean,
+        bitmap_legs=[f.index for f in members],
+        checks_valid=all(f.header.checks_valid for f in members),  # type: ignore[union-attr]
+    )
+    for finding in findings:
+        plan.roles[finding.index] = _role(finding, source, members, consistent, claimed, primary)
+        if finding.header is None and finding.reachable:
+            plan.notes.append(
+                f"leg {finding.index}: {finding.problem or 'no metadata'}; full resync from "
+                f"leg {source.index}"
+            )
+        elif finding.header is not None and finding not in members:
+            plan.notes.append(
+                f"leg {finding.index} holds another storage (id {_short(finding.header.storage_id)}"
+                f", not {_short(storage_id)}); it is overwritten by a full resync"
+            )
+    if primary is not None:
+        plan.notes.append(
+            f"primary={primary}: leg {primary}'s data wins; the other legs resync from it"
+        )
+    return plan
+
+
+def _plan_first_use(
+    storage_name: str, findings: list[LegFinding], primary: int | None, assume_clean: bool
+) -> StartPlan:
+    source = 0 if primary is None else primary
+    if not findings[source].reachable:
+        raise UserError(
+            f"storage {storage_name}: no leg holds mirror metadata and leg {source}, the one "
+            "that would be copied to the others, is unreachable; refusing to initialise"
+        )
+    roles = {}
+    for finding in findings:
+        if not finding.reachable:
+            roles[finding.index] = OFFLINE
+        elif finding.index == source or assume_clean:
+            roles[finding.index] = IN_SYNC
+        else:
+            roles[finding.index] = FULL
+    note = (
+        "all legs taken as identical (assume_clean)"
+        if assume_clean
+        else f"leg {source} is the source; the others get a full resync"
+    )
+    return StartPlan(
+        storage_id=None,
+        source=source,
+        roles=roles,
+        checks_valid=True,
+        notes=[f"first use: new storage; {note}"],
+    )
+
+
+def _choose_storage(storage_name: str, known: list[LegFinding], primary: int | None) -> bytes:
+    ids: dict[bytes, list[int]] = {}
+    for finding in known:
+        assert finding.header is not None
+        ids.setdefault(finding.header.storage_id, []).append(finding.index)
+    if len(ids) == 1:
+        return next(iter(ids))
+    if primary is not None:
+        for storage_id, legs in ids.items():
+            if primary in legs:
+                return storage_id
+    listing = "; ".join(
+        f"legs {', '.join(map(str, legs))}: id {_short(storage_id)}"
+        for storage_id, legs in ids.items()
+    )
+    raise UserError(
+        f"storage {storage_name}: the legs hold different storages ({listing}); mount with "
+        "-o primary=<leg> to keep that leg's storage (the others are overwritten)"
+    )
+
+
+def _refuse_split_brain(storage_name: str, consistent: list[LegFinding]) -> None:
+    for position, first in enumerate(consistent):
+        for second in consistent[position + 1 :]:
+            if _claims_stale(first, second) and _claims_stale(second, first):
+                a, b = first.header, second.header
+                assert a is not None and b is not None
+                since_a = a.members[second.index].stale_since
+                since_b = b.members[first.index].stale_since
+                raise UserError(
+                    f"storage {storage_name}: split brain: legs {first.index} and "
+                    f"{second.index} were both written without each other (leg {first.index} "
+                    f"since generation {since_a}, leg {second.index} since generation "
+                    f"{since_b}); mount with -o primary={first.index} or "
+                    f"-o primary={second.index} to keep that leg's data (the other's changes "
+                    "are overwritten)"
+                )
+
+
+def _role(
+    finding: LegFinding,
+    source: LegFinding,
+    members: list[LegFinding],
+    consistent: list[LegFinding],
+    claimed: set[int],
+    primary: int | None,
+) -> str:
+    if not finding.reachable:
+        return OFFLINE
+    if finding is source:
+        return IN_SYNC
+    if finding not in members:
+        return FULL
+    header, src = finding.header, source.header
+    assert header is not None and src is not None
+    record = src.member(finding.index)
+    if header.self_record.full_resync or (record is not None and record.full_resync):
+        return FULL
+    if (
+        primary is None
+        and finding in consistent
+        and finding.index not in claimed
+        and header.generation == src.generation
+        and header.clean
+        and src.clean
+    ):
+        return IN_SYNC
+    return PARTIAL

@@ -1,0 +1,165 @@
+"""`MirrorLeg`: one node of a mirror, its role and its metadata I/O.
+
+A leg is the first `size` bytes of its node: data from offset 0, metadata
+at the end (metadata.py). This module owns the leg's role and per-leg
+settings and counters, and the I/O of its metadata (header slots, bitmap
+blocks, check pages). It never decides a role change itself: the mirror
+(algorithm.py) does, and this module only records it.
+
+Roles:
+- IN_SYNC: holds every acknowledged write; receives writes; serves reads.
+- RESYNCING: receives every write; serves reads only of regions not in
+  `pending` (the regions still to be copied to it).
+- STALE: missed writes (failed, offline, or marked dirty); receives nothing
+  until it rejoins as RESYNCING. Its header records it as stale, so a crash
+  never makes it a source.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import trio
+
+from ..nodes.base import Node, NodeState
+from .bitmap import RegionBits
+from .metadata import (
+    BLOCK,
+    LegLayout,
+    MirrorHeader,
+    newest_header,
+    pack_bitmap_block,
+    unpack_bitmap_block,
+)
+
+log = logging.getLogger(__name__)
+
+#: Default per-leg resync settings (resync_size and resync_rate come from
+#: the storage's options; resync_timeout is DST's, in milliseconds).
+DEFAULT_RESYNC_TIMEOUT = 1.0
+MAX_RESYNC_SIZE = 64 << 20
+
+
+class LegRole(enum.Enum):
+    IN_SYNC = "in_sync"
+    RESYNCING = "resyncing"
+    STALE = "stale"
+
+
+class MirrorLeg:
+    """One leg. `limit` is the config's `size:` for the node (None: all of
+    it); `layout` is None until the node has been seen online."""
+
+    def __init__(self, storage_name: str, index: int, node: Node, limit: int | None) -> None:
+        self.storage_name = storage_name
+        self.index = index
+        self.node = node
+        self.limit = limit
+        self.layout: LegLayout | None = None
+        self.role = LegRole.STALE
+        #: the leg's history is unknown: its resync compares every region
+        self.full_resync = False
+        self.stale_since = 0
+        self.synced_at = 0
+        #: regions still to copy while RESYNCING
+        self.pending: RegionBits | None = None
+        self.resync_done = 0
+        self.resync_total = 0
+        self.resync_size = 4 << 20
+        self.resync_rate = 0
+        self.resync_timeout = DEFAULT_RESYNC_TIMEOUT
+        self.read_repairs = 0
+        #: end of the last request sent to it (DST's nearest-leg rule)
+        self.position = 0
+        #: why the leg cannot rejoin (split brain, too small), for logs
+        self.blocked = ""
+        self._sequence = 0
+        self._header_lock = trio.Lock()
+
+    def __str__(self) -> str:
+        return f"{self.storage_name} leg {self.index} ({self.node.description})"
+
+    # -- state -----------------------------------------------------------
+    @property
+    def online(self) -> bool:
+        return self.node.state is NodeState.ONLINE
+
+    @property
+    def size(self) -> int:
+        """Bytes of the node this leg uses (0 while never seen online)."""
+        size = self.node.size if self.limit is None else min(self.limit, self.node.size)
+        return size - size % BLOCK
+
+    @property
+    def in_sync(self) -> bool:
+        return self.role is LegRole.IN_SYNC
+
+    @property
+    def takes_writes(self) -> bool:
+        return self.role is not LegRole.STALE
+
+    def readable(self, regions: range) -> bool:
+        """May serve a read of these regions."""
+        if self.role is LegRole.IN_SYNC:
+            return True
+        if self.role is LegRole.RESYNCING and self.pending is not None:
+            return not any(region in self.pending for region in regions)
+        return False
+
+    def node_state(self) -> str:
+        """The status contract's node state."""
+        if not self.online:
+            return "offline"
+        if self.role is LegRole.RESYNCING:
+            return "resyncing"
+        if self.role is LegRole.STALE:
+            return "dirty"
+        return "clean"
+
+    # -- metadata I/O ----------------------------------------------------
+    def _layout(self) -> LegLayout:
+        if self.layout is None:
+            raise RuntimeError(f"{self}: metadata layout not known yet")
+        return self.layout
+
+    async def read_header(self) -> MirrorHeader:
+        """The newest valid header; raises metadata.MetadataError (no,
+        damaged or too new metadata) or NodeError."""
+        size = self.size
+        slots = [
+            await self.node.read(size - 2 * BLOCK, BLOCK),
+            await self.node.read(size - BLOCK, BLOCK),
+        ]
+        header = newest_header(slots)
+        self._sequence = max(self._sequence, header.sequence)
+        return header
+
+    async def write_header(self, header: MirrorHeader) -> None:
+        """Write `header` (its sequence is assigned here) to the slot the
+        previous header is not in, with FUA; serialised per leg so the two
+        slots always hold the newest and the one before."""
+        layout = self._layout()
+        async with self._header_lock:
+            sequence = self._sequence + 1
+            raw = header.with_changes(sequence=sequence, leg_index=self.index).pack()
+            await self.node.write(layout.slot_offsets[sequence % 2], raw, fua=True)
+            self._sequence = sequence
+
+    async def read_bitmap_block(self, storage_id: bytes, block: int) -> bytes | None:
+        raw = await self.node.read(self._layout().bitmap_block_offset(block), BLOCK)
+        return unpack_bitmap_block(storage_id, block, raw)
+
+    async def write_bitmap_block(self, storage_id: bytes, block: int, bits: bytes) -> None:
+        offset = self._layout().bitmap_block_offset(block)
+        await self.node.write(offset, pack_bitmap_block(storage_id, block, bits), fua=True)
+
+    async def read_check_page(self, page: int) -> bytes:
+        return await self.node.read(self._layout().checks_page_offset(page), BLOCK)
+
+    async def write_check_page(self, page: int, data: bytes) -> None:
+        await self.node.write(self._layout().checks_page_offset(page), data)
+
+    async def zero_checks(self, pages: int) -> None:
+        layout = self._layout()
+        await self.node.write_zeroes(layout.checks_offset, pages * BLOCK)

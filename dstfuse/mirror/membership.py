@@ -1,0 +1,178 @@
+"""Membership: which legs are in sync, as recorded in every leg's header.
+
+`Membership` owns the storage's identity (id, generation, holder, heartbeat)
+and the rule that makes a failed leg safe to leave behind: a leg that missed
+a write is recorded as stale in the headers of the surviving legs before
+that write completes (`leg_failed` bumps the generation; writers then await
+`ensure_durable`). It builds each leg's header and writes the new ones to
+every leg that takes writes; it never decides when a leg is resynced.
+
+Invariant: the last in-sync leg is never marked stale. If it fails, the
+request fails and the storage keeps its one complete copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+import trio
+
+from ..errors import NodeError
+from ..fanout import gather
+from .legs import LegRole, MirrorLeg
+from .metadata import (
+    FLAG_CHECKS_VALID,
+    FLAG_CLEAN,
+    MEMBER_FULL_RESYNC,
+    MEMBER_IN_SYNC,
+    MemberRecord,
+    MirrorHeader,
+)
+from .options import MirrorOptions
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, storage_name: str, legs: list[MirrorLeg], options: MirrorOptions) -> None:
+        self.storage_name = storage_name
+        self.legs = legs
+        self.options = options
+        self.storage_id = b""
+        self.generation = 0
+        self.created_us = 0
+        self.held_since_us = 0
+        self.heartbeat = 0
+        self.data_size = 0
+        self.region_size = options.region_size
+        #: the check arrays are maintained by this session
+        self.checks_valid = True
+        #: legs being brought back: they receive metadata but no data yet
+        self.joining: set[int] = set()
+        self._version = 0
+        self._durable = 0
+        self._lock = trio.Lock()
+        self._changed = trio.Event()
+
+    # -- headers ----------------------------------------------------------
+    def records(self) -> tuple[MemberRecord, ...]:
+        records = []
+        for leg in self.legs:
+            flags = MEMBER_IN_SYNC if leg.in_sync else 0
+            if leg.full_resync and not leg.in_sync:
+                flags |= MEMBER_FULL_RESYNC
+            records.append(MemberRecord(flags, leg.stale_since, leg.synced_at))
+        return tuple(records)
+
+    def header(self, leg: MirrorLeg, *, clean: bool = False) -> MirrorHeader:
+        """Leg `leg`'s header now; `clean` for the shutdown record, which
+        also releases the storage (no holder)."""
+        assert leg.layout is not None
+        flags = (FLAG_CLEAN if clean else 0) | (FLAG_CHECKS_VALID if self.checks_valid else 0)
+        return MirrorHeader(
+            storage_id=self.storage_id,
+            leg_index=leg.index,
+            generation=self.generation,
+            leg_size=leg.layout.leg_size,
+            data_size=self.data_size,
+            region_size=self.region_size,
+            members=self.records(),
+            flags=flags,
+            created_us=self.created_us,
+            client_id=bytes(16) if clean else self.options.client_id,
+            client_name="" if clean else self.options.client_name,
+            held_since_us=0 if clean else self.held_since_us,
+            heartbeat=self.heartbeat,
+            heartbeat_us=int(time.time() * 1e6),
+            layout=leg.layout,
+        )
+
+    def targets(self) -> list[MirrorLeg]:
+        """Legs that get metadata writes: every write target and any leg
+        being brought back."""
+        return [
+            leg
+            for leg in self.legs
+            if (leg.takes_writes or leg.index in self.joining) and leg.layout is not None
+        ]
+
+    # -- changes ----------------------------------------------------------
+    @property
+    def changed(self) -> trio.Event:
+        """Set at the next change of any leg's role or settings."""
+        return self._changed
+
+    def kick(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def bump(self, *, new_generation: bool = True) -> None:
+        """The records changed: a new generation (unless only a flag
+        changed) that `ensure_durable` will write."""
+        if new_generation:
+            self.generation += 1
+        self._version += 1
+        self.kick()
+
+    async def ensure_durable(self) -> None:
+        """Return once the headers of every write target record the current
+        membership; raises NodeError if no in-sync leg took them."""
+        while self._durable < self._version:
+            async with self._lock:
+                version = self._version
+                if self._durable >= version:
+                    return
+                legs = self.targets()
+                outcomes = await gather(
+                    [lambda leg=leg: leg.write_header(self.header(leg)) for leg in legs]
+                )
+                took = False
+                for leg, (_, error) in zip(legs, outcomes, strict=True):
+                    if error is None:
+                        took = took or leg.in_sync
+                    else:
+                        self.leg_failed(leg, error)
+                if not took:
+                    raise NodeError(
+                        f"storage {self.storage_name}",
+                        "no in-sync leg took the metadata update",
+                        errno=errno.EIO,
+                    )
+                self._durable = version
+
+    async def publish_quietly(self) -> None:
+        """`ensure_durable` for background tasks: a failure is logged (the
+        next request that needs the record fails with it)."""
+        try:
+            await self.ensure_durable()
+        except NodeError as exc:
+            log.error("storage %s: %s", self.storage_name, exc)
+
+    def leg_failed(self, leg: MirrorLeg, error: BaseException | str) -> bool:
+        """Mark a leg stale after it failed a request; False (nothing done)
+        if it is already stale or is the last in-sync leg."""
+        if leg.role is LegRole.STALE:
+            if leg.index in self.joining:
+                log.warning("%s: failed while rejoining: %s", leg, error)
+                self.joining.discard(leg.index)
+            return False
+        if leg.in_sync and not any(other.in_sync for other in self.legs if other is not leg):
+            log.error("%s: the last in-sync leg failed: %s", leg, error)
+            return False
+        log.warning("%s: %s; marked dirty until it is resynced", leg, error)
+        leg.role = LegRole.STALE
+        leg.pending = None
+        leg.stale_since = self.generation + 1
+        self.joining.discard(leg.index)
+        self.bump()
+        return True
+
+    def mark_in_sync(self, leg: MirrorLeg) -> None:
+        leg.role = LegRole.IN_SYNC
+        leg.pending = None
+        leg.full_resync = False
+        leg.stale_since = 0
+        leg.synced_at = self.generation + 1
+        self.bump()

@@ -1,0 +1,150 @@
+"""The mirror's settings, from the storage's config options and `-o` options.
+
+`MirrorOptions.parse` merges the config's parsed options (`region_size`,
+`resync_rate`, `resync_size`: ints), what the mount adds (`client_name`,
+`client_id`, `force`) and the mount's `-o` options, which arrive as text
+or True and apply to every storage of the mount (so `primary=` may name
+the storage: `primary=vol0:1`). Every bad value is a one-line UserError
+naming the option. `-o` keys the mirror does not know are left alone:
+they belong to the mount or to other algorithms.
+
+Mount options the mirror reads:
+  force                  take over a storage held by another client
+  primary=[STORAGE:]LEG  after split brain, keep LEG's data
+  assume_clean           first use: take the legs as identical, copy nothing
+  read_check=on|off      check each block read against its recorded digest
+  resync_rate, resync_size, heartbeat_interval, holder_timeout, bitmap_idle,
+  check_cache_pages      tuning (sizes take K/M/G, durations ms/s/m)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..errors import UserError
+from ..units import parse_duration, parse_size
+
+MiB = 1 << 20
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class MirrorOptions:
+    region_size: int = 4 * MiB
+    resync_rate: int = 100 * MiB
+    resync_size: int = 4 * MiB
+    force: bool = False
+    primary: int | None = None
+    assume_clean: bool = False
+    read_check: bool = True
+    client_name: str = ""
+    client_id: bytes = bytes(16)
+    heartbeat_interval: float = 2.0
+    #: how long a holder's heartbeat may stand still before we take over
+    holder_timeout: float = 7.0
+    #: a region is cleared from the bitmap once no write touched it this long
+    bitmap_idle: float = 5.0
+    #: pages (4 KiB, 512 block digests each) of block checks kept in memory
+    check_cache_pages: int = 4096
+
+    @classmethod
+    def parse(cls, storage_name: str, options: Mapping[str, object]) -> MirrorOptions:
+        mount = options.get("mount_options") or {}
+        merged = {**options, **(mount if isinstance(mount, Mapping) else {})}
+
+        def get(key: str, parse: Callable[[object], T], default: T) -> T:
+            raw = merged.get(key)
+            if raw is None:
+                return default
+            try:
+                return parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"storage {storage_name}: option {key}={raw!r}: {exc}") from None
+
+        heartbeat = get("heartbeat_interval", _positive_duration, cls.heartbeat_interval)
+        client_id = options.get("client_id")
+        return cls(
+            region_size=get("region_size", _size, cls.region_size),
+            resync_rate=get("resync_rate", _rate, cls.resync_rate),
+            resync_size=get("resync_size", _positive_size, cls.resync_size),
+            force=get("force", _flag, False),
+            primary=_primary(storage_name, merged.get("primary")),
+            assume_clean=get("assume_clean", _flag, False),
+            read_check=get("read_check", _flag, True),
+            client_name=str(
+                options.get("client_name") or f"{socket.gethostname()}:{os.getpid()}"
+            ),
+            client_id=bytes(client_id) if isinstance(client_id, bytes) else os.urandom(16),
+            heartbeat_interval=heartbeat,
+            holder_timeout=get("holder_timeout", _positive_duration, 3 * heartbeat + 1),
+            bitmap_idle=get("bitmap_idle", _positive_duration, cls.bitmap_idle),
+            check_cache_pages=get("check_cache_pages", _positive_int, cls.check_cache_pages),
+        )
+
+
+def _flag(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("use on or off")
+
+
+def _size(raw: object) -> int:
+    return parse_size(raw if isinstance(raw, int) else str(raw))
+
+
+def _positive_size(raw: object) -> int:
+    size = _size(raw)
+    if size <= 0:
+        raise ValueError("must be greater than zero")
+    return size
+
+
+def _rate(raw: object) -> int:
+    text = raw if isinstance(raw, int) else str(raw).strip()
+    if isinstance(text, str) and text.lower().endswith("/s"):
+        text = text[:-2]
+    return parse_size(text)
+
+
+def _positive_duration(raw: object) -> float:
+    seconds = parse_duration(raw if isinstance(raw, int | float) else str(raw))
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _positive_int(raw: object) -> int:
+    number = int(str(raw))
+    if number <= 0:
+        raise ValueError("must be greater than zero")
+    return number
+
+
+def _primary(storage_name: str, raw: object) -> int | None:
+    """`primary=N` or `primary=STORAGE:N` (None when it names another storage)."""
+    if raw is None or raw is True or raw == "":
+        if raw is True:
+            raise UserError("mount option primary needs a leg index: primary=N or STORAGE:N")
+        return None
+    text = str(raw).strip()
+    name, colon, index = text.rpartition(":")
+    if colon and name != storage_name:
+        return None
+    try:
+        return int(index)
+    except ValueError:
+        raise UserError(
+            f"mount option primary={text!r}: use a leg index, e.g. primary=0 or {storage_name}:0"
+        ) from None

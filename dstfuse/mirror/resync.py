@@ -1,0 +1,202 @@
+"""Background resync: copy the regions a leg missed, one window at a time.
+
+`Resync.run` is the mirror's one resync task. It walks the regions pending
+on resyncing legs from the start of the storage to the end, in windows of
+`resync_size` bytes (DST's sliding window), rate-limited to `resync_rate`
+bytes per second. Each window is admitted in the mirror's `WriteOrder`
+before it is read from an in-sync leg and written to the targets, so a user
+write to the window waits for the copy and a copy never lands after a newer
+write. Writes to regions not yet copied go to the resyncing leg too (it is a
+write target), but such a region stays pending until it has been copied
+whole: a write may cover only part of it.
+
+Legs whose history is unknown (`full_resync`) are compared first: the
+window's checksum is computed on the source and on the target nodes
+(`Node.checksum`, where the data lives) and the bytes move only when they
+differ, so a first sync of identical (say, all-zero) legs moves no data.
+
+This module never changes a leg's role itself; it reports to the mirror
+(`leg_failed`, `resync_complete`). It never cancels a sibling request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..errors import NodeError
+from ..fanout import gather
+from .legs import LegRole, MirrorLeg
+
+if TYPE_CHECKING:
+    from .algorithm import Mirror
+
+log = logging.getLogger(__name__)
+
+
+class RateLimit:
+    """Paces background I/O at `rate` bytes per second (0 = unlimited): each
+    `take(n)` waits until the bytes before it have had their time."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    async def take(self, nbytes: int, rate: int) -> None:
+        if rate <= 0:
+            return
+        now = trio.current_time()
+        start = max(now, self._next)
+        self._next = start + nbytes / rate
+        if start > now:
+            await trio.sleep_until(start)
+
+
+@dataclass(frozen=True)
+class ResyncWindow:
+    """The range being copied now, for status and logs."""
+
+    offset: int
+    length: int
+    targets: tuple[int, ...]
+
+
+class Resync:
+    """The resync task of one mirror. `wake()` after a leg starts resyncing."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        self._mirror = mirror
+        self._rate = RateLimit()
+        self._wakeup = trio.Event()
+        self.window: ResyncWindow | None = None
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._targets():
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            try:
+                await self._pass()
+            except NodeError as exc:
+                # No in-sync leg could serve the copy: try again later.
+                log.warning("storage %s: resync paused: %s", self._mirror.storage_name, exc)
+                with trio.move_on_after(self._mirror.retry_delay()):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+
+    def _targets(self) -> list[MirrorLeg]:
+        return [
+            leg
+            for leg in self._mirror.legs
+            if leg.role is LegRole.RESYNCING and leg.pending is not None
+        ]
+
+    async def _pass(self) -> None:
+        """One sweep from the start to the end over the pending regions."""
+        region = 0
+        while True:
+            targets = self._targets()
+            for leg in targets:
+                if not leg.pending:
+                    await self._mirror.resync_complete(leg)
+            targets = [leg for leg in self._targets() if leg.pending]
+            if not targets:
+                return
+            upcoming = [
+                found
+                for leg in targets
+                if (found := leg.pending.next_set(region)) is not None  # type: ignore[union-attr]
+            ]
+            if not upcoming:
+                return  # regions behind us were added: the next sweep takes them
+            region = min(upcoming)
+            legs = [leg for leg in targets if region in leg.pending]  # type: ignore[operator]
+            await self._copy_region(region, legs)
+            region += 1
+
+    async def _copy_region(self, region: int, legs: list[MirrorLeg]) -> None:
+        mirror = self._mirror
+        start, end = mirror.region_bounds(region)
+        window = min(leg.resync_size for leg in legs)
+        rates = [leg.resync_rate for leg in legs if leg.resync_rate > 0]
+        rate = min(rates) if rates and len(rates) == len(legs) else 0
+        read_whole = True
+        compared = {leg.index for leg in legs if leg.full_resync}
+        # A leg that fails and rejoins while this region is copied gets a
+        # new pending set: the region is done only for the sets seen here.
+        pending = {leg.index: leg.pending for leg in legs}
+        offset = start
+        while offset < end:
+            length = min(window, end - offset)
+            await self._rate.take(length, rate)
+            live = [
+                leg
+                for leg in legs
+                if leg.role is LegRole.RESYNCING and leg.pending is pending[leg.index]
+            ]
+            if not live:
+                return
+            ticket = await mirror.write_order.admit(offset, length)
+            self.window = ResyncWindow(offset, length, tuple(leg.index for leg in live))
+            try:
+                copied = await self._copy_window(offset, length, live)
+                read_whole = read_whole and copied
+            finally:
+                self.window = None
+                mirror.write_order.release(ticket)
+            offset += length
+        done = [
+            leg
+            for leg in legs
+            if leg.role is LegRole.RESYNCING and leg.pending is pending[leg.index]
+        ]
+        if read_whole:
+            mirror.checks_trust(region)
+        compare_only = [leg for leg in done if leg.index in compared]
+        if compare_only:
+            await mirror.write_region_checks(region, compare_only)
+        for leg in done:
+            if leg.pending is not None and leg.pending is pending[leg.index]:
+                if region in leg.pending:
+                    leg.pending.discard(region)
+                    leg.resync_done += end - start
+
+    async def _copy_window(self, offset: int, length: int, legs: list[MirrorLeg]) -> bool:
+        """Bring [offset, +length) of `legs` up to the source; True if the
+        source's bytes were read (and the window's checks rewritten)."""
+        mirror = self._mirror
+        copy = [leg for leg in legs if not leg.full_resync]
+        compare = [leg for leg in legs if leg.full_resync]
+        if compare:
+            # The source's and the targets' digests are computed at once,
+            # each on its own node.
+            outcomes = await gather(
+                [lambda: mirror.source_checksum(offset, length)]
+                + [lambda leg=leg: leg.node.checksum(offset, length) for leg in compare]
+            )
+            reference, error = outcomes[0]
+            if error is not None:
+                raise error
+            for leg, (digest, error) in zip(compare, outcomes[1:], strict=True):
+                if error is not None:
+                    mirror.leg_failed(leg, error)
+                elif digest != reference:
+                    copy.append(leg)
+        if not copy:
+            return False
+        data = await mirror.source_read(offset, length)
+        outcomes = await gather(
+            [lambda leg=leg: leg.node.write(offset, data) for leg in copy]
+        )
+        for leg, (_, error) in zip(copy, outcomes, strict=True):
+            if error is not None:
+                mirror.leg_failed(leg, error)
+        await mirror.checks_rewrite(offset, data)
+        await mirror.ensure_membership_durable()
+        return True

@@ -1,0 +1,211 @@
+"""Online verify: compare the in-sync legs region by region, optionally repair.
+
+`OnlineVerify` is the storage's `verify` control file. Writing `verify` or
+`repair` starts one pass over the whole storage in the background; reading
+gives `idle`, `running <done>/<total> regions`, `done: <n> differing ranges`
+followed by one `<offset> <length>` line per differing range (in bytes), or
+`failed: <reason>`. After a repair the first line ends with `, <m> repaired`
+and each range line with ` repaired` or ` failed`.
+
+Each region is compared by `Node.checksum`, computed on the nodes, so equal
+regions move no data. A region whose digests differ is read from every leg
+and compared block by block before anything is reported: the difference may
+be a digest artefact (a stacked leg's checksum over a node boundary is a
+digest of digests), and the report names exact 4 KiB-aligned ranges. While
+a region is being compared it is admitted in the mirror's `WriteOrder`, so
+writes to it wait and the legs are compared at one instant.
+
+A repair copies each differing block from the first in-sync leg whose bytes
+pass the block check (the first in-sync leg when the block has no check)
+to the others. Verify never changes a leg's role except through the
+mirror's `leg_failed` when a repair write fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import NodeError, UserError
+from ..fanout import gather
+from .legs import MirrorLeg
+from .metadata import BLOCK
+from .resync import RateLimit
+
+if TYPE_CHECKING:
+    from .algorithm import Mirror
+
+log = logging.getLogger(__name__)
+
+#: Bytes read per leg at a time when a region's digests differ.
+COMPARE_CHUNK = 1 << 20
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort and join touching or overlapping (offset, length) ranges."""
+    merged: list[tuple[int, int]] = []
+    for offset, length in sorted(ranges):
+        if merged and offset <= merged[-1][0] + merged[-1][1]:
+            last_offset, last_length = merged[-1]
+            end = max(last_offset + last_length, offset + length)
+            merged[-1] = (last_offset, end - last_offset)
+        else:
+            merged.append((offset, length))
+    return merged
+
+
+def _covered(offset: int, length: int, ranges: list[tuple[int, int]]) -> bool:
+    """[offset, +length) lies inside one of the merged `ranges`."""
+    return any(start <= offset and offset + length <= start + size for start, size in ranges)
+
+
+def _block_runs(blocks: list[int]) -> list[tuple[int, int]]:
+    return merge_ranges([(block * BLOCK, BLOCK) for block in blocks])
+
+
+class OnlineVerify:
+    """One mirror's verify: at most one pass runs at a time."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        self._mirror = mirror
+        self._rate = RateLimit()
+        self.running = False
+        self.repair = False
+        self.done_regions = 0
+        self.total_regions = 0
+        self.differing: list[tuple[int, int]] = []
+        self.repaired: list[tuple[int, int]] = []
+        self.failure = ""
+        self.finished = False
+
+    # -- control file ----------------------------------------------------
+    def read(self) -> str:
+        if self.running:
+            return f"running {self.done_regions}/{self.total_regions} regions\n"
+        if self.failure:
+            return f"failed: {self.failure}\n"
+        if not self.finished:
+            return "idle\n"
+        differing = merge_ranges(self.differing)
+        head = f"done: {len(differing)} differing ranges"
+        if not self.repair:
+            return head + "\n" + "".join(f"{offset} {length}\n" for offset, length in differing)
+        repaired = merge_ranges(self.repaired)
+        lines = [
+            f"{offset} {length} {'repaired' if _covered(offset, length, repaired) else 'failed'}"
+            for offset, length in differing
+        ]
+        head += f", {sum(line.endswith('repaired') for line in lines)} repaired"
+        return head + "\n" + "".join(line + "\n" for line in lines)
+
+    def write(self, text: str) -> None:
+        """Start a pass; UserError for other words, a pass already
+        running, or fewer than two in-sync legs to compare."""
+        word = text.strip().lower()
+        if word not in ("verify", "repair"):
+            raise UserError(f"storage {self._mirror.storage_name}: write 'verify' or 'repair'")
+        if self.running:
+            raise UserError(f"storage {self._mirror.storage_name}: a verify is already running")
+        legs = self._legs()
+        if len(legs) < 2:
+            self.failure = (
+                f"storage {self._mirror.storage_name} has {len(legs)} in-sync leg(s) online; "
+                "verify needs two"
+            )
+            raise UserError(self.failure)
+        self.running = True
+        self.repair = word == "repair"
+        self.done_regions = 0
+        self.total_regions = self._mirror.regions
+        self.differing = []
+        self.repaired = []
+        self.failure = ""
+        self.finished = False
+        self._mirror.start_background(self._run)
+
+    def _legs(self) -> list[MirrorLeg]:
+        return [leg for leg in self._mirror.legs if leg.in_sync and leg.online]
+
+    # -- the pass --------------------------------------------------------
+    async def _run(self) -> None:
+        mirror = self._mirror
+        what = "repair" if self.repair else "verify"
+        log.info("storage %s: %s started", mirror.storage_name, what)
+        try:
+            for region in range(self.total_regions):
+                start, end = mirror.region_bounds(region)
+                await self._rate.take(end - start, mirror.resync_rate)
+                ticket = await mirror.write_order.admit(start, end - start)
+                try:
+                    await self._region(start, end - start)
+                finally:
+                    mirror.write_order.release(ticket)
+                self.done_regions += 1
+        except (NodeError, _TooFewLegs) as exc:
+            self.failure = str(exc)
+            log.warning("storage %s: verify failed: %s", mirror.storage_name, exc)
+        finally:
+            self.running = False
+            self.finished = True
+        differing = merge_ranges(self.differing)
+        log.info(
+            "storage %s: verify done: %d differing ranges%s",
+            mirror.storage_name,
+            len(differing),
+            f", {len(merge_ranges(self.repaired))} repaired" if self.repair else "",
+        )
+
+    async def _region(self, start: int, length: int) -> None:
+        legs = self._legs()
+        if len(legs) < 2:
+            raise _TooFewLegs("fewer than two in-sync legs are online")
+        outcomes = await gather([lambda leg=leg: leg.node.checksum(start, length) for leg in legs])
+        answered = []
+        for leg, (digest, error) in zip(legs, outcomes, strict=True):
+            if error is None:
+                answered.append((leg, digest))
+            else:
+                log.warning("%s: verify checksum failed: %s", leg, error)
+        if len(answered) < 2:
+            raise _TooFewLegs("fewer than two legs answered the checksum")
+        if len({digest for _, digest in answered}) == 1:
+            return
+        await self._compare_bytes(start, length, [leg for leg, _ in answered])
+
+    async def _compare_bytes(self, start: int, length: int, legs: list[MirrorLeg]) -> None:
+        """Find the differing blocks of a region by its bytes, and repair."""
+        mirror = self._mirror
+        offset = start
+        while offset < start + length:
+            size = min(COMPARE_CHUNK, start + length - offset)
+            outcomes = await gather(
+                [lambda leg=leg, at=offset, n=size: leg.node.read(at, n) for leg in legs]
+            )
+            datas = []
+            for leg, (data, error) in zip(legs, outcomes, strict=True):
+                if error is None:
+                    datas.append((leg, data))
+                else:
+                    log.warning("%s: verify read failed: %s", leg, error)
+            if len(datas) < 2:
+                raise _TooFewLegs("fewer than two legs answered a verify read")
+            differing = [
+                block
+                for block in range(size // BLOCK)
+                if len({bytes(data[block * BLOCK : (block + 1) * BLOCK]) for _, data in datas}) > 1
+            ]
+            first = offset // BLOCK
+            self.differing.extend(_block_runs([first + block for block in differing]))
+            if differing and self.repair:
+                for block in differing:
+                    repaired = await mirror.repair_block(
+                        (first + block) * BLOCK,
+                        [(leg, data[block * BLOCK : (block + 1) * BLOCK]) for leg, data in datas],
+                    )
+                    if repaired:
+                        self.repaired.append(((first + block) * BLOCK, BLOCK))
+            offset += size
+
+
+class _TooFewLegs(Exception):
+    pass

@@ -1,0 +1,124 @@
+"""`plan_start`: what a mirror decides at mount from its legs' headers."""
+
+from __future__ import annotations
+
+import pytest
+
+from dstfuse.errors import UserError
+from dstfuse.mirror.history import FULL, IN_SYNC, OFFLINE, PARTIAL, LegFinding, plan_start
+from dstfuse.mirror.metadata import (
+    FLAG_CLEAN,
+    MEMBER_FULL_RESYNC,
+    MEMBER_IN_SYNC,
+    MemberRecord,
+    MirrorHeader,
+    leg_layout,
+)
+
+MiB = 1 << 20
+ID = b"i" * 16
+OTHER = b"o" * 16
+SYNC = MemberRecord(MEMBER_IN_SYNC)
+
+
+def stale(since: int, full: bool = False) -> MemberRecord:
+    return MemberRecord(MEMBER_FULL_RESYNC if full else 0, since, 0)
+
+
+def header(index, generation, members, *, clean=True, storage_id=ID) -> MirrorHeader:
+    return MirrorHeader(
+        storage_id=storage_id,
+        leg_index=index,
+        generation=generation,
+        leg_size=64 * MiB,
+        data_size=leg_layout(64 * MiB, 4 * MiB).data_capacity,
+        region_size=4 * MiB,
+        members=tuple(members),
+        flags=FLAG_CLEAN if clean else 0,
+    )
+
+
+def found(index, *args, **kwargs) -> LegFinding:
+    return LegFinding(index, reachable=True, header=header(index, *args, **kwargs))
+
+
+def test_clean_legs_of_one_generation_are_all_in_sync():
+    plan = plan_start("vol0", [found(0, 5, [SYNC, SYNC]), found(1, 5, [SYNC, SYNC])])
+    assert plan.roles == {0: IN_SYNC, 1: IN_SYNC} and not plan.unclean and plan.source == 0
+
+
+def test_after_an_unclean_shutdown_the_others_resync_the_marked_regions():
+    plan = plan_start(
+        "vol0", [found(0, 5, [SYNC, SYNC], clean=False), found(1, 6, [SYNC, SYNC], clean=False)]
+    )
+    assert plan.source == 1  # the newest generation
+    assert plan.roles == {0: PARTIAL, 1: IN_SYNC} and plan.unclean
+    assert plan.bitmap_legs == [0, 1]
+
+
+def test_a_leg_recorded_stale_resyncs_from_the_one_that_recorded_it():
+    plan = plan_start("vol0", [found(0, 9, [SYNC, stale(7)]), found(1, 6, [SYNC, SYNC])])
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL}
+
+
+def test_an_unfinished_full_resync_continues_as_full():
+    plan = plan_start(
+        "vol0", [found(0, 9, [SYNC, stale(8, full=True)]), found(1, 9, [SYNC, stale(8, True)])]
+    )
+    assert plan.roles == {0: IN_SYNC, 1: FULL}
+
+
+def test_new_and_foreign_legs_get_a_full_resync():
+    plan = plan_start(
+        "vol0",
+        [
+            found(0, 3, [SYNC, SYNC, SYNC]),
+            LegFinding(1, reachable=True, problem="no mirror metadata"),
+            found(2, 3, [SYNC, SYNC, SYNC], storage_id=OTHER),
+        ],
+        primary=0,
+    )
+    assert plan.roles == {0: IN_SYNC, 1: FULL, 2: FULL}
+    assert any("another storage" in note for note in plan.notes)
+
+
+def test_legs_of_different_storages_need_a_primary():
+    with pytest.raises(UserError, match="different storages.*primary"):
+        plan_start("vol0", [found(0, 3, [SYNC, SYNC]), found(1, 3, [SYNC, SYNC], storage_id=OTHER)])
+
+
+def test_split_brain_is_refused_and_primary_picks_the_winner():
+    legs = [found(0, 8, [SYNC, stale(7)]), found(1, 9, [stale(8), SYNC])]
+    with pytest.raises(UserError, match="split brain: legs 0 and 1.*generation 7.*generation 8"):
+        plan_start("vol0", legs)
+    plan = plan_start("vol0", legs, primary=0)
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL}
+
+
+def test_primary_must_be_a_complete_leg_of_this_storage():
+    legs = [found(0, 8, [SYNC, stale(7)]), found(1, 8, [SYNC, stale(7)])]
+    with pytest.raises(UserError, match="incomplete"):
+        plan_start("vol0", legs, primary=1)
+    with pytest.raises(UserError, match="not a leg index"):
+        plan_start("vol0", legs, primary=5)
+
+
+def test_reordered_nodes_are_refused():
+    legs = [found(0, 3, [SYNC, SYNC]), found(1, 3, [SYNC, SYNC])]
+    swapped = [LegFinding(0, True, legs[1].header), LegFinding(1, True, legs[0].header)]
+    with pytest.raises(UserError, match="order of its nodes"):
+        plan_start("vol0", swapped)
+
+
+def test_first_use_takes_leg0_as_the_source_unless_assume_clean():
+    legs = [LegFinding(i, reachable=True) for i in range(3)]
+    assert plan_start("vol0", legs).roles == {0: IN_SYNC, 1: FULL, 2: FULL}
+    assert plan_start("vol0", legs, assume_clean=True).roles == {0: IN_SYNC, 1: IN_SYNC, 2: IN_SYNC}
+    assert plan_start("vol0", legs).fresh
+
+
+def test_unreachable_legs_are_offline_and_do_not_vote():
+    plan = plan_start(
+        "vol0", [LegFinding(0, reachable=False, problem="offline"), found(1, 4, [SYNC, SYNC])]
+    )
+    assert plan.source == 1 and plan.roles == {0: OFFLINE, 1: IN_SYNC}

@@ -40,7 +40,7 @@ from .algorithms import algorithm_class
 from .config import MountConfig, NodeSpec, StorageSpec
 from .errors import DstError, UserError
 from .fanout import gather
-from .nodes.base import Node
+from .nodes.base import Node, NodeState
 from .nodes.stacked import StorageNode
 from .storage import Storage
 from .units import format_size
@@ -154,6 +154,10 @@ class _Builder:
             raise UserError("nbd nodes are not supported yet")
         raise AssertionError(f"no builder for {spec.kind} nodes")
 
+    def _redundant(self, storage: str) -> bool:
+        """True when `storage` can run with one of its nodes missing."""
+        return self.config.storages[storage].algorithm == "mirror"
+
     def _start_timeout(self) -> float:
         # RemoteNode gives up after timeouts.connect by itself; this bound
         # only catches a node that hangs in start against its contract.
@@ -169,7 +173,12 @@ class _Builder:
             raise _node_error(storage, described, spec, exc) from exc
         try:
             with trio.fail_after(self._start_timeout()):
-                await node.start(self.nursery)
+                if spec.kind == "remote" and self._redundant(storage):
+                    # A mirror can serve without this leg and resync it
+                    # later: an unreachable leg must not stop the mount.
+                    await node.start(self.nursery, may_start_offline=True)
+                else:
+                    await node.start(self.nursery)
         except trio.TooSlowError:
             await _close_quietly(node)
             raise UserError(
@@ -231,7 +240,9 @@ class _Builder:
                 self.nodes.append(node)
             else:
                 node = leaves[(spec.name, index)]
-            if node_spec.size is not None and node_spec.size > node.size:
+            if node.state is NodeState.ONLINE and node_spec.size is not None and (
+                node_spec.size > node.size
+            ):
                 raise UserError(
                     f"storage {spec.name}: node {node} (line {node_spec.line}): size "
                     f"{format_size(node_spec.size)} is larger than the node "
@@ -254,7 +265,10 @@ class _Builder:
             await storage.start(self.nursery)
         except DstError as exc:
             await _close_quietly(storage)
-            raise UserError(f"storage {spec.name}: {exc}", errno=exc.errno) from exc
+            message = str(exc)
+            if not message.startswith(f"storage {spec.name}"):
+                message = f"storage {spec.name}: {message}"
+            raise UserError(message, errno=exc.errno) from exc
         self.opened.add(f"storage {spec.name}", storage.aclose)
         log.info(
             "storage %s: %s over %d node(s), %s, %s, state %s",

@@ -272,3 +272,42 @@ async def test_unreachable_node_fails_start_within_the_connect_timeout(autojump_
             await node.start(nursery)
     assert trio.current_time() - start == pytest.approx(TIMEOUTS.connect)
     assert "127.0.0.1:9" in str(info.value)
+
+
+async def test_node_allowed_to_start_offline_comes_online_when_reachable(autojump_clock):
+    fake = FakeExport(size=1 << 20)
+    reachable = trio.Event()
+    async with trio.open_nursery() as nursery:
+        serve = fake.connector(nursery)
+
+        async def connector(address):
+            if not reachable.is_set():
+                raise OSError(111, "Connection refused")
+            return await serve(address)
+
+        node = RemoteNode(
+            parse_address("127.0.0.1:1"), export=None, timeouts=TIMEOUTS, key=None,
+            connector=connector,
+        )
+        await node.start(nursery, may_start_offline=True)
+        assert node.state is NodeState.OFFLINE and node.size == 0
+        await trio.sleep(30)
+        reachable.set()
+        assert await node.wait_state_change(NodeState.OFFLINE) is NodeState.ONLINE
+        assert node.size == 1 << 20 and node.writable
+        await node.write(0, b"late")
+        assert fake.data[:4] == b"late"
+        assert node.counters.reconnects == 0
+        await node.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_refused_at_start_fails_even_when_it_may_start_offline():
+    fake = FakeExport(key=os.urandom(32))
+    async with trio.open_nursery() as nursery:
+        node = RemoteNode(
+            parse_address("127.0.0.1:1"), export=None, timeouts=TIMEOUTS, key=None,
+            connector=fake.connector(nursery),
+        )
+        with pytest.raises(NodeRefused):
+            await node.start(nursery, may_start_offline=True)

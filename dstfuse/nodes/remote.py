@@ -97,24 +97,39 @@ class RemoteNode(Node):
         self.features = Feature.NONE
 
     # -- lifecycle ------------------------------------------------------
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
         """Connect and negotiate within `timeouts.connect`, then keep the
-        connection up in the background. Raises NodeRefused or
-        NodeUnavailable (both name the node) when the first attempt fails."""
-        session = await self._connect()
-        self.size = session.ready.size
-        self.max_request = session.ready.max_request
-        self.features = session.ready.features
-        self.writable = bool(session.ready.permissions & Permission.WRITE)
+        connection up in the background. Raises NodeRefused (ACL, export,
+        key: the user must fix something) or NodeUnavailable (unreachable)
+        when the first attempt fails — except that with `may_start_offline`
+        (a mirror leg, which the storage can do without for a while) an
+        unreachable node starts OFFLINE with size 0 and keeps trying."""
+        try:
+            session: Session | None = await self._connect()
+        except NodeUnavailable as exc:
+            if not may_start_offline:
+                raise
+            log.warning("%s: starting offline (%s); will keep trying", self, exc)
+            session = None
+        if session is not None:
+            self._adopt(session)
+        await nursery.start(self._keep_connected, session)
+
+    def _adopt(self, session: Session) -> None:
+        """Take the export's parameters from a node seen for the first time."""
+        ready = session.ready
+        self.size = ready.size
+        self.max_request = ready.max_request
+        self.features = ready.features
+        self.writable = bool(ready.permissions & Permission.WRITE)
         log.info(
             "%s: connected, export %r, %d bytes, %s, cipher %s",
             self,
-            session.ready.export,
+            ready.export,
             self.size,
             "rw" if self.writable else "ro",
             session.mode,
         )
-        await nursery.start(self._keep_connected, session)
 
     async def aclose(self) -> None:
         """Stop reconnecting and drop the connection; callers flush first."""
@@ -143,12 +158,15 @@ class RemoteNode(Node):
         return session
 
     async def _keep_connected(
-        self, session: Session, *, task_status=trio.TASK_STATUS_IGNORED
+        self, session: Session | None, *, task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the session; when it breaks, reconnect with backoff and resend
-        everything in flight, forever (until aclose or cancellation)."""
+        everything in flight, forever (until aclose or cancellation). With
+        no session (started offline), connect first."""
         with self._cancel:
             task_status.started()
+            if session is None:
+                session = await self._reconnect()
             while True:
                 self._go_online(session)
                 reason = await session.run(self._on_reply, keepalive=self._timeouts.keepalive)
@@ -188,6 +206,9 @@ class RemoteNode(Node):
                 level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
                 log.log(level, "%s: reconnect attempt %d failed: %s", self, attempt, exc)
             else:
+                if self._sessions_opened == 1:  # started offline: first contact
+                    self._adopt(session)
+                    return session
                 if session.ready.size != self.size:
                     log.error(
                         "%s: node now reports %d bytes instead of %d; refusing to use it",

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -17,19 +16,13 @@ import trio
 
 from dstfuse.address import Address
 
+from .mounts import DSTFUSE, dstfuse_env, free_tcp_port, notify_socket, stop_pid
 from .rawclient import RawClient, RawRefused
 
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
-DSTFUSE = [sys.executable, "-m", "dstfuse"]
 STARTUP_TIMEOUT = 20
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -77,7 +70,9 @@ class ExportProcess:
 
 async def run_export(nursery, *args: str) -> ExportProcess:
     process = await trio.lowlevel.open_process(
-        [*DSTFUSE, "export", *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        [*DSTFUSE, "export", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     running = ExportProcess(process)
@@ -94,7 +89,7 @@ async def stop(running: ExportProcess) -> None:
 
 
 async def test_serves_over_tcp_and_exits_cleanly_on_sigterm(image, nursery):
-    port = free_port()
+    port = free_tcp_port()
     running = await run_export(nursery, str(image), "--listen", f"127.0.0.1:{port}")
     try:
         await running.wait_for(f"export disk1 (4.0 MiB, rw) listening on 127.0.0.1:{port}")
@@ -138,7 +133,7 @@ async def test_serves_several_exports_from_a_config_file(tmp_path, sockdir, nurs
     (tmp_path / "a.img").write_bytes(bytes(MiB))
     (tmp_path / "b.img").write_bytes(b"b" * (2 * MiB))
     path = os.path.join(sockdir, "s")
-    port = free_port()
+    port = free_tcp_port()
     config = tmp_path / "export.yaml"
     config.write_text(
         f"""listen:
@@ -181,7 +176,7 @@ async def test_key_file_is_required_of_clients(image, tmp_path, nursery):
 
     key_file = tmp_path / "cluster.key"
     write_key_file(key_file)
-    port = free_port()
+    port = free_tcp_port()
     running = await run_export(
         nursery, str(image), "--listen", f"127.0.0.1:{port}", "--key-file", str(key_file)
     )
@@ -225,7 +220,10 @@ def test_user_mistakes_print_one_line_without_a_traceback(tmp_path, image):
     try:
         for args, expected in cases:
             result = subprocess.run(
-                [*DSTFUSE, "export", *args], capture_output=True, text=True, timeout=30,
+                [*DSTFUSE, "export", *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
                 stdin=subprocess.DEVNULL,
             )
             lines = result.stderr.strip().splitlines()
@@ -236,3 +234,26 @@ def test_user_mistakes_print_one_line_without_a_traceback(tmp_path, image):
             assert lines[0].startswith("dstfuse export: "), lines[0]
     finally:
         busy.close()
+
+
+def test_export_tells_systemd_ready_only_once_it_accepts_connections(image):
+    port = free_tcp_port()
+    with notify_socket() as (sock, path):
+        sock.settimeout(30)
+        process = subprocess.Popen(
+            [*DSTFUSE, "export", str(image), "--listen", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dstfuse_env({"NOTIFY_SOCKET": path}),
+        )
+        try:
+            message = sock.recv(4096).decode()
+            assert "READY=1" in message.splitlines()
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # accepting when READY=1 arrived
+            process.terminate()
+            assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
+            assert process.wait(30) == 0
+        finally:
+            stop_pid(process.pid, process)

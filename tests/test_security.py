@@ -17,7 +17,12 @@ from dstfuse.keys import write_key_file
 from dstfuse.protocol import Command
 from dstfuse.protocol.constants import HEADER, MAGIC, VERSION
 
-from .mounts import exported, require_fuse, run_dstfuse, write_config
+from .mounts import (
+    exported,
+    require_fuse,
+    run_dstfuse,
+    write_config,
+)
 from .rawclient import RawClient
 
 pytestmark = pytest.mark.slow

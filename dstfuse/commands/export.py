@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .. import sdnotify
 from ..address import parse_address
 from ..errors import UserError
 from ..units import format_size, parse_duration
@@ -195,10 +196,12 @@ async def _serve_until_signalled(server: ExportServer) -> None:
             word = "export" if len(server.exports) == 1 else "exports"
             for address in addresses:
                 log.info("%s %s listening on %s", word, summary, address)
+            sdnotify.ready(f"serving {summary}")
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if not server.is_shutting_down:
                     log.info("%s: finishing requests in flight, then exiting", name)
+                    sdnotify.stopping("finishing requests in flight")
                     server.shutdown()
                 else:
                     log.warning("%s again: exiting now", name)

@@ -34,7 +34,12 @@ from dstfuse.protocol import (
 )
 
 ANSWER, DROP, CUT, CUT_MID_FRAME, CORRUPT, SILENCE = (
-    "answer", "drop", "cut", "cut-mid-frame", "corrupt", "silence",
+    "answer",
+    "drop",
+    "cut",
+    "cut-mid-frame",
+    "corrupt",
+    "silence",
 )
 
 
@@ -93,9 +98,14 @@ class FakeExport:
                     elif isinstance(event, Confirmed):
                         perms = Permission.READ | (Permission.WRITE if self.writable else 0)
                         ready = Ready(
-                            size=self.size, permissions=perms, max_request=self.max_request,
-                            features=Feature.FLUSH | Feature.FUA | Feature.TRIM
-                            | Feature.WRITE_ZEROES | Feature.CHECKSUM,
+                            size=self.size,
+                            permissions=perms,
+                            max_request=self.max_request,
+                            features=Feature.FLUSH
+                            | Feature.FUA
+                            | Feature.TRIM
+                            | Feature.WRITE_ZEROES
+                            | Feature.CHECKSUM,
                             export="fake",
                         )
                         await stream.send_all(conn.ready(ready))
@@ -115,7 +125,9 @@ class FakeExport:
                         if action == DROP:
                             continue
                         reply = self._execute(event)
-                        nursery.start_soon(self._reply_later, stream, send_lock, conn, reply, action)
+                        nursery.start_soon(
+                            self._reply_later, stream, send_lock, conn, reply, action
+                        )
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -32,7 +32,9 @@ def autojump_clock():
 
 
 @asynccontextmanager
-async def remote(fake: FakeExport, *, key=None, cipher="aes-256-gcm", max_in_flight=64, timeouts=TIMEOUTS):
+async def remote(
+    fake: FakeExport, *, key=None, cipher="aes-256-gcm", max_in_flight=64, timeouts=TIMEOUTS
+):
     async with trio.open_nursery() as nursery:
         node = RemoteNode(
             parse_address("127.0.0.1:1"),
@@ -104,7 +106,9 @@ async def test_unanswered_transaction_fails_with_eio_after_the_budget(autojump_c
         assert info.value.errno == errno.EIO
         assert len(writes(fake)) == TIMEOUTS.max_resends + 1
         assert "127.0.0.1:1" in str(info.value)
-        assert any("127.0.0.1:1" in r.getMessage() and "WRITE" in r.getMessage() for r in caplog.records)
+        assert any(
+            "127.0.0.1:1" in r.getMessage() and "WRITE" in r.getMessage() for r in caplog.records
+        )
 
 
 @pytest.mark.parametrize("action", [CUT, CUT_MID_FRAME, CORRUPT])
@@ -177,7 +181,9 @@ async def test_in_flight_transactions_are_bounded(autojump_clock):
 
 
 async def test_silent_node_is_detected_by_keepalive_and_reconnected(autojump_clock):
-    fake = FakeExport(policy=lambda r, n: SILENCE if n == 1 and r.command is Command.PING else ANSWER)
+    fake = FakeExport(
+        policy=lambda r, n: SILENCE if n == 1 and r.command is Command.PING else ANSWER
+    )
     async with remote(fake) as node:
         start = trio.current_time()
         await node.wait_state_change(NodeState.ONLINE)
@@ -210,7 +216,9 @@ async def test_requests_wait_while_disconnected_then_complete(autojump_clock):
 async def test_reply_for_unknown_handle_is_dropped():
     fake = FakeExport()
     async with remote(fake) as node:
-        node._on_reply(__import__("dstfuse.protocol", fromlist=["Reply"]).Reply(Command.READ, 999999))
+        node._on_reply(
+            __import__("dstfuse.protocol", fromlist=["Reply"]).Reply(Command.READ, 999999)
+        )
         assert await node.read(0, 16) == bytes(16)
 
 
@@ -242,7 +250,10 @@ async def test_key_problems_refuse_the_node_at_start(client_key, node_key):
     fake = FakeExport(key=node_key)
     async with trio.open_nursery() as nursery:
         node = RemoteNode(
-            parse_address("127.0.0.1:1"), export=None, timeouts=TIMEOUTS, key=client_key,
+            parse_address("127.0.0.1:1"),
+            export=None,
+            timeouts=TIMEOUTS,
+            key=client_key,
             connector=fake.connector(nursery),
         )
         with pytest.raises(NodeRefused) as info:
@@ -266,7 +277,9 @@ async def test_unreachable_node_fails_start_within_the_connect_timeout(autojump_
         await trio.sleep_forever()
 
     start = trio.current_time()
-    node = RemoteNode(parse_address("127.0.0.1:9"), export=None, timeouts=TIMEOUTS, key=None, connector=never)
+    node = RemoteNode(
+        parse_address("127.0.0.1:9"), export=None, timeouts=TIMEOUTS, key=None, connector=never
+    )
     async with trio.open_nursery() as nursery:
         with pytest.raises(NodeUnavailable) as info:
             await node.start(nursery)
@@ -286,7 +299,10 @@ async def test_node_allowed_to_start_offline_comes_online_when_reachable(autojum
             return await serve(address)
 
         node = RemoteNode(
-            parse_address("127.0.0.1:1"), export=None, timeouts=TIMEOUTS, key=None,
+            parse_address("127.0.0.1:1"),
+            export=None,
+            timeouts=TIMEOUTS,
+            key=None,
             connector=connector,
         )
         await node.start(nursery, may_start_offline=True)
@@ -306,7 +322,10 @@ async def test_node_refused_at_start_fails_even_when_it_may_start_offline():
     fake = FakeExport(key=os.urandom(32))
     async with trio.open_nursery() as nursery:
         node = RemoteNode(
-            parse_address("127.0.0.1:1"), export=None, timeouts=TIMEOUTS, key=None,
+            parse_address("127.0.0.1:1"),
+            export=None,
+            timeouts=TIMEOUTS,
+            key=None,
             connector=fake.connector(nursery),
         )
         with pytest.raises(NodeRefused):

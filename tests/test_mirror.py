@@ -199,6 +199,23 @@ async def test_a_leg_failing_a_write_goes_dirty_and_the_write_succeeds(autojump_
         nursery.cancel_scope.cancel()
 
 
+async def test_a_leg_failing_a_flush_goes_dirty_and_the_flush_succeeds(autojump_clock):
+    nodes = make_nodes(2)
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, mount_options={"assume_clean": True})
+        await mirror.write(0, b"f" * 4096)
+        nodes[1].fail_all()
+        await mirror.flush()  # fsync must not fail while one leg is good
+        assert mirror.legs[1].role is LegRole.STALE
+        assert not header_of(nodes[0]).members[1].in_sync
+        assert nodes[0].flushes >= 1
+        nodes[0].fail_all()
+        with pytest.raises(NodeError) as info:
+            await mirror.flush()
+        assert info.value.errno == errno.EIO
+        nursery.cancel_scope.cancel()
+
+
 async def test_write_failing_on_every_leg_raises_eio_and_keeps_the_last_leg(autojump_clock):
     nodes = make_nodes(2)
     async with trio.open_nursery() as nursery:

@@ -418,35 +418,18 @@ class Mirror(Algorithm):
         return len(regions)
 
     async def _flush_every_leg(self) -> None:
-        legs = [leg for leg in self.legs if leg.takes_writes]
-        outcomes = await gather([leg.node.flush for leg in legs])
-        failed = [(leg, error) for leg, (_, error) in zip(legs, outcomes, strict=True) if error]
-        for leg, error in failed:
-            self.leg_failed(leg, error)
-        if failed:
-            await self.ensure_membership_durable()
-            raise NodeError(str(failed[0][0]), f"flush failed: {failed[0][1]}")
+        """FLUSH every leg taking writes; a leg that fails it is marked dirty
+        (its regions resync later), so the flush fails only if no in-sync
+        leg completed it."""
+        await self.membership.on_every_target(lambda leg: leg.node.flush(), "the flush")
+        await self.ensure_membership_durable()
 
     # -- metadata I/O for the bitmap and checks ---------------------------
     async def _write_bitmap_block(self, block: int, bits: bytes) -> None:
-        legs = self.membership.targets()
-        outcomes = await gather(
-            [
-                lambda leg=leg: leg.write_bitmap_block(self.membership.storage_id, block, bits)
-                for leg in legs
-            ]
+        await self.membership.on_every_target(
+            lambda leg: leg.write_bitmap_block(self.membership.storage_id, block, bits),
+            f"bitmap block {block}",
         )
-        took = False
-        for leg, (_, error) in zip(legs, outcomes, strict=True):
-            if error is None:
-                took = took or leg.in_sync
-            else:
-                self.leg_failed(leg, error)
-        if not took:
-            raise NodeError(
-                f"storage {self.storage_name}", "no in-sync leg took the bitmap update",
-                errno=errno.EIO,
-            )
 
     async def _load_check_page(self, page: int) -> bytes:
         errors = []
@@ -460,16 +443,9 @@ class Mirror(Algorithm):
         raise NodeError(f"storage {self.storage_name}", f"check page {page} unreadable: {errors}")
 
     async def _write_check_page(self, page: int, data: bytes) -> None:
-        legs = self.membership.targets()
-        outcomes = await gather([lambda leg=leg: leg.write_check_page(page, data) for leg in legs])
-        took = False
-        for leg, (_, error) in zip(legs, outcomes, strict=True):
-            if error is None:
-                took = took or leg.in_sync
-            else:
-                self.leg_failed(leg, error)
-        if not took:
-            raise NodeError(f"storage {self.storage_name}", f"check page {page} not written")
+        await self.membership.on_every_target(
+            lambda leg: leg.write_check_page(page, data), f"check page {page}"
+        )
 
     async def write_region_checks(self, region: int, legs: list[MirrorLeg]) -> None:
         """Write the check pages of a region to legs whose resync compared

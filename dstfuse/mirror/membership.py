@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -124,22 +125,9 @@ class Membership:
                 version = self._version
                 if self._durable >= version:
                     return
-                legs = self.targets()
-                outcomes = await gather(
-                    [lambda leg=leg: leg.write_header(self.header(leg)) for leg in legs]
+                await self.on_every_target(
+                    lambda leg: leg.write_header(self.header(leg)), "the metadata update"
                 )
-                took = False
-                for leg, (_, error) in zip(legs, outcomes, strict=True):
-                    if error is None:
-                        took = took or leg.in_sync
-                    else:
-                        self.leg_failed(leg, error)
-                if not took:
-                    raise NodeError(
-                        f"storage {self.storage_name}",
-                        "no in-sync leg took the metadata update",
-                        errno=errno.EIO,
-                    )
                 self._durable = version
 
     async def publish_quietly(self) -> None:
@@ -149,6 +137,25 @@ class Membership:
             await self.ensure_durable()
         except NodeError as exc:
             log.error("storage %s: %s", self.storage_name, exc)
+
+    async def on_every_target(
+        self, call: Callable[[MirrorLeg], Awaitable[object]], what: str
+    ) -> None:
+        """Run `call` on every leg that takes writes, concurrently. A leg it
+        fails on is marked dirty; NodeError (EIO) unless an in-sync leg
+        succeeded, so one dead leg never fails the storage."""
+        legs = self.targets()
+        outcomes = await gather([lambda leg=leg: call(leg) for leg in legs])
+        took = False
+        for leg, (_, error) in zip(legs, outcomes, strict=True):
+            if error is None:
+                took = took or leg.in_sync
+            else:
+                self.leg_failed(leg, error)
+        if not took:
+            raise NodeError(
+                f"storage {self.storage_name}", f"no in-sync leg took {what}", errno=errno.EIO
+            )
 
     def leg_failed(self, leg: MirrorLeg, error: BaseException | str) -> bool:
         """Mark a leg stale after it failed a request; False (nothing done)

@@ -52,6 +52,28 @@ async def test_backend_reads_back_what_it_wrote(image):
     assert len(content) == SIZE
 
 
+@pytest.mark.parametrize("code", [errno.EAGAIN, errno.EOPNOTSUPP])
+async def test_small_reads_not_served_from_the_page_cache_go_to_a_thread(image, monkeypatch, code):
+    backend = Backend(image)
+    try:
+        await backend.write(8192, b"cached" * 100)
+        assert await backend.read(8192, 600) == b"cached" * 100  # inline, RWF_NOWAIT
+        tried = []
+
+        def not_cached(fd, buffers, offset, flags=0):
+            tried.append(flags)
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(backend_module.os, "preadv", not_cached)
+        assert await backend.read(8192, 600) == b"cached" * 100  # via the thread's pread
+        assert tried == [os.RWF_NOWAIT]
+        await backend.read(8192, 600)
+        # EAGAIN: tried again next time; unsupported: never again
+        assert len(tried) == (2 if code == errno.EAGAIN else 1)
+    finally:
+        await backend.aclose()
+
+
 async def test_backend_zero_length_requests_touch_nothing(image):
     before = image.read_bytes()
     backend = Backend(image)

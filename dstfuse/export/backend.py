@@ -1,9 +1,20 @@
 """The bytes behind an export or a local node: one regular file or block device.
 
-`Backend` owns one file descriptor, opened once, and runs every disk call
-(pread, pwrite, fdatasync, fallocate, ioctl) in a worker thread through a
-`trio.CapacityLimiter` it owns, so the event loop never blocks on the disk.
+`Backend` owns one file descriptor, opened once, and runs disk calls
+(pread, pwrite, fdatasync, fallocate, ioctl) in worker threads through a
+`trio.CapacityLimiter` it owns, so the event loop does not wait on the disk.
 It is shared by the export server (`dstfuse.export.server`) and `LocalNode`.
+
+Two exceptions, because a thread handoff costs more CPU than a small
+page-cache copy (about 80 us per request, measured: a third of a 4 KiB
+request's cost on the node):
+- a read of at most `INLINE_MAX` bytes is first tried in the event loop
+  with RWF_NOWAIT, which returns at once instead of waiting for the disk;
+  anything not wholly in the page cache goes to a thread;
+- a write of at most `INLINE_MAX` bytes without FUA is a pwrite into the
+  page cache in the event loop. It waits only when the kernel throttles
+  writers because dirty pages pile up (balance_dirty_pages, at most 200 ms
+  a pause); then the disk is the bottleneck for every writer anyway.
 
 Invariants:
 - `size` is fixed when the backend is opened (fstat for files,
@@ -46,6 +57,8 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1 << 20
 #: Disk calls one backend runs at once.
 DEFAULT_THREADS = 8
+#: Largest read or write tried in the event loop (see the module doc).
+INLINE_MAX = 64 << 10
 
 # linux/fs.h
 _BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
@@ -121,6 +134,7 @@ class Backend:
             os.close(fd)
             raise
         self._fd = fd
+        self._nowait_reads = True  # until the kernel says RWF_NOWAIT is unsupported
         self._limiter = trio.CapacityLimiter(threads)
         self._calls = 0
         self._idle = trio.Event()
@@ -252,11 +266,29 @@ class Backend:
         return hasher.digest()
 
     # -- the async interface --------------------------------------------
+    def _pread_cached(self, offset: int, length: int) -> bytes | None:
+        """The range if the page cache holds all of it, else None; never
+        waits for the disk (RWF_NOWAIT)."""
+        if not self._nowait_reads or self._closed:
+            return None
+        buffer = bytearray(length)
+        try:
+            done = os.preadv(self._fd, [buffer], offset, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                self._nowait_reads = False
+            return None  # EAGAIN (not cached) or any error: the thread path decides
+        return bytes(buffer) if done == length else None
+
     async def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset`."""
         self._check(offset, length, writing=False)
         if length == 0:
             return b""
+        if length <= INLINE_MAX:
+            cached = self._pread_cached(offset, length)
+            if cached is not None:
+                return cached
         return await self._run(self._pread, offset, length)
 
     async def write(
@@ -264,7 +296,9 @@ class Backend:
     ) -> None:
         """Write all of `data` at `offset`; with `fua`, durable on return."""
         self._check(offset, len(data), writing=True)
-        if len(data) or fua:
+        if not fua and 0 < len(data) <= INLINE_MAX and not self._closed:
+            self._pwrite(offset, data, False)  # into the page cache: see the module doc
+        elif len(data) or fua:
             await self._run(self._pwrite, offset, data, fua)
 
     async def flush(self) -> None:

@@ -32,6 +32,11 @@ class WriteOrder:
     def __len__(self) -> int:
         return len(self._active)
 
+    def overlaps(self, offset: int, length: int) -> bool:
+        """True if an admitted, unreleased range overlaps [offset, +length)."""
+        end = offset + max(length, 1)
+        return any(t.offset < end and offset < t.end for t in self._active)
+
     async def admit(self, offset: int, length: int) -> RangeTicket:
         """Register [offset, offset+length) and wait for earlier overlapping
         ranges. If cancelled while waiting, the ticket is released."""

@@ -92,6 +92,9 @@ class GatedBackend(Backend):
         self.max_waiting = 0
         self.completed: list[tuple[int, bytes]] = []
 
+    def write_cached(self, offset, data):
+        return False  # no write completes at once: each waits at the gate
+
     async def write(self, offset, data, *, fua=False):
         self.waiting += 1
         self.max_waiting = max(self.max_waiting, self.waiting)
@@ -104,7 +107,10 @@ class GatedBackend(Backend):
 
 
 class FailingBackend(Backend):
-    async def write(self, offset, data, *, fua=False):
+    """Every write fails as a bad disk would, whichever path it takes (in
+    the event loop for small ones, in a thread for large or FUA ones)."""
+
+    def _pwrite(self, offset, data, fua):
         raise OSError(errno.EIO, "medium error")
 
     async def flush(self):
@@ -330,6 +336,8 @@ async def test_disk_errors_reach_the_client(image, nursery):
     _, (address,) = await start(nursery, export(image, backend=FailingBackend(image)))
     async with await RawClient.connect(address) as client:
         assert (await client.write(0, b"data")).status == errno.EIO
+        assert (await client.write(0, b"data", fua=True)).status == errno.EIO
+        assert (await client.write(0, bytes(256 * KiB))).status == errno.EIO
         assert (await client.flush()).status == errno.EIO
         assert (await client.read(0, 4)).status == 0
 
@@ -478,6 +486,34 @@ async def test_overlapping_writes_from_two_connections_land_in_arrival_order(ima
         assert (await first.reply(earlier)).status == 0
     assert backend.completed == [(0, b"1" * 8192), (4096, b"2" * 8192)]
     assert image.read_bytes()[:12288] == b"1" * 4096 + b"2" * 8192
+
+
+class LargeWritesGatedBackend(GatedBackend):
+    """Small writes complete at once (the page cache); large ones wait."""
+
+    def write_cached(self, offset, data):
+        return Backend.write_cached(self, offset, data)
+
+
+async def test_a_small_write_overlapping_one_in_progress_is_not_served_at_once(image, nursery):
+    backend = LargeWritesGatedBackend(image)
+    before = image.read_bytes()
+    _, (address,) = await start(nursery, export(image, backend=backend))
+    async with await RawClient.connect(address) as client:
+        large = await client.send(Command.WRITE, 0, data=b"L" * (128 * KiB))
+        await wait_until(lambda: backend.waiting == 1)
+        apart = await client.send(Command.WRITE, 1 * MiB, data=b"A" * 4096)
+        assert (await client.reply(apart)).status == 0  # overlaps nothing: served at once
+        small = await client.send(Command.WRITE, 4096, data=b"s" * 4096)
+        await trio.sleep(0.1)
+        # the overlapping one waits its turn (in the write order, not at once)
+        assert image.read_bytes()[4096:8192] == before[4096:8192]
+        backend.gate.set()
+        assert (await client.reply(large)).status == 0
+        assert (await client.reply(small)).status == 0
+    content = image.read_bytes()
+    assert content[:4096] == b"L" * 4096 and content[4096:8192] == b"s" * 4096
+    assert content[MiB : MiB + 4096] == b"A" * 4096
 
 
 async def test_takeover_waits_for_the_old_connections_writes(image, nursery, caplog):

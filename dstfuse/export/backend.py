@@ -266,10 +266,11 @@ class Backend:
         return hasher.digest()
 
     # -- the async interface --------------------------------------------
-    def _pread_cached(self, offset: int, length: int) -> bytes | None:
-        """The range if the page cache holds all of it, else None; never
-        waits for the disk (RWF_NOWAIT)."""
-        if not self._nowait_reads or self._closed:
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The range if it is small and the page cache holds all of it, else
+        None; never waits for the disk (RWF_NOWAIT). Bounds are the
+        caller's to check first."""
+        if length > INLINE_MAX or not self._nowait_reads or self._closed:
             return None
         buffer = bytearray(length)
         try:
@@ -285,21 +286,28 @@ class Backend:
         self._check(offset, length, writing=False)
         if length == 0:
             return b""
-        if length <= INLINE_MAX:
-            cached = self._pread_cached(offset, length)
-            if cached is not None:
-                return cached
+        cached = self.read_cached(offset, length)
+        if cached is not None:
+            return cached
         return await self._run(self._pread, offset, length)
+
+    def write_cached(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write a small range into the page cache now, in the calling
+        thread (see the module doc); False, doing nothing, when the write
+        is too large or the backend closed. Bounds are the caller's."""
+        if not 0 < len(data) <= INLINE_MAX or self._closed or self.read_only:
+            return False
+        self._pwrite(offset, data, False)
+        return True
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
         """Write all of `data` at `offset`; with `fua`, durable on return."""
         self._check(offset, len(data), writing=True)
-        if not fua and 0 < len(data) <= INLINE_MAX and not self._closed:
-            self._pwrite(offset, data, False)  # into the page cache: see the module doc
-        elif len(data) or fua:
-            await self._run(self._pwrite, offset, data, fua)
+        if fua or not self.write_cached(offset, data):
+            if len(data) or fua:
+                await self._run(self._pwrite, offset, data, fua)
 
     async def flush(self) -> None:
         """fdatasync: every write completed before this call is durable."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -74,7 +75,12 @@ class Session:
         self.ready = ready
         self._stream = stream
         self._conn = connection
-        self._outbox_send, self._outbox = trio.open_memory_channel[Transaction | int](math.inf)
+        self._outbox_send, self._outbox = trio.open_memory_channel[Transaction | int | memoryview](
+            math.inf
+        )
+        self._queued = 0  # items in the outbox the sender has not taken yet
+        self._sending = False  # the sender is inside send_all
+        self._fd = _socket_fd(stream)
         self._last_heard = trio.current_time()
         self._pings = 0  # keepalive pings sent, also their handle suffix
 
@@ -155,13 +161,41 @@ class Session:
 
     # -- running --------------------------------------------------------
     def transmit(self, item: Transaction | int) -> None:
-        """Queue a transaction (or a ping handle) for sending, in order.
-        On a session that has ended this does nothing: whatever is still in
-        flight is resent by the next session."""
+        """Send a transaction (or a ping handle), in order after everything
+        transmitted before. When nothing is queued or being sent, the frame
+        is written to the socket at once without blocking (a task switch
+        less per request); what the socket does not take goes to the sender
+        task, first in line. On a session that has ended this does nothing:
+        whatever is still in flight is resent by the next session."""
+        queued: Transaction | int | memoryview = item
+        if self._fd is not None and not self._queued and not self._sending:
+            frame = self._frame(item)
+            if frame is None:
+                return
+            try:
+                sent = os.write(self._fd, frame)
+            except OSError:  # full (EAGAIN) or broken: the sender finds out which
+                sent = 0
+            if sent == len(frame):
+                return
+            queued = memoryview(frame)[sent:]
         try:
-            self._outbox_send.send_nowait(item)
+            self._outbox_send.send_nowait(queued)
+            self._queued += 1
         except trio.ClosedResourceError:
             pass
+
+    def _frame(self, item: Transaction | int) -> bytes | None:
+        """Seal the frame for `item` (the next sequence number: frames must
+        go out in the order they are sealed); None if it needs no sending."""
+        if self._conn.state is not State.OPEN:
+            return None  # the receiver saw the end; it ends the session
+        if isinstance(item, int):
+            return self._conn.send(Request(Command.PING, item))
+        if item.done.is_set():
+            return None
+        item.sends += 1
+        return self._conn.send(item.request())
 
     async def run(
         self,
@@ -188,20 +222,21 @@ class Session:
 
     async def _send_loop(self, finish: Callable[[str], None]) -> None:
         async for item in self._outbox:
+            self._queued -= 1
             if self._conn.state is not State.OPEN:
                 return  # the receiver saw the end; it ends the session
-            if isinstance(item, int):
-                request = Request(Command.PING, item)
-            elif item.done.is_set():
+            # A memoryview is the unsent tail of a frame sealed by transmit.
+            data = item if isinstance(item, memoryview) else self._frame(item)
+            if data is None:
                 continue
-            else:
-                request = item.request()
-                item.sends += 1
+            self._sending = True
             try:
-                await self._stream.send_all(self._conn.send(request))
+                await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 finish(f"send failed: {exc}")
                 return
+            finally:
+                self._sending = False
 
     async def _receive_loop(
         self, on_reply: Callable[[Reply], None], finish: Callable[[str], None]
@@ -247,6 +282,14 @@ class Session:
             if silent >= interval:
                 self._pings += 1
                 self.transmit(PING_HANDLE_BASE + self._pings)
+
+
+def _socket_fd(stream: trio.abc.Stream) -> int | None:
+    """The non-blocking socket under a trio SocketStream; None for other
+    streams (in-memory ones in tests), which always go through send_all."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket.fileno()
+    return None
 
 
 async def _tell_peer(stream: trio.abc.Stream, conn: Connection, exc: HandshakeFailed) -> None:

@@ -19,7 +19,9 @@ Semantics that users and the loop driver rely on:
 - storage files are opened with direct_io, so the kernel caches nothing and
   `losetup --direct-io=on` works; requests up to 1 MiB arrive whole
   (libfuse >= 3.6 negotiates max_write = max_pages * 4 KiB = 1 MiB with the
-  kernel, whose `fs.fuse.max_pages_limit` is 256 pages by default);
+  kernel, whose `fs.fuse.max_pages_limit` is 256 pages by default) when
+  written to the file directly; a loop device splits its requests at about
+  512 KiB (its queue's segment limit) before they reach FUSE;
 - reads past the end are short or empty; writes starting at or past the end
   fail with ENOSPC, writes crossing it are cut short (like a block device);
 - FUSE `flush` is close(2) and sends nothing to the storage; `fsync` flushes

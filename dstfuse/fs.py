@@ -47,10 +47,11 @@ import errno
 import itertools
 import logging
 import os
+import select
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -641,6 +642,103 @@ class _LibfusePatch:
             self.reply_error(request, errno.EIO)
 
 
+# ------------------------------------------------------------- fuse reader
+
+
+class _FuseReader:
+    """A cheaper stand-in for pyfuse3's `_wait_fuse_readable`.
+
+    pyfuse3's request loop asks this coroutine, before each read of
+    /dev/fuse, whether a request is there. pyfuse3's own version takes a
+    trio Lock (which yields to the scheduler even when free) and then always
+    parks in `wait_readable`, even with requests already queued: two passes
+    through the run loop per request. This one first polls the descriptor
+    without waiting and returns at once when a request is queued; otherwise
+    one idle worker waits for readability and the others park behind it.
+
+    Invariants: it returns True only when a request is queued now (the
+    caller reads it without any await in between, so no other worker can
+    take it first, and the read cannot block); at most one task is inside
+    `wait_readable` for the descriptor (trio allows one); after `close()`,
+    once the descriptor is being closed or once the kernel reports the
+    mount gone (POLLERR; the one worker told True then reads ENODEV, which
+    ends pyfuse3's session), every call returns False, which ends pyfuse3's
+    workers. Installed through pyfuse3's module attribute,
+    which its compiled loop looks up on every call; if the attribute is
+    missing, pyfuse3's own wait stays.
+    """
+
+    ATTRIBUTE = "_wait_fuse_readable"
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._waiter = False  # a worker is inside wait_readable
+        self._idle = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self._original: Callable[[], Awaitable[bool]] | None = None
+
+    @classmethod
+    def for_this_process(cls) -> _FuseReader | None:
+        """The reader for this process's one /dev/fuse descriptor; None when
+        there is not exactly one (or pyfuse3 lacks the hook)."""
+        if not hasattr(pyfuse3, cls.ATTRIBUTE):
+            log.debug("pyfuse3 has no %s; using its own request wait", cls.ATTRIBUTE)
+            return None
+        fds = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                    fds.append(int(name))
+            except OSError:
+                continue  # closed meanwhile (e.g. the listdir's own fd)
+        if len(fds) != 1:
+            log.debug("%d /dev/fuse descriptors; using pyfuse3's own request wait", len(fds))
+            return None
+        return cls(fds[0])
+
+    def install(self) -> None:
+        self._original = getattr(pyfuse3, self.ATTRIBUTE)
+        setattr(pyfuse3, self.ATTRIBUTE, self.wait_readable)
+
+    def uninstall(self) -> None:
+        if self._original is not None:
+            setattr(pyfuse3, self.ATTRIBUTE, self._original)
+            self._original = None
+
+    def close(self) -> None:
+        """Make every worker's next wait (and the current ones) return False."""
+        if self._closed:
+            return
+        self._closed = True
+        self._idle.unpark_all()
+        if self._waiter:
+            trio.lowlevel.notify_closing(self._fd)  # wakes it with ClosedResourceError
+
+    async def wait_readable(self) -> bool:
+        while not self._closed:
+            ready = self._poll.poll(0)
+            if ready:
+                if ready[0][1] & ~select.POLLIN:
+                    # Unmounted (the kernel says POLLERR): this worker's read
+                    # ends pyfuse3's session; nobody needs to wait any more.
+                    self.close()
+                return True
+            if self._waiter:
+                await self._idle.park()
+                continue
+            self._waiter = True
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            except trio.ClosedResourceError:
+                self.close()
+            finally:
+                self._waiter = False
+                self._idle.unpark()  # the next idle worker takes over the wait
+        return False
+
+
 # ----------------------------------------------------------------- session
 
 
@@ -664,6 +762,7 @@ class FuseSession:
         self.options |= set(options)
         self.workers = workers
         self._patch = _LibfusePatch(self._dispatch_fallocate, max_background)
+        self._reader: _FuseReader | None = None
         self._nursery: trio.Nursery | None = None
         self._mounted = False
         self._session = False
@@ -687,10 +786,13 @@ class FuseSession:
         self._session = True
         self._mounted = True
         self._patch.apply()
+        self._reader = _FuseReader.for_this_process()
 
     async def serve(self) -> None:
         """Answer requests until the filesystem is unmounted or `stop()`."""
         error: BaseException | None = None
+        if self._reader is not None:
+            self._reader.install()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
@@ -700,6 +802,8 @@ class FuseSession:
             finally:
                 # Pending fallocate tasks still reply before the session goes.
                 self._nursery = None
+                if self._reader is not None:
+                    self._reader.uninstall()
         if error is not None:
             raise error
 
@@ -707,6 +811,8 @@ class FuseSession:
         """Make `serve()` return once requests in progress are answered."""
         if self._mounted and not self._stopped:
             self._stopped = True
+            if self._reader is not None:
+                self._reader.close()
             pyfuse3.terminate()
 
     def close(self, *, unmount: bool = True) -> None:

@@ -95,6 +95,39 @@ async def test_dropped_reply_is_resent_after_timeout(autojump_clock):
         assert fake.data[:4096] == b"x" * 4096
 
 
+async def test_each_transaction_is_resent_on_its_own_deadline(autojump_clock):
+    """One resend timer serves every transaction: requests sent at
+    different moments are resent `resend` seconds after their own send."""
+    first_sends: set[int] = set()
+
+    def drop_first_send(request, number):
+        if request.command is Command.WRITE and request.handle not in first_sends:
+            first_sends.add(request.handle)
+            return DROP
+        return ANSWER
+
+    fake = FakeExport(policy=drop_first_send)
+    async with remote(fake) as node:
+        start = trio.current_time()
+        finished: dict[int, float] = {}
+
+        async def write_after(delay: float, offset: int) -> None:
+            await trio.sleep(delay)
+            await node.write(offset, b"z" * 4096)
+            finished[offset] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_after, 0.0, 0)
+            nursery.start_soon(write_after, 0.5, 4096)
+            nursery.start_soon(write_after, 1.25, 8192)
+        assert finished == {
+            0: pytest.approx(TIMEOUTS.resend),
+            4096: pytest.approx(0.5 + TIMEOUTS.resend),
+            8192: pytest.approx(1.25 + TIMEOUTS.resend),
+        }
+        assert node.counters.resends == 3
+
+
 async def test_unanswered_transaction_fails_with_eio_after_the_budget(autojump_clock, caplog):
     fake = FakeExport(policy=lambda r, n: DROP if r.command is Command.WRITE else ANSWER)
     async with remote(fake) as node:

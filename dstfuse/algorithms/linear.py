@@ -75,11 +75,16 @@ class Linear(Algorithm):
         return bytes(buffer)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        pieces = list(self._pieces(offset, len(data)))
+        if len(pieces) == 1:
+            placement, node_offset, _, _ = pieces[0]
+            await placement.node.write(node_offset, data, fua=fua)
+            return
         view = memoryview(data)
         await gather_or_raise(
             [
                 lambda p=p, o=o, n=n, at=at: p.node.write(o, view[at : at + n], fua=fua)
-                for p, o, n, at in self._pieces(offset, len(view))
+                for p, o, n, at in pieces
             ]
         )
 

@@ -8,6 +8,10 @@ backoff, renegotiates and resends every transaction still in flight in its
 original order. Only when a transaction has gone unanswered for its whole
 budget, `resend * (max_resends + 1)` seconds, does the caller get an error.
 
+Each node has one resend timer, a task that sleeps until the earliest
+deadline among its transactions and resends (or gives up on) the overdue
+ones; a request arms nothing of its own.
+
 Invariants:
 - a write, trim or write-zeroes waits for every earlier overlapping one
   still in flight (`WriteOrder`), so a resend can never overwrite newer data;
@@ -165,21 +169,23 @@ class RemoteNode(Node):
         no session (started offline), connect first."""
         with self._cancel:
             task_status.started()
-            if session is None:
-                session = await self._reconnect()
-            while True:
-                self._go_online(session)
-                reason = await session.run(self._on_reply, keepalive=self._timeouts.keepalive)
-                self._session = None
-                self._set_state(NodeState.OFFLINE)
-                log.warning(
-                    "%s: connection lost (%s); %d transactions in flight, reconnecting",
-                    self,
-                    reason,
-                    len(self._table),
-                )
-                session = await self._reconnect()
-                self.counters.reconnects += 1
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._resend_overdue)
+                if session is None:
+                    session = await self._reconnect()
+                while True:
+                    self._go_online(session)
+                    reason = await session.run(self._on_reply, keepalive=self._timeouts.keepalive)
+                    self._session = None
+                    self._set_state(NodeState.OFFLINE)
+                    log.warning(
+                        "%s: connection lost (%s); %d transactions in flight, reconnecting",
+                        self,
+                        reason,
+                        len(self._table),
+                    )
+                    session = await self._reconnect()
+                    self.counters.reconnects += 1
 
     def _go_online(self, session: Session) -> None:
         self._session = session
@@ -265,30 +271,52 @@ class RemoteNode(Node):
         return reply
 
     async def _await_reply(self, txn: Transaction) -> Reply:
-        resend, max_resends = self._timeouts.resend, self._timeouts.max_resends
+        txn.deadline = trio.current_time() + self._timeouts.resend
         if self._session is not None:
             self._session.transmit(txn)
-        for attempt in range(max_resends + 1):
-            with trio.move_on_after(resend):
-                await txn.done.wait()
-            if txn.reply is not None:
-                return txn.reply
-            if attempt == max_resends:
-                break
-            if self._session is not None:
-                log.info("%s: %s not acknowledged within %gs; resending", self, txn, resend)
-                self.counters.resends += 1
-                self._session.transmit(txn)
+        await txn.done.wait()
+        if txn.reply is None:  # the resend timer gave up on it
+            budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
+            raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")
+        return txn.reply
+
+    async def _resend_overdue(self) -> None:
+        """The node's resend timer. A transaction unanswered `resend`
+        seconds after it was sent (or last resent) is sent again, on the
+        current session if there is one; after `max_resends` resends and one
+        more wait, it fails. Transactions only ever get deadlines at least
+        `resend` after the moment they are armed, so sleeping until the
+        earliest deadline seen here (or `resend` from now) misses none."""
+        resend, max_resends = self._timeouts.resend, self._timeouts.max_resends
+        while True:
+            now = trio.current_time()
+            wake = now + resend
+            for txn in self._table:
+                if txn.done.is_set():
+                    continue
+                if txn.deadline <= now:
+                    txn.expired += 1
+                    if txn.expired > max_resends:
+                        self._give_up(txn, resend * (max_resends + 1))
+                        continue
+                    txn.deadline = now + resend
+                    if self._session is not None:
+                        log.info("%s: %s not acknowledged within %gs; resending", self, txn, resend)
+                        self.counters.resends += 1
+                        self._session.transmit(txn)
+                wake = min(wake, txn.deadline)
+            await trio.sleep_until(wake)
+
+    def _give_up(self, txn: Transaction, budget: float) -> None:
         self.counters.errors += 1
-        budget = resend * (max_resends + 1)
         log.error(
             "%s: %s failed: no acknowledgement within %gs (%d resends)",
             self,
             txn,
             budget,
-            max_resends,
+            txn.expired - 1,
         )
-        raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")
+        self._table.give_up(txn)
 
     def _require(self, command: Command) -> None:
         feature = _FEATURE_OF.get(command)
@@ -329,6 +357,10 @@ class RemoteNode(Node):
         self.check_writable()
         self.check_range(offset, len(data))
         flags = Flag.FUA if fua else Flag.NONE
+        if len(data) <= self.max_request:
+            await self._transact(Command.WRITE, offset, len(data), flags=flags, data=data)
+            self.counters.bytes_written += len(data)
+            return
         view = memoryview(data)
         await gather_or_raise(
             [

@@ -45,6 +45,8 @@ from .transactions import Transaction
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 1 << 18
+#: Full reads in a row before the receiver yields to other tasks anyway.
+_READS_WITHOUT_WAIT = 8
 #: Keepalive pings use handles from this space, disjoint from transactions'.
 PING_HANDLE_BASE = 1 << 63
 
@@ -81,6 +83,8 @@ class Session:
         self._queued = 0  # items in the outbox the sender has not taken yet
         self._sending = False  # the sender is inside send_all
         self._fd = _socket_fd(stream)
+        self._drained = True  # the last read left the socket empty
+        self._reads_without_wait = 0
         self._last_heard = trio.current_time()
         self._pings = 0  # keepalive pings sent, also their handle suffix
 
@@ -156,6 +160,9 @@ class Session:
         return self._conn.mode or "?"
 
     async def close(self) -> None:
+        # Forget the descriptor first: once closed its number may be reused
+        # by another connection, which must never see our frames.
+        self._fd = None
         self._outbox_send.close()
         await trio.aclose_forcefully(self._stream)
 
@@ -244,7 +251,7 @@ class Session:
         conn = self._conn
         while True:
             try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
+                data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 finish(f"receive failed: {exc}")
                 return
@@ -269,6 +276,30 @@ class Session:
                 else:
                     finish(f"unexpected {type(event).__name__} from node")
                     return
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the node (b"" at its end). On a socket this
+        costs one pass through the scheduler per wakeup, where the stream's
+        receive_some takes two: after a short read (the socket was drained)
+        it waits until readable, then reads; after a full read it reads at
+        once, but still yields every few reads so a busy stream cannot keep
+        the other tasks (or a cancellation) waiting."""
+        fd = self._fd
+        if fd is None:
+            return await self._stream.receive_some(RECEIVE_SIZE)
+        if self._drained or self._reads_without_wait >= _READS_WITHOUT_WAIT:
+            self._reads_without_wait = 0
+            await trio.lowlevel.wait_readable(fd)
+        else:
+            self._reads_without_wait += 1
+        while True:
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            self._drained = len(data) < RECEIVE_SIZE
+            return data
 
     async def _keepalive_loop(self, interval: float, finish: Callable[[str], None]) -> None:
         """Ping whenever nothing was heard for an interval; a peer that stays

@@ -3,19 +3,25 @@
 A `Transaction` is one request to a remote node with a handle unique for
 the node's lifetime. The `TransactionTable` holds the in-flight ones in
 submission order (the order a reconnect resends them in) and bounds how many
-there are: `begin` waits while the table is full.
+there are: `begin` waits while the table is full (and only then: a free slot
+is taken without a trip through the scheduler).
+
+A transaction carries its own resend deadline; the node's one resend timer
+(`RemoteNode`) looks them up here, so no request arms a timer of its own.
 
 Invariants:
 - a transaction is in the table from `begin` until `end`; a handle is never
   reused, so a late reply for an ended transaction finds nothing and is
   dropped by the caller;
 - `complete` records the first reply only; duplicates (from resends) are
-  ignored;
+  ignored; `give_up` ends the wait without a reply; `done` is set exactly
+  once, by whichever comes first;
 - the table never holds more than `capacity` transactions.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,8 +30,12 @@ import trio
 from ..protocol import Command, Flag, Reply, Request
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Transaction:
+    """`deadline` (trio clock) is when the current wait for an answer runs
+    out; `expired` counts the waits that already ran out; `sends` the frames
+    sent. `done` is set by the reply or by `give_up` (then `reply` is None)."""
+
     command: Command
     handle: int
     offset: int
@@ -34,6 +44,8 @@ class Transaction:
     data: bytes | memoryview = field(default=b"", repr=False)
     sends: int = 0
     reply: Reply | None = None
+    deadline: float = math.inf
+    expired: int = 0
     done: trio.Event = field(default_factory=trio.Event, repr=False)
 
     def request(self) -> Request:
@@ -74,7 +86,10 @@ class TransactionTable:
         data: bytes | memoryview = b"",
     ) -> Transaction:
         """Wait for a free slot, then register a new transaction."""
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
         txn = Transaction(command, self.new_handle(), offset, length, flags, data)
         self._in_flight[txn.handle] = txn
         return txn
@@ -85,10 +100,14 @@ class TransactionTable:
         txn = self._in_flight.get(reply.handle)
         if txn is None or txn.command is not reply.command:
             return None
-        if txn.reply is None:
+        if not txn.done.is_set():
             txn.reply = reply
             txn.done.set()
         return txn
+
+    def give_up(self, txn: Transaction) -> None:
+        """End the wait for `txn` without a reply (its budget ran out)."""
+        txn.done.set()
 
     def end(self, txn: Transaction) -> None:
         """Remove `txn` and free its slot; safe to call once per `begin`."""

@@ -228,22 +228,50 @@ class Session:
         return reason
 
     async def _send_loop(self, finish: Callable[[str], None]) -> None:
-        async for item in self._outbox:
-            self._queued -= 1
+        """Send what `transmit` could not: everything queued by the time the
+        sender runs goes out in one write, in queue order."""
+        outbox = self._outbox
+        async for item in outbox:
+            batch = [item]
+            while True:
+                try:
+                    batch.append(outbox.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            self._queued -= len(batch)
             if self._conn.state is not State.OPEN:
                 return  # the receiver saw the end; it ends the session
             # A memoryview is the unsent tail of a frame sealed by transmit.
-            data = item if isinstance(item, memoryview) else self._frame(item)
-            if data is None:
+            frames = [
+                frame
+                for frame in (i if isinstance(i, memoryview) else self._frame(i) for i in batch)
+                if frame is not None
+            ]
+            if not frames:
                 continue
             self._sending = True
             try:
-                await self._stream.send_all(data)
+                await self._send(frames[0] if len(frames) == 1 else b"".join(frames))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 finish(f"send failed: {exc}")
                 return
             finally:
                 self._sending = False
+
+    async def _send(self, data: bytes | memoryview) -> None:
+        """Write all of `data`; on a socket, wait only while it is full."""
+        fd = self._fd
+        if fd is None:
+            await self._stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            view = view[sent:]
 
     async def _receive_loop(
         self, on_reply: Callable[[Reply], None], finish: Callable[[str], None]

@@ -16,11 +16,25 @@ HELLO, CHALLENGE and CONFIRM are sealed with the unkeyed checksum; every
 later frame of a direction with the negotiated session sealer. Either side
 may send REFUSED instead of its next handshake frame.
 
+Receiving: `receive_data` keeps the chunks it is given (bytes are not
+copied) and `next_event` cuts each frame's header, body and tag straight
+out of the chunk it lies in; only a frame that straddles chunks is joined
+from its pieces, once (small chunks are merged as they arrive, so a
+trickling peer cannot make the queue of chunks cost more than the bytes
+it holds). A chunk is dropped as soon as its last frame is returned.
+Frames of the open state (requests, replies) take a fast path: one header
+unpack, commands and flags looked up in tables instead of enum calls, and
+events built without re-running the checks their constructors do for
+hand-built events, because the parser checked the same things.
+
 Invariants:
 - a frame's payload length is checked against the limit for the current
   state as soon as its header is complete, before any of its payload is
   buffered for it; after `next_event` returned NEED_DATA, `buffered` is at
-  most HEADER_SIZE + limit + TAG_SIZE - 1;
+  most HEADER_SIZE + limit + TAG_SIZE - 1 (the memory held is at most
+  that plus the already returned part of the chunk being read);
+- an event built by the fast path is equal to the one its constructor
+  would build from the same fields, and passes the constructor's checks;
 - no event is returned from a frame that failed its check, and the fields
   of every returned event are exactly those the peer sealed;
 - once `next_event` raised RemoteProtocolError or HandshakeFailed (or
@@ -36,8 +50,9 @@ from __future__ import annotations
 import enum
 import hmac
 import os
+from collections import deque
 from dataclasses import replace
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple, NoReturn
 
 from . import attributes as attrs
 from .constants import (
@@ -78,6 +93,8 @@ from .events import (
     Refused,
     Reply,
     Request,
+    parsed_reply,
+    parsed_request,
 )
 from .handshake import (
     SessionKeys,
@@ -138,6 +155,32 @@ class _Header(NamedTuple):
 _PROOF_TLV_SIZE = attrs.TLV_HEADER_SIZE + PROOF_SIZE
 _KNOWN_MODES = frozenset(KEYED_MODES + UNKEYED_MODES)
 
+# Hot-path constants: enum member and attribute lookups cost as much as a
+# call in Python 3.11, and Command(...) / Flag(...) several times more.
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_OPEN = State.OPEN
+_ERROR = State.ERROR
+_CLIENT = Role.CLIENT
+_SERVER = Role.SERVER
+_WRITE = Command.WRITE
+_FRAME_SIZE = HEADER_SIZE + TAG_SIZE
+#: Received chunks shorter than this are merged while a frame is pending.
+_SMALL_CHUNK = 4096
+_REPLY = int(Flag.REPLY)
+_FUA = int(Flag.FUA)
+_UNKNOWN_FLAGS = 0xFFFF & ~int(KNOWN_FLAGS)
+#: Every command by its wire value (the header's u8), None where unknown.
+_COMMAND_BY_VALUE = {int(command): command for command in Command}
+_COMMAND_AT: tuple[Command | None, ...] = tuple(_COMMAND_BY_VALUE.get(v) for v in range(256))
+#: Request commands by wire value, None for handshake and unknown values.
+_REQUEST_AT: tuple[Command | None, ...] = tuple(
+    c if c in REQUEST_COMMANDS else None for c in _COMMAND_AT
+)
+#: A request's Flag by its (already checked) wire value: 0 or FUA.
+_REQUEST_FLAG_AT = (Flag.NONE, Flag.FUA)
+assert _FUA == 1 and _UNKNOWN_FLAGS == 0xFFFF & ~(_FUA | _REPLY)
+
 
 class Connection:
     """One side of a dstfuse protocol stream.
@@ -174,9 +217,13 @@ class Connection:
         self._modes = list(modes) if modes else None
         self._send_sealer: Sealer = Xxh3Sealer()
         self._recv_sealer: Sealer = Xxh3Sealer()
-        self._buffer = bytearray()
+        # Received bytes not yet returned as events: _buffer[_start:], then
+        # the chunks in _queue (_queued bytes in all; see receive_data).
+        self._buffer = b""
+        self._start = 0
+        self._queue: deque[bytes | bytearray] = deque()
+        self._queued = 0
         self._eof = False
-        self._header: _Header | None = None  # parsed header of the frame being received
         self._opened = False  # reached OPEN once: REFUSED is no longer possible
         self._nonce = os.urandom(NONCE_SIZE)
         self._hello_payload = b""
@@ -206,10 +253,10 @@ class Connection:
             )
         if size > MAX_PAYLOAD_LIMIT:
             raise LocalProtocolError(f"payload of {size} bytes does not fit in one frame")
-        header = HEADER.pack(
+        header = _pack_header(
             MAGIC, VERSION, command, flags, handle, offset, length, status, size, 0
         )
-        return header + self._send_sealer.seal(header, payload)
+        return self._send_sealer.frame(header, payload)
 
     def _expect(self, *states: State) -> None:
         if self.state not in states:
@@ -341,49 +388,110 @@ class Connection:
         """Frame a request (client) or reply (server) on an open connection.
         Frames must go out in the order `send` returned them: each one's
         check covers its sequence number."""
-        self._expect(State.OPEN)
+        if self.state is not _OPEN:
+            self._expect(State.OPEN)
         if isinstance(event, Request):
-            if self.role is not Role.CLIENT:
+            if self.role is not _CLIENT:
                 raise LocalProtocolError("only a client sends requests")
-            return self._frame(
-                event.command,
-                flags=int(event.flags),
-                handle=event.handle,
-                offset=event.offset,
-                length=event.length,
-                payload=event.data,
-            )
-        if not isinstance(event, Reply):
+            flags: int = event.flags
+            status = 0
+        elif isinstance(event, Reply):
+            if self.role is not _SERVER:
+                raise LocalProtocolError("only a server sends replies")
+            flags, status = _REPLY, event.status
+        else:
             raise LocalProtocolError(f"cannot send {type(event).__name__}")
-        if self.role is not Role.SERVER:
-            raise LocalProtocolError("only a server sends replies")
-        return self._frame(
-            event.command,
-            flags=int(Flag.REPLY),
-            handle=event.handle,
-            offset=event.offset,
-            length=event.length,
-            status=event.status,
-            payload=event.data,
+        # The event's constructor checked its fields, so the header is
+        # packed straight from them; only the payload's size is taken now
+        # (a bytearray may have been resized since).
+        data = event.data
+        size = len(data) if type(data) is bytes else memoryview(data).nbytes
+        if size > MAX_PAYLOAD_LIMIT:
+            raise LocalProtocolError(f"payload of {size} bytes does not fit in one frame")
+        header = _pack_header(
+            MAGIC, VERSION, event.command, flags, event.handle, event.offset, event.length,
+            status, size, 0,
         )
+        return self._send_sealer.frame(header, data)
 
     # ------------------------------------------------------------------
     # receiving
     def receive_data(self, data: Buffer) -> None:
-        """Feed bytes from the transport; b"" means the peer closed."""
-        if self.state is State.ERROR:
+        """Feed bytes from the transport; b"" means the peer closed. Bytes
+        are kept as they are, other buffers are copied."""
+        if self.state is _ERROR:
             raise LocalProtocolError("connection is in the error state")
-        if self._eof and data:
-            raise LocalProtocolError("data after end of stream")
-        if data:
-            self._buffer += data
-        else:
+        if not data:
             self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("data after end of stream")
+        if type(data) is not bytes:
+            data = bytes(memoryview(data))  # a copy of any buffer, and only of a buffer
+        if self._start == len(self._buffer):  # then the queue is empty too
+            self._buffer, self._start = data, 0
+            return
+        # A frame is incomplete: queue the chunk until next_event has all of
+        # the frame. Small chunks are appended to a bytearray at the end of
+        # the queue instead, so that a peer trickling bytes costs no more
+        # memory than it sends.
+        queue = self._queue
+        if len(data) >= _SMALL_CHUNK:
+            queue.append(data)
+        elif queue and type(queue[-1]) is bytearray:
+            queue[-1] += data
+        else:
+            queue.append(bytearray(data))
+        self._queued += len(data)
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as events."""
-        return len(self._buffer)
+        return len(self._buffer) - self._start + self._queued
+
+    def _take(self, size: int) -> bytes:
+        """Remove the next `size` bytes from what is buffered and return
+        them: a slice of the current chunk if they lie in it (the chunk
+        itself if they are all of it), else the pieces joined, so a frame
+        part that arrived in several chunks is copied once. The caller
+        checked that `buffered` >= `size`."""
+        buffer, start = self._buffer, self._start
+        end = start + size
+        if end <= len(buffer):
+            if end < len(buffer):
+                self._start = end
+            else:
+                self._next_chunk()
+            return buffer[start:end]
+        queue = self._queue
+        # The views die with `pieces`; a bytearray among them has left the
+        # queue, so nothing resizes it meanwhile.
+        pieces: list[Buffer] = [memoryview(buffer)[start:]]
+        wanted = end - len(buffer)
+        while wanted:
+            chunk = queue.popleft()
+            self._queued -= len(chunk)
+            if len(chunk) > wanted:
+                pieces.append(memoryview(chunk)[:wanted])
+                if type(chunk) is bytes:
+                    self._buffer, self._start = chunk, wanted
+                else:
+                    self._buffer, self._start = bytes(memoryview(chunk)[wanted:]), 0
+                return b"".join(pieces)
+            pieces.append(chunk)
+            wanted -= len(chunk)
+        self._next_chunk()
+        return b"".join(pieces)
+
+    def _next_chunk(self) -> None:
+        """Make the first queued chunk (or nothing) the current buffer,
+        which is always bytes."""
+        if self._queue:
+            chunk = self._queue.popleft()
+            self._queued -= len(chunk)
+            self._buffer, self._start = bytes(chunk), 0
+        else:
+            self._buffer, self._start = b"", 0
 
     def _payload_limit(self) -> int:
         if self.state is State.OPEN:
@@ -394,43 +502,95 @@ class Connection:
         """The next complete event, or NEED_DATA. Raises RemoteProtocolError
         (IntegrityError for a failed check) or HandshakeFailed, after which
         the connection is in ERROR."""
-        if self.state is State.ERROR:
+        if self.state is _ERROR:
             raise LocalProtocolError("connection is in the error state")
         try:
-            return self._next_event()
+            buffer, start = self._buffer, self._start
+            available = len(buffer) - start  # contiguous, in the current chunk
+            if available >= HEADER_SIZE:
+                fields = _unpack_header(buffer, start)
+            elif self._queued and self.buffered >= HEADER_SIZE:
+                fields = self._peek_header()
+            else:
+                return self._at_end_of_data()
+            magic, version, command, flags, handle, offset, length, status, size, reserved = fields
+            # One test for the usual case; _reject_header says what is wrong.
+            if (
+                magic != MAGIC
+                or version != VERSION
+                or reserved
+                or flags & _UNKNOWN_FLAGS
+                or _COMMAND_AT[command] is None
+                or size > (self.max_payload if self.state is _OPEN else MAX_HANDSHAKE_PAYLOAD)
+            ):
+                self._reject_header(_Header._make(fields))
+            total = size + _FRAME_SIZE
+            if available >= total:  # the usual case: the frame lies in one chunk
+                body = start + HEADER_SIZE
+                end = start + total
+                tag = end - TAG_SIZE
+                payload = self._recv_sealer.open(
+                    buffer[start:body], buffer[body:tag], buffer[tag:end]
+                )
+                if end < len(buffer):
+                    self._start = end
+                else:  # drop the chunk now rather than at the next one
+                    self._next_chunk()
+            elif self.buffered >= total:
+                header = self._take(HEADER_SIZE)
+                payload = self._recv_sealer.open(header, self._take(size), self._take(TAG_SIZE))
+            else:
+                return self._at_end_of_data()
+            request_command = _REQUEST_AT[command]
+            if request_command is None or self.state is not _OPEN:
+                return self._dispatch(_Header._make(fields), payload)
+            # A request or reply on an open connection: the frame checks of
+            # docs/protocol.md section 3 on the unpacked ints, then the
+            # event built without its constructor's second check.
+            if self.role is _SERVER:
+                if flags & _REPLY:
+                    raise RemoteProtocolError("a client sent a reply")
+                if status:
+                    raise RemoteProtocolError(
+                        f"{request_command.name} request with a non-zero status"
+                    )
+                if request_command is _WRITE:
+                    if size != length:
+                        raise RemoteProtocolError("WRITE length differs from its payload")
+                elif size:
+                    raise RemoteProtocolError(f"{request_command.name} request with a payload")
+                return parsed_request(
+                    request_command, handle, offset, length, _REQUEST_FLAG_AT[flags], payload
+                )
+            if flags != _REPLY:
+                if not flags & _REPLY:
+                    raise RemoteProtocolError("a server sent a request")
+                raise RemoteProtocolError(f"reply with request flags {flags:#x}")
+            return parsed_reply(request_command, handle, status, offset, length, payload)
         except (RemoteProtocolError, HandshakeFailed):
-            self.state = State.ERROR
+            self.state = _ERROR
             raise
 
-    def _next_event(self) -> Event | _NeedData:
-        buffer = self._buffer
-        if self._header is None:
-            if len(buffer) < HEADER_SIZE:
-                return self._at_end_of_data()
-            self._header = self._parse_header(bytes(buffer[:HEADER_SIZE]))
-        fields = self._header
-        total = HEADER_SIZE + fields.payload_len + TAG_SIZE
-        if len(buffer) < total:
-            return self._at_end_of_data()
-        header = bytes(buffer[:HEADER_SIZE])
-        # Both views are released before the buffer is resized, even when
-        # the frame fails to open.
-        with memoryview(buffer) as view, view[HEADER_SIZE:total] as sealed:
-            payload = self._recv_sealer.open(header, sealed)
-        del buffer[:total]
-        self._header = None
-        return self._dispatch(fields, payload)
+    def _peek_header(self) -> tuple[Any, ...]:
+        """The fields of a header that straddles chunks (it stays buffered)."""
+        head = self._buffer[self._start :]
+        for chunk in self._queue:
+            head += chunk[:HEADER_SIZE]
+            if len(head) >= HEADER_SIZE:
+                break
+        return _unpack_header(head)
 
     def _at_end_of_data(self) -> Event | _NeedData:
         if not self._eof:
             return NEED_DATA
-        if self._buffer:
+        if self.buffered:
             raise RemoteProtocolError("connection closed in the middle of a frame")
         self.state = State.CLOSED
         return ConnectionClosed()
 
-    def _parse_header(self, raw: bytes) -> _Header:
-        fields = _Header._make(HEADER.unpack(raw))
+    def _reject_header(self, fields: _Header) -> NoReturn:
+        """Raise the RemoteProtocolError for the first thing wrong with a
+        header (the checks of section 2 of docs/protocol.md, in order)."""
         if fields.magic != MAGIC:
             raise RemoteProtocolError(f"bad frame magic {fields.magic!r}")
         if fields.version != VERSION:
@@ -439,23 +599,23 @@ class Connection:
             raise RemoteProtocolError("reserved header field is not zero")
         if fields.flags & ~int(KNOWN_FLAGS):
             raise RemoteProtocolError(f"unknown frame flags {fields.flags:#x}")
-        try:
-            Command(fields.command)
-        except ValueError:
-            raise RemoteProtocolError(f"unknown command {fields.command}") from None
+        if _COMMAND_AT[fields.command] is None:
+            raise RemoteProtocolError(f"unknown command {fields.command}")
         limit = self._payload_limit()
         if fields.payload_len > limit:
             raise RemoteProtocolError(
                 f"frame payload of {fields.payload_len} bytes exceeds the limit {limit}"
             )
-        return fields
+        raise AssertionError(f"header {fields} is valid")
 
     def _dispatch(self, fields: _Header, payload: bytes) -> Event:
+        """Every frame but a request or reply on an open connection (those
+        take next_event's fast path)."""
         command = Command(fields.command)
         if self.state is State.CLOSED:
             raise RemoteProtocolError(f"{command.name} after the handshake was refused")
         if command in REQUEST_COMMANDS:
-            return self._dispatch_io(command, fields, payload)
+            raise RemoteProtocolError(f"{command.name} before the handshake finished")
         if fields.flags or fields.handle or fields.offset or fields.length:
             raise RemoteProtocolError(f"{command.name} with non-zero request fields")
         if command is Command.REFUSED:
@@ -468,28 +628,6 @@ class Connection:
         if fields.status:
             raise RemoteProtocolError(f"{command.name} with a non-zero status")
         return self._dispatch_handshake(command, payload)
-
-    def _dispatch_io(self, command: Command, fields: _Header, payload: bytes) -> Request | Reply:
-        if self.state is not State.OPEN:
-            raise RemoteProtocolError(f"{command.name} before the handshake finished")
-        is_reply = bool(fields.flags & Flag.REPLY)
-        if self.role is Role.SERVER:
-            if is_reply:
-                raise RemoteProtocolError("a client sent a reply")
-            if fields.status:
-                raise RemoteProtocolError(f"{command.name} request with a non-zero status")
-            if command is Command.WRITE and len(payload) != fields.length:
-                raise RemoteProtocolError("WRITE length differs from its payload")
-            if command is not Command.WRITE and payload:
-                raise RemoteProtocolError(f"{command.name} request with a payload")
-            return Request(
-                command, fields.handle, fields.offset, fields.length, Flag(fields.flags), payload
-            )
-        if not is_reply:
-            raise RemoteProtocolError("a server sent a request")
-        if fields.flags != Flag.REPLY:
-            raise RemoteProtocolError(f"reply with request flags {fields.flags:#x}")
-        return Reply(command, fields.handle, fields.status, fields.offset, fields.length, payload)
 
     def _dispatch_handshake(self, command: Command, payload: bytes) -> Event:
         reader = attrs.Reader(attrs.decode(payload))

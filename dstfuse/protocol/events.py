@@ -4,6 +4,14 @@ Events are frozen dataclasses validated on construction, so a malformed
 event is a `LocalProtocolError` at the point where it is built, never a
 bad frame on the wire. Fields given as plain ints are normalised to their
 enum types (`Command`, `Flag`, `Permission`, `Feature`).
+
+`Request` and `Reply` are built once per I/O, so their checks start with
+one test that accepts the usual fields (a command and flags found in a
+table, bytes data, ints in range) and fall back to the field-by-field
+checks, which give the error message or normalise an unusual value, for
+anything else. `parsed_request` and `parsed_reply` are for the
+connection's parser only: they build an event from fields it has already
+checked, without checking again.
 """
 
 from __future__ import annotations
@@ -27,13 +35,20 @@ _U64 = 1 << 64
 Buffer = bytes | bytearray | memoryview
 
 
+_new = object.__new__
+_set = object.__setattr__
+#: Request commands by value; a key equal to a Command's value finds the
+#: member Command(key) would return.
+_REQUEST_COMMAND = {int(command): command for command in REQUEST_COMMANDS}
+#: The flags a request may carry, by value, as Flag(value) would return them.
+_REQUEST_FLAG = {0: Flag.NONE, int(Flag.FUA): Flag.FUA}
+assert int(REQUEST_FLAGS) == int(Flag.FUA)
+_WRITE = Command.WRITE
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise LocalProtocolError(message)
-
-
-def _set(event: object, name: str, value: object) -> None:
-    object.__setattr__(event, name, value)
 
 
 def _command(event: object, value: int) -> Command:
@@ -41,7 +56,8 @@ def _command(event: object, value: int) -> Command:
         command = Command(value)
     except (ValueError, TypeError):
         raise LocalProtocolError(f"{value!r} is not a command") from None
-    _check(command in REQUEST_COMMANDS, f"{command!r} is not a request")
+    if command not in REQUEST_COMMANDS:
+        raise LocalProtocolError(f"{command!r} is not a request")
     _set(event, "command", command)
     return command
 
@@ -127,7 +143,13 @@ class Refused:
     message: str
 
 
-@dataclass(frozen=True)
+# Request and Reply write their own __init__ (init=False): the generated
+# one of a frozen dataclass sets each field through object.__setattr__ and
+# then calls __post_init__, which together cost more than the checks. The
+# parameters are the fields, in order, with the same defaults.
+
+
+@dataclass(frozen=True, init=False)
 class Request:
     """A client request. `length` is the byte count the request covers; for
     WRITE it must equal len(data), every other command carries no data.
@@ -140,7 +162,43 @@ class Request:
     flags: Flag = Flag.NONE
     data: Buffer = field(default=b"", repr=False)
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        command: Command,
+        handle: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: Flag = Flag.NONE,
+        data: Buffer = b"",
+    ) -> None:
+        checked_command: Command | None
+        try:
+            checked_command = _REQUEST_COMMAND[command]
+            checked_flags = _REQUEST_FLAG[flags]
+        except (KeyError, TypeError):  # not a request command or flags, or unhashable
+            checked_command = None
+        fields = self.__dict__
+        if (
+            checked_command is not None
+            and type(data) is bytes
+            and 0 <= handle < _U64
+            and 0 <= offset < _U64
+            and 0 <= length < _U32
+            and len(data) == (length if checked_command is _WRITE else 0)
+        ):
+            fields["command"] = checked_command
+            fields["handle"] = handle
+            fields["offset"] = offset
+            fields["length"] = length
+            fields["flags"] = checked_flags
+            fields["data"] = data
+            return
+        fields.update(
+            command=command, handle=handle, offset=offset, length=length, flags=flags, data=data
+        )
+        self._check_fields()
+
+    def _check_fields(self) -> None:
         command = _command(self, self.command)
         _check(0 <= self.handle < _U64, "handle out of range")
         _check(0 <= self.offset < _U64, "offset out of range")
@@ -157,7 +215,7 @@ class Request:
             _check(size == 0, f"{command.name} carries no data")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Reply:
     """The node's answer to request `handle`; `status` 0 or an errno. READ
     replies carry the data, CHECKSUM replies the 16-byte digest. `offset` and
@@ -171,13 +229,83 @@ class Reply:
     length: int = 0
     data: Buffer = field(default=b"", repr=False)
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        command: Command,
+        handle: int,
+        status: int = 0,
+        offset: int = 0,
+        length: int = 0,
+        data: Buffer = b"",
+    ) -> None:
+        checked_command: Command | None
+        try:
+            checked_command = _REQUEST_COMMAND[command]
+        except (KeyError, TypeError):  # not a request command, or unhashable
+            checked_command = None
+        fields = self.__dict__
+        if (
+            checked_command is not None
+            and type(data) is bytes
+            and 0 <= handle < _U64
+            and 0 <= status < _U32
+            and 0 <= offset < _U64
+            and 0 <= length < _U32
+            and len(data) < _U32
+        ):
+            fields["command"] = checked_command
+            fields["handle"] = handle
+            fields["status"] = status
+            fields["offset"] = offset
+            fields["length"] = length
+            fields["data"] = data
+            return
+        fields.update(
+            command=command, handle=handle, status=status, offset=offset, length=length, data=data
+        )
+        self._check_fields()
+
+    def _check_fields(self) -> None:
         _command(self, self.command)
         _check(0 <= self.handle < _U64, "handle out of range")
         _check(0 <= self.status < _U32, "status out of range")
         _check(0 <= self.offset < _U64, "offset out of range")
         _check(0 <= self.length < _U32, "length out of range")
         _check(_data(self, self.data) < _U32, "reply data too large for one frame")
+
+
+def parsed_request(
+    command: Command, handle: int, offset: int, length: int, flags: Flag, data: bytes
+) -> Request:
+    """A Request from a frame the parser checked (a request command, u64
+    handle and offset, u32 length, flags 0 or FUA, data of `length` bytes
+    for WRITE and none otherwise), built without checking it again."""
+    event: Request = _new(Request)
+    fields = event.__dict__
+    fields["command"] = command
+    fields["handle"] = handle
+    fields["offset"] = offset
+    fields["length"] = length
+    fields["flags"] = flags
+    fields["data"] = data
+    return event
+
+
+def parsed_reply(
+    command: Command, handle: int, status: int, offset: int, length: int, data: bytes
+) -> Reply:
+    """A Reply from a frame the parser checked (a request command, u64
+    handle and offset, u32 status and length, data shorter than 2**32),
+    built without checking it again."""
+    event: Reply = _new(Reply)
+    fields = event.__dict__
+    fields["command"] = command
+    fields["handle"] = handle
+    fields["status"] = status
+    fields["offset"] = offset
+    fields["length"] = length
+    fields["data"] = data
+    return event
 
 
 @dataclass(frozen=True)

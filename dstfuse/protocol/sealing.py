@@ -13,12 +13,15 @@ so a dropped, replayed or reordered frame fails to open. Modes:
 
 On the wire a sealed frame is header | body | 16-byte tag, where body is
 the payload (ciphertext for AEAD modes) and has the header's payload_len.
+`frame` builds that whole frame with one copy of the payload in the
+checksum modes (header, payload and tag joined at once); `open` takes the
+three parts as the receiver cut them out of its buffer, and in the checksum
+modes returns the body it was given, not a copy.
 
 Invariants: a sealer's sequence number advances by exactly one per frame
 sealed or opened, including a frame that fails to open (the connection is
 dead after that anyway); a sealer never keeps a reference to the buffers
-it was given, so the caller may resize them as soon as a call returns or
-raises.
+it was given, nor a view of them, once a call returns or raises.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ Buffer = bytes | bytearray | memoryview
 _SEQ = struct.Struct(">Q")
 _NONCE = struct.Struct(">4xQ")  # 96-bit AEAD nonce: 4 zero bytes + 64-bit sequence
 _SEQ_LIMIT = 1 << 64
+_SEQ_LAST = _SEQ_LIMIT - 1  # the first sequence number never used
+_xxh3_128 = xxhash.xxh3_128
+_compare_digest = hmac.compare_digest
 AEAD_MODES: dict[str, type[AESGCM] | type[ChaCha20Poly1305]] = {
     "aes-256-gcm": AESGCM,
     "chacha20-poly1305": ChaCha20Poly1305,
@@ -69,9 +75,14 @@ class Sealer(abc.ABC):
     def seal(self, header: bytes, payload: Buffer) -> bytes:
         """Return body + tag for `payload` under `header`."""
 
+    def frame(self, header: bytes, payload: Buffer) -> bytes:
+        """Return the whole frame: `header` | body | tag."""
+        return header + self.seal(header, payload)
+
     @abc.abstractmethod
-    def open(self, header: bytes, sealed: memoryview) -> bytes:
-        """Check and return the payload of body + tag; raise IntegrityError."""
+    def open(self, header: bytes, body: bytes, tag: bytes) -> bytes:
+        """Check a received frame and return its payload; raise
+        IntegrityError."""
 
 
 class _ChecksumSealer(Sealer):
@@ -86,14 +97,14 @@ class _ChecksumSealer(Sealer):
     def seal(self, header: bytes, payload: Buffer) -> bytes:
         return b"".join((payload, self._tag(self._next_seq(), header, payload)))
 
-    def open(self, header: bytes, sealed: memoryview) -> bytes:
-        seq = self._next_seq()
-        # The views are released on the way out, even when the check fails,
-        # so a traceback kept by the caller cannot pin the receive buffer.
-        with sealed[:-TAG_SIZE] as payload, sealed[-TAG_SIZE:] as tag:
-            if not hmac.compare_digest(self._tag(seq, header, payload), tag):
-                raise IntegrityError(self._failure)
-            return bytes(payload)
+    def frame(self, header: bytes, payload: Buffer) -> bytes:
+        # One join: the payload is copied once, straight into the frame.
+        return b"".join((header, payload, self._tag(self._next_seq(), header, payload)))
+
+    def open(self, header: bytes, body: bytes, tag: bytes) -> bytes:
+        if not _compare_digest(self._tag(self._next_seq(), header, body), tag):
+            raise IntegrityError(self._failure)
+        return body
 
 
 class Xxh3Sealer(_ChecksumSealer):
@@ -101,9 +112,33 @@ class Xxh3Sealer(_ChecksumSealer):
     _failure = "frame checksum mismatch (corrupted, dropped or reordered frame)"
 
     def _tag(self, seq: int, header: bytes, payload: Buffer) -> bytes:
-        digest = xxhash.xxh3_128(header, seed=seq)
+        digest = _xxh3_128(header, seed=seq)
         digest.update(payload)
         return digest.digest()
+
+    # frame and open are _ChecksumSealer's with the calls to
+    # _next_seq and _tag written out: this is the default mode, and the two
+    # calls were about a seventh of the sealer's cost per 4 KiB frame.
+    def frame(self, header: bytes, payload: Buffer) -> bytes:
+        seq = self._seq
+        if seq >= _SEQ_LAST:
+            raise LocalProtocolError("sequence numbers exhausted; reconnect")
+        self._seq = seq + 1
+        digest = _xxh3_128(header, seed=seq)
+        digest.update(payload)
+        return b"".join((header, payload, digest.digest()))
+
+    def open(self, header: bytes, body: bytes, tag: bytes) -> bytes:
+        seq = self._seq
+        if seq >= _SEQ_LAST:
+            raise LocalProtocolError("sequence numbers exhausted; reconnect")
+        self._seq = seq + 1
+        digest = _xxh3_128(header, seed=seq)
+        digest.update(body)
+        # Not compare_digest: anyone can compute this tag, timing hides nothing.
+        if digest.digest() != tag:
+            raise IntegrityError(self._failure)
+        return body
 
 
 class Blake2bMacSealer(_ChecksumSealer):
@@ -130,9 +165,9 @@ class AeadSealer(Sealer):
     def seal(self, header: bytes, payload: Buffer) -> bytes:
         return self._aead.encrypt(_NONCE.pack(self._next_seq()), payload, header)
 
-    def open(self, header: bytes, sealed: memoryview) -> bytes:
+    def open(self, header: bytes, body: bytes, tag: bytes) -> bytes:
         try:
-            return self._aead.decrypt(_NONCE.pack(self._next_seq()), sealed, header)
+            return self._aead.decrypt(_NONCE.pack(self._next_seq()), body + tag, header)
         except InvalidTag:
             raise IntegrityError(
                 "frame authentication failed (tampered, replayed or reordered)"

@@ -11,18 +11,27 @@ a stale frame from a dead connection, can never land after newer data).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RangeTicket:
-    """One admitted range; release it exactly once when the write is done."""
+    """One admitted range; release it exactly once when the write is done.
+    Its event exists only once a later overlapping range waits for it."""
 
     offset: int
     end: int
-    released: trio.Event = field(default_factory=trio.Event)
+    released: bool = False
+    _event: trio.Event | None = None
+
+    async def wait_released(self) -> None:
+        if self.released:
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
 
 
 class WriteOrder:
@@ -39,19 +48,24 @@ class WriteOrder:
 
     async def admit(self, offset: int, length: int) -> RangeTicket:
         """Register [offset, offset+length) and wait for earlier overlapping
-        ranges. If cancelled while waiting, the ticket is released."""
-        ticket = RangeTicket(offset, offset + max(length, 1))
-        earlier = [t for t in self._active if t.offset < ticket.end and ticket.offset < t.end]
+        ranges. If cancelled while waiting, the ticket is released. Without
+        an earlier overlapping range it returns without a checkpoint."""
+        end = offset + max(length, 1)
+        ticket = RangeTicket(offset, end)
+        earlier = [t for t in self._active if t.offset < end and offset < t.end]
         self._active.append(ticket)
-        try:
-            for other in earlier:
-                await other.released.wait()
-        except BaseException:
-            self.release(ticket)
-            raise
+        if earlier:
+            try:
+                for other in earlier:
+                    await other.wait_released()
+            except BaseException:
+                self.release(ticket)
+                raise
         return ticket
 
     def release(self, ticket: RangeTicket) -> None:
-        if not ticket.released.is_set():
+        if not ticket.released:
+            ticket.released = True
             self._active.remove(ticket)
-            ticket.released.set()
+            if ticket._event is not None:
+                ticket._event.set()

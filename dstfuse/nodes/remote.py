@@ -192,7 +192,7 @@ class RemoteNode(Node):
         # Resend in original submission order; new requests queue behind.
         resent = 0
         for txn in self._table:
-            if not txn.done.is_set():
+            if not txn.done:
                 if txn.sends:
                     resent += 1
                     self.counters.resends += 1
@@ -274,7 +274,7 @@ class RemoteNode(Node):
         txn.deadline = trio.current_time() + self._timeouts.resend
         if self._session is not None:
             self._session.transmit(txn)
-        await txn.done.wait()
+        await txn.wait_done()
         if txn.reply is None:  # the resend timer gave up on it
             budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
             raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")
@@ -292,7 +292,7 @@ class RemoteNode(Node):
             now = trio.current_time()
             wake = now + resend
             for txn in self._table:
-                if txn.done.is_set():
+                if txn.done:
                     continue
                 if txn.deadline <= now:
                     txn.expired += 1

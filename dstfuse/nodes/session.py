@@ -199,7 +199,7 @@ class Session:
             return None  # the receiver saw the end; it ends the session
         if isinstance(item, int):
             return self._conn.send(Request(Command.PING, item))
-        if item.done.is_set():
+        if item.done:
             return None
         item.sends += 1
         return self._conn.send(item.request())

@@ -74,6 +74,31 @@ async def test_small_reads_not_served_from_the_page_cache_go_to_a_thread(image, 
         await backend.aclose()
 
 
+async def test_cached_reads_up_to_read_inline_max_skip_the_thread(image, monkeypatch):
+    backend = Backend(image)
+    threads = []
+    run = backend._run
+
+    async def counted(function, *args):
+        threads.append(function.__name__)
+        return await run(function, *args)
+
+    monkeypatch.setattr(backend, "_run", counted)
+    try:
+        content = image.read_bytes()  # now in the page cache
+        assert backend_module.READ_INLINE_MAX >= 512 << 10
+        assert await backend.read(MiB, 512 << 10) == content[MiB : MiB + (512 << 10)]
+        cached = backend.read_cached(0, backend_module.READ_INLINE_MAX)
+        assert cached == content[: backend_module.READ_INLINE_MAX]
+        assert threads == []
+        length = backend_module.READ_INLINE_MAX + 4096
+        assert backend.read_cached(0, length) is None
+        assert await backend.read(0, length) == content[:length]
+        assert threads == ["_pread"]
+    finally:
+        await backend.aclose()
+
+
 async def test_backend_zero_length_requests_touch_nothing(image):
     before = image.read_bytes()
     backend = Backend(image)

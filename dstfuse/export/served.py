@@ -55,6 +55,14 @@ log = logging.getLogger(__name__)
 #: Largest range one CHECKSUM request may cover (it is read in chunks).
 MAX_CHECKSUM_LENGTH = 256 << 20
 
+# Plain ints and module constants: operators on enum flags and attribute
+# lookups on enum classes run Python code, and these run once per request.
+_MAY_READ = int(Permission.READ)
+_MAY_WRITE = int(Permission.WRITE)
+_FUA = int(Flag.FUA)
+_READ_COMMANDS = frozenset({Command.READ, Command.CHECKSUM})
+_UNCHECKED_COMMANDS = frozenset({Command.FLUSH, Command.PING})
+
 
 class RequestRejected(Exception):
     """A request failed its checks; `status` is the errno to reply with."""
@@ -115,7 +123,7 @@ class ServedExport:
         command = request.command
         end = request.offset + request.length
         if command in WRITE_COMMANDS:
-            if not permission & Permission.WRITE:
+            if not int(permission) & _MAY_WRITE:
                 raise RequestRejected(errno.EPERM, "this client may not write to the export")
             if command is Command.WRITE and request.length > max_request:
                 raise RequestRejected(
@@ -125,8 +133,8 @@ class ServedExport:
                 raise RequestRejected(
                     errno.ENOSPC, f"range ends at {end}, past the end ({self.size} bytes)"
                 )
-        elif command in (Command.READ, Command.CHECKSUM):
-            if not permission & Permission.READ:
+        elif command in _READ_COMMANDS:
+            if not int(permission) & _MAY_READ:
                 raise RequestRejected(errno.EPERM, "this client may not read the export")
             limit = max_request if command is Command.READ else MAX_CHECKSUM_LENGTH
             if request.length > limit:
@@ -137,7 +145,7 @@ class ServedExport:
                 raise RequestRejected(
                     errno.EINVAL, f"range ends at {end}, past the end ({self.size} bytes)"
                 )
-        elif command not in (Command.FLUSH, Command.PING):
+        elif command not in _UNCHECKED_COMMANDS:
             raise RequestRejected(errno.EINVAL, f"{command.name} is not served")
 
     async def execute(self, request: Request) -> bytes:
@@ -145,7 +153,7 @@ class ServedExport:
         Disk failures raise OSError with their errno."""
         backend = self.backend
         command = request.command
-        fua = bool(request.flags & Flag.FUA)
+        fua = bool(int(request.flags) & _FUA)
         if command is Command.READ:
             return await backend.read(request.offset, request.length)
         if command is Command.WRITE:

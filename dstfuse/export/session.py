@@ -6,8 +6,10 @@ HELLO, the key check inside the protocol), then one reader task that turns
 frames into request tasks, and replies from those tasks as they complete.
 
 Invariants:
-- every request is checked by `ServedExport.check` before it touches the
-  disk; a refused or failed request gets its errno, never success;
+- every request is checked before it touches the disk, by
+  `ServedExport.check` or, in the reader's inline path, by a cheaper test
+  that only accepts what `check` accepts (everything else goes through
+  `check`); a refused or failed request gets its errno, never success;
 - writes are admitted to the export's `WriteOrder` before the reader looks
   at the next frame (they are started with `nursery.start`), so arrival
   order is admission order; other requests start without that handoff.
@@ -15,12 +17,26 @@ Invariants:
   in progress, is served by the reader itself without waiting: it takes
   effect before the next frame is looked at, which keeps that order too;
 - at most `max_in_flight` requests and about `max_buffered` bytes of
-  request/reply data are held per connection: while full, the reader stops
-  reading the socket (back-pressure);
-- one writer: handshake frames and READY are sent before any reply exists;
-  after that only the sender task writes, sealing replies (each with the
-  next sequence number) in the order they go on the wire, and coalescing
-  replies that complete together into one write;
+  request/reply data are held per connection, replies not yet on the wire
+  included: while full, the reader stops reading the socket (back-pressure);
+- one writer at a time, and frames go on the wire in the order they were
+  sealed (each takes the next sequence number). Handshake frames and READY
+  are sent before any reply exists. After that, replies go out either
+  through the sender task, which seals what is queued in queue order and
+  coalesces replies that complete together into one write, or - only while
+  the sender has nothing queued and is not sending - straight from the task
+  that produced them: sealed and written to the socket at once without
+  blocking (the reader does this once per batch of frames it received
+  together, so their replies go out in one write). Whatever the socket does
+  not take is queued for the sender, first in line. This saves the sender's
+  wakeup and a pass of the run loop per request;
+- the reader reads the socket's descriptor itself and yields once per
+  read, as trio's receive_some does, so a peer that keeps sending cannot
+  starve the other tasks and connections; but not a second time after a
+  wait for data, as receive_some would. The stream is closed only once the
+  reader and the request tasks are done, so the descriptor they read and
+  write directly is never a stale one (the sender, which may still run
+  after `retire` closed the stream, only uses the stream's own methods);
 - takeover: when a connection with the same client id completes its
   handshake on the same export, this session stops reading, its started
   requests finish their disk work, it closes, and only then does the new
@@ -67,7 +83,7 @@ from ..protocol import (
 )
 from ..protocol.constants import ALL_FEATURES
 from .acl import IPAddress
-from .backend import INLINE_MAX
+from .backend import INLINE_MAX, READ_INLINE_MAX
 from .served import RequestRejected, ServedExport
 
 log = logging.getLogger(__name__)
@@ -79,6 +95,18 @@ _REFUSE_LINGER = 1.0
 _CLIENT_NAME_LIMIT = 100
 #: Replies queued together are sent in one write up to about this many bytes.
 _BATCH_BYTES = 256 << 10
+#: Replies the reader holds back to write together, at most (well below IOV_MAX).
+_BATCH_FRAMES = 256
+
+# Looked up once: attribute access on an enum class costs more than the test.
+_READ = Command.READ
+_WRITE = Command.WRITE
+_FUA = int(Flag.FUA)
+
+#: What the sender queue holds: a reply to seal, or the unsent tail of frames
+#: already sealed (and written in part) by `_put_out`; with the bytes of
+#: request/reply data and the number of requests it holds on the allowance.
+_Outgoing = tuple[Reply | bytes | memoryview, int, int]
 
 
 @dataclass(frozen=True)
@@ -104,24 +132,56 @@ class SessionLimits:
     node_name: str = "dstfuse"
 
 
-class _ByteBudget:
-    """Bytes of request/reply data a connection holds. One request is always
-    admitted when nothing is held, so a budget below `max_request` cannot
-    stall a connection."""
+class _Allowance:
+    """Requests and bytes of request/reply data a connection holds, from
+    the frame's arrival until its reply is on the wire. One request is
+    always admitted when no bytes are held, so a byte limit below
+    `max_request` cannot stall a connection. Only the reader takes."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, requests: int, limit: int) -> None:
+        self.requests_left = requests
         self.limit = limit
         self.used = 0
         self._lot = trio.lowlevel.ParkingLot()
 
-    async def acquire(self, amount: int) -> None:
-        while self.used and self.used + amount > self.limit:
-            await self._lot.park()
-        self.used += amount
+    def take(self, cost: int) -> bool:
+        """Hold one request and `cost` bytes if both fit now; never waits."""
+        if self.requests_left and (not self.used or self.used + cost <= self.limit):
+            self.requests_left -= 1
+            self.used += cost
+            return True
+        return False
 
-    def release(self, amount: int) -> None:
-        self.used -= amount
-        self._lot.unpark_all()
+    async def wait_take(self, cost: int) -> None:
+        while not self.take(cost):
+            await self._lot.park()
+
+    def give_back(self, requests: int, cost: int) -> None:
+        self.requests_left += requests
+        self.used -= cost
+        if self._lot:
+            self._lot.unpark_all()
+
+
+def _socket_fd(stream: trio.abc.Stream) -> int | None:
+    """The non-blocking socket under a trio SocketStream; None for other
+    streams (in-memory ones in tests), which go through receive_some and
+    send_all."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket.fileno()
+    return None
+
+
+def _unsent(frames: list[bytes], sent: int) -> bytes | memoryview:
+    """What is left of `frames` (one after the other) once `sent` bytes of
+    them are on the wire."""
+    if len(frames) == 1:
+        return memoryview(frames[0])[sent:]
+    for index, frame in enumerate(frames):
+        if sent < len(frame):
+            return b"".join([memoryview(frame)[sent:], *frames[index + 1 :]])
+        sent -= len(frame)
+    return b""
 
 
 class ExportSession:
@@ -148,12 +208,19 @@ class ExportSession:
         self._conn = Connection(
             Role.SERVER, key=key, modes=list(modes) or None, max_payload=limits.max_request
         )
+        self._fd = _socket_fd(stream)
+        self._data_waiting = True  # the last read did not have to wait
         self._handshake_scope = trio.CancelScope()
         self._reading_scope = trio.CancelScope()
         self._send_broken = False
-        self._outbox: trio.MemorySendChannel[tuple[Reply, int]] | None = None
-        self._slots = trio.Semaphore(limits.max_in_flight)
-        self._budget = _ByteBudget(limits.max_buffered)
+        self._outbox: trio.MemorySendChannel[_Outgoing] | None = None
+        self._queued = 0  # items in the outbox the sender has not taken yet
+        self._sending = False  # the sender holds a batch: sealing or sending it
+        self._allowance = _Allowance(limits.max_in_flight, limits.max_buffered)
+        # Set once the export is chosen: what the inline path's quick test needs.
+        self._size = 0
+        self._may_read = False
+        self._may_write = False
         self._working = 0
         self._work_done = trio.Event()
         self._work_done.set()
@@ -210,6 +277,44 @@ class ExportSession:
             await self._predecessor.wait_drained()
 
     # -- receiving ------------------------------------------------------
+    async def _receive(self) -> bytes | bytearray | None:
+        """The next bytes from the peer (b"" once it closed its side), or
+        None when the connection is lost (logged here).
+
+        On a socket this reads the descriptor itself and yields exactly
+        once per call: either waiting for data, or - when data was waiting
+        - right after reading it, as trio's receive_some does, so the other
+        tasks and connections get their turn while this peer keeps sending.
+        trio's receive_some yields a second time after a wait. A read is
+        tried before waiting only when the last one found data waiting: a
+        peer that waits for each reply (QD1) has sent nothing new yet."""
+        fd = self._fd
+        try:
+            if fd is None:
+                return await self.stream.receive_some(RECEIVE_SIZE)
+            if self._data_waiting:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    self._data_waiting = False
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    continue
+                self._data_waiting = len(data) == RECEIVE_SIZE
+                return data
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("%s: connection lost: %s", self, exc.__cause__ or exc)
+        except OSError as exc:
+            log.info("%s: connection lost: %s", self, exc)
+        return None
+
     async def _next_event(self) -> Event | None:
         """The next protocol event; None when the connection is over (the
         reason is logged here)."""
@@ -225,10 +330,8 @@ class ExportSession:
                 return None
             if event is not NEED_DATA:
                 return event  # type: ignore[return-value]
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("%s: connection lost: %s", self, exc.__cause__ or exc)
+            data = await self._receive()
+            if data is None:
                 return None
             self._conn.receive_data(data)
 
@@ -337,8 +440,11 @@ class ExportSession:
     async def _serve(self) -> None:
         export = self.export
         assert export is not None
+        self._size = export.size
+        self._may_read = bool(self.permission & Permission.READ)
+        self._may_write = bool(self.permission & Permission.WRITE)
         previous = export.claim(self.client_id, self)
-        outbox, replies = trio.open_memory_channel[tuple[Reply, int]](math.inf)
+        outbox, replies = trio.open_memory_channel[_Outgoing](math.inf)
         self._outbox = outbox
         async with trio.open_nursery() as sending:
             sending.start_soon(self._send_replies, replies)
@@ -375,51 +481,85 @@ class ExportSession:
                 outbox.close()  # the sender sends what is queued, then ends
 
     async def _read_requests(self, requests: trio.Nursery) -> None:
+        """Turn frames into requests until the connection ends. Replies the
+        reader serves itself wait in `held` until the frames received
+        together are all dispatched, then go out together (`_put_out`);
+        they are put out before every await, so the reader never waits
+        while holding them (they hold allowance it may be waiting for)."""
+        conn = self._conn
+        allowance = self._allowance
         max_request = self._limits.max_request
-        while True:
-            event = await self._next_event()
-            if event is None:
-                return
-            if isinstance(event, ConnectionClosed):
-                log.info("%s: client closed the connection", self)
-                return
-            if not isinstance(event, Request):
-                log.warning("%s: unexpected %s; closing the connection", self, type(event).__name__)
-                return
-            if event.command is Command.WRITE:
-                cost = len(event.data)
-            elif event.command is Command.READ and event.length <= max_request:
-                cost = event.length
-            else:
-                cost = 0
-            # Only wait (a checkpoint) when the connection is at its limit, so
-            # frames that arrived together are dispatched in one go.
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                await self._slots.acquire()
-            try:
-                await self._budget.acquire(cost)
-            except BaseException:
-                self._slots.release()
-                raise
-            reply = self._serve_at_once(event)
-            if reply is not None:
-                # The sender releases the slot and the budget once it is out.
-                self._outbox.send_nowait((reply, cost))
-                continue
-            # From here the request task owns the slot, the budget and its
-            # count in `_working` (counted now, before it runs, so a retiring
-            # session never misses a request it has dispatched).
-            self._working += 1
-            if self._working == 1:
-                self._work_done = trio.Event()
-            if event.command in WRITE_COMMANDS:
-                # start(): admitted to the export's WriteOrder before the
-                # next frame is looked at (see _serve_request).
-                await requests.start(self._serve_request, event, cost)
-            else:
-                requests.start_soon(self._serve_request, event, cost)
+        held: list[_Outgoing] = []
+        held_bytes = 0
+        try:
+            while True:
+                try:
+                    event = conn.next_event()
+                except RemoteProtocolError as exc:
+                    log.warning("%s: closing the connection: %s", self, exc)
+                    return
+                if event is NEED_DATA:
+                    if held:
+                        self._put_out(held)
+                        held = []
+                        held_bytes = 0
+                    data = await self._receive()
+                    if data is None:
+                        return
+                    conn.receive_data(data)
+                    continue
+                if not isinstance(event, Request):
+                    if isinstance(event, ConnectionClosed):
+                        log.info("%s: client closed the connection", self)
+                    else:
+                        log.warning(
+                            "%s: unexpected %s; closing the connection", self, type(event).__name__
+                        )
+                    return
+                command = event.command
+                if command is _WRITE:
+                    cost = len(event.data)
+                elif command is _READ and event.length <= max_request:
+                    cost = event.length
+                else:
+                    cost = 0
+                # Only wait (a checkpoint) when the connection is at its limit, so
+                # frames that arrived together are dispatched in one go.
+                if not allowance.take(cost):
+                    if held:
+                        self._put_out(held)
+                        held = []
+                        held_bytes = 0
+                    await allowance.wait_take(cost)
+                reply = self._serve_at_once(event)
+                if reply is not None:
+                    # Allowance is given back once the reply is on the wire.
+                    held.append((reply, cost, 1))
+                    held_bytes += len(reply.data)
+                    if held_bytes >= _BATCH_BYTES or len(held) >= _BATCH_FRAMES:
+                        self._put_out(held)
+                        held = []
+                        held_bytes = 0
+                    continue
+                # From here the request task owns the allowance and its
+                # count in `_working` (counted now, before it runs, so a
+                # retiring session never misses a request it has dispatched).
+                self._working += 1
+                if self._working == 1:
+                    self._work_done = trio.Event()
+                if command in WRITE_COMMANDS:
+                    if held:
+                        self._put_out(held)
+                        held = []
+                        held_bytes = 0
+                    # start(): admitted to the export's WriteOrder before the
+                    # next frame is looked at (see _serve_request).
+                    await requests.start(self._serve_request, event, cost)
+                else:
+                    requests.start_soon(self._serve_request, event, cost)
+        finally:
+            if held:
+                self._put_out(held)
 
     async def _serve_request(
         self,
@@ -448,40 +588,65 @@ class ExportSession:
             if self._working == 0:
                 self._work_done.set()
             if reply is None:  # cancelled (shutdown): nothing to send
-                self._budget.release(cost)
-                self._slots.release()
-        # The sender releases the slot and the budget once the reply is out.
-        self._outbox.send_nowait((reply, cost))
+                self._allowance.give_back(1, cost)
+        if self._working:
+            # Other requests are still running: the sender may coalesce
+            # this reply with theirs into one write.
+            self._outbox.send_nowait((reply, cost, 1))
+            self._queued += 1
+        else:
+            self._put_out([(reply, cost, 1)])
 
     def _serve_at_once(self, request: Request) -> Reply | None:
         """Serve a small READ or WRITE here in the reader when it needs no
         waiting: a READ the page cache holds wholly, a WRITE without FUA
         that overlaps no write in progress (so admission order holds). This
         saves a task and a thread handoff per request (see Backend). None:
-        the request needs its own task."""
+        the request needs its own task.
+
+        The quick test accepts only requests `ServedExport.check` accepts
+        (granted, within `max_request` and the export's size); any other
+        READ or WRITE is checked by `check` for its errno."""
         export = self.export
         assert export is not None
         command = request.command
-        if command not in (Command.READ, Command.WRITE) or request.length > INLINE_MAX:
+        offset = request.offset
+        length = request.length
+        if command is _READ:
+            if length > READ_INLINE_MAX:
+                return None
+            checked = (
+                self._may_read
+                and length <= self._limits.max_request
+                and offset + length <= self._size
+            )
+        elif command is _WRITE:
+            if length > INLINE_MAX or int(request.flags) & _FUA:
+                return None
+            write_order = export.write_order
+            if write_order and write_order.overlaps(offset, length):
+                return None
+            checked = (
+                self._may_write
+                and length <= self._limits.max_request
+                and offset + length <= self._size
+            )
+        else:
             return None
-        if request.flags & Flag.FUA:
-            return None
-        if command is Command.WRITE and export.write_order.overlaps(request.offset, request.length):
-            return None
-        status = self._check(export, request)
-        data: bytes = b""
+        status = 0 if checked else self._check(export, request)
+        data: bytes | bytearray = b""
         if status == 0:
             try:
-                if command is Command.READ:
-                    cached = export.backend.read_cached(request.offset, request.length)
+                if command is _READ:
+                    cached = export.backend.read_cached(offset, length)
                     if cached is None:
                         return None
                     data = cached
-                elif not export.backend.write_cached(request.offset, request.data):
+                elif not export.backend.write_cached(offset, request.data):
                     return None
             except OSError as exc:
                 status = self._disk_error(request, exc)
-        return Reply(command, request.handle, status, request.offset, request.length, data)
+        return Reply(command, request.handle, status, offset, length, data)
 
     def _disk_error(self, request: Request, exc: OSError) -> int:
         """Log a failed disk call once, naming the request; its errno."""
@@ -540,38 +705,92 @@ class ExportSession:
 
     # -- sending --------------------------------------------------------
     # One writer at a time: handshake frames and READY are sent before the
-    # sender task has anything to send; afterwards only the sender writes.
-    async def _send_replies(self, replies: trio.MemoryReceiveChannel[tuple[Reply, int]]) -> None:
-        """Seal and send replies in completion order, coalescing those that
-        are ready together into one write (one syscall, one wakeup)."""
+    # sender task has anything to send; afterwards the sender writes, and
+    # `_put_out` only while the sender holds nothing (see the module doc).
+    def _put_out(self, replies: list[_Outgoing]) -> None:
+        """Send `replies` (in this order) after everything put out before.
+        When the sender has nothing queued and is not sending, they are
+        sealed and written to the socket at once, in one write, without
+        blocking; what the socket does not take is queued for the sender,
+        first in line. Otherwise they are queued for the sender to seal."""
+        fd = self._fd
+        if fd is not None and not self._queued and not self._sending:
+            conn = self._conn
+            if self._send_broken or conn.state is not State.OPEN:
+                # As in the sender: replies to a connection that is over are
+                # discarded (the client resends what it misses).
+                self._allowance.give_back(
+                    sum(item[2] for item in replies), sum(item[1] for item in replies)
+                )
+                return
+            # Sealed here, in wire order: sequence numbers must match it.
+            if len(replies) == 1:
+                reply, cost, requests = replies[0]
+                frames = [conn.send(reply)]  # type: ignore[arg-type]
+                size = len(frames[0])
+            else:
+                frames = [conn.send(reply) for reply, _, _ in replies]  # type: ignore[arg-type]
+                size = sum(map(len, frames))
+                cost = sum(item[1] for item in replies)
+                requests = sum(item[2] for item in replies)
+            try:
+                sent = os.write(fd, frames[0]) if len(frames) == 1 else os.writev(fd, frames)
+            except OSError:  # full (EAGAIN) or broken: the sender finds out which
+                sent = 0
+            if sent == size:
+                self._allowance.give_back(requests, cost)
+                return
+            replies = [(_unsent(frames, sent), cost, requests)]
+        assert self._outbox is not None
+        for item in replies:
+            self._outbox.send_nowait(item)
+        self._queued += len(replies)
+
+    async def _send_replies(self, replies: trio.MemoryReceiveChannel[_Outgoing]) -> None:
+        """Seal and send what is queued in queue order, coalescing what is
+        ready together into one write (one syscall, one wakeup)."""
+        conn = self._conn
         async with replies:
             async for first in replies:
-                # Let other requests that completed in this same step queue
-                # their replies first, so they go out in the same write.
-                await trio.lowlevel.checkpoint()
+                self._queued -= 1
+                self._sending = True
                 batch = [first]
-                size = len(first[0].data)
-                while size < _BATCH_BYTES:
-                    try:
-                        item = replies.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batch.append(item)
-                    size += len(item[0].data)
                 try:
+                    if self._working:
+                        # Requests still running may complete in this same
+                        # step: let them queue their replies first, so they go
+                        # out in the same write. Nothing else can (the reader
+                        # puts its replies out together), so with none running
+                        # this pass is saved.
+                        await trio.lowlevel.checkpoint()
+                    size = _size(first)
+                    while size < _BATCH_BYTES:
+                        try:
+                            item = replies.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        self._queued -= 1
+                        batch.append(item)
+                        size += _size(item)
                     # After a protocol error from the peer the connection is
                     # in ERROR and the stream is being dropped: replies to it
                     # are discarded (the client resends what it misses).
-                    if not self._send_broken and self._conn.state is State.OPEN:
-                        # Sealed here, in wire order: sequence numbers must match it.
-                        frames = [self._conn.send(reply) for reply, _ in batch]
+                    if not self._send_broken and conn.state is State.OPEN:
+                        # Sealed here, in wire order: sequence numbers must
+                        # match it. Tails from _put_out were sealed before
+                        # anything queued after them.
+                        frames = [
+                            conn.send(payload) if isinstance(payload, Reply) else payload
+                            for payload, _, _ in batch
+                        ]
                         await self._send_frame(frames[0] if len(frames) == 1 else b"".join(frames))
                 finally:
-                    for _, cost in batch:
-                        self._budget.release(cost)
-                        self._slots.release()
+                    self._sending = False
+                    self._allowance.give_back(
+                        sum(item[2] for item in batch), sum(item[1] for item in batch)
+                    )
 
-    async def _send_frame(self, frame: bytes) -> bool:
+    async def _send_frame(self, frame: bytes | memoryview) -> bool:
         if self._send_broken:
             return False
         try:
@@ -586,3 +805,9 @@ class ExportSession:
             # Cancelled mid-frame: the stream may hold half a frame now.
             self._send_broken = True
             raise
+
+
+def _size(item: _Outgoing) -> int:
+    """Payload bytes of a queued reply, or bytes of a sealed tail."""
+    payload = item[0]
+    return len(payload.data) if isinstance(payload, Reply) else len(payload)

@@ -44,6 +44,7 @@ import trio
 
 from . import sdnotify
 from .algorithms import ControlFile
+from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
 from .config import MountConfig, load_mount_config
 from .control import DAEMON_FILE, ControlTree, DaemonInfo
@@ -437,6 +438,7 @@ def run_mount(
             except FileNotFoundError:
                 pass
         set_io_flusher()
+        keep_io_buffers()
         daemon = MountDaemon(config, path, options, readiness, result_path=result_path)
         log.info("mounting %s at %s (pid %d)", config.path, path, os.getpid())
         return trio.run(daemon.run)

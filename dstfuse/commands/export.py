@@ -90,12 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..allocator import keep_io_buffers
     from ..export import ExportServer
     from ..keys import load_key
 
     config = build_config(args)
     key = load_key(config.key_file) if config.key_file is not None else None
     server = ExportServer.from_config(config, key=key)
+    keep_io_buffers()
     try:
         trio.run(_serve_until_signalled, server)
     except BaseExceptionGroup as group:

@@ -32,6 +32,9 @@ Semantics that users and the loop driver rely on:
   EOPNOTSUPP. pyfuse3 (3.5) has no fallocate handler, so `FuseSession`
   installs one directly in libfuse's handler table (see `_LibfusePatch`);
   if that is not possible the kernel answers EOPNOTSUPP by itself;
+- pyfuse3's workers wait for requests through `_FuseReader` (one poll,
+  no lock) instead of pyfuse3's own wait, which costs two passes through
+  trio's run loop per request; without pyfuse3's hook it keeps its own;
 - namespace changes (create, unlink, mkdir, rename, ...) fail with EPERM;
   size changes of a storage file fail with EPERM; other attribute changes
   are accepted and ignored. Control files accept truncation (so that

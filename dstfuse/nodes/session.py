@@ -2,11 +2,16 @@
 
 A `Session` owns a transport stream and its protocol `Connection`. It
 connects, runs the handshake, and then runs three tasks until the stream
-breaks: a sender that frames queued transactions in order (the only writer
-of the stream, so a cancelled caller can never leave half a frame on the
-wire), a receiver that hands replies to the transaction table, and a
-keepalive that pings when idle and declares the peer dead after three
+breaks: a sender, a receiver that hands replies to the transaction table,
+and a keepalive that pings when idle and declares the peer dead after three
 silent intervals.
+
+Frames leave in the order they are sealed. `transmit` seals a frame and,
+when nothing is queued or being sent, writes it to the socket at once
+without blocking (a write never waits, so a cancelled caller can never
+leave half a frame on the wire); whatever the socket does not take, and
+every frame transmitted while the sender holds something, goes to the
+sender task, which sends all it finds queued in one write.
 
 A session never retries: when anything fails it ends, and the `RemoteNode`
 that owns it decides what to do (reconnect, resend). It must never complete

@@ -186,12 +186,7 @@ class Request:
             and 0 <= length < _U32
             and len(data) == (length if checked_command is _WRITE else 0)
         ):
-            fields["command"] = checked_command
-            fields["handle"] = handle
-            fields["offset"] = offset
-            fields["length"] = length
-            fields["flags"] = checked_flags
-            fields["data"] = data
+            _fill_request(fields, checked_command, handle, offset, length, checked_flags, data)
             return
         fields.update(
             command=command, handle=handle, offset=offset, length=length, flags=flags, data=data
@@ -253,12 +248,7 @@ class Reply:
             and 0 <= length < _U32
             and len(data) < _U32
         ):
-            fields["command"] = checked_command
-            fields["handle"] = handle
-            fields["status"] = status
-            fields["offset"] = offset
-            fields["length"] = length
-            fields["data"] = data
+            _fill_reply(fields, checked_command, handle, status, offset, length, data)
             return
         fields.update(
             command=command, handle=handle, status=status, offset=offset, length=length, data=data
@@ -281,13 +271,7 @@ def parsed_request(
     handle and offset, u32 length, flags 0 or FUA, data of `length` bytes
     for WRITE and none otherwise), built without checking it again."""
     event: Request = _new(Request)
-    fields = event.__dict__
-    fields["command"] = command
-    fields["handle"] = handle
-    fields["offset"] = offset
-    fields["length"] = length
-    fields["flags"] = flags
-    fields["data"] = data
+    _fill_request(event.__dict__, command, handle, offset, length, flags, data)
     return event
 
 
@@ -298,14 +282,44 @@ def parsed_reply(
     handle and offset, u32 status and length, data shorter than 2**32),
     built without checking it again."""
     event: Reply = _new(Reply)
-    fields = event.__dict__
+    _fill_reply(event.__dict__, command, handle, status, offset, length, data)
+    return event
+
+
+def _fill_request(
+    fields: dict[str, object],
+    command: Command,
+    handle: int,
+    offset: int,
+    length: int,
+    flags: Flag,
+    data: Buffer,
+) -> None:
+    """Set a Request's fields in its `__dict__` (it is frozen), unchecked."""
+    fields["command"] = command
+    fields["handle"] = handle
+    fields["offset"] = offset
+    fields["length"] = length
+    fields["flags"] = flags
+    fields["data"] = data
+
+
+def _fill_reply(
+    fields: dict[str, object],
+    command: Command,
+    handle: int,
+    status: int,
+    offset: int,
+    length: int,
+    data: Buffer,
+) -> None:
+    """Set a Reply's fields in its `__dict__` (it is frozen), unchecked."""
     fields["command"] = command
     fields["handle"] = handle
     fields["status"] = status
     fields["offset"] = offset
     fields["length"] = length
     fields["data"] = data
-    return event
 
 
 @dataclass(frozen=True)

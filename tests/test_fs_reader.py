@@ -63,3 +63,35 @@ async def test_a_gone_device_ends_every_worker():
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+def test_the_installed_pyfuse3_has_the_hook_and_it_is_swapped_back():
+    """A pyfuse3 release without `_wait_fuse_readable` would silently
+    leave every mount on the slower wait: fail here instead."""
+    import pyfuse3
+
+    original = getattr(pyfuse3, _FuseReader.ATTRIBUTE)
+    read_end, write_end = os.pipe()
+    try:
+        reader = _FuseReader(read_end)
+        reader.install()
+        assert getattr(pyfuse3, _FuseReader.ATTRIBUTE) == reader.wait_readable
+        reader.uninstall()
+        assert getattr(pyfuse3, _FuseReader.ATTRIBUTE) is original
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_the_reader_is_used_only_with_exactly_one_fuse_descriptor():
+    first = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        reader = _FuseReader.for_this_process()
+        assert reader is not None and reader._fd == first
+        second = os.open("/dev/fuse", os.O_RDWR)
+        try:
+            assert _FuseReader.for_this_process() is None
+        finally:
+            os.close(second)
+    finally:
+        os.close(first)

@@ -411,7 +411,8 @@ async def test_leg_offline_at_start_is_adopted_when_it_returns(autojump_clock):
         nursery.cancel_scope.cancel()
     nodes[1].go_offline()
     async with trio.open_nursery() as nursery:
-        mirror = await open_mirror(nursery, nodes)
+        # leg 1 may be newer for all leg 0 knows: the user says go on (force)
+        mirror = await open_mirror(nursery, nodes, mount_options={"force": True})
         assert mirror.state == "degraded"
         await mirror.write(5 * REGION, b"z" * 4096)
         nodes[1].go_online()
@@ -541,7 +542,8 @@ async def test_heartbeat_advances_while_mounted(autojump_clock):
 
 # -- split brain -----------------------------------------------------------------
 async def split_brain(nodes: list[MemoryNode]) -> None:
-    """Mount with leg 1 away, write; then with leg 0 away, write."""
+    """Mount with leg 1 away, write; then with leg 0 away, write (each
+    forced: the user overrides the wait for a leg that may be newer)."""
     async with trio.open_nursery() as nursery:
         mirror = await open_mirror(nursery, nodes, mount_options={"assume_clean": True})
         await mirror.aclose()
@@ -549,7 +551,7 @@ async def split_brain(nodes: list[MemoryNode]) -> None:
     for away, payload in ((1, b"A"), (0, b"B")):
         nodes[away].go_offline()
         async with trio.open_nursery() as nursery:
-            mirror = await open_mirror(nursery, nodes)
+            mirror = await open_mirror(nursery, nodes, mount_options={"force": True})
             await mirror.write((2 + away) * REGION, payload * 4096)
             await mirror.aclose()
             nursery.cancel_scope.cancel()

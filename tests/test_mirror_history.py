@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from dstfuse.errors import UserError
-from dstfuse.mirror.history import FULL, IN_SYNC, OFFLINE, PARTIAL, LegFinding, plan_start
+from dstfuse.mirror.history import (
+    FULL,
+    IN_SYNC,
+    OFFLINE,
+    PARTIAL,
+    LegFinding,
+    NewerLegMayBeMissing,
+    plan_start,
+)
 from dstfuse.mirror.metadata import (
     FLAG_CLEAN,
     MEMBER_FULL_RESYNC,
@@ -119,6 +127,44 @@ def test_first_use_takes_leg0_as_the_source_unless_assume_clean():
 
 def test_unreachable_legs_are_offline_and_do_not_vote():
     plan = plan_start(
-        "vol0", [LegFinding(0, reachable=False, problem="offline"), found(1, 4, [SYNC, SYNC])]
+        "vol0", [LegFinding(0, reachable=False, problem="offline"), found(1, 4, [stale(4), SYNC])]
     )
     assert plan.source == 1 and plan.roles == {0: OFFLINE, 1: IN_SYNC}
+
+
+@pytest.mark.parametrize(
+    "findings, options, outcome",
+    [
+        # the missing leg is recorded outdated by the survivor: go on without it
+        ([None, (1, 4, ["stale", "sync"])], {}, 1),
+        # the survivor records the missing leg in sync: it may be newer
+        ([None, (1, 4, ["sync", "sync"])], {}, "refused 0"),
+        # ... even after a clean shutdown (another mount may have run without us)
+        ([None, (1, 4, ["sync", "sync"], True)], {}, "refused 0"),
+        # the user chooses: primary= or force
+        ([None, (1, 4, ["sync", "sync"])], {"primary": 1}, 1),
+        ([None, (1, 4, ["sync", "sync"])], {"force": True}, 1),
+        # three legs: one missing leg recorded outdated, the other not
+        ([None, (1, 6, ["stale", "sync", "sync"]), None], {}, "refused 2"),
+        ([(0, 6, ["sync", "stale", "stale"]), None, None], {}, 0),
+        # every leg reachable: nothing is missing, the newest wins
+        ([(0, 5, ["sync", "stale"]), (1, 4, ["sync", "sync"])], {}, 0),
+    ],
+)
+def test_the_mount_decision_over_disk_states(findings, options, outcome):
+    legs = []
+    for index, spec in enumerate(findings):
+        if spec is None:
+            legs.append(LegFinding(index, reachable=False, problem="offline"))
+            continue
+        leg, generation, rows, *clean = spec
+        members = [SYNC if row == "sync" else stale(generation) for row in rows]
+        legs.append(found(leg, generation, members, clean=bool(clean and clean[0])))
+    if isinstance(outcome, str):
+        missing = [int(part) for part in outcome.split()[1:]]
+        with pytest.raises(NewerLegMayBeMissing) as refused:
+            plan_start("vol0", legs, **options)
+        assert refused.value.missing == missing
+        assert "may hold newer data" in str(refused.value)
+    else:
+        assert plan_start("vol0", legs, **options).source == outcome

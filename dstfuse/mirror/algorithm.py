@@ -36,7 +36,7 @@ import trio
 from ..algorithms.base import Algorithm, ControlFile, Placement
 from ..errors import NodeError, NodeUnavailable, UserError
 from ..fanout import gather
-from ..nodes.base import Node
+from ..nodes.base import Node, NodeState
 from ..ranges import WriteOrder
 from ..units import format_size
 from .bitmap import RegionActivity, RegionBits, WriteIntentBitmap
@@ -48,7 +48,7 @@ from .checks import (
     uniform_entries,
 )
 from .controls import leg_controls
-from .history import FULL, IN_SYNC, LegFinding, StartPlan, plan_start
+from .history import FULL, IN_SYNC, LegFinding, NewerLegMayBeMissing, StartPlan, plan_start
 from .legs import LegRole, MirrorLeg
 from .membership import Membership
 from .metadata import (
@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for flushes and header writes at shutdown.
 CLOSE_TIMEOUT = 60.0
+#: A mount waiting for missing legs looks at every leg again this often
+#: (a leg whose header read failed may answer without a state change).
+MISSING_LEG_POLL = 2.0
 
 
 class Mirror(Algorithm):
@@ -176,22 +179,54 @@ class Mirror(Algorithm):
         decide each leg's role, write the new generation's headers and
         bitmaps, then start heartbeats, leg watchers, resync and the
         bitmap's lazy clearing in `nursery`."""
-        while True:
-            findings = [await examine_leg(leg) for leg in self.legs]
-            if not await wait_for_holder(self.storage_name, self.legs, findings, self.options):
-                break
-        plan = plan_start(
-            self.storage_name,
-            findings,
-            primary=self.options.primary,
-            assume_clean=self.options.assume_clean,
-        )
+        plan, findings = await self._plan()
         for note in plan.notes:
             log.warning("storage %s: %s", self.storage_name, note)
         await self._apply(plan, findings)
         self._started = True
         await nursery.start(self._run_background)
         self._report_start()
+
+    async def _plan(self) -> tuple[StartPlan, list[LegFinding]]:
+        """Examine the legs until a plan can be made: another holder is
+        waited out (or refused) by `wait_for_holder`; missing legs that may
+        hold newer data are waited for up to `mount_wait`, then refused."""
+        options = self.options
+        deadline = trio.current_time() + options.mount_wait
+        while True:
+            findings = [await examine_leg(leg) for leg in self.legs]
+            if await wait_for_holder(self.storage_name, self.legs, findings, options):
+                continue
+            try:
+                plan = plan_start(
+                    self.storage_name, findings, primary=options.primary,
+                    assume_clean=options.assume_clean, force=options.force,
+                )
+            except NewerLegMayBeMissing as exc:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise UserError(f"{exc} (waited {options.mount_wait:g} s)") from None
+                missing = [self.legs[index] for index in exc.missing]
+                log.warning(
+                    "storage %s: waiting up to %.0f s for %s: %s may hold newer data",
+                    self.storage_name, left, ", ".join(map(str, missing)),
+                    "they" if len(missing) > 1 else "it",
+                )
+                await self._wait_for_any_online(missing, min(left, MISSING_LEG_POLL))
+                continue
+            return plan, findings
+
+    @staticmethod
+    async def _wait_for_any_online(legs: list[MirrorLeg], timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as race:
+                for leg in legs:
+
+                    async def online(leg: MirrorLeg = leg) -> None:
+                        await leg.node.wait_state_change(NodeState.OFFLINE)
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(online)
 
     async def _apply(self, plan: StartPlan, findings: list[LegFinding]) -> None:
         """Turn the plan into legs' roles, the bitmap and written headers."""
@@ -359,8 +394,8 @@ class Mirror(Algorithm):
             self.leg_failed(leg, exc)
             await self.ensure_membership_durable()
             return
-        if leg.role is not LegRole.RESYNCING:
-            return
+        if leg.role is not LegRole.RESYNCING or leg.pending:
+            return  # failed meanwhile, or a region must be copied again
         self.membership.mark_in_sync(leg)
         log.info("%s: resync done; leg in sync", leg)
         await self.ensure_membership_durable()
@@ -413,6 +448,11 @@ class Mirror(Algorithm):
         except NodeError:
             bitmap.abort_clear(regions)
             raise
+        if not all(leg.in_sync and leg.online for leg in self.legs):
+            # A leg failed the flush (or anything else) meanwhile: its copy of
+            # these regions may be lost, so they stay marked for its resync.
+            bitmap.abort_clear(regions)
+            return 0
         await bitmap.finish_clear(regions)
         self._activity.forget(regions)
         return len(regions)
@@ -751,6 +791,7 @@ class Mirror(Algorithm):
                         first = offset // BLOCK
                         checks.store(first, [UNKNOWN] * len(entries[1]))  # type: ignore[index]
                 if not took:
+                    self._copy_again(targets, outcomes, regions)
                     error = failures[0][1] if failures else None
                     raise NodeError(
                         f"storage {self.storage_name}",
@@ -766,6 +807,25 @@ class Mirror(Algorithm):
                 self._activity.end(regions)
         finally:
             self.write_order.release(ticket)
+
+    def _copy_again(
+        self, targets: list[MirrorLeg], outcomes: list, regions: range
+    ) -> None:
+        """A write failed on every in-sync leg: a resyncing leg that took it
+        now differs from them, so its resync copies those regions again."""
+        for leg, (_, error) in zip(targets, outcomes, strict=True):
+            if error is None and leg.role is LegRole.RESYNCING and leg.pending is not None:
+                fresh = [region for region in regions if region not in leg.pending]
+                for region in fresh:
+                    leg.pending.add(region)
+                    start, end = self.region_bounds(region)
+                    leg.resync_total += end - start
+                if fresh:
+                    log.warning(
+                        "%s: took a write no in-sync leg took; regions %d-%d are copied again",
+                        leg, regions.start, regions.stop - 1,
+                    )
+                    self.resync.wake()
 
     async def repair_block(self, offset: int, copies: list[tuple[MirrorLeg, bytes]]) -> bool:
         """Verify's repair of one block at `offset`: the caller holds the

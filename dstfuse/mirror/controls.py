@@ -5,7 +5,8 @@
 `clean` declares it in sync), `resync_size` (bytes), `resync_timeout`
 (milliseconds, DST's unit: how long a stale leg that is online waits before
 it rejoins, doubled after each failed attempt), `resync_rate` (bytes/s,
-0 = unlimited) and the read-only `read_repairs` counter. Bad input raises a
+0 = unlimited), the read-only `read_repairs` counter and `disk`, the leg's
+disk state (`up_to_date`, `outdated`, `inconsistent`, `unknown`). Bad input raises a
 one-line UserError; this module only parses and validates, the mirror
 changes roles.
 """
@@ -45,6 +46,7 @@ def leg_controls(mirror: Mirror, leg: MirrorLeg) -> dict[str, ControlFile]:
             write=lambda text: setattr(leg, "resync_rate", parse_resync_rate(leg, text)),
         ),
         "read_repairs": ControlFile(read=lambda: f"{leg.read_repairs}\n"),
+        "disk": ControlFile(read=lambda: f"{leg.disk_state()}\n"),
     }
 
 

@@ -12,7 +12,12 @@ tested as a table. The rules (docs/mirror-metadata.md, "Deciding at mount"):
   without each other: split brain, refused unless `primary` names the leg
   whose data wins;
 - otherwise the source is the consistent, unclaimed leg with the highest
-  generation (lowest index on a tie); every other leg resyncs the regions
+  generation (lowest index on a tie), but only if its header proves it is
+  up to date: every leg that is missing (unreachable, unreadable) must be
+  recorded there as outdated. A missing leg it records in sync may have
+  been written since (by a mount that could not reach the source), so the
+  plan is refused (`NewerLegMayBeMissing`) unless `primary` or `force`
+  says which data to keep; every other leg resyncs the regions
   marked in the union of the legs' bitmaps (the bitmap keeps every region
   written while any leg was stale), or everything when its history is
   unknown (no metadata, another storage's metadata, an unfinished full
@@ -67,6 +72,16 @@ def _short(storage_id: bytes) -> str:
     return storage_id.hex()[:8]
 
 
+class NewerLegMayBeMissing(UserError):
+    """The reachable legs cannot prove that they hold the newest data: a
+    missing leg may have been written without them. The mount waits for it
+    (`mount_wait`), then refuses with this message."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 def _claims_stale(holder: LegFinding, other: LegFinding) -> bool:
     """`holder` records `other` as stale (a leg added after `holder` last
     wrote its table makes no claim)."""
@@ -81,10 +96,13 @@ def plan_start(
     *,
     primary: int | None = None,
     assume_clean: bool = False,
+    force: bool = False,
 ) -> StartPlan:
     """Decide the start of a mirror from its legs' headers (see module doc).
-    Raises UserError for split brain, legs of different storages, a
-    reordered config, or a first use whose source leg is unreachable."""
+    Raises NewerLegMayBeMissing when a missing leg may hold newer data
+    (unless `primary` or `force`), UserError for split brain, legs of
+    different storages, a reordered config, or a first use whose source leg
+    is unreachable."""
     if primary is not None and not 0 <= primary < len(findings):
         raise UserError(
             f"storage {storage_name}: primary={primary} is not a leg index "
@@ -135,6 +153,8 @@ def plan_start(
                 "stale); mount with -o primary=<leg> to choose the leg to keep"
             )
         source = max(candidates, key=lambda f: (f.header.generation, -f.index))  # type: ignore[union-attr]
+        if not force:
+            _refuse_unproven_source(storage_name, findings, source)
 
     src = source.header
     assert src is not None
@@ -222,6 +242,32 @@ def _choose_storage(storage_name: str, known: list[LegFinding], primary: int | N
     raise UserError(
         f"storage {storage_name}: the legs hold different storages ({listing}); mount with "
         "-o primary=<leg> to keep that leg's storage (the others are overwritten)"
+    )
+
+
+def _refuse_unproven_source(
+    storage_name: str, findings: list[LegFinding], source: LegFinding
+) -> None:
+    """The source must record every missing leg as outdated: a missing leg
+    it records in sync (or does not know) may have gone on without it."""
+    assert source.header is not None
+    unproven = [
+        f.index
+        for f in findings
+        if f.header is None and not f.reachable
+        and ((record := source.header.member(f.index)) is None or record.in_sync)
+    ]
+    if not unproven:
+        return
+    legs = ", ".join(map(str, unproven))
+    plural = "s" if len(unproven) > 1 else ""
+    raise NewerLegMayBeMissing(
+        f"storage {storage_name}: leg{plural} {legs} {'are' if plural else 'is'} unreachable and may hold newer data "
+        f"than leg {source.index} (which records {'them' if plural else 'it'} in sync at "
+        f"generation {source.header.generation}); bring leg{plural} {legs} back, or mount with "
+        f"-o primary={source.index} (or -o force) to go on with leg {source.index}'s data "
+        f"and lose what only leg{plural} {legs} may hold",
+        unproven,
     )
 
 

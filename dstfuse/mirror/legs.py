@@ -107,6 +107,19 @@ class MirrorLeg:
             return not any(region in self.pending for region in regions)
         return False
 
+    def disk_state(self) -> str:
+        """DRBD's disk state of the leg's data: `up_to_date` (holds every
+        acknowledged write), `inconsistent` (being copied, or history
+        unknown: a full resync is due), `outdated` (left behind; only the
+        regions it missed are copied back) or `unknown` (never seen)."""
+        if self.role is LegRole.IN_SYNC:
+            return "up_to_date"
+        if self.layout is None and not self.online:
+            return "unknown"
+        if self.role is LegRole.RESYNCING or self.full_resync:
+            return "inconsistent"
+        return "outdated"
+
     def node_state(self) -> str:
         """The status contract's node state."""
         if not self.online:

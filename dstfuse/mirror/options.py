@@ -9,10 +9,20 @@ naming the option. `-o` keys the mirror does not know are left alone:
 they belong to the mount or to other algorithms.
 
 Mount options the mirror reads:
-  force                  take over a storage held by another client
-  primary=[STORAGE:]LEG  after split brain, keep LEG's data
+  force                  take over a storage held by another client at once
+                         (the old holder is fenced), and go on with the
+                         best reachable leg when a leg that may be newer is
+                         missing (what only that leg holds is lost)
+  primary=[STORAGE:]LEG  keep LEG's data (after split brain, or to mount
+                         without a missing leg that may be newer)
   assume_clean           first use: take the legs as identical, copy nothing
   read_check=on|off      check each block read against its recorded digest
+  mount_wait             how long a mount waits for a missing leg that may
+                         hold newer data before it refuses (default 10 s)
+  leg_timeout            how long a write waits for a silent leg before the
+                         mirror goes on without it (default 4 s)
+  read_timeout           how long a read waits for one leg before it asks
+                         another in-sync leg too (default 2 s)
   resync_rate, resync_size, heartbeat_interval, holder_timeout, bitmap_idle,
   check_cache_pages      tuning (sizes take K/M/G, durations ms/s/m)
 """
@@ -49,10 +59,24 @@ class MirrorOptions:
     heartbeat_interval: float = 2.0
     #: how long a holder's heartbeat may stand still before we take over
     holder_timeout: float = 7.0
+    #: a mount waits this long for missing legs that may hold newer data
+    mount_wait: float = 10.0
+    #: a write waits this long for a silent leg, then goes on without it
+    leg_timeout: float = 4.0
+    #: a read waits this long for one leg, then asks another too
+    read_timeout: float = 2.0
     #: a region is cleared from the bitmap once no write touched it this long
     bitmap_idle: float = 5.0
     #: pages (4 KiB, 512 block digests each) of block checks kept in memory
     check_cache_pages: int = 4096
+
+    @property
+    def lease_time(self) -> float:
+        """How long one renewal (a heartbeat a leg acknowledged) lets the
+        holder write. It ends `heartbeat_interval + 1` s before a taker, who
+        watches the heartbeat stand still for `holder_timeout`, may start:
+        that margin is for writes still in flight."""
+        return max(self.heartbeat_interval, self.holder_timeout - self.heartbeat_interval - 1.0)
 
     @classmethod
     def parse(cls, storage_name: str, options: Mapping[str, object]) -> MirrorOptions:
@@ -85,6 +109,9 @@ class MirrorOptions:
             heartbeat_interval=heartbeat,
             holder_timeout=get("holder_timeout", _positive_duration, 3 * heartbeat + 1),
             bitmap_idle=get("bitmap_idle", _positive_duration, cls.bitmap_idle),
+            mount_wait=get("mount_wait", _duration, cls.mount_wait),
+            leg_timeout=get("leg_timeout", _positive_duration, cls.leg_timeout),
+            read_timeout=get("read_timeout", _positive_duration, cls.read_timeout),
             check_cache_pages=get("check_cache_pages", _positive_int, cls.check_cache_pages),
         )
 
@@ -119,9 +146,16 @@ def _rate(raw: object) -> int:
 
 
 def _positive_duration(raw: object) -> float:
-    seconds = parse_duration(raw if isinstance(raw, int | float) else str(raw))
-    if seconds <= 0:
+    seconds = _duration(raw)
+    if seconds == 0:
         raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _duration(raw: object) -> float:
+    seconds = parse_duration(raw if isinstance(raw, int | float) else str(raw))
+    if seconds < 0:
+        raise ValueError("must not be negative")
     return seconds
 
 

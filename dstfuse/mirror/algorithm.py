@@ -30,6 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -48,6 +49,7 @@ from .checks import (
     uniform_entries,
 )
 from .controls import leg_controls
+from .dispatch import LegDispatch, LegSlow
 from .history import FULL, IN_SYNC, LegFinding, NewerLegMayBeMissing, StartPlan, plan_start
 from .legs import LegRole, MirrorLeg
 from .membership import Membership
@@ -65,6 +67,7 @@ from .verify import OnlineVerify
 from .watch import LegWatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Longest wait for flushes and header writes at shutdown.
 CLOSE_TIMEOUT = 60.0
@@ -94,7 +97,8 @@ class Mirror(Algorithm):
             leg.resync_rate = settings.resync_rate
 
         self.write_order = WriteOrder()
-        self.membership = Membership(storage_name, self.legs, settings)
+        self.dispatch = LegDispatch(storage_name, settings.leg_timeout)
+        self.membership = Membership(storage_name, self.legs, settings, self.dispatch)
         self._activity = RegionActivity()
         self._size = 0
         self.region_size = settings.region_size
@@ -199,8 +203,11 @@ class Mirror(Algorithm):
                 continue
             try:
                 plan = plan_start(
-                    self.storage_name, findings, primary=options.primary,
-                    assume_clean=options.assume_clean, force=options.force,
+                    self.storage_name,
+                    findings,
+                    primary=options.primary,
+                    assume_clean=options.assume_clean,
+                    force=options.force,
                 )
             except NewerLegMayBeMissing as exc:
                 left = deadline - trio.current_time()
@@ -209,7 +216,9 @@ class Mirror(Algorithm):
                 missing = [self.legs[index] for index in exc.missing]
                 log.warning(
                     "storage %s: waiting up to %.0f s for %s: %s may hold newer data",
-                    self.storage_name, left, ", ".join(map(str, missing)),
+                    self.storage_name,
+                    left,
+                    ", ".join(map(str, missing)),
                     "they" if len(missing) > 1 else "it",
                 )
                 await self._wait_for_any_online(missing, min(left, MISSING_LEG_POLL))
@@ -245,7 +254,8 @@ class Mirror(Algorithm):
             if self.region_size != self.options.region_size:
                 log.info(
                     "storage %s: keeping the region size it was created with (%s, not %s)",
-                    self.storage_name, format_size(self.region_size),
+                    self.storage_name,
+                    format_size(self.region_size),
                     format_size(self.options.region_size),
                 )
         for leg in self.legs:
@@ -334,8 +344,11 @@ class Mirror(Algorithm):
         outcomes = await gather([lambda leg=leg: call(leg) for leg in legs])
         for leg, (_, error) in zip(legs, outcomes, strict=True):
             if error is not None:
-                raise NodeError(str(leg), f"start-up metadata I/O failed: {error}",
-                                errno=getattr(error, "errno", errno.EIO))
+                raise NodeError(
+                    str(leg),
+                    f"start-up metadata I/O failed: {error}",
+                    errno=getattr(error, "errno", errno.EIO),
+                )
 
     async def read_bitmap(self, leg: MirrorLeg, bits: RegionBits) -> None:
         assert self.bitmap is not None
@@ -354,13 +367,19 @@ class Mirror(Algorithm):
             log.info("%s: %s", leg, leg.node_state())
         log.info(
             "storage %s: mirror of %d legs, %s, generation %d, state %s",
-            self.storage_name, len(self.legs), format_size(self._size), self.membership.generation,
+            self.storage_name,
+            len(self.legs),
+            format_size(self._size),
+            self.membership.generation,
             self.state,
         )
 
     def _placement(self, leg: MirrorLeg) -> Placement:
         return Placement(
-            node=leg.node, start=0, size=self._size, cookie=leg.index,
+            node=leg.node,
+            start=0,
+            size=self._size,
+            cookie=leg.index,
             controls=leg_controls(self, leg),
         )
 
@@ -380,7 +399,9 @@ class Mirror(Algorithm):
         leg.resync_done = 0
         log.info(
             "%s: resync of %s (%d regions%s) started",
-            leg, format_size(leg.resync_total), len(pending),
+            leg,
+            format_size(leg.resync_total),
+            len(pending),
             ", compared first" if leg.full_resync else "",
         )
         self.resync.wake()
@@ -405,6 +426,7 @@ class Mirror(Algorithm):
         with self._background:
             async with trio.open_nursery() as tasks:
                 self._tasks = tasks
+                await tasks.start(self.dispatch.run_background)
                 tasks.start_soon(self.resync.run)
                 tasks.start_soon(self._watch.heartbeat, tasks)
                 tasks.start_soon(self._bitmap_loop)
@@ -472,15 +494,39 @@ class Mirror(Algorithm):
         )
 
     async def _load_check_page(self, page: int) -> bytes:
-        errors = []
-        for leg in self._read_order(range(0)):
-            if not leg.in_sync:
-                continue
+        legs = [leg for leg in self._read_order(range(0)) if leg.in_sync]
+        return await self._first_answer(
+            legs, lambda leg: leg.read_check_page(page), f"check page {page}"
+        )
+
+    async def _ask(
+        self, leg: MirrorLeg, call: Callable[[MirrorLeg], Awaitable[T]], *, last: bool
+    ) -> T:
+        """`call(leg)`, given up after `read_timeout` (LegSlow) unless it is
+        the `last` leg that could answer: a silent leg delays a read by at
+        most that much when another leg has the data. Reads are safe to
+        abandon (nothing changes on the node)."""
+        if last:
+            return await call(leg)
+        with trio.move_on_after(self.options.read_timeout):
+            return await call(leg)
+        raise LegSlow(str(leg), f"no answer within read_timeout ({self.options.read_timeout:g} s)")
+
+    async def _first_answer(
+        self, legs: list[MirrorLeg], call: Callable[[MirrorLeg], Awaitable[T]], what: str
+    ) -> T:
+        """The answer of the first leg (in `legs`' order) that gives one."""
+        errors: list[NodeError] = []
+        for position, leg in enumerate(legs):
             try:
-                return await leg.read_check_page(page)
+                return await self._ask(leg, call, last=position == len(legs) - 1)
             except NodeError as exc:
                 errors.append(exc)
-        raise NodeError(f"storage {self.storage_name}", f"check page {page} unreadable: {errors}")
+        raise NodeError(
+            f"storage {self.storage_name}",
+            f"no leg answered for {what}: {'; '.join(map(str, errors)) or 'no leg holds it'}",
+            errno=errors[-1].errno if errors else errno.EIO,
+        )
 
     async def _write_check_page(self, page: int, data: bytes) -> None:
         await self.membership.on_every_target(
@@ -568,7 +614,8 @@ class Mirror(Algorithm):
         if not legs:
             raise NodeError(
                 f"storage {self.storage_name}",
-                f"no leg holds [{offset}, +{length}) (all stale)", errno=errno.EIO,
+                f"no leg holds [{offset}, +{length}) (all stale)",
+                errno=errno.EIO,
             )
         checks = self.checks
         pinned: list[int] = []
@@ -582,10 +629,16 @@ class Mirror(Algorithm):
             failed: list[tuple[MirrorLeg, BaseException | None]] = []
             rejected: list[tuple[MirrorLeg, bytes]] = []
             good: bytes | None = None
-            for leg in legs:
+            for position, leg in enumerate(legs):
                 leg.position = offset + length
                 try:
-                    data = await leg.node.read(offset, length)
+                    data = await self._ask(
+                        leg,
+                        lambda leg: leg.node.read(offset, length),
+                        last=position == len(legs) - 1,
+                    )
+                except LegSlow:
+                    continue  # silent: another leg serves it; writes decide its fate
                 except NodeError as exc:
                     failed.append((leg, exc))
                     continue
@@ -595,7 +648,11 @@ class Mirror(Algorithm):
                         checks.mismatches += 1
                         log.warning(
                             "%s: %d block(s) of [%d, +%d) fail their check (first at %d)",
-                            leg, len(wrong), offset, length, wrong[0] * BLOCK,
+                            leg,
+                            len(wrong),
+                            offset,
+                            length,
+                            wrong[0] * BLOCK,
                         )
                         rejected.append((leg, data))
                         continue
@@ -627,7 +684,10 @@ class Mirror(Algorithm):
             data = rejected[0][1]
             log.error(
                 "storage %s: legs agree on [%d, +%d) but not with its block checks; "
-                "trusting the legs", self.storage_name, offset, length,
+                "trusting the legs",
+                self.storage_name,
+                offset,
+                length,
             )
             if checks is not None:
                 checks.store(*digests_of(offset, data), only_known=True)
@@ -674,7 +734,10 @@ class Mirror(Algorithm):
                             continue
                         leg.read_repairs += 1
                         log.warning(
-                            "%s: read repair of [%d, +%d) (%s)", leg, offset, len(good),
+                            "%s: read repair of [%d, +%d) (%s)",
+                            leg,
+                            offset,
+                            len(good),
                             error if error is not None else "block check failed",
                         )
             finally:
@@ -718,15 +781,13 @@ class Mirror(Algorithm):
             self._activity.end_read(serial)
 
     async def source_checksum(self, offset: int, length: int) -> bytes:
-        errors = []
-        for leg in self._read_order(self._regions_of(offset, length), offset):
-            if not leg.in_sync:
-                continue
-            try:
-                return await leg.node.checksum(offset, length)
-            except NodeError as exc:
-                errors.append(exc)
-        raise NodeError(f"storage {self.storage_name}", f"no in-sync leg gave a checksum {errors}")
+        regions = self._regions_of(offset, length)
+        legs = [leg for leg in self._read_order(regions, offset) if leg.in_sync]
+        return await self._first_answer(
+            legs,
+            lambda leg: leg.node.checksum(offset, length),
+            f"the checksum of [{offset}, +{length})",
+        )
 
     # -- writes ----------------------------------------------------------
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
@@ -745,8 +806,11 @@ class Mirror(Algorithm):
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         entries = uniform_entries(offset, length, ZERO_BLOCK_DIGEST)
         await self._mutate(
-            "write-zeroes", offset, length,
-            lambda leg: leg.node.write_zeroes(offset, length, fua=fua), entries,
+            "write-zeroes",
+            offset,
+            length,
+            lambda leg: leg.node.write_zeroes(offset, length, fua=fua),
+            entries,
         )
 
     async def _mutate(
@@ -773,7 +837,7 @@ class Mirror(Algorithm):
                         checks.distrust(regions)
                 await bitmap.mark(regions)
                 targets = [leg for leg in self.legs if leg.takes_writes]
-                outcomes = await gather([lambda leg=leg: call(leg) for leg in targets])
+                outcomes = await self.dispatch.run(targets, call)
                 failures = []
                 took = False
                 for leg, (_, error) in zip(targets, outcomes, strict=True):
@@ -808,9 +872,7 @@ class Mirror(Algorithm):
         finally:
             self.write_order.release(ticket)
 
-    def _copy_again(
-        self, targets: list[MirrorLeg], outcomes: list, regions: range
-    ) -> None:
+    def _copy_again(self, targets: list[MirrorLeg], outcomes: list, regions: range) -> None:
         """A write failed on every in-sync leg: a resyncing leg that took it
         now differs from them, so its resync copies those regions again."""
         for leg, (_, error) in zip(targets, outcomes, strict=True):
@@ -823,7 +885,9 @@ class Mirror(Algorithm):
                 if fresh:
                     log.warning(
                         "%s: took a write no in-sync leg took; regions %d-%d are copied again",
-                        leg, regions.start, regions.stop - 1,
+                        leg,
+                        regions.start,
+                        regions.stop - 1,
                     )
                     self.resync.wake()
 
@@ -856,8 +920,9 @@ class Mirror(Algorithm):
                 if not await self._repair_write(leg, offset, data):
                     ok = False
                     continue
-                log.warning("%s: verify repaired [%d, +%d) from leg %d",
-                            leg, offset, BLOCK, source[0].index)
+                log.warning(
+                    "%s: verify repaired [%d, +%d) from leg %d", leg, offset, BLOCK, source[0].index
+                )
             if checks is not None and pinned:
                 checks.store(*digests_of(offset, data))
         finally:
@@ -868,14 +933,15 @@ class Mirror(Algorithm):
 
     async def flush(self) -> None:
         legs = [leg for leg in self.legs if leg.takes_writes]
-        outcomes = await gather([leg.node.flush for leg in legs])
+        outcomes = await self.dispatch.run(legs, lambda leg: leg.node.flush())
         answers = list(zip(legs, outcomes, strict=True))
         took = any(error is None and leg.in_sync for leg, (_, error) in answers)
         errors = [(leg, error) for leg, (_, error) in answers if error]
         if not took:
             error = errors[0][1] if errors else None
             raise NodeError(
-                f"storage {self.storage_name}", f"flush failed on every in-sync leg: {error}",
+                f"storage {self.storage_name}",
+                f"flush failed on every in-sync leg: {error}",
                 errno=getattr(error, "errno", errno.EIO),
             )
         for leg, error in errors:
@@ -883,15 +949,11 @@ class Mirror(Algorithm):
         await self.ensure_membership_durable()
 
     async def checksum(self, offset: int, length: int) -> bytes:
-        errors = []
-        for leg in self._read_order(self._regions_of(offset, length), offset):
-            try:
-                return await leg.node.checksum(offset, length)
-            except NodeError as exc:
-                errors.append(exc)
-        raise NodeError(
-            f"storage {self.storage_name}", f"checksum failed on every leg: {errors}",
-            errno=errors[0].errno if errors else errno.EIO,
+        legs = self._read_order(self._regions_of(offset, length), offset)
+        return await self._first_answer(
+            legs,
+            lambda leg: leg.node.checksum(offset, length),
+            f"the checksum of [{offset}, +{length})",
         )
 
     # -- controls --------------------------------------------------------
@@ -948,13 +1010,18 @@ class Mirror(Algorithm):
         if not self._started or self._closed:
             return
         self._closed = True
+        self.dispatch.stop()
         self._background.cancel()
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + CLOSE_TIMEOUT
             await self._close_metadata()
         if scope.cancelled_caught:
-            log.error("storage %s: shutdown did not finish in %.0f s; next mount resyncs "
-                      "the marked regions", self.storage_name, CLOSE_TIMEOUT)
+            log.error(
+                "storage %s: shutdown did not finish in %.0f s; next mount resyncs "
+                "the marked regions",
+                self.storage_name,
+                CLOSE_TIMEOUT,
+            )
 
     async def _close_metadata(self) -> None:
         try:
@@ -970,8 +1037,12 @@ class Mirror(Algorithm):
                 await self.checks.write_back()
                 await self.flush()
         except NodeError as exc:
-            log.warning("storage %s: check pages not written (%s); they are rebuilt as "
-                        "unknown at the next mount", self.storage_name, exc)
+            log.warning(
+                "storage %s: check pages not written (%s); they are rebuilt as "
+                "unknown at the next mount",
+                self.storage_name,
+                exc,
+            )
             self.membership.checks_valid = False
         legs = [leg for leg in self.legs if leg.takes_writes and leg.layout is not None]
         outcomes = await gather(
@@ -983,6 +1054,9 @@ class Mirror(Algorithm):
         for leg, (_, error) in zip(legs, outcomes, strict=True):
             if error is not None:
                 log.error("%s: clean-shutdown record not written: %s", leg, error)
-        log.info("storage %s: closed (generation %d, %d regions still marked)",
-                 self.storage_name, self.membership.generation,
-                 len(self.bitmap.desired) if self.bitmap else 0)
+        log.info(
+            "storage %s: closed (generation %d, %d regions still marked)",
+            self.storage_name,
+            self.membership.generation,
+            len(self.bitmap.desired) if self.bitmap else 0,
+        )

@@ -260,11 +260,12 @@ def _refuse_unproven_source(
     if not unproven:
         return
     legs = ", ".join(map(str, unproven))
-    plural = "s" if len(unproven) > 1 else ""
+    many = len(unproven) > 1
+    plural, verb, them = ("s", "are", "them") if many else ("", "is", "it")
     raise NewerLegMayBeMissing(
-        f"storage {storage_name}: leg{plural} {legs} {'are' if plural else 'is'} unreachable and may hold newer data "
-        f"than leg {source.index} (which records {'them' if plural else 'it'} in sync at "
-        f"generation {source.header.generation}); bring leg{plural} {legs} back, or mount with "
+        f"storage {storage_name}: leg{plural} {legs} {verb} unreachable and may hold newer "
+        f"data than leg {source.index} (which records {them} in sync at generation "
+        f"{source.header.generation}); bring leg{plural} {legs} back, or mount with "
         f"-o primary={source.index} (or -o force) to go on with leg {source.index}'s data "
         f"and lose what only leg{plural} {legs} may hold",
         unproven,

@@ -74,6 +74,9 @@ class MirrorLeg:
         self.position = 0
         #: why the leg cannot rejoin (split brain, too small), for logs
         self.blocked = ""
+        #: requests the dispatcher stopped waiting for that still run
+        self.unsettled = 0
+        self._settled = trio.Event()
         self._sequence = 0
         self._header_lock = trio.Lock()
 
@@ -106,6 +109,17 @@ class MirrorLeg:
         if self.role is LegRole.RESYNCING and self.pending is not None:
             return not any(region in self.pending for region in regions)
         return False
+
+    def settle_one(self) -> None:
+        self.unsettled -= 1
+        if self.unsettled == 0:
+            self._settled.set()
+            self._settled = trio.Event()
+
+    async def wait_settled(self) -> None:
+        """Until no request sent to the leg is still running."""
+        while self.unsettled:
+            await self._settled.wait()
 
     def disk_state(self) -> str:
         """DRBD's disk state of the leg's data: `up_to_date` (holds every

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..errors import NodeError
-from ..fanout import gather
+from .dispatch import LegDispatch
 from .legs import LegRole, MirrorLeg
 from .metadata import (
     FLAG_CHECKS_VALID,
@@ -37,8 +37,15 @@ log = logging.getLogger(__name__)
 
 
 class Membership:
-    def __init__(self, storage_name: str, legs: list[MirrorLeg], options: MirrorOptions) -> None:
+    def __init__(
+        self,
+        storage_name: str,
+        legs: list[MirrorLeg],
+        options: MirrorOptions,
+        dispatch: LegDispatch,
+    ) -> None:
         self.storage_name = storage_name
+        self._dispatch = dispatch
         self.legs = legs
         self.options = options
         self.storage_id = b""
@@ -141,11 +148,12 @@ class Membership:
     async def on_every_target(
         self, call: Callable[[MirrorLeg], Awaitable[object]], what: str
     ) -> None:
-        """Run `call` on every leg that takes writes, concurrently. A leg it
-        fails on is marked dirty; NodeError (EIO) unless an in-sync leg
+        """Run `call` on every leg that takes writes, concurrently (a leg
+        the dispatcher gives up on counts as failed). A leg it fails on is
+        marked dirty; NodeError (EIO) unless an in-sync leg
         succeeded, so one dead leg never fails the storage."""
         legs = self.targets()
-        outcomes = await gather([lambda leg=leg: call(leg) for leg in legs])
+        outcomes = await self._dispatch.run(legs, call)
         took = False
         for leg, (_, error) in zip(legs, outcomes, strict=True):
             if error is None:

@@ -118,6 +118,9 @@ class LegWatch:
         bitmap = mirror.bitmap
         assert bitmap is not None
         extra = RegionBits(mirror.regions)
+        await leg.wait_settled()  # nothing sent before may land after its resync
+        if leg.role is not LegRole.STALE or not leg.online:
+            return False
         try:
             if leg.layout is None or leg.layout.leg_size != leg.size:
                 leg.layout = None

@@ -51,6 +51,7 @@ from .checks import (
 from .controls import leg_controls
 from .dispatch import LegDispatch, LegSlow
 from .history import FULL, IN_SYNC, LegFinding, NewerLegMayBeMissing, StartPlan, plan_start
+from .lease import HolderLease
 from .legs import LegRole, MirrorLeg
 from .membership import Membership
 from .metadata import (
@@ -99,6 +100,7 @@ class Mirror(Algorithm):
         self.write_order = WriteOrder()
         self.dispatch = LegDispatch(storage_name, settings.leg_timeout)
         self.membership = Membership(storage_name, self.legs, settings, self.dispatch)
+        self.lease = HolderLease(storage_name, self.membership, settings)
         self._activity = RegionActivity()
         self._size = 0
         self.region_size = settings.region_size
@@ -131,6 +133,8 @@ class Mirror(Algorithm):
     def state(self) -> str:
         if not self._started:
             return "clean"
+        if self.lease.fenced:
+            return "fenced"
         if not any(leg.in_sync and leg.online for leg in self.legs):
             return "failed"
         if any(leg.role is LegRole.STALE or not leg.online for leg in self.legs):
@@ -310,6 +314,7 @@ class Mirror(Algorithm):
         self.membership.checks_valid = self.checks is not None
 
         self.membership.generation += 1
+        self.membership.holder_epoch = self.membership.generation
         self.membership.held_since_us = int(time.time() * 1e6)
         targets = [self.legs[i] for i in sorted(reachable)]
         if zero_checks:
@@ -325,6 +330,7 @@ class Mirror(Algorithm):
             ),
         )
         self.bitmap.set_durable_everywhere()
+        self.lease.granted()
         for leg in targets:
             if leg.role is LegRole.STALE:
                 self.begin_resync(leg, self.bitmap.desired.copy())
@@ -428,7 +434,7 @@ class Mirror(Algorithm):
                 self._tasks = tasks
                 await tasks.start(self.dispatch.run_background)
                 tasks.start_soon(self.resync.run)
-                tasks.start_soon(self._watch.heartbeat, tasks)
+                tasks.start_soon(self.lease.heartbeat, tasks)
                 tasks.start_soon(self._bitmap_loop)
                 for leg in self.legs:
                     tasks.start_soon(self._watch.watch, leg)
@@ -758,6 +764,7 @@ class Mirror(Algorithm):
             except NodeError as exc:
                 log.warning("%s: not repaired, the bitmap could not be marked: %s", leg, exc)
                 return False
+            await self.lease.ensure()
             try:
                 await leg.node.write(offset, data)
             except NodeError as exc:
@@ -836,6 +843,7 @@ class Mirror(Algorithm):
                         log.warning("storage %s: %s; range not checked", self.storage_name, exc)
                         checks.distrust(regions)
                 await bitmap.mark(regions)
+                await self.lease.ensure()
                 targets = [leg for leg in self.legs if leg.takes_writes]
                 outcomes = await self.dispatch.run(targets, call)
                 failures = []
@@ -932,6 +940,7 @@ class Mirror(Algorithm):
         return ok
 
     async def flush(self) -> None:
+        await self.lease.ensure()
         legs = [leg for leg in self.legs if leg.takes_writes]
         outcomes = await self.dispatch.run(legs, lambda leg: leg.node.flush())
         answers = list(zip(legs, outcomes, strict=True))
@@ -1024,6 +1033,9 @@ class Mirror(Algorithm):
             )
 
     async def _close_metadata(self) -> None:
+        if self.lease.fenced:
+            log.error("storage %s: fenced; nothing written at shutdown", self.storage_name)
+            return
         try:
             await self.flush()
         except NodeError as exc:

@@ -27,6 +27,7 @@ from .bitmap import RegionBits
 from .metadata import (
     BLOCK,
     LegLayout,
+    MetadataError,
     MirrorHeader,
     newest_header,
     pack_bitmap_block,
@@ -161,6 +162,17 @@ class MirrorLeg:
         header = newest_header(slots)
         self._sequence = max(self._sequence, header.sequence)
         return header
+
+    async def read_slots(self) -> list[MirrorHeader]:
+        """Both header slots that hold a valid header (newest first)."""
+        size = self.size
+        headers = []
+        for offset in (size - 2 * BLOCK, size - BLOCK):
+            try:
+                headers.append(MirrorHeader.unpack(await self.node.read(offset, BLOCK)))
+            except MetadataError:
+                continue
+        return sorted(headers, key=lambda header: header.sequence, reverse=True)
 
     async def write_header(self, header: MirrorHeader) -> None:
         """Write `header` (its sequence is assigned here) to the slot the

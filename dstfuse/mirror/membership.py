@@ -6,6 +6,7 @@ a write is recorded as stale in the headers of the surviving legs before
 that write completes (`leg_failed` bumps the generation; writers then await
 `ensure_durable`). It builds each leg's header and writes the new ones to
 every leg that takes writes; it never decides when a leg is resynced.
+Once `fenced` (another mount took the storage over), it writes nothing.
 
 Invariant: the last in-sync leg is never marked stale. If it fails, the
 request fails and the storage keeps its one complete copy.
@@ -52,6 +53,11 @@ class Membership:
         self.generation = 0
         self.created_us = 0
         self.held_since_us = 0
+        #: the generation this mount took the storage at (lease.py)
+        self.holder_epoch = 0
+        #: why this mount may write no more ("" while it holds the storage):
+        #: set by the lease when a newer holder took over
+        self.fenced = ""
         self.heartbeat = 0
         self.data_size = 0
         self.region_size = options.region_size
@@ -92,6 +98,7 @@ class Membership:
             client_id=bytes(16) if clean else self.options.client_id,
             client_name="" if clean else self.options.client_name,
             held_since_us=0 if clean else self.held_since_us,
+            holder_epoch=0 if clean else self.holder_epoch,
             heartbeat=self.heartbeat,
             heartbeat_us=int(time.time() * 1e6),
             layout=leg.layout,
@@ -152,6 +159,10 @@ class Membership:
         the dispatcher gives up on counts as failed). A leg it fails on is
         marked dirty; NodeError (EIO) unless an in-sync leg
         succeeded, so one dead leg never fails the storage."""
+        if self.fenced:
+            raise NodeError(
+                f"storage {self.storage_name}", f"fenced: {self.fenced}", errno=errno.EIO
+            )
         legs = self.targets()
         outcomes = await self._dispatch.run(legs, call)
         took = False

@@ -59,7 +59,7 @@ MEMBER_IN_SYNC = 1 << 0  # the leg held every acknowledged write at `generation`
 MEMBER_FULL_RESYNC = 1 << 1  # its history is unknown: resync compares every region
 
 _HEADER = struct.Struct(
-    "<8s H H I Q 16s I I Q Q Q I I Q Q Q Q Q 16s 64s Q Q Q 32x"
+    "<8s H H I Q 16s I I Q Q Q I I Q Q Q Q Q 16s 64s Q Q Q Q 24x"
 )
 _MEMBER = struct.Struct("<I 4x Q Q 8x")
 MEMBERS_AT = 256
@@ -189,6 +189,9 @@ class MirrorHeader:
     held_since_us: int = 0
     heartbeat: int = 0
     heartbeat_us: int = 0
+    #: the generation at which the holder mounted: a later holder has a
+    #: higher one (a taker mounts past every generation it read)
+    holder_epoch: int = 0
     version: int = VERSION
     layout: LegLayout | None = field(default=None, compare=False)
 
@@ -230,6 +233,7 @@ class MirrorHeader:
             layout.checks_offset, layout.checks_length,
             layout.bitmap_offset, layout.bitmap_length, self.created_us,
             self.client_id, name, self.held_since_us, self.heartbeat, self.heartbeat_us,
+            self.holder_epoch,
         )  # fmt: skip
         for index, record in enumerate(self.members):
             _MEMBER.pack_into(
@@ -253,7 +257,7 @@ class MirrorHeader:
             _magic, version, max_legs, flags, sequence, storage_id, leg_index, leg_count,
             generation, leg_size, data_size, region_size, block, checks_offset, checks_length,
             bitmap_offset, bitmap_length, created_us, client_id, name, held_since_us,
-            heartbeat, heartbeat_us,
+            heartbeat, heartbeat_us, holder_epoch,
         ) = _HEADER.unpack_from(raw, 0)  # fmt: skip
         if version > VERSION:
             raise UnsupportedVersion(
@@ -293,6 +297,7 @@ class MirrorHeader:
             held_since_us=held_since_us,
             heartbeat=heartbeat,
             heartbeat_us=heartbeat_us,
+            holder_epoch=holder_epoch,
             version=version,
             layout=layout,
         )

@@ -191,6 +191,7 @@ class Resync:
         if not copy:
             return False
         data = await mirror.source_read(offset, length)
+        await mirror.lease.ensure()
         outcomes = await gather(
             [lambda leg=leg: leg.node.write(offset, data) for leg in copy]
         )

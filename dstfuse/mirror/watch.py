@@ -1,11 +1,8 @@
 """Watching legs: heartbeats, legs going offline, and stale legs coming back.
 
-`LegWatch` runs the mirror's per-leg background work:
+`LegWatch` runs the mirror's per-leg background work (the heartbeat is the
+holder's lease, lease.py):
 
-- the heartbeat: every `heartbeat_interval`, a FUA header write with an
-  advanced counter to each write target, each leg on its own so a slow leg
-  delays no other (another client watches it to tell a live holder from a
-  crashed one);
 - one watcher per leg (`node.wait_state_change`): an in-sync leg whose node
   goes OFFLINE is marked stale at once, unless it is the last in-sync leg
   online, so writes stop waiting for it; a stale leg whose node is ONLINE
@@ -47,26 +44,6 @@ class LegWatch:
     def __init__(self, mirror: Mirror) -> None:
         self._mirror = mirror
         self._membership = mirror.membership
-        self._beating: set[int] = set()
-
-    # -- heartbeat ----------------------------------------------------------
-    async def heartbeat(self, tasks: trio.Nursery) -> None:
-        while True:
-            await trio.sleep(self._mirror.options.heartbeat_interval)
-            self._membership.heartbeat += 1
-            for leg in self._membership.targets():
-                if leg.online and leg.index not in self._beating:
-                    self._beating.add(leg.index)
-                    tasks.start_soon(self._beat, leg)
-
-    async def _beat(self, leg: MirrorLeg) -> None:
-        try:
-            await leg.write_header(self._membership.header(leg))
-        except NodeError as exc:
-            if self._membership.leg_failed(leg, f"heartbeat failed: {exc}"):
-                await self._membership.publish_quietly()
-        finally:
-            self._beating.discard(leg.index)
 
     # -- watching -------------------------------------------------------------
     async def _wait_change(self, leg: MirrorLeg, seen: NodeState, timeout: float) -> None:

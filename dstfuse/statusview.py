@@ -43,7 +43,7 @@ COUNTERS = (
 )
 #: Mirror-only node files that `status` reports when present. `clean` and
 #: `dirty` are deliberately absent: they are write triggers.
-MIRROR_VALUES = ("read_repairs", "resync_rate", "resync_size", "resync_timeout")
+MIRROR_VALUES = ("read_repairs", "resync_rate", "resync_size", "resync_timeout", "disk")
 
 # How many --watch samples the resync rate is averaged over.
 _RATE_WINDOW = 10
@@ -430,7 +430,7 @@ def resync_text(storage: StorageStatus, node: NodeStatus, sampler: ResyncSampler
     return "-"
 
 
-_COLUMNS = ("NODE", "TYPE", "STATE", "SIZE", "RESYNC", "ERRORS", "RESENDS", "RECONNECTS")
+_COLUMNS = tuple("NODE TYPE STATE DISK SIZE RESYNC ERRORS RESENDS RECONNECTS".split())
 
 
 def render_status(status: MountStatus, sampler: ResyncSampler | None = None) -> str:
@@ -449,6 +449,7 @@ def _render_storage(storage: StorageStatus, sampler: ResyncSampler | None) -> st
             node.name,
             node.type or "?",
             node.state or "?",
+            str(node.mirror.get("disk", "-")),
             format_size(node.size) if node.size is not None else "?",
             resync_text(storage, node, sampler),
             _counter(node, "errors"),

@@ -296,7 +296,7 @@ def test_human_table_shows_one_block_per_storage_with_node_states(tmp_path):
     assert lin.splitlines()[0] == "lin: clean, linear, 3.0 GiB"
     assert vol0.splitlines()[0] == "vol0: degraded, mirror, 1.0 GiB"
     header = vol0.splitlines()[1].split()
-    assert header == ["NODE", "TYPE", "STATE", "SIZE", "RESYNC", "ERRORS", "RESENDS", "RECONNECTS"]
+    assert header == "NODE TYPE STATE DISK SIZE RESYNC ERRORS RESENDS RECONNECTS".split()
     clean_row, offline_row = vol0.splitlines()[2:4]
     assert "R: 10.0.0.5:1025" in clean_row and " clean " in clean_row
     assert offline_row.split()[-3:] == ["4", "0", "7"]

@@ -410,7 +410,8 @@ async def _write_alone(paths: list[Path], alive: int, offset: int, payload: byte
             else:
                 node = MemoryNode(f"unreachable{index}", 0)  # never started: offline
             nodes.append((node, None))
-        mirror = Mirror("vol0", nodes, {"client_name": "alone:1"})
+        # forced: the other leg may be newer for all this leg knows
+        mirror = Mirror("vol0", nodes, {"client_name": "alone:1", "force": True})
         await mirror.start(nursery)
         assert mirror.state == "degraded"
         await mirror.write(offset, payload)
@@ -527,7 +528,13 @@ def test_a_mirror_mounts_degraded_with_a_leg_down_and_resyncs_it_when_it_comes(t
             size = storage_size(mount)
             assert mount.umount().returncode == 0
         legs[1].stop()
-        with mounted(config, tmp_path / "mnt") as mount:
+        # Leg 0 cannot prove leg 1 missed nothing: a plain mount waits for
+        # leg 1 and refuses; the user says go on without it.
+        refused = run_dstfuse("mount", "-o", "mount_wait=1s", config, tmp_path / "mnt", timeout=60)
+        assert refused.returncode != 0
+        assert "leg 1" in refused.stderr and "may hold newer data" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        with mounted(config, tmp_path / "mnt", options=["force"]) as mount:
             degraded = status(mount)
             assert degraded["state"] == "degraded"
             assert degraded["nodes"][1]["state"] == "offline"

@@ -1,0 +1,187 @@
+"""The mirror under compound faults, for real (issue 9): real `dstfuse
+export` processes as legs, a real mount, faults done to the processes.
+
+- a leg the others left behind is never served: the mount waits for the
+  newer leg, then refuses with one line that names it and the way out;
+- a holder frozen past its lease never writes over the next holder;
+- a killed or frozen leg stalls writes for about `leg_timeout`, not for the
+  whole resend budget (the default config, as a user runs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from .mounts import mounted, run_dstfuse, write_config
+from .test_mirror_e2e import (
+    BLOCK,
+    MiB,
+    data_area,
+    leg_exports,
+    mirror_config,
+    pread_direct,
+    pwrite_direct,
+    status,
+    storage_size,
+    wait_state,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def write_block(mount, offset: int, payload: bytes) -> None:
+    fd = os.open(mount.file("vol0"), os.O_RDWR | os.O_DIRECT)
+    try:
+        pwrite_direct(fd, offset, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_block(mount, offset: int) -> bytes:
+    fd = os.open(mount.file("vol0"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        return pread_direct(fd, offset, BLOCK)
+    finally:
+        os.close(fd)
+
+
+# -- 1. no silent rollback ------------------------------------------------------------
+@pytest.mark.parametrize("ending", ["umount", "client crash"])
+def test_a_leg_left_behind_is_never_mounted_as_the_newest(tmp_path, ending):
+    new = os.urandom(BLOCK)
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        config = mirror_config(tmp_path, legs)
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
+            write_block(mount, 0, b"o" * BLOCK)
+            legs[1].signal(signal.SIGKILL)
+            write_block(mount, 0, new)  # degraded: leg 0 alone has it
+            assert status(mount)["nodes"][1]["disk"] == "outdated"
+            if ending == "umount":
+                assert mount.umount().returncode == 0
+            else:
+                os.kill(mount.pid, signal.SIGKILL)
+                mount.process.wait(30)
+        legs[0].stop()
+        legs[1].start()
+        (tmp_path / "mnt2").mkdir()
+        started = time.monotonic()
+        refused = run_dstfuse(
+            "mount", "-o", "mount_wait=3s,holder_timeout=2s", config, tmp_path / "mnt2",
+            timeout=120,
+        )
+        assert refused.returncode != 0
+        message = refused.stderr.strip()
+        assert len(message.splitlines()) == 1, message
+        assert "leg 0" in message and "may hold newer data" in message, message
+        assert "-o primary=1" in message and "force" in message, message
+        assert time.monotonic() - started >= 3
+        # with the newer leg back, the mount takes it as the source
+        legs[0].start()
+        with mounted(config, tmp_path / "mnt2") as mount:
+            assert read_block(mount, 0) == new
+            wait_state(mount, "clean")
+            size = storage_size(mount)
+            assert mount.umount().returncode == 0
+        assert data_area(legs[0], size) == data_area(legs[1], size)
+
+
+# -- 2. one writer ----------------------------------------------------------------------
+def test_a_frozen_holder_never_writes_over_the_next_one(tmp_path):
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        config = mirror_config(tmp_path, legs)
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as first:
+            write_block(first, 0, b"1" * BLOCK)
+            # (no descriptor of the first mount stays open while it is
+            # frozen: the children started meanwhile would close it, and a
+            # close waits for the frozen daemon's FLUSH answer)
+            os.kill(first.pid, signal.SIGSTOP)
+            try:
+                with mounted(config, tmp_path / "mnt2", options=["force"]) as second:
+                    write_block(second, 0, b"2" * BLOCK)
+                    time.sleep(8)  # longer than the first holder's lease
+                    os.kill(first.pid, signal.SIGCONT)
+                    with pytest.raises(OSError) as fenced:
+                        write_block(first, 0, b"X" * BLOCK)
+                    assert fenced.value.errno == errno.EIO
+                    assert status(first)["state"] == "fenced"
+                    assert "fenced" in first.log.read_text()
+                    write_block(second, BLOCK, b"3" * BLOCK)
+                    assert read_block(second, 0) == b"2" * BLOCK
+                    assert second.umount().returncode == 0
+            finally:
+                os.kill(first.pid, signal.SIGCONT)
+        for leg in legs:
+            assert data_area(leg, BLOCK) == b"2" * BLOCK
+
+
+# -- 5. a dead or frozen leg stalls writes for leg_timeout, not the budget --------------
+class StallMeter:
+    """Writes 4 KiB with O_DIRECT (and an fsync every 16 writes) in a loop
+    and records the longest time one call took."""
+
+    def __init__(self, path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        self._stop = threading.Event()
+        self.longest = 0.0
+        self.writes = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                pwrite_direct(self._fd, (self.writes % 4096) * BLOCK, os.urandom(BLOCK))
+                if self.writes % 16 == 0:
+                    os.fsync(self._fd)
+                self.longest = max(self.longest, time.monotonic() - started)
+                self.writes += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def __enter__(self) -> StallMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        os.close(self._fd)
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_a_lost_leg_stalls_writes_for_the_leg_timeout_not_the_budget(tmp_path, fault):
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        # the default timeouts: 2 s resend, 15 resends (a 32 s budget)
+        storage = {"algorithm": "mirror", "nodes": [{"remote": leg.listen} for leg in legs]}
+        config = write_config(tmp_path / "storage.yaml", {"vol0": storage})
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
+            try:
+                with StallMeter(mount.file("vol0")) as meter:
+                    time.sleep(1)
+                    before = meter.writes
+                    legs[1].signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+                    time.sleep(12)
+                assert meter.error is None, meter.error
+                assert meter.writes > before + 100
+                # leg_timeout (4 s) plus one read_timeout (2 s), with room
+                assert meter.longest < 9, meter.longest
+                assert status(mount)["nodes"][1]["disk"] == "outdated"
+                print(f"longest write stall ({fault}): {meter.longest:.2f} s")
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(legs[1].process.pid, signal.SIGCONT)
+            if fault == "kill":
+                legs[1].start()
+            wait_state(mount, "clean", timeout=120)
+            size = storage_size(mount)
+            assert mount.umount().returncode == 0
+        assert data_area(legs[0], size) == data_area(legs[1], size)

@@ -1,0 +1,63 @@
+"""What a user sees on the terminal and in the mount's log when a mount is
+degraded, fails, or is used wrongly: real `dstfuse mount` daemons over real
+export processes and local files."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from .mounts import mounted, os_error, require_fuse, run_dstfuse, write_config
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+
+
+def leg_files(tmp_path: Path, *sizes: int) -> list[Path]:
+    paths = []
+    for index, size in enumerate(sizes):
+        path = tmp_path / f"leg{index}.img"
+        path.write_bytes(b"")
+        os.truncate(path, size)
+        paths.append(path)
+    return paths
+
+
+def local_mirror(tmp_path: Path, *sizes: int) -> Path:
+    legs = leg_files(tmp_path, *sizes)
+    return write_config(
+        tmp_path / "storage.yaml",
+        {"vol0": {"algorithm": "mirror", "nodes": [{"local": str(leg)} for leg in legs]}},
+    )
+
+
+def test_a_zero_byte_leg_is_refused_as_too_small_not_as_unreachable(tmp_path):
+    require_fuse()
+    config = local_mirror(tmp_path, 0, 64 * MiB)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    done = run_dstfuse("mount", config, mountpoint)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert "unreachable" not in line, line
+    assert "leg 0" in line and "too small for the mirror's metadata" in line, line
+
+
+def test_a_refused_control_file_write_is_logged_under_its_path_in_dst(tmp_path):
+    config = local_mirror(tmp_path, 64 * MiB, 64 * MiB)
+    with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
+        control = mount.mountpoint / ".dst" / "vol0" / "n-0-0" / "resync_size"
+
+        def write_bad_size() -> None:
+            with open(control, "w") as file:
+                file.write("a lot\n")
+
+        assert os_error(write_bad_size) == errno.EINVAL
+        assert mount.umount().returncode == 0
+    log = mount.log.read_text()
+    assert "control file .dst/vol0/n-0-0/resync_size: " in log, mount.log_tail()
+    assert ".dst/.dst" not in log

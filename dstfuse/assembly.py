@@ -324,10 +324,12 @@ async def open_assembly(
     force: bool = False,
     client_name: str | None = None,
     client_id: bytes | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> AsyncIterator[Assembly]:
     """Build and start every node and storage of `config`; close them all on
     exit (outer storages first). Raises `UserError` naming the storage and
-    node when a part cannot be opened, after closing what was opened."""
+    node when a part cannot be opened, after closing what was opened;
+    `on_failure` is called with that error before the closing starts."""
     opened = _Opened()
     # Errors are carried out of the nursery and raised after it: raised
     # inside, trio would wrap them in an ExceptionGroup and callers could
@@ -344,10 +346,15 @@ async def open_assembly(
             client_id=client_id if client_id is not None else secrets.token_bytes(16),
         )
         try:
-            leaves = await builder.start_leaf_nodes()
-            built: dict[str, Storage] = {}
-            for name, spec in config.storages.items():
-                built[name] = await builder.build_storage(spec, leaves, built)
+            try:
+                leaves = await builder.start_leaf_nodes()
+                built: dict[str, Storage] = {}
+                for name, spec in config.storages.items():
+                    built[name] = await builder.build_storage(spec, leaves, built)
+            except Exception as exc:
+                if on_failure is not None:
+                    on_failure(exc)
+                raise
             assembly = Assembly(
                 storages=built,
                 exposed=top_level_storages(config, built),

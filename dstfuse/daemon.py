@@ -188,6 +188,11 @@ class Readiness:
         self._fd = ready_fd
         self._notify = notify
         self.reported = False
+        #: A `dstfuse mount` parent waits on the pipe and prints a failure
+        #: on its terminal; our own output is then only the mount's log.
+        self.has_parent = ready_fd is not None
+        #: The reason reported by `failed`, if it was called.
+        self.failure: str | None = None
         if ready_fd is not None:
             # Nothing we start (fusermount3) may keep the parent waiting.
             os.set_inheritable(ready_fd, False)
@@ -215,6 +220,7 @@ class Readiness:
         if self.reported:
             return
         self.reported = True
+        self.failure = message
         self._send("error " + " ".join(message.split()) + "\n")
 
     def close(self) -> None:
@@ -306,7 +312,9 @@ class MountDaemon:
         from .fs import FuseSession, StorageFilesystem
 
         force = bool(self.options.get("force", False))
-        async with open_assembly(self.config, mount_options=self.options, force=force) as assembly:
+        async with open_assembly(
+            self.config, mount_options=self.options, force=force, on_failure=self._not_assembled
+        ) as assembly:
             info = DaemonInfo(
                 pid=os.getpid(),
                 config=self.config.path,
@@ -341,6 +349,17 @@ class MountDaemon:
         _write_result(self.result_path, "ok\n")
         log.info("%s: every storage flushed; exiting", self.mountpoint)
         return 0
+
+    def _not_assembled(self, error: BaseException) -> None:
+        """Report a mistake that stopped the assembly at once, before the
+        parts opened so far are closed (each may take up to its close
+        timeout): the reason must reach the terminal and the log even if
+        this daemon is killed while closing."""
+        if not isinstance(error, UserError):
+            return
+        if self.readiness.has_parent:
+            log.error("mount failed: %s", error)
+        self.readiness.failed(str(error))
 
     async def _serve(self, session, assembly: Assembly) -> str | None:
         """Serve until unmounted or stopped; the reason the mount failed to
@@ -423,7 +442,8 @@ def run_mount(
     """Run the mount daemon in this process until it is unmounted; the exit
     status (0 only if the final flush succeeded). Mistakes raise UserError
     after being reported on `ready_fd`. With `foreground`, readiness is also
-    sent to systemd when $NOTIFY_SOCKET is set."""
+    sent to systemd when $NOTIFY_SOCKET is set. A daemon with a `ready_fd`
+    logs a mistake and returns 1 instead (its parent prints the reason)."""
     readiness = Readiness(ready_fd, notify=foreground)
     options = dict(options or {})
     try:
@@ -443,8 +463,14 @@ def run_mount(
         log.info("mounting %s at %s (pid %d)", config.path, path, os.getpid())
         return trio.run(daemon.run)
     except UserError as exc:
+        logged = readiness.has_parent and readiness.failure == str(exc)
         readiness.failed(str(exc))
-        raise
+        if not readiness.has_parent:
+            raise  # the command line prints it: on the terminal or in the journal
+        # The parent prints it on its terminal; the log gets it here, once.
+        if not logged:
+            log.error("mount failed: %s", exc)
+        return 1
     except BaseException as exc:
         readiness.failed(f"internal error: {exc!r} (see the log)")
         raise

@@ -4,13 +4,23 @@ export processes and local files."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from .mounts import mounted, os_error, require_fuse, run_dstfuse, write_config
+from dstfuse.daemon import runtime_file
+
+from .mounts import (
+    free_tcp_port,
+    mounted,
+    os_error,
+    require_fuse,
+    run_dstfuse,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +45,24 @@ def local_mirror(tmp_path: Path, *sizes: int) -> Path:
     )
 
 
+def remove_runtime_files(mountpoint: Path) -> None:
+    """The log and result file a detached mount leaves under /run/dstfuse."""
+    for suffix in (".log", ".result"):
+        path = runtime_file(mountpoint, suffix)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def test_a_zero_byte_leg_is_refused_as_too_small_not_as_unreachable(tmp_path):
     require_fuse()
     config = local_mirror(tmp_path, 0, 64 * MiB)
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    done = run_dstfuse("mount", config, mountpoint)
+    try:
+        done = run_dstfuse("mount", config, mountpoint)
+    finally:
+        remove_runtime_files(mountpoint)
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert "unreachable" not in line, line
@@ -61,3 +83,28 @@ def test_a_refused_control_file_write_is_logged_under_its_path_in_dst(tmp_path):
     log = mount.log.read_text()
     assert "control file .dst/vol0/n-0-0/resync_size: " in log, mount.log_tail()
     assert ".dst/.dst" not in log
+
+
+def test_a_background_mount_that_fails_logs_why_once_and_says_it_on_the_terminal(tmp_path):
+    require_fuse()
+    port = free_tcp_port()  # nothing listens there
+    config = write_config(
+        tmp_path / "storage.yaml",
+        {"vol0": {"algorithm": "linear", "nodes": [{"remote": f"127.0.0.1:{port}"}]}},
+        timeouts={"connect": "1s"},
+    )
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log = runtime_file(mountpoint, ".log")
+    try:
+        done = run_dstfuse("mount", config, mountpoint)
+        assert done.returncode == 1
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("dstfuse mount: storage vol0: node R: 127.0.0.1:"), line
+        reason = line.removeprefix("dstfuse mount: ")
+        lines = log.read_text().splitlines()
+        failed = [text for text in lines if reason in text]
+        assert len(failed) == 1, lines
+        assert " ERROR dstfuse.daemon: " in failed[0], failed
+    finally:
+        remove_runtime_files(mountpoint)

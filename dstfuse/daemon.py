@@ -46,7 +46,7 @@ from . import sdnotify
 from .algorithms import ControlFile
 from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
-from .config import MountConfig, load_mount_config
+from .config import MOUNT_OPTIONS, MountConfig, load_mount_config, parse_mount_options
 from .control import DAEMON_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
 from .fanout import gather
@@ -56,9 +56,9 @@ log = logging.getLogger(__name__)
 
 PR_SET_IO_FLUSHER = 57
 
-#: -o options the daemon handles itself; all options are also handed to the
+#: -o options the daemon hands to FUSE; every option is also handed to the
 #: algorithms as `mount_options`.
-FUSE_OPTIONS = ("allow_other", "debug")
+FUSE_OPTIONS = tuple(MOUNT_OPTIONS)
 
 #: How long the storage files may take to show up once the filesystem is
 #: mounted (the kernel's INIT and our first lookups); only a bug exceeds it.
@@ -66,23 +66,6 @@ LIVE_TIMEOUT = 30.0
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def parse_mount_options(values: Iterable[str]) -> dict[str, str | bool]:
-    """`-o a,b=c -o d` -> {"a": True, "b": "c", "d": True}; UserError on an
-    empty key."""
-    options: dict[str, str | bool] = {}
-    for value in values:
-        for item in value.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, equals, setting = item.partition("=")
-            key = key.strip()
-            if not key:
-                raise UserError(f"bad mount option {item!r} (use KEY or KEY=VALUE)")
-            options[key] = setting if equals else True
-    return options
 
 
 def escape_path(path: str | os.PathLike[str]) -> str:
@@ -436,21 +419,22 @@ def run_mount(
     mountpoint: str | os.PathLike[str],
     *,
     foreground: bool = True,
-    options: Mapping[str, str | bool] | None = None,
+    options: Iterable[str] = (),
     ready_fd: int | None = None,
 ) -> int:
     """Run the mount daemon in this process until it is unmounted; the exit
-    status (0 only if the final flush succeeded). Mistakes raise UserError
+    status (0 only if the final flush succeeded). `options` are the `-o`
+    arguments as given (checked against the config's algorithms). Mistakes raise UserError
     after being reported on `ready_fd`. With `foreground`, readiness is also
     sent to systemd when $NOTIFY_SOCKET is set. A daemon with a `ready_fd`
     logs a mistake and returns 1 instead (its parent prints the reason)."""
     readiness = Readiness(ready_fd, notify=foreground)
-    options = dict(options or {})
     try:
-        if options.get("debug"):
-            logging.getLogger("dstfuse").setLevel(logging.DEBUG)
         path = check_mountpoint(mountpoint)
         config = load_mount_config(config_path)
+        mount_options = parse_mount_options(options, config)
+        if mount_options.get("debug"):
+            logging.getLogger("dstfuse").setLevel(logging.DEBUG)
         result_path = runtime_file(path, ".result")
         if result_path is not None:
             try:
@@ -459,7 +443,7 @@ def run_mount(
                 pass
         set_io_flusher()
         keep_io_buffers()
-        daemon = MountDaemon(config, path, options, readiness, result_path=result_path)
+        daemon = MountDaemon(config, path, mount_options, readiness, result_path=result_path)
         log.info("mounting %s at %s (pid %d)", config.path, path, os.getpid())
         return trio.run(daemon.run)
     except UserError as exc:

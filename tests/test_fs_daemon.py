@@ -10,27 +10,23 @@ import socket
 import pytest
 
 from dstfuse import sdnotify
-from dstfuse.daemon import (
-    Readiness,
-    check_mountpoint,
-    escape_path,
-    parse_mount_options,
-)
+from dstfuse.config import split_mount_options
+from dstfuse.daemon import Readiness, check_mountpoint, escape_path
 from dstfuse.errors import UserError
 
 from .mounts import notify_socket
 
 
 def test_mount_options_are_keys_or_key_values_across_repeated_flags():
-    assert parse_mount_options(["force,allow_other", "resync=off", " debug , "]) == {
+    assert split_mount_options(["force,allow_other", "resync=off", " debug , "]) == {
         "force": True,
         "allow_other": True,
         "resync": "off",
         "debug": True,
     }
-    assert parse_mount_options([]) == {}
+    assert split_mount_options([]) == {}
     with pytest.raises(UserError, match="bad mount option '=x'"):
-        parse_mount_options(["force,=x"])
+        split_mount_options(["force,=x"])
 
 
 def test_escape_path_spells_a_mount_point_as_one_file_name():

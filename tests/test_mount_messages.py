@@ -4,7 +4,6 @@ export processes and local files."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from .mounts import (
     free_tcp_port,
     mounted,
     os_error,
+    remove_runtime_files,
     require_fuse,
     run_dstfuse,
     write_config,
@@ -43,15 +43,6 @@ def local_mirror(tmp_path: Path, *sizes: int) -> Path:
         tmp_path / "storage.yaml",
         {"vol0": {"algorithm": "mirror", "nodes": [{"local": str(leg)} for leg in legs]}},
     )
-
-
-def remove_runtime_files(mountpoint: Path) -> None:
-    """The log and result file a detached mount leaves under /run/dstfuse."""
-    for suffix in (".log", ".result"):
-        path = runtime_file(mountpoint, suffix)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
 
 
 def test_a_zero_byte_leg_is_refused_as_too_small_not_as_unreachable(tmp_path):

@@ -14,7 +14,7 @@ resync there). It must never reach around a node's interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -54,6 +54,12 @@ class Algorithm(abc.ABC):
     """Base of storage algorithms; subclasses register under `name`."""
 
     name: ClassVar[str]
+    #: The `-o` mount options this algorithm reads -> one line saying what
+    #: each does. A mount refuses an option that neither the mount itself
+    #: nor an algorithm of one of its storages declares.
+    mount_options: ClassVar[Mapping[str, str]] = {}
+    #: The fewest nodes a storage of this algorithm may be configured with.
+    minimum_nodes: ClassVar[int] = 1
 
     def __init__(
         self, storage_name: str, nodes: list[tuple[Node, int | None]], options: dict

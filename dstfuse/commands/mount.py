@@ -9,9 +9,11 @@ reports over a pipe that the mount is live; otherwise it prints the daemon's
 one-line reason, makes sure the daemon is gone, and returns 1. It never
 waits without a bound.
 
-Options (-o, comma-separated, repeatable): `force` (take over a mirror
-another client holds), `allow_other`, `debug` (libfuse request trace and
-debug logging); every option is also handed to the storage algorithms.
+Options (-o, comma-separated, repeatable): the mount-wide `allow_other` and
+`debug` (libfuse request trace and debug logging), and the options the
+algorithms of the config's storages declare (a mirror's `force`,
+`primary=`, ...); any other option is refused with one line naming it and
+the nearest known one. Every option is handed to the storage algorithms.
 """
 
 from __future__ import annotations
@@ -27,14 +29,8 @@ from pathlib import Path
 
 import dstfuse
 
-from ..config import load_mount_config
-from ..daemon import (
-    LIVE_TIMEOUT,
-    check_mountpoint,
-    parse_mount_options,
-    run_mount,
-    runtime_file,
-)
+from ..config import load_mount_config, parse_mount_options
+from ..daemon import LIVE_TIMEOUT, check_mountpoint, run_mount, runtime_file
 from ..errors import UserError
 
 HELP = "mount the storages of CONFIG at MOUNTPOINT, one file per storage"
@@ -60,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: force, allow_other, debug, or KEY=VALUE for the algorithms",
+        help="mount options: allow_other, debug, and the algorithms' own (README)",
     )
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("config", metavar="CONFIG", help="storage configuration (YAML)")
@@ -68,13 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = parse_mount_options(args.options)
     if args.foreground or args.ready_fd is not None:
         return run_mount(
             args.config,
             args.mountpoint,
             foreground=args.foreground,
-            options=options,
+            options=args.options,
             ready_fd=args.ready_fd,
         )
     return start_daemon(args)
@@ -142,6 +137,7 @@ def _stop_child(child: subprocess.Popen) -> None:
 def start_daemon(args: argparse.Namespace) -> int:
     # Check what can be checked here, so the common mistakes fail at once.
     config = load_mount_config(args.config)
+    parse_mount_options(args.options, config)
     mountpoint = check_mountpoint(args.mountpoint)
     log_path = runtime_file(mountpoint, ".log")
     read_end, write_end = os.pipe()

@@ -58,7 +58,7 @@ from .metadata import (
     leg_layout,
     round_down,
 )
-from .options import MirrorOptions
+from .options import MOUNT_OPTIONS, MirrorOptions
 from .resync import Resync
 from .startup import examine_leg, wait_for_holder
 from .verify import OnlineVerify
@@ -74,6 +74,8 @@ class Mirror(Algorithm):
     """Replicated storage over 1 to MAX_LEGS legs (see the module doc)."""
 
     name = "mirror"
+    mount_options = MOUNT_OPTIONS
+    minimum_nodes = 2
 
     def __init__(
         self, storage_name: str, nodes: list[tuple[Node, int | None]], options: dict

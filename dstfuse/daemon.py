@@ -23,7 +23,8 @@ that no longer answers while the nodes are being flushed.
 
 Readiness goes to systemd (``READY=1`` through $NOTIFY_SOCKET, for
 ``--foreground`` under a service manager) and/or to a pipe given by
-`ready_fd` (the detached daemon tells `dstfuse mount` "live" or
+`ready_fd` (the detached daemon tells `dstfuse mount` "live <status>",
+with a "warning <text>" line per storage that is not clean, or
 "error <reason>" there). The outcome of the final flush is written to
 ``<runtime dir>/<escaped mountpoint>.result`` (named in `.dst/.daemon`),
 which is how `dstfuse umount`, not being the daemon's parent, learns it.
@@ -50,6 +51,7 @@ from .config import MOUNT_OPTIONS, MountConfig, load_mount_config, parse_mount_o
 from .control import DAEMON_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
 from .fanout import gather
+from .storage import Storage
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -164,7 +166,8 @@ def set_io_flusher() -> bool:
 class Readiness:
     """Tells whoever waits for the mount that it is live or has failed:
     systemd (when `notify`) and/or the `dstfuse mount` parent through the
-    pipe `ready_fd` ("live\\n" or "error <reason>\\n", then EOF). Reports
+    pipe `ready_fd`: "live <status>\\n" followed by one "warning <text>\\n"
+    per storage that is not clean, or "error <reason>\\n"; then EOF. Reports
     once; the pipe is closed after the first report."""
 
     def __init__(self, ready_fd: int | None, *, notify: bool) -> None:
@@ -191,13 +194,16 @@ class Readiness:
         finally:
             os.close(fd)
 
-    def live(self, status: str) -> None:
+    def live(self, status: str, warnings: Iterable[str] = ()) -> None:
+        """The mount is live: `status` is one line saying what is mounted,
+        `warnings` say what is not as it should be (a degraded storage)."""
         if self.reported:
             return
         self.reported = True
         if self._notify:
             sdnotify.ready(status)
-        self._send("live\n")
+        lines = [f"live {status}", *(f"warning {warning}" for warning in warnings)]
+        self._send("".join(" ".join(line.split()) + "\n" for line in lines))
 
     def failed(self, message: str) -> None:
         if self.reported:
@@ -211,6 +217,26 @@ class Readiness:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def storage_warning(storage: Storage) -> str | None:
+    """Why `storage` is not clean, naming each node that is not and, for
+    an unreachable one, the error it was not reached with (what
+    `dstfuse status` would show, plus the reason); None when clean."""
+    state = storage.state
+    if state == "clean":
+        return None
+    problems = []
+    for placement in storage.placements():
+        node_state = storage.algorithm.node_state(placement)
+        if node_state == "clean":
+            continue
+        node = placement.node
+        problem = f"node {placement.cookie} ({node.description}) {node_state}"
+        if node_state == "offline" and node.offline_reason:
+            problem += f": {node.offline_reason}"
+        problems.append(problem)
+    return f"storage {storage.name} is {state}" + (": " + "; ".join(problems) if problems else "")
 
 
 def _write_result(path: Path | None, text: str) -> None:
@@ -391,7 +417,14 @@ class MountDaemon:
         if not session.fallocate_supported:
             status += "; no discard"
         log.info("%s", status)
-        self.readiness.live(status)
+        warnings = [
+            warning
+            for warning in map(storage_warning, assembly.exposed.values())
+            if warning is not None
+        ]
+        for warning in warnings:
+            log.warning("%s", warning)
+        self.readiness.live(status, warnings)
 
     async def _final_flush(self, assembly: Assembly) -> str | None:
         """Flush every top-level storage (which flushes the storages under

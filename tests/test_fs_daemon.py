@@ -56,10 +56,12 @@ def test_readiness_reports_live_once_over_the_pipe():
     read_end, write_end = os.pipe()
     readiness = Readiness(write_end, notify=False)
     assert not os.get_inheritable(write_end)
-    readiness.live("mounted")
+    readiness.live("mounted at /mnt: vol0 (1.0 GiB, degraded)", ["storage vol0 is\ndegraded"])
     readiness.failed("too late")  # after live, nothing more is said
     readiness.close()
-    assert os.read(read_end, 100) == b"live\n"
+    assert os.read(read_end, 200) == (
+        b"live mounted at /mnt: vol0 (1.0 GiB, degraded)\nwarning storage vol0 is degraded\n"
+    )
     assert os.read(read_end, 100) == b""  # closed
     os.close(read_end)
 

@@ -13,6 +13,8 @@ import pytest
 from dstfuse.daemon import runtime_file
 
 from .mounts import (
+    exported,
+    force_unmount,
     free_tcp_port,
     mounted,
     os_error,
@@ -99,3 +101,37 @@ def test_a_background_mount_that_fails_logs_why_once_and_says_it_on_the_terminal
         assert " ERROR dstfuse.daemon: " in failed[0], failed
     finally:
         remove_runtime_files(mountpoint)
+
+
+def test_a_mirror_mounting_degraded_says_so_on_the_terminal_naming_the_leg_and_error(tmp_path):
+    (leg0,) = leg_files(tmp_path, 64 * MiB)
+    port = free_tcp_port()  # the second leg's port is wrong: nothing listens there
+    with exported(leg0, tmp_path) as export:
+        config = write_config(
+            tmp_path / "storage.yaml",
+            {
+                "vol0": {
+                    "algorithm": "mirror",
+                    "nodes": [{"remote": export.address}, {"remote": f"127.0.0.1:{port}"}],
+                }
+            },
+            timeouts={"connect": "1s"},
+        )
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        try:
+            done = run_dstfuse("mount", config, mountpoint)
+            assert done.returncode == 0, done.stderr
+            lines = done.stderr.splitlines()
+            mounted_lines = [line for line in lines if f"mounted at {mountpoint}" in line]
+            assert len(mounted_lines) == 1 and "vol0 (" in mounted_lines[0], lines
+            assert ", degraded)" in mounted_lines[0], lines
+            why = [line for line in lines if " WARNING " in line and "degraded" in line]
+            assert len(why) == 1, lines
+            prefix = f"storage vol0 is degraded: node 1 (R: 127.0.0.1:{port}) offline: "
+            assert prefix in why[0], why
+            assert why[0].split(prefix, 1)[1].strip(), why  # the connect error
+            assert run_dstfuse("umount", mountpoint).returncode == 0
+        finally:
+            force_unmount(mountpoint)
+            remove_runtime_files(mountpoint)

@@ -5,8 +5,10 @@ and tells systemd READY=1 once live. Without it, this command starts the
 daemon as a detached process (new session, stdin /dev/null, output to the
 log file `/run/dstfuse/<escaped mountpoint>.log`, or under
 $XDG_RUNTIME_DIR for non-root users) and returns 0 only once the daemon
-reports over a pipe that the mount is live; otherwise it prints the daemon's
-one-line reason, makes sure the daemon is gone, and returns 1. It never
+reports over a pipe that the mount is live, printing what the daemon
+mounted and, for each storage that is not clean (a mirror with a leg
+unreachable), which nodes and why; otherwise it prints the daemon's one-line
+reason, makes sure the daemon is gone, and returns 1. It never
 waits without a bound.
 
 Options (-o, comma-separated, repeatable): the mount-wide `allow_other` and
@@ -87,13 +89,14 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
-def _read_report(fd: int, deadline: float) -> str | None:
-    """The daemon's first line on the pipe; None on EOF without one;
-    TimeoutError at `deadline`."""
+def _read_report(fd: int, deadline: float) -> list[str]:
+    """The daemon's report on the pipe, one entry per line ("live ...",
+    "warning ..." or "error ..."), read until EOF; empty if the daemon
+    closed the pipe without one; TimeoutError at `deadline`."""
     data = b""
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    while b"\n" not in data:
+    while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
@@ -101,9 +104,8 @@ def _read_report(fd: int, deadline: float) -> str | None:
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
-            return data.decode(errors="replace").strip() or None
+            return [line for line in data.decode(errors="replace").splitlines() if line]
         data += chunk
-    return data.split(b"\n", 1)[0].decode(errors="replace")
 
 
 def _last_log_line(path: Path | None) -> str:
@@ -195,18 +197,22 @@ def start_daemon(args: argparse.Namespace) -> int:
         raise
     finally:
         os.close(read_end)
-    if report == "live":
+    first = report[0] if report else ""
+    if first == "live" or first.startswith("live "):
         log.info(
-            "%s mounted at %s (daemon pid %d, log %s)",
+            "%s %s (daemon pid %d, log %s)",
             config.path,
-            mountpoint,
+            first.removeprefix("live").strip() or f"mounted at {mountpoint}",
             child.pid,
             log_path or "discarded",
         )
+        for line in report[1:]:
+            if line.startswith("warning "):
+                log.warning("%s", line.removeprefix("warning "))
         return 0
     _stop_child(child)
-    if report is not None and report.startswith("error "):
-        raise UserError(report[len("error ") :])
+    if first.startswith("error "):
+        raise UserError(first.removeprefix("error "))
     last = _last_log_line(log_path)
     raise UserError(
         f"the mount daemon exited with status {child.returncode} before the mount was live "

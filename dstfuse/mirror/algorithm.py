@@ -60,6 +60,7 @@ from .metadata import (
 )
 from .options import MOUNT_OPTIONS, MirrorOptions
 from .resync import Resync
+from .sizing import find_mirror_size
 from .startup import examine_leg, wait_for_holder
 from .verify import OnlineVerify
 from .watch import LegWatch
@@ -76,6 +77,7 @@ class Mirror(Algorithm):
     name = "mirror"
     mount_options = MOUNT_OPTIONS
     minimum_nodes = 2
+    find_size = staticmethod(find_mirror_size)
 
     def __init__(
         self, storage_name: str, nodes: list[tuple[Node, int | None]], options: dict

@@ -128,7 +128,7 @@ def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
         if exc.errno == errno.ENOTCONN:
             raise UserError(
                 f"mount point {path} is a FUSE mount whose daemon is gone; "
-                f"run 'fusermount3 -u {path}' first"
+                f"run 'dstfuse umount {path}' first"
             ) from None
         raise UserError(f"mount point {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):

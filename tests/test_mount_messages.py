@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from .mounts import (
     exported,
     force_unmount,
     free_tcp_port,
+    is_mounted,
     mounted,
     os_error,
     remove_runtime_files,
@@ -135,3 +141,67 @@ def test_a_mirror_mounting_degraded_says_so_on_the_terminal_naming_the_leg_and_e
         finally:
             force_unmount(mountpoint)
             remove_runtime_files(mountpoint)
+
+
+def wait_disconnected(mountpoint: Path, timeout: float = 10.0) -> None:
+    """Until `mountpoint` answers ENOTCONN: its FUSE daemon is gone."""
+    deadline = time.monotonic() + timeout
+    while os_error(os.stat, mountpoint) != errno.ENOTCONN:
+        assert time.monotonic() < deadline, f"{mountpoint} still answers"
+        time.sleep(0.05)
+
+
+def test_umount_of_a_mount_whose_daemon_died_unmounts_it_and_says_so(tmp_path):
+    config = local_mirror(tmp_path, 64 * MiB, 64 * MiB)
+    with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
+        os.kill(mount.pid, signal.SIGKILL)
+        mount.wait()
+        wait_disconnected(mount.mountpoint)
+        done = run_dstfuse("umount", mount.mountpoint, timeout=60)
+        assert done.returncode == 1  # the final flush never ran
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(
+            f"dstfuse umount: the daemon of {mount.mountpoint} was gone; unmounted it with "
+            f"'fusermount3 -u {mount.mountpoint}'"
+        ), line
+        assert not is_mounted(mount.mountpoint)
+
+
+#: A FUSE filesystem that is not dstfuse, to be killed.
+OTHER_FS = textwrap.dedent(
+    """
+    import sys, pyfuse3, trio
+    pyfuse3.init(pyfuse3.Operations(), sys.argv[1], set())
+    print("mounted", flush=True)
+    trio.run(pyfuse3.main)
+    """
+)
+
+
+def test_umount_leaves_a_dead_fuse_mount_that_is_not_dstfuse_alone(tmp_path):
+    require_fuse()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", OTHER_FS, str(mountpoint)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "mounted"
+        process.kill()
+        process.wait(10)
+        wait_disconnected(mountpoint)
+        done = run_dstfuse("umount", mountpoint, timeout=60)
+        assert done.returncode == 1
+        (line,) = done.stderr.splitlines()
+        assert "not a dstfuse mount" in line, line
+        assert is_mounted(mountpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        process.stdout.close()
+        force_unmount(mountpoint)
+    assert not is_mounted(mountpoint)

@@ -156,7 +156,7 @@ class _Builder:
 
     def _redundant(self, storage: str) -> bool:
         """True when `storage` can run with one of its nodes missing."""
-        return self.config.storages[storage].algorithm == "mirror"
+        return algorithm_class(self.config.storages[storage].algorithm).serves_without_a_node
 
     def _start_timeout(self) -> float:
         # RemoteNode gives up after timeouts.connect by itself; this bound
@@ -266,7 +266,10 @@ class _Builder:
         except DstError as exc:
             await _close_quietly(storage)
             message = str(exc)
-            if not message.startswith(f"storage {spec.name}"):
+            if message.startswith(f"{spec.name} "):
+                # A part named after the storage ("vol0 leg 0 (...)").
+                message = f"storage {message}"
+            elif not message.startswith(f"storage {spec.name}"):
                 message = f"storage {spec.name}: {message}"
             raise UserError(message, errno=exc.errno) from exc
         self.opened.add(f"storage {spec.name}", storage.aclose)

@@ -24,7 +24,7 @@ that no longer answers while the nodes are being flushed.
 Readiness goes to systemd (``READY=1`` through $NOTIFY_SOCKET, for
 ``--foreground`` under a service manager) and/or to a pipe given by
 `ready_fd` (the detached daemon tells `dstfuse mount` "live <status>",
-with a "warning <text>" line per storage that is not clean, or
+with a "warning <text>" line per degraded or failed storage, or
 "error <reason>" there). The outcome of the final flush is written to
 ``<runtime dir>/<escaped mountpoint>.result`` (named in `.dst/.daemon`),
 which is how `dstfuse umount`, not being the daemon's parent, learns it.
@@ -167,7 +167,7 @@ class Readiness:
     """Tells whoever waits for the mount that it is live or has failed:
     systemd (when `notify`) and/or the `dstfuse mount` parent through the
     pipe `ready_fd`: "live <status>\\n" followed by one "warning <text>\\n"
-    per storage that is not clean, or "error <reason>\\n"; then EOF. Reports
+    per degraded or failed storage, or "error <reason>\\n"; then EOF. Reports
     once; the pipe is closed after the first report."""
 
     def __init__(self, ready_fd: int | None, *, notify: bool) -> None:
@@ -220,11 +220,12 @@ class Readiness:
 
 
 def storage_warning(storage: Storage) -> str | None:
-    """Why `storage` is not clean, naming each node that is not and, for
-    an unreachable one, the error it was not reached with (what
-    `dstfuse status` would show, plus the reason); None when clean."""
+    """Why `storage` is degraded or failed, naming each node that is not
+    clean and, for an unreachable one, the error it was not reached with
+    (what `dstfuse status` shows, plus the reason); None otherwise (a
+    resync that is under way is shown in the status line only)."""
     state = storage.state
-    if state == "clean":
+    if state not in ("degraded", "failed"):
         return None
     problems = []
     for placement in storage.placements():

@@ -71,6 +71,9 @@ class Algorithm(abc.ABC):
     mount_options: ClassVar[Mapping[str, str]] = {}
     #: The fewest nodes a storage of this algorithm may be configured with.
     minimum_nodes: ClassVar[int] = 1
+    #: True when a storage can serve with one of its nodes unreachable (a
+    #: mirror resyncs it later), so such a node may start offline.
+    serves_without_a_node: ClassVar[bool] = False
 
     @classmethod
     async def find_size(

@@ -6,7 +6,7 @@ daemon as a detached process (new session, stdin /dev/null, output to the
 log file `/run/dstfuse/<escaped mountpoint>.log`, or under
 $XDG_RUNTIME_DIR for non-root users) and returns 0 only once the daemon
 reports over a pipe that the mount is live, printing what the daemon
-mounted and, for each storage that is not clean (a mirror with a leg
+mounted and, for each degraded or failed storage (a mirror with a leg
 unreachable), which nodes and why; otherwise it prints the daemon's one-line
 reason, makes sure the daemon is gone, and returns 1. It never
 waits without a bound.

@@ -77,6 +77,7 @@ class Mirror(Algorithm):
     name = "mirror"
     mount_options = MOUNT_OPTIONS
     minimum_nodes = 2
+    serves_without_a_node = True
     find_size = staticmethod(find_mirror_size)
 
     def __init__(

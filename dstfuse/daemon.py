@@ -47,7 +47,7 @@ from . import sdnotify
 from .algorithms import ControlFile
 from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
-from .config import MOUNT_OPTIONS, MountConfig, load_mount_config, parse_mount_options
+from .config import MountConfig, load_mount_config, parse_mount_options
 from .control import DAEMON_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
 from .fanout import gather
@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 
 PR_SET_IO_FLUSHER = 57
 
-#: -o options the daemon hands to FUSE; every option is also handed to the
-#: algorithms as `mount_options`.
-FUSE_OPTIONS = tuple(MOUNT_OPTIONS)
+#: The mount-wide -o options (`config.MOUNT_OPTIONS`) that go on to FUSE;
+#: every option is also handed to the algorithms as `mount_options`.
+FUSE_OPTIONS = ("allow_other", "debug")
 
 #: How long the storage files may take to show up once the filesystem is
 #: mounted (the kernel's INIT and our first lookups); only a bug exceeds it.

@@ -11,6 +11,7 @@ import pytest
 
 from dstfuse.algorithms import NAMES, algorithm_class
 from dstfuse.config import MOUNT_OPTIONS, load_mount_config, parse_mount_options
+from dstfuse.daemon import FUSE_OPTIONS
 from dstfuse.errors import UserError
 
 from .mounts import (
@@ -119,3 +120,7 @@ def test_a_mount_with_a_misspelt_option_fails_with_one_line_and_mounts_nothing(t
     finally:
         force_unmount(mountpoint)
         remove_runtime_files(mountpoint)
+
+
+def test_the_options_handed_to_fuse_are_mount_wide_options():
+    assert set(FUSE_OPTIONS) <= set(MOUNT_OPTIONS)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dstfuse.control import DaemonInfo
 from dstfuse.daemon import runtime_file
 
 from .mounts import (
@@ -27,6 +28,7 @@ from .mounts import (
     remove_runtime_files,
     require_fuse,
     run_dstfuse,
+    stop_pid,
     write_config,
 )
 
@@ -125,9 +127,11 @@ def test_a_mirror_mounting_degraded_says_so_on_the_terminal_naming_the_leg_and_e
         )
         mountpoint = tmp_path / "mnt"
         mountpoint.mkdir()
+        pid = None
         try:
             done = run_dstfuse("mount", config, mountpoint)
             assert done.returncode == 0, done.stderr
+            pid = DaemonInfo.parse((mountpoint / ".dst" / ".daemon").read_text()).pid
             lines = done.stderr.splitlines()
             mounted_lines = [line for line in lines if f"mounted at {mountpoint}" in line]
             assert len(mounted_lines) == 1 and "vol0 (" in mounted_lines[0], lines
@@ -140,6 +144,8 @@ def test_a_mirror_mounting_degraded_says_so_on_the_terminal_naming_the_leg_and_e
             assert run_dstfuse("umount", mountpoint).returncode == 0
         finally:
             force_unmount(mountpoint)
+            if pid is not None:
+                stop_pid(pid, None)
             remove_runtime_files(mountpoint)
 
 

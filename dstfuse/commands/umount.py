@@ -161,13 +161,16 @@ def unmount_dead(mountpoint: Path) -> str:
     there is a dstfuse mount that is still disconnected."""
     try:
         with open("/proc/self/mountinfo") as file:
-            found = mount_type(mountpoint, file.read())
+            # mountinfo names mount points with symbolic links resolved
+            found = mount_type(Path(os.path.realpath(mountpoint)), file.read())
     except OSError as exc:
         raise UserError(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
+    if found is None:
+        raise UserError(f"{mountpoint} answers ENOTCONN but is not a mount point; leaving it alone")
     if found != MOUNT_TYPE:
         raise UserError(
-            f"{mountpoint} is not a dstfuse mount (a {found or 'unknown'} mount whose daemon is "
-            "gone); leaving it alone"
+            f"{mountpoint} is not a dstfuse mount (a {found} mount whose daemon is gone); "
+            "leaving it alone"
         )
     try:
         os.stat(mountpoint)

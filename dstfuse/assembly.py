@@ -156,7 +156,7 @@ class _Builder:
 
     def _redundant(self, storage: str) -> bool:
         """True when `storage` can run with one of its nodes missing."""
-        return self.config.storages[storage].algorithm == "mirror"
+        return algorithm_class(self.config.storages[storage].algorithm).serves_without_a_node
 
     def _start_timeout(self) -> float:
         # RemoteNode gives up after timeouts.connect by itself; this bound
@@ -266,7 +266,10 @@ class _Builder:
         except DstError as exc:
             await _close_quietly(storage)
             message = str(exc)
-            if not message.startswith(f"storage {spec.name}"):
+            if message.startswith(f"{spec.name} "):
+                # A part named after the storage ("vol0 leg 0 (...)").
+                message = f"storage {message}"
+            elif not message.startswith(f"storage {spec.name}"):
                 message = f"storage {spec.name}: {message}"
             raise UserError(message, errno=exc.errno) from exc
         self.opened.add(f"storage {spec.name}", storage.aclose)
@@ -324,10 +327,12 @@ async def open_assembly(
     force: bool = False,
     client_name: str | None = None,
     client_id: bytes | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> AsyncIterator[Assembly]:
     """Build and start every node and storage of `config`; close them all on
     exit (outer storages first). Raises `UserError` naming the storage and
-    node when a part cannot be opened, after closing what was opened."""
+    node when a part cannot be opened, after closing what was opened;
+    `on_failure` is called with that error before the closing starts."""
     opened = _Opened()
     # Errors are carried out of the nursery and raised after it: raised
     # inside, trio would wrap them in an ExceptionGroup and callers could
@@ -344,10 +349,15 @@ async def open_assembly(
             client_id=client_id if client_id is not None else secrets.token_bytes(16),
         )
         try:
-            leaves = await builder.start_leaf_nodes()
-            built: dict[str, Storage] = {}
-            for name, spec in config.storages.items():
-                built[name] = await builder.build_storage(spec, leaves, built)
+            try:
+                leaves = await builder.start_leaf_nodes()
+                built: dict[str, Storage] = {}
+                for name, spec in config.storages.items():
+                    built[name] = await builder.build_storage(spec, leaves, built)
+            except Exception as exc:
+                if on_failure is not None:
+                    on_failure(exc)
+                raise
             assembly = Assembly(
                 storages=built,
                 exposed=top_level_storages(config, built),

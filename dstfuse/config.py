@@ -23,7 +23,7 @@ import difflib
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .address import DEFAULT_PORT, Address, parse_address
 from .algorithms import NAMES as ALGORITHM_NAMES
-from .errors import ConfigError
+from .algorithms import algorithm_class
+from .errors import ConfigError, UserError
 from .units import parse_duration, parse_size
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ _NAME_RULE = "use letters, digits, '.', '_', '-', not starting with '.'"
 _T = TypeVar("_T")
 
 _BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+#: The `-o` options of the mount as a whole -> what each does; each
+#: algorithm declares its own (`Algorithm.mount_options`).
+MOUNT_OPTIONS = {
+    "allow_other": "other users may open the storage files (FUSE allow_other)",
+    "debug": "libfuse's request trace, and debug logging",
+}
 
 
 # ---------------------------------------------------------------- data model
@@ -175,6 +183,48 @@ def parse_acl_rule(text: str) -> AclRule:
     if mode not in ("rw", "ro"):
         raise ValueError(f"bad access rule {text!r}: mode must be 'rw' or 'ro'")
     return AclRule(network=_network(net_text.strip(), str(text)), writable=mode == "rw")
+
+
+def split_mount_options(values: Iterable[str]) -> dict[str, str | bool]:
+    """`-o a,b=c -o d` -> {"a": True, "b": "c", "d": True}; UserError on an
+    empty key. Nothing is checked against the known options."""
+    options: dict[str, str | bool] = {}
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, equals, setting = item.partition("=")
+            key = key.strip()
+            if not key:
+                raise UserError(f"bad mount option {item!r} (use KEY or KEY=VALUE)")
+            options[key] = setting if equals else True
+    return options
+
+
+def parse_mount_options(values: Iterable[str], config: MountConfig) -> dict[str, str | bool]:
+    """The `-o` options in `values`, each one a mount-wide option
+    (`MOUNT_OPTIONS`) or declared by the algorithm of a storage in `config`.
+    Anything else is a one-line UserError naming the option and the nearest
+    known one, as an unknown key of storage.yaml is. Values are checked by
+    whoever reads them (the algorithms, when the storages start)."""
+    options = split_mount_options(values)
+    known: dict[str, str] = dict(MOUNT_OPTIONS)
+    for algorithm in dict.fromkeys(spec.algorithm for spec in config.storages.values()):
+        known.update(algorithm_class(algorithm).mount_options)
+    for key, value in options.items():
+        if key in MOUNT_OPTIONS and value is not True:
+            raise UserError(f"mount option '{key}' takes no value (use -o {key})")
+        if key in known:
+            continue
+        owners = [name for name in ALGORITHM_NAMES if key in algorithm_class(name).mount_options]
+        if owners:
+            raise UserError(
+                f"mount option '{key}' is read by {' and '.join(owners)} storages, "
+                f"and {config.path.name} has none"
+            )
+        raise UserError(f"unknown mount option '{key}'{_suggest(key, known)}")
+    return options
 
 
 def load_mount_config(path: str | Path) -> MountConfig:
@@ -576,7 +626,6 @@ _ALGORITHM_OPTIONS = {
         "resync_size": (4 * MiB, _resync_size),
     },
 }
-_MINIMUM_NODES = {"mirror": 2}
 _ALL_OPTIONS = {option for options in _ALGORITHM_OPTIONS.values() for option in options}
 
 
@@ -625,7 +674,7 @@ def _storage(source: _Source, name: str, item: _Item, references: list[_Referenc
         if node.kind == "storage":
             references.append(_Reference(name, node.target, target_item))
         nodes.append(node)
-    minimum = _MINIMUM_NODES.get(algorithm, 1)
+    minimum = algorithm_class(algorithm).minimum_nodes
     if len(nodes) < minimum:
         raise nodes_item.error(f"{algorithm} needs at least {minimum} nodes, got {len(nodes)}")
     return StorageSpec(

@@ -23,7 +23,8 @@ that no longer answers while the nodes are being flushed.
 
 Readiness goes to systemd (``READY=1`` through $NOTIFY_SOCKET, for
 ``--foreground`` under a service manager) and/or to a pipe given by
-`ready_fd` (the detached daemon tells `dstfuse mount` "live" or
+`ready_fd` (the detached daemon tells `dstfuse mount` "live <status>",
+with a "warning <text>" line per degraded or failed storage, or
 "error <reason>" there). The outcome of the final flush is written to
 ``<runtime dir>/<escaped mountpoint>.result`` (named in `.dst/.daemon`),
 which is how `dstfuse umount`, not being the daemon's parent, learns it.
@@ -46,18 +47,19 @@ from . import sdnotify
 from .algorithms import ControlFile
 from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
-from .config import MountConfig, load_mount_config
+from .config import MountConfig, load_mount_config, parse_mount_options
 from .control import DAEMON_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
 from .fanout import gather
+from .storage import Storage
 from .units import format_size
 
 log = logging.getLogger(__name__)
 
 PR_SET_IO_FLUSHER = 57
 
-#: -o options the daemon handles itself; all options are also handed to the
-#: algorithms as `mount_options`.
+#: The mount-wide -o options (`config.MOUNT_OPTIONS`) that go on to FUSE;
+#: every option is also handed to the algorithms as `mount_options`.
 FUSE_OPTIONS = ("allow_other", "debug")
 
 #: How long the storage files may take to show up once the filesystem is
@@ -66,23 +68,6 @@ LIVE_TIMEOUT = 30.0
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def parse_mount_options(values: Iterable[str]) -> dict[str, str | bool]:
-    """`-o a,b=c -o d` -> {"a": True, "b": "c", "d": True}; UserError on an
-    empty key."""
-    options: dict[str, str | bool] = {}
-    for value in values:
-        for item in value.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, equals, setting = item.partition("=")
-            key = key.strip()
-            if not key:
-                raise UserError(f"bad mount option {item!r} (use KEY or KEY=VALUE)")
-            options[key] = setting if equals else True
-    return options
 
 
 def escape_path(path: str | os.PathLike[str]) -> str:
@@ -143,7 +128,7 @@ def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
         if exc.errno == errno.ENOTCONN:
             raise UserError(
                 f"mount point {path} is a FUSE mount whose daemon is gone; "
-                f"run 'fusermount3 -u {path}' first"
+                f"run 'dstfuse umount {path}' first"
             ) from None
         raise UserError(f"mount point {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
@@ -181,13 +166,19 @@ def set_io_flusher() -> bool:
 class Readiness:
     """Tells whoever waits for the mount that it is live or has failed:
     systemd (when `notify`) and/or the `dstfuse mount` parent through the
-    pipe `ready_fd` ("live\\n" or "error <reason>\\n", then EOF). Reports
+    pipe `ready_fd`: "live <status>\\n" followed by one "warning <text>\\n"
+    per degraded or failed storage, or "error <reason>\\n"; then EOF. Reports
     once; the pipe is closed after the first report."""
 
     def __init__(self, ready_fd: int | None, *, notify: bool) -> None:
         self._fd = ready_fd
         self._notify = notify
         self.reported = False
+        #: A `dstfuse mount` parent waits on the pipe and prints a failure
+        #: on its terminal; our own output is then only the mount's log.
+        self.has_parent = ready_fd is not None
+        #: The reason reported by `failed`, if it was called.
+        self.failure: str | None = None
         if ready_fd is not None:
             # Nothing we start (fusermount3) may keep the parent waiting.
             os.set_inheritable(ready_fd, False)
@@ -203,18 +194,22 @@ class Readiness:
         finally:
             os.close(fd)
 
-    def live(self, status: str) -> None:
+    def live(self, status: str, warnings: Iterable[str] = ()) -> None:
+        """The mount is live: `status` is one line saying what is mounted,
+        `warnings` say what is not as it should be (a degraded storage)."""
         if self.reported:
             return
         self.reported = True
         if self._notify:
             sdnotify.ready(status)
-        self._send("live\n")
+        lines = [f"live {status}", *(f"warning {warning}" for warning in warnings)]
+        self._send("".join(" ".join(line.split()) + "\n" for line in lines))
 
     def failed(self, message: str) -> None:
         if self.reported:
             return
         self.reported = True
+        self.failure = message
         self._send("error " + " ".join(message.split()) + "\n")
 
     def close(self) -> None:
@@ -222,6 +217,27 @@ class Readiness:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def storage_warning(storage: Storage) -> str | None:
+    """Why `storage` is degraded or failed, naming each node that is not
+    clean and, for an unreachable one, the error it was not reached with
+    (what `dstfuse status` shows, plus the reason); None otherwise (a
+    resync that is under way is shown in the status line only)."""
+    state = storage.state
+    if state not in ("degraded", "failed"):
+        return None
+    problems = []
+    for placement in storage.placements():
+        node_state = storage.algorithm.node_state(placement)
+        if node_state == "clean":
+            continue
+        node = placement.node
+        problem = f"node {placement.cookie} ({node.description}) {node_state}"
+        if node_state == "offline" and node.offline_reason:
+            problem += f": {node.offline_reason}"
+        problems.append(problem)
+    return f"storage {storage.name} is {state}" + (": " + "; ".join(problems) if problems else "")
 
 
 def _write_result(path: Path | None, text: str) -> None:
@@ -306,7 +322,9 @@ class MountDaemon:
         from .fs import FuseSession, StorageFilesystem
 
         force = bool(self.options.get("force", False))
-        async with open_assembly(self.config, mount_options=self.options, force=force) as assembly:
+        async with open_assembly(
+            self.config, mount_options=self.options, force=force, on_failure=self._not_assembled
+        ) as assembly:
             info = DaemonInfo(
                 pid=os.getpid(),
                 config=self.config.path,
@@ -341,6 +359,17 @@ class MountDaemon:
         _write_result(self.result_path, "ok\n")
         log.info("%s: every storage flushed; exiting", self.mountpoint)
         return 0
+
+    def _not_assembled(self, error: BaseException) -> None:
+        """Report a mistake that stopped the assembly at once, before the
+        parts opened so far are closed (each may take up to its close
+        timeout): the reason must reach the terminal and the log even if
+        this daemon is killed while closing."""
+        if not isinstance(error, UserError):
+            return
+        if self.readiness.has_parent:
+            log.error("mount failed: %s", error)
+        self.readiness.failed(str(error))
 
     async def _serve(self, session, assembly: Assembly) -> str | None:
         """Serve until unmounted or stopped; the reason the mount failed to
@@ -389,7 +418,14 @@ class MountDaemon:
         if not session.fallocate_supported:
             status += "; no discard"
         log.info("%s", status)
-        self.readiness.live(status)
+        warnings = [
+            warning
+            for warning in map(storage_warning, assembly.exposed.values())
+            if warning is not None
+        ]
+        for warning in warnings:
+            log.warning("%s", warning)
+        self.readiness.live(status, warnings)
 
     async def _final_flush(self, assembly: Assembly) -> str | None:
         """Flush every top-level storage (which flushes the storages under
@@ -417,20 +453,22 @@ def run_mount(
     mountpoint: str | os.PathLike[str],
     *,
     foreground: bool = True,
-    options: Mapping[str, str | bool] | None = None,
+    options: Iterable[str] = (),
     ready_fd: int | None = None,
 ) -> int:
     """Run the mount daemon in this process until it is unmounted; the exit
-    status (0 only if the final flush succeeded). Mistakes raise UserError
+    status (0 only if the final flush succeeded). `options` are the `-o`
+    arguments as given (checked against the config's algorithms). Mistakes raise UserError
     after being reported on `ready_fd`. With `foreground`, readiness is also
-    sent to systemd when $NOTIFY_SOCKET is set."""
+    sent to systemd when $NOTIFY_SOCKET is set. A daemon with a `ready_fd`
+    logs a mistake and returns 1 instead (its parent prints the reason)."""
     readiness = Readiness(ready_fd, notify=foreground)
-    options = dict(options or {})
     try:
-        if options.get("debug"):
-            logging.getLogger("dstfuse").setLevel(logging.DEBUG)
         path = check_mountpoint(mountpoint)
         config = load_mount_config(config_path)
+        mount_options = parse_mount_options(options, config)
+        if mount_options.get("debug"):
+            logging.getLogger("dstfuse").setLevel(logging.DEBUG)
         result_path = runtime_file(path, ".result")
         if result_path is not None:
             try:
@@ -439,12 +477,18 @@ def run_mount(
                 pass
         set_io_flusher()
         keep_io_buffers()
-        daemon = MountDaemon(config, path, options, readiness, result_path=result_path)
+        daemon = MountDaemon(config, path, mount_options, readiness, result_path=result_path)
         log.info("mounting %s at %s (pid %d)", config.path, path, os.getpid())
         return trio.run(daemon.run)
     except UserError as exc:
+        logged = readiness.has_parent and readiness.failure == str(exc)
         readiness.failed(str(exc))
-        raise
+        if not readiness.has_parent:
+            raise  # the command line prints it: on the terminal or in the journal
+        # The parent prints it on its terminal; the log gets it here, once.
+        if not logged:
+            log.error("mount failed: %s", exc)
+        return 1
     except BaseException as exc:
         readiness.failed(f"internal error: {exc!r} (see the log)")
         raise

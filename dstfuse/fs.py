@@ -397,7 +397,7 @@ class StorageFilesystem(pyfuse3.Operations):
             return len(data)
 
     def _write_control(self, handle: _ControlHandle, buf: bytes) -> int:
-        name = "/".join((CONTROL_DIRECTORY, *handle.path))
+        name = "/".join(handle.path)  # the path starts with CONTROL_DIRECTORY
         with _Request("control file %s: write %r", name, bytes(buf[:64])):
             if handle.file.write is None:
                 raise pyfuse3.FUSEError(errno.EBADF)

@@ -96,7 +96,7 @@ class MountStatus:
 def daemon_gone_message(mountpoint: str | os.PathLike[str]) -> str:
     return (
         f"{mountpoint}: the dstfuse daemon serving this mount is gone "
-        f"(Transport endpoint is not connected); clean up with 'fusermount3 -u {mountpoint}' "
+        f"(Transport endpoint is not connected); clean up with 'dstfuse umount {mountpoint}' "
         f"(detach its loop devices first: losetup -j {mountpoint}/<storage>)"
     )
 

@@ -398,6 +398,12 @@ def mounted(
             _remove_runtime_files(mountpoint, keep_log=failed)
 
 
+def remove_runtime_files(mountpoint: Path) -> None:
+    """What a detached `dstfuse mount` of `mountpoint` left under
+    /run/dstfuse (its log and result file), for tests that run it directly."""
+    _remove_runtime_files(mountpoint, keep_log=False)
+
+
 def _remove_runtime_files(mountpoint: Path, *, keep_log: bool) -> None:
     """The daemon's result file (and the detached daemon's log, unless kept
     for a failing test to show) under /run/dstfuse."""
@@ -550,6 +556,7 @@ __all__ = [
     "notify_socket",
     "os_error",
     "pid_exited",
+    "remove_runtime_files",
     "require_fuse",
     "require_loop",
     "require_root",

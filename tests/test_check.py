@@ -203,7 +203,7 @@ async def test_two_storages_on_one_export_do_not_displace_each_other(tmp_path, n
     assert not [r for r in caplog.records if "reconnected" in r.getMessage()]
 
 
-async def test_mirror_check_reads_and_writes_nothing_on_the_legs(tmp_path, nursery):
+async def test_mirror_check_of_new_legs_writes_nothing_and_gives_the_size_if_new(tmp_path, nursery):
     leg_a = make_image(tmp_path / "a.img", 16 * MiB, fill=b"A" * 4096)
     leg_b = make_image(tmp_path / "b.img", 12 * MiB, fill=b"B" * 4096)
     before = (digest(leg_a), digest(leg_b))
@@ -230,6 +230,56 @@ async def test_mirror_check_reads_and_writes_nothing_on_the_legs(tmp_path, nurse
         "legs 16.0 MiB, 12.0 MiB"
     )
     assert (digest(leg_a), digest(leg_b)) == before
+
+
+async def create_mirror(nursery, legs: list[Path], region_size: int) -> int:
+    """Make `legs` an existing mirror (first use, then a clean shutdown);
+    its size."""
+    from dstfuse.mirror.algorithm import Mirror
+    from dstfuse.nodes.local import LocalNode
+
+    nodes = [LocalNode(str(leg)) for leg in legs]
+    for node in nodes:
+        await node.start(nursery)
+    options = {"region_size": region_size, "resync_rate": 0, "resync_size": region_size}
+    mirror = Mirror("vol0", [(node, None) for node in nodes], {**options, "assume_clean": True})
+    await mirror.start(nursery)
+    size = mirror.size
+    await mirror.aclose()
+    for node in nodes:
+        await node.aclose()
+    return size
+
+
+async def test_check_of_an_existing_mirror_prints_the_size_recorded_on_its_legs(tmp_path, nursery):
+    legs = [make_image(tmp_path / "a.img", 16 * MiB), make_image(tmp_path / "b.img", 8 * MiB)]
+    recorded = await create_mirror(nursery, legs, region_size=64 * KiB)
+    # Leg b is replaced by a bigger, empty disk: the mirror keeps its
+    # recorded size (a new mirror would get the smaller leg's capacity, 16 MiB).
+    make_image(legs[1], 16 * MiB)
+    config = write_config(
+        tmp_path,
+        f"""
+        storages:
+          vol0:
+            algorithm: mirror
+            region_size: 64K
+            nodes:
+              - local: {legs[0]}
+              - local: {legs[1]}
+        """,
+    )
+    before = [digest(leg) for leg in legs]
+    (vol0,) = await run_check(config)
+    assert check.failure_lines([vol0]) == []
+    assert recorded < leg_layout(16 * MiB, 64 * KiB).data_capacity
+    assert vol0.size == recorded
+    header = check.render_check([vol0]).splitlines()[0]
+    assert header == (
+        f"vol0: mirror, 2 nodes, size {format_size(recorded)} ({recorded} bytes, recorded); "
+        "legs 16.0 MiB, 16.0 MiB"
+    )
+    assert [digest(leg) for leg in legs] == before
 
 
 async def test_stacked_storage_node_gets_the_inner_storage_size(tmp_path, nursery):

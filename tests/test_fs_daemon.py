@@ -10,27 +10,23 @@ import socket
 import pytest
 
 from dstfuse import sdnotify
-from dstfuse.daemon import (
-    Readiness,
-    check_mountpoint,
-    escape_path,
-    parse_mount_options,
-)
+from dstfuse.config import split_mount_options
+from dstfuse.daemon import Readiness, check_mountpoint, escape_path
 from dstfuse.errors import UserError
 
 from .mounts import notify_socket
 
 
 def test_mount_options_are_keys_or_key_values_across_repeated_flags():
-    assert parse_mount_options(["force,allow_other", "resync=off", " debug , "]) == {
+    assert split_mount_options(["force,allow_other", "resync=off", " debug , "]) == {
         "force": True,
         "allow_other": True,
         "resync": "off",
         "debug": True,
     }
-    assert parse_mount_options([]) == {}
+    assert split_mount_options([]) == {}
     with pytest.raises(UserError, match="bad mount option '=x'"):
-        parse_mount_options(["force,=x"])
+        split_mount_options(["force,=x"])
 
 
 def test_escape_path_spells_a_mount_point_as_one_file_name():
@@ -60,10 +56,12 @@ def test_readiness_reports_live_once_over_the_pipe():
     read_end, write_end = os.pipe()
     readiness = Readiness(write_end, notify=False)
     assert not os.get_inheritable(write_end)
-    readiness.live("mounted")
+    readiness.live("mounted at /mnt: vol0 (1.0 GiB, degraded)", ["storage vol0 is\ndegraded"])
     readiness.failed("too late")  # after live, nothing more is said
     readiness.close()
-    assert os.read(read_end, 100) == b"live\n"
+    assert os.read(read_end, 200) == (
+        b"live mounted at /mnt: vol0 (1.0 GiB, degraded)\nwarning storage vol0 is degraded\n"
+    )
     assert os.read(read_end, 100) == b""  # closed
     os.close(read_end)
 

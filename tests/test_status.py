@@ -382,7 +382,7 @@ def test_enotconn_says_the_daemon_is_gone_and_how_to_clean_up(tmp_path, monkeypa
         read_mount_status(mountpoint)
     message = str(info.value)
     assert "daemon serving this mount is gone" in message
-    assert f"fusermount3 -u {mountpoint}" in message
+    assert f"dstfuse umount {mountpoint}" in message
     assert "\n" not in message
 
 
@@ -774,7 +774,7 @@ def test_status_of_a_real_mount_then_of_its_killed_daemon(tmp_path):
             assert gone.returncode == 1
             (line,) = gone.stderr.splitlines()
             assert "daemon serving this mount is gone" in line
-            assert f"fusermount3 -u {mount.mountpoint}" in line
+            assert f"dstfuse umount {mount.mountpoint}" in line
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ resync there). It must never reach around a node's interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -50,10 +50,42 @@ class Placement:
         return f"n-{self.start}-{self.cookie}"
 
 
+@dataclass(frozen=True)
+class SizeFinding:
+    """The size a storage over some nodes has, found without starting it.
+    `recorded` is None when the nodes alone fix the size, True when it was
+    read from the algorithm's metadata on the nodes (an existing mirror),
+    False when nothing is recorded yet (the size a new storage gets)."""
+
+    size: int
+    recorded: bool | None = None
+
+
 class Algorithm(abc.ABC):
     """Base of storage algorithms; subclasses register under `name`."""
 
     name: ClassVar[str]
+    #: The `-o` mount options this algorithm reads -> one line saying what
+    #: each does. A mount refuses an option that neither the mount itself
+    #: nor an algorithm of one of its storages declares.
+    mount_options: ClassVar[Mapping[str, str]] = {}
+    #: The fewest nodes a storage of this algorithm may be configured with.
+    minimum_nodes: ClassVar[int] = 1
+    #: True when a storage can serve with one of its nodes unreachable (a
+    #: mirror resyncs it later), so such a node may start offline.
+    serves_without_a_node: ClassVar[bool] = False
+
+    @classmethod
+    async def find_size(
+        cls, storage_name: str, nodes: Sequence[tuple[Node | None, int]], options: Mapping
+    ) -> SizeFinding:
+        """The size a storage of this algorithm over `nodes` has, found
+        without starting it and without writing (for `dstfuse check`).
+        `nodes` holds, in config order, each started node (None where it
+        cannot be read here: a storage node) with the bytes the storage
+        uses of it; `options` are the storage's config options. Raises
+        ValueError (or a UserError) when the nodes cannot hold the storage."""
+        raise NotImplementedError(f"{cls.__name__} does not say its size")
 
     def __init__(
         self, storage_name: str, nodes: list[tuple[Node, int | None]], options: dict

@@ -9,11 +9,11 @@ when every piece has (the first error, if any, is raised after all ended).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 from ..fanout import gather_or_raise
 from ..nodes.base import Node
-from .base import Algorithm, Placement
+from .base import Algorithm, Placement, SizeFinding
 
 
 class Linear(Algorithm):
@@ -33,6 +33,12 @@ class Linear(Algorithm):
             start += size
         self._starts = [p.start for p in self._placements]
         self._size = start
+
+    @classmethod
+    async def find_size(
+        cls, storage_name: str, nodes: Sequence[tuple[Node | None, int]], options: Mapping
+    ) -> SizeFinding:
+        return SizeFinding(sum(used for _, used in nodes))
 
     @property
     def size(self) -> int:

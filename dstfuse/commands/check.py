@@ -3,11 +3,11 @@
 Loads the config, opens every node the way a mount would (remote nodes
 connect and negotiate with the configured key and cipher, local nodes open
 their file), prints what each node offers (size, access, cipher) and each
-storage's size, then closes everything. It mounts nothing and writes
-nothing: no algorithm is started, so a mirror's metadata is neither read nor
-written. Exit 0 when every node answered; otherwise one line per failing
-node on stderr (``vol0: R: 10.0.0.5:1025: refused by the node: ...``) and
-exit 1.
+storage's size as its algorithm finds it (an existing mirror's recorded
+size is read from its legs' headers), then closes everything. It mounts
+nothing and writes nothing: no algorithm is started. Exit 0 when every
+node answered; otherwise one line per failing node on stderr
+(``vol0: R: 10.0.0.5:1025: refused by the node: ...``) and exit 1.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..algorithms import algorithm_class
 from ..config import MountConfig, NodeSpec, StorageSpec, load_mount_config
 from ..errors import DstError, NodeError
 from ..fanout import gather
@@ -82,6 +83,9 @@ class StorageReport:
     nodes: list[NodeReport] = field(default_factory=list)
     #: The storage's size, None when a node failed or its size is unknown.
     size: int | None = None
+    #: `SizeFinding.recorded`: read from the storage's metadata (True), the
+    #: size a new storage would get (False), fixed by the nodes (None).
+    recorded: bool | None = None
     #: A problem of the storage as a whole (a mirror leg too small for the
     #: metadata), reported like a failing node.
     error: str | None = None
@@ -135,11 +139,12 @@ async def check_mount_config(
 
     modes = offered_modes(key is not None, config.cipher)
     async with trio.open_nursery() as nursery:
-        opened: list[Node] = []
+        #: id(NodeReport) -> its started node, while the check runs
+        opened: dict[int, Node] = {}
 
         async def open_one(node_report: NodeReport, node: Node) -> None:
             await node.start(nursery)
-            opened.append(node)
+            opened[id(node_report)] = node
             _record(node_report, node, modes)
 
         try:
@@ -150,17 +155,16 @@ async def check_mount_config(
                 if not isinstance(error, DstError):
                     raise error
                 node_report.error = _error_text(node_report, error)
+            sizes: dict[str, int | None] = {}
+            for storage, report in zip(config.storages.values(), reports, strict=True):
+                _resolve_storage_nodes(storage, report, sizes)
+                await _work_out_size(storage, report, opened)
+                sizes[report.name] = report.size
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                for node in opened:
+                for node in opened.values():
                     await node.aclose()
             nursery.cancel_scope.cancel()
-
-    sizes: dict[str, int | None] = {}
-    for storage, report in zip(config.storages.values(), reports, strict=True):
-        _resolve_storage_nodes(storage, report, sizes)
-        _work_out_size(storage, report)
-        sizes[report.name] = report.size
     return reports
 
 
@@ -218,26 +222,23 @@ def _resolve_storage_nodes(
             node_report.used = size if spec.size is None else spec.size
 
 
-def _work_out_size(storage: StorageSpec, report: StorageReport) -> None:
-    """Linear: the sum of what it uses of each node. Mirror: the size a new
-    mirror gets, the smallest leg's data capacity (the leg less the metadata
-    at its end; the layout is a pure function of leg and region size, so
-    nothing is read). An existing mirror keeps its recorded size."""
-    used = [node.used for node in report.nodes]
-    if not report.ok or any(size is None for size in used):
+async def _work_out_size(
+    storage: StorageSpec, report: StorageReport, opened: dict[int, Node]
+) -> None:
+    """The size the storage's algorithm finds over the nodes that answered
+    (reading at most its metadata: an existing mirror keeps the size
+    recorded on its legs; a new one gets the smallest leg's capacity)."""
+    if not report.ok or any(node.used is None for node in report.nodes):
         return
-    sizes = [size for size in used if size is not None]
-    if report.algorithm == "linear":
-        report.size = sum(sizes)
-    elif report.algorithm == "mirror":
-        from ..mirror.metadata import leg_layout
-
-        try:
-            report.size = min(
-                leg_layout(size, storage.options["region_size"]).data_capacity for size in sizes
-            )
-        except ValueError as exc:
-            report.error = f"mirror: {exc}"
+    nodes = [(opened.get(id(node)), node.used or 0) for node in report.nodes]
+    try:
+        found = await algorithm_class(storage.algorithm).find_size(
+            storage.name, nodes, storage.options
+        )
+    except (ValueError, DstError) as exc:
+        report.error = f"{storage.algorithm}: {exc}"
+        return
+    report.size, report.recorded = found.size, found.recorded
 
 
 # ------------------------------------------------------------- reporting
@@ -264,10 +265,9 @@ def _render_storage(report: StorageReport) -> str:
     count = len(report.nodes)
     header = f"{report.name}: {report.algorithm}, {count} node{'s' if count != 1 else ''}"
     if report.size is not None:
-        header += f", size {format_size(report.size)} ({report.size} bytes)"
-        if report.algorithm == "mirror":
-            # An existing mirror keeps the size recorded in its metadata,
-            # which check does not read.
+        recorded = ", recorded" if report.recorded else ""
+        header += f", size {format_size(report.size)} ({report.size} bytes{recorded})"
+        if report.recorded is False:
             header += " if new"
     elif report.ok:
         header += ", size unknown"

@@ -5,13 +5,17 @@ and tells systemd READY=1 once live. Without it, this command starts the
 daemon as a detached process (new session, stdin /dev/null, output to the
 log file `/run/dstfuse/<escaped mountpoint>.log`, or under
 $XDG_RUNTIME_DIR for non-root users) and returns 0 only once the daemon
-reports over a pipe that the mount is live; otherwise it prints the daemon's
-one-line reason, makes sure the daemon is gone, and returns 1. It never
+reports over a pipe that the mount is live, printing what the daemon
+mounted and, for each degraded or failed storage (a mirror with a leg
+unreachable), which nodes and why; otherwise it prints the daemon's one-line
+reason, makes sure the daemon is gone, and returns 1. It never
 waits without a bound.
 
-Options (-o, comma-separated, repeatable): `force` (take over a mirror
-another client holds), `allow_other`, `debug` (libfuse request trace and
-debug logging); every option is also handed to the storage algorithms.
+Options (-o, comma-separated, repeatable): the mount-wide `allow_other` and
+`debug` (libfuse request trace and debug logging), and the options the
+algorithms of the config's storages declare (a mirror's `force`,
+`primary=`, ...); any other option is refused with one line naming it and
+the nearest known one. Every option is handed to the storage algorithms.
 """
 
 from __future__ import annotations
@@ -27,14 +31,8 @@ from pathlib import Path
 
 import dstfuse
 
-from ..config import load_mount_config
-from ..daemon import (
-    LIVE_TIMEOUT,
-    check_mountpoint,
-    parse_mount_options,
-    run_mount,
-    runtime_file,
-)
+from ..config import load_mount_config, parse_mount_options
+from ..daemon import LIVE_TIMEOUT, check_mountpoint, run_mount, runtime_file
 from ..errors import UserError
 
 HELP = "mount the storages of CONFIG at MOUNTPOINT, one file per storage"
@@ -60,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: force, allow_other, debug, or KEY=VALUE for the algorithms",
+        help="mount options: allow_other, debug, and the algorithms' own (README)",
     )
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("config", metavar="CONFIG", help="storage configuration (YAML)")
@@ -68,13 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = parse_mount_options(args.options)
     if args.foreground or args.ready_fd is not None:
         return run_mount(
             args.config,
             args.mountpoint,
             foreground=args.foreground,
-            options=options,
+            options=args.options,
             ready_fd=args.ready_fd,
         )
     return start_daemon(args)
@@ -92,13 +89,14 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
-def _read_report(fd: int, deadline: float) -> str | None:
-    """The daemon's first line on the pipe; None on EOF without one;
-    TimeoutError at `deadline`."""
+def _read_report(fd: int, deadline: float) -> list[str]:
+    """The daemon's report on the pipe, one entry per line ("live ...",
+    "warning ..." or "error ..."), read until EOF; empty if the daemon
+    closed the pipe without one; TimeoutError at `deadline`."""
     data = b""
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    while b"\n" not in data:
+    while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
@@ -106,9 +104,8 @@ def _read_report(fd: int, deadline: float) -> str | None:
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
-            return data.decode(errors="replace").strip() or None
+            return [line for line in data.decode(errors="replace").splitlines() if line]
         data += chunk
-    return data.split(b"\n", 1)[0].decode(errors="replace")
 
 
 def _last_log_line(path: Path | None) -> str:
@@ -142,6 +139,7 @@ def _stop_child(child: subprocess.Popen) -> None:
 def start_daemon(args: argparse.Namespace) -> int:
     # Check what can be checked here, so the common mistakes fail at once.
     config = load_mount_config(args.config)
+    parse_mount_options(args.options, config)
     mountpoint = check_mountpoint(args.mountpoint)
     log_path = runtime_file(mountpoint, ".log")
     read_end, write_end = os.pipe()
@@ -199,18 +197,22 @@ def start_daemon(args: argparse.Namespace) -> int:
         raise
     finally:
         os.close(read_end)
-    if report == "live":
+    first = report[0] if report else ""
+    if first == "live" or first.startswith("live "):
         log.info(
-            "%s mounted at %s (daemon pid %d, log %s)",
+            "%s %s (daemon pid %d, log %s)",
             config.path,
-            mountpoint,
+            first.removeprefix("live").strip() or f"mounted at {mountpoint}",
             child.pid,
             log_path or "discarded",
         )
+        for line in report[1:]:
+            if line.startswith("warning "):
+                log.warning("%s", line.removeprefix("warning "))
         return 0
     _stop_child(child)
-    if report is not None and report.startswith("error "):
-        raise UserError(report[len("error ") :])
+    if first.startswith("error "):
+        raise UserError(first.removeprefix("error "))
     last = _last_log_line(log_path)
     raise UserError(
         f"the mount daemon exited with status {child.returncode} before the mount was live "

@@ -7,6 +7,13 @@ daemon to exit: the daemon flushes every storage after the unmount and
 writes "ok" or "failed: <reason>" to its result file, which decides this
 command's exit status. A busy mount is left mounted, with a message naming
 the loop device to detach when one holds a storage file.
+
+A mount whose daemon died answers ENOTCONN: nobody can serve it any more,
+so unmounting it loses nothing that is not already lost. Such a mount is
+unmounted (`fusermount3 -u`, `umount -l` only if that fails) when it is
+ours, a `fuse.dstfuse` mount in /proc/self/mountinfo, and still
+disconnected right before; any other dead FUSE mount is left alone. The
+command then exits 1: the final flush never ran.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -42,6 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The filesystem type of our mounts in /proc/self/mountinfo (fs.py mounts
+#: with subtype=dstfuse).
+MOUNT_TYPE = "fuse.dstfuse"
+
+
+class DaemonGone(UserError):
+    """The mount answers ENOTCONN: its FUSE daemon is gone."""
+
+
 def read_daemon_info(mountpoint: Path) -> DaemonInfo:
     path = mountpoint / CONTROL_DIRECTORY / DAEMON_FILE
     try:
@@ -50,10 +67,7 @@ def read_daemon_info(mountpoint: Path) -> DaemonInfo:
         raise UserError(f"{mountpoint} is not a dstfuse mount (no {path})") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise UserError(
-                f"the daemon of {mountpoint} is gone; run 'fusermount3 -u {mountpoint}' "
-                "(writes it had not acknowledged are lost)"
-            ) from None
+            raise DaemonGone(f"the daemon of {mountpoint} is gone") from None
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     try:
         return DaemonInfo.parse(text)
@@ -122,6 +136,71 @@ def unmount(mountpoint: Path) -> None:
     raise UserError(f"cannot unmount {mountpoint}: {message}")
 
 
+def mount_type(mountpoint: Path, mountinfo: str) -> str | None:
+    """The filesystem type of the topmost mount at `mountpoint` in the text
+    of /proc/self/mountinfo, or None if nothing is mounted there."""
+    found = None
+    for line in mountinfo.splitlines():
+        mount_fields, separator, fs_fields = line.partition(" - ")
+        fields = mount_fields.split()
+        if not separator or len(fields) < 5 or not fs_fields.split():
+            continue
+        if _unescape(fields[4]) == str(mountpoint):
+            found = fs_fields.split()[0]  # later lines are mounted on top
+    return found
+
+
+def _unescape(text: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are written \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), text)
+
+
+def unmount_dead(mountpoint: Path) -> str:
+    """Unmount our mount at `mountpoint` whose daemon is gone; the command
+    that did it. UserError, touching nothing, unless the topmost mount
+    there is a dstfuse mount that is still disconnected."""
+    try:
+        with open("/proc/self/mountinfo") as file:
+            # mountinfo names mount points with symbolic links resolved
+            found = mount_type(Path(os.path.realpath(mountpoint)), file.read())
+    except OSError as exc:
+        raise UserError(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
+    if found is None:
+        raise UserError(f"{mountpoint} answers ENOTCONN but is not a mount point; leaving it alone")
+    if found != MOUNT_TYPE:
+        raise UserError(
+            f"{mountpoint} is not a dstfuse mount (a {found} mount whose daemon is gone); "
+            "leaving it alone"
+        )
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise UserError(f"{mountpoint}: {exc.strerror}") from None
+    else:
+        raise UserError(f"{mountpoint} answers again; run 'dstfuse umount {mountpoint}' again")
+    failures = []
+    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        if shutil.which(command[0]) is None:
+            failures.append(f"{command[0]} is not installed")
+            continue
+        try:
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=UNMOUNT_COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            failures.append(f"{command[0]} did not finish within {UNMOUNT_COMMAND_TIMEOUT:.0f} s")
+            continue
+        if done.returncode == 0:
+            return " ".join(command)
+        failures.append(" ".join(done.stderr.split()) or f"{command[0]} exited {done.returncode}")
+    raise UserError(f"cannot unmount {mountpoint}, whose daemon is gone: {'; '.join(failures)}")
+
+
 def wait_for_exit(pid: int, timeout: float) -> bool:
     """True once process `pid` has exited, False if it still runs after
     `timeout` seconds."""
@@ -150,7 +229,14 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    info = read_daemon_info(mountpoint)
+    try:
+        info = read_daemon_info(mountpoint)
+    except DaemonGone:
+        how = unmount_dead(mountpoint)
+        raise UserError(
+            f"the daemon of {mountpoint} was gone; unmounted it with '{how}'. Its final flush "
+            "never ran: writes it acknowledged may not be durable on the nodes (see its log)"
+        ) from None
     # Open the pidfd before unmounting, so the pid cannot be reused under us.
     try:
         pidfd: int | None = os.pidfd_open(info.pid)

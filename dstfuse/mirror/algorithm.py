@@ -61,8 +61,9 @@ from .metadata import (
     leg_layout,
     round_down,
 )
-from .options import MirrorOptions
+from .options import MOUNT_OPTIONS, MirrorOptions
 from .resync import Resync
+from .sizing import find_mirror_size
 from .startup import examine_leg, wait_for_holder
 from .verify import OnlineVerify
 from .watch import LegWatch
@@ -81,6 +82,10 @@ class Mirror(Algorithm):
     """Replicated storage over 1 to MAX_LEGS legs (see the module doc)."""
 
     name = "mirror"
+    mount_options = MOUNT_OPTIONS
+    minimum_nodes = 2
+    serves_without_a_node = True
+    find_size = staticmethod(find_mirror_size)
 
     def __init__(
         self, storage_name: str, nodes: list[tuple[Node, int | None]], options: dict

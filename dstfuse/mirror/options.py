@@ -8,23 +8,8 @@ the storage: `primary=vol0:1`). Every bad value is a one-line UserError
 naming the option. `-o` keys the mirror does not know are left alone:
 they belong to the mount or to other algorithms.
 
-Mount options the mirror reads:
-  force                  take over a storage held by another client at once
-                         (the old holder is fenced), and go on with the
-                         best reachable leg when a leg that may be newer is
-                         missing (what only that leg holds is lost)
-  primary=[STORAGE:]LEG  keep LEG's data (after split brain, or to mount
-                         without a missing leg that may be newer)
-  assume_clean           first use: take the legs as identical, copy nothing
-  read_check=on|off      check each block read against its recorded digest
-  mount_wait             how long a mount waits for a missing leg that may
-                         hold newer data before it refuses (default 10 s)
-  leg_timeout            how long a write waits for a silent leg before the
-                         mirror goes on without it (default 4 s)
-  read_timeout           how long a read waits for one leg before it asks
-                         another in-sync leg too (default 2 s)
-  resync_rate, resync_size, heartbeat_interval, holder_timeout, bitmap_idle,
-  check_cache_pages      tuning (sizes take K/M/G, durations ms/s/m)
+The mount options the mirror reads are `MOUNT_OPTIONS` (the mount refuses
+any other `-o` option that no algorithm of its storages declares).
 """
 
 from __future__ import annotations
@@ -43,6 +28,30 @@ T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+#: The `-o` options the mirror reads -> what each does (sizes take K/M/G,
+#: durations ms/s/m).
+MOUNT_OPTIONS = {
+    "force": "take over a storage another client holds at once (it is fenced), and go on "
+    "without a missing leg that may hold newer data (what only it holds is lost)",
+    "primary": "=[STORAGE:]LEG: keep LEG's data (after a split brain, or without a missing "
+    "leg that may be newer)",
+    "assume_clean": "first use: take the legs as identical, copy nothing",
+    "read_check": "=on|off: check each block read against its recorded digest",
+    "resync_rate": "=SIZE[/s]: resync bandwidth per leg (0 = unlimited)",
+    "resync_size": "=SIZE: bytes copied per resync step",
+    "heartbeat_interval": "=DURATION: how often the holder writes its heartbeat",
+    "holder_timeout": "=DURATION: how long a holder's heartbeat may stand still",
+    "bitmap_idle": "=DURATION: idle time before a region leaves the bitmap",
+    "check_cache_pages": "=N: block-check pages (4 KiB each) kept in memory",
+    "mount_wait": "=DURATION: how long a mount waits for a missing leg that may hold newer "
+    "data before it refuses (default 10 s)",
+    "leg_timeout": "=DURATION: how long a write waits for a silent leg before the mirror "
+    "goes on without it (default 4 s)",
+    "read_timeout": "=DURATION: how long a read waits for one leg before it asks another "
+    "in-sync leg (default 2 s)",
+}
 
 
 @dataclass(frozen=True)

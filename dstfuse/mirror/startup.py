@@ -36,7 +36,7 @@ async def examine_leg(leg: MirrorLeg) -> LegFinding:
     UserError (it must not be overwritten by this version)."""
     if not leg.online or leg.size < 2 * BLOCK:
         reason = "offline" if not leg.online else f"too small ({leg.size} bytes)"
-        return LegFinding(leg.index, reachable=leg.online and leg.size > 0, problem=reason)
+        return LegFinding(leg.index, reachable=leg.online, problem=reason)
     try:
         header = await leg.read_header()
     except NoMetadata:

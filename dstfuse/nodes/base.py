@@ -64,6 +64,9 @@ class Node(abc.ABC):
         self.size = 0
         self.writable = False
         self.counters = NodeCounters()
+        #: Why the node could not be reached when it was started (a node
+        #: that may start OFFLINE), for messages; "" if it was reached.
+        self.offline_reason = ""
         self._state = NodeState.OFFLINE
         self._state_changed = trio.Event()
 

@@ -114,6 +114,7 @@ class RemoteNode(Node):
             if not may_start_offline:
                 raise
             log.warning("%s: starting offline (%s); will keep trying", self, exc)
+            self.offline_reason = str(exc).removeprefix(f"{self.description}: ")
             session = None
         if session is not None:
             self._adopt(session)

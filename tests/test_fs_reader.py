@@ -1,4 +1,4 @@
-"""`_FuseReader`, the wait for FUSE requests that replaces pyfuse3's, on a
+"""`FuseReader`, the wait for FUSE requests that replaces pyfuse3's, on a
 pipe standing in for /dev/fuse: the workers' contract (True only with a
 request queued, one request per True, False for everyone once the device is
 gone or the session stops). Real mounts exercise it in every FUSE test."""
@@ -9,10 +9,10 @@ import os
 
 import trio
 
-from dstfuse.fs import _FuseReader
+from dstfuse.fusehooks import FuseReader
 
 
-async def _workers(reader: _FuseReader, count: int, fd: int, log: list, nursery) -> None:
+async def _workers(reader: FuseReader, count: int, fd: int, log: list, nursery) -> None:
     async def worker(number: int) -> None:
         while await reader.wait_readable():
             # pyfuse3 reads the request at once, with no await in between.
@@ -26,7 +26,7 @@ async def _workers(reader: _FuseReader, count: int, fd: int, log: list, nursery)
 async def test_each_queued_request_goes_to_exactly_one_worker():
     read_end, write_end = os.pipe()
     try:
-        reader = _FuseReader(read_end)
+        reader = FuseReader(read_end)
         log: list = []
         async with trio.open_nursery() as nursery:
             await _workers(reader, 4, read_end, log, nursery)
@@ -48,7 +48,7 @@ async def test_each_queued_request_goes_to_exactly_one_worker():
 async def test_a_gone_device_ends_every_worker():
     read_end, write_end = os.pipe()
     try:
-        reader = _FuseReader(read_end)
+        reader = FuseReader(read_end)
         log: list = []
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
@@ -70,14 +70,14 @@ def test_the_installed_pyfuse3_has_the_hook_and_it_is_swapped_back():
     leave every mount on the slower wait: fail here instead."""
     import pyfuse3
 
-    original = getattr(pyfuse3, _FuseReader.ATTRIBUTE)
+    original = getattr(pyfuse3, FuseReader.ATTRIBUTE)
     read_end, write_end = os.pipe()
     try:
-        reader = _FuseReader(read_end)
+        reader = FuseReader(read_end)
         reader.install()
-        assert getattr(pyfuse3, _FuseReader.ATTRIBUTE) == reader.wait_readable
+        assert getattr(pyfuse3, FuseReader.ATTRIBUTE) == reader.wait_readable
         reader.uninstall()
-        assert getattr(pyfuse3, _FuseReader.ATTRIBUTE) is original
+        assert getattr(pyfuse3, FuseReader.ATTRIBUTE) is original
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -86,11 +86,11 @@ def test_the_installed_pyfuse3_has_the_hook_and_it_is_swapped_back():
 def test_the_reader_is_used_only_with_exactly_one_fuse_descriptor():
     first = os.open("/dev/fuse", os.O_RDWR)
     try:
-        reader = _FuseReader.for_this_process()
+        reader = FuseReader.for_this_process()
         assert reader is not None and reader._fd == first
         second = os.open("/dev/fuse", os.O_RDWR)
         try:
-            assert _FuseReader.for_this_process() is None
+            assert FuseReader.for_this_process() is None
         finally:
             os.close(second)
     finally:

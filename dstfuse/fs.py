@@ -33,9 +33,11 @@ Semantics that users and the loop driver rely on:
   EOPNOTSUPP. pyfuse3 (3.5) has no fallocate handler, so `FuseSession`
   installs one directly in libfuse's handler table (see `LibfusePatch`);
   if that is not possible the kernel answers EOPNOTSUPP by itself;
-- pyfuse3's workers wait for requests through `FuseReader` (one poll,
-  no lock) instead of pyfuse3's own wait, which costs two passes through
-  trio's run loop per request; without pyfuse3's hook it keeps its own;
+- pyfuse3's workers take queued requests through `FuseReader` (one poll,
+  no lock) and wait through pyfuse3's own wait only when none is queued,
+  so that pyfuse3 still starts a worker whenever none is idle: requests
+  waiting on a silent node never hold up the others, the control tree or
+  `dstfuse status`, however many there are;
 - namespace changes (create, unlink, mkdir, rename, ...) fail with EPERM;
   size changes of a storage file fail with EPERM; other attribute changes
   are accepted and ignored. Control files accept truncation (so that
@@ -65,9 +67,17 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: Handler tasks pyfuse3 may run at once; each holds one request buffer of
-#: about 1 MiB, so this also bounds the memory of requests in progress.
-DEFAULT_WORKERS = 64
+#: Idle handler tasks kept waiting for requests (pyfuse3's `min_tasks`);
+#: more retire, each freeing its request buffer (about 1 MiB of address
+#: space, of which only the pages its requests touched are memory).
+DEFAULT_IDLE_WORKERS = 64
+#: pyfuse3's `max_tasks`, i.e. none: pyfuse3 starts a handler task whenever
+#: a request arrives with no task idle, so that requests waiting on a silent
+#: node never leave the next request unread (a ceiling would: once that
+#: many wait, nobody reads /dev/fuse). The kernel bounds the tasks busy at
+#: once: `max_background` asynchronous requests plus one synchronous request
+#: per thread blocked on the mount, each holding its request's pages.
+_NO_WORKER_LIMIT = 2**31 - 1
 #: Asynchronous requests (the loop driver's direct I/O) the kernel may have
 #: outstanding at once; the kernel default is 12.
 DEFAULT_MAX_BACKGROUND = 64
@@ -496,14 +506,14 @@ class FuseSession:
         mountpoint: str,
         *,
         options: Iterable[str] = (),
-        workers: int = DEFAULT_WORKERS,
+        idle_workers: int = DEFAULT_IDLE_WORKERS,
         max_background: int = DEFAULT_MAX_BACKGROUND,
     ) -> None:
         self.filesystem = filesystem
         self.mountpoint = mountpoint
         self.options = set(pyfuse3.default_options) | {"fsname=dstfuse", "subtype=dstfuse"}
         self.options |= set(options)
-        self.workers = workers
+        self.idle_workers = idle_workers
         self._patch = LibfusePatch(self._dispatch_fallocate, max_background)
         self._reader: FuseReader | None = None
         self._nursery: trio.Nursery | None = None
@@ -539,7 +549,7 @@ class FuseSession:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                await pyfuse3.main(min_tasks=1, max_tasks=self.workers)
+                await pyfuse3.main(min_tasks=self.idle_workers, max_tasks=_NO_WORKER_LIMIT)
             except BaseException as exc:
                 error = exc  # raised below, outside the nursery, unwrapped
             finally:
@@ -554,9 +564,7 @@ class FuseSession:
         """Make `serve()` return once requests in progress are answered."""
         if self._mounted and not self._stopped:
             self._stopped = True
-            if self._reader is not None:
-                self._reader.close()
-            pyfuse3.terminate()
+            pyfuse3.terminate()  # wakes the idle worker waiting on /dev/fuse
 
     def close(self, *, unmount: bool = True) -> None:
         """Destroy the session; with `unmount`, also unmount (lazily, so an

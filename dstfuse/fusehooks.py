@@ -13,8 +13,9 @@ that upgrading pyfuse3 or libfuse touches this module and its tests only:
 - `FuseReader` replaces pyfuse3's module attribute `_wait_fuse_readable`,
   which pyfuse3's compiled request loop looks up before every read of
   /dev/fuse. Checked: the attribute exists, and this process has exactly one
-  /dev/fuse descriptor; otherwise pyfuse3's own wait stays
-  (tests/test_fs_reader.py fails if the attribute is gone).
+  /dev/fuse descriptor, and pyfuse3 is a release whose request loop was
+  verified (`FuseReader.VERIFIED_PYFUSE3`); otherwise pyfuse3's own wait
+  stays (tests/test_fs_reader.py fails on any other release).
 
 Verified against pyfuse3 3.5 and libfuse 3.14. This module must never be
 used by anything but `fs.py`, and no hook may change what a FUSE request
@@ -33,7 +34,6 @@ import struct
 from collections.abc import Awaitable, Callable
 
 import pyfuse3
-import trio
 
 log = logging.getLogger(__name__)
 
@@ -205,42 +205,64 @@ class LibfusePatch:
 class FuseReader:
     """A cheaper stand-in for pyfuse3's `_wait_fuse_readable`.
 
-    pyfuse3's request loop asks this coroutine, before each read of
-    /dev/fuse, whether a request is there. pyfuse3's own version takes a
-    trio Lock (which yields to the scheduler even when free) and then always
-    parks in `wait_readable`, even with requests already queued: two passes
-    through the run loop per request. This one first polls the descriptor
-    without waiting and returns at once when a request is queued; otherwise
-    one idle worker waits for readability and the others park behind it.
+    pyfuse3's request loop (`_session_loop`, one per worker task) asks this
+    coroutine, before each read of /dev/fuse, whether a request is there,
+    then reads it and runs its handler to the end before it asks again.
+    pyfuse3's own wait takes a trio Lock (which yields to the scheduler even
+    when free) and then always parks in `wait_readable`, even with requests
+    already queued: two passes through the run loop per request. This one
+    first polls the descriptor without waiting and returns at once when a
+    request is queued (no lock, no pass through the scheduler); only a worker
+    that finds nothing queued goes into pyfuse3's own wait (`idle_wait`).
+
+    That wait is also how pyfuse3 counts idle workers: after each read it
+    starts a new worker if none is idle, and a worker retires when more
+    than `min_tasks` are idle. So whatever number of requests are waiting
+    in handlers (on a silent node, say), one worker is always waiting for
+    the next request, and the control tree or another node's I/O is read
+    and answered. (A wait of our own, which pyfuse3 cannot count, left
+    requests unread once `max_tasks` workers were busy or parked.)
 
     Invariants: it returns True only when a request is queued now (the
     caller reads it without any await in between, so no other worker can
-    take it first, and the read cannot block); at most one task is inside
-    `wait_readable` for the descriptor (trio allows one); after `close()`,
-    once the descriptor is being closed or once the kernel reports the
-    mount gone (POLLERR; the one worker told True then reads ENODEV, which
-    ends pyfuse3's session), every call returns False, which ends pyfuse3's
-    workers. Installed through pyfuse3's module attribute,
-    which its compiled loop looks up on every call; if the attribute is
-    missing, pyfuse3's own wait stays.
+    take it first, and the read cannot block): a wake-up from `idle_wait`
+    whose request a polling worker took meanwhile waits again. It returns
+    False only when `idle_wait` does (the session is ending), and True when
+    the kernel reports the mount gone (POLLERR; the read then fails with
+    ENODEV, which ends pyfuse3's session). Installed through pyfuse3's
+    module attribute, which its compiled loop looks up on every call; if the
+    attribute is missing, pyfuse3's own wait stays.
     """
 
     ATTRIBUTE = "_wait_fuse_readable"
+    #: pyfuse3 releases ("major.minor") whose request loop was read and found
+    #: to work as described above (internal.pxi: `_session_loop`, and the
+    #: idle-worker count kept by `_wait_fuse_readable`). Another release
+    #: keeps pyfuse3's own wait (slower, always safe) until checked.
+    VERIFIED_PYFUSE3 = frozenset({"3.5"})
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, idle_wait: Callable[[], Awaitable[bool]]) -> None:
         self._fd = fd
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
-        self._waiter = False  # a worker is inside wait_readable
-        self._idle = trio.lowlevel.ParkingLot()
-        self._closed = False
+        self._idle_wait = idle_wait
         self._original: Callable[[], Awaitable[bool]] | None = None
 
     @classmethod
     def for_this_process(cls) -> FuseReader | None:
-        """The reader for this process's one /dev/fuse descriptor; None when
-        there is not exactly one (or pyfuse3 lacks the hook)."""
-        if not hasattr(pyfuse3, cls.ATTRIBUTE):
+        """The reader for this process's one /dev/fuse descriptor, waiting
+        through pyfuse3's own wait when idle; None when there is not exactly
+        one descriptor, or pyfuse3 is not a verified release or lacks the
+        hook."""
+        release = ".".join(pyfuse3.__version__.split(".")[:2])
+        if release not in cls.VERIFIED_PYFUSE3:
+            log.debug(
+                "pyfuse3 %s: request loop not verified; using its own request wait",
+                pyfuse3.__version__,
+            )
+            return None
+        idle_wait = getattr(pyfuse3, cls.ATTRIBUTE, None)
+        if idle_wait is None:
             log.debug("pyfuse3 has no %s; using its own request wait", cls.ATTRIBUTE)
             return None
         fds = []
@@ -253,7 +275,7 @@ class FuseReader:
         if len(fds) != 1:
             log.debug("%d /dev/fuse descriptors; using pyfuse3's own request wait", len(fds))
             return None
-        return cls(fds[0])
+        return cls(fds[0], idle_wait)
 
     def install(self) -> None:
         self._original = getattr(pyfuse3, self.ATTRIBUTE)
@@ -264,33 +286,8 @@ class FuseReader:
             setattr(pyfuse3, self.ATTRIBUTE, self._original)
             self._original = None
 
-    def close(self) -> None:
-        """Make every worker's next wait (and the current ones) return False."""
-        if self._closed:
-            return
-        self._closed = True
-        self._idle.unpark_all()
-        if self._waiter:
-            trio.lowlevel.notify_closing(self._fd)  # wakes it with ClosedResourceError
-
     async def wait_readable(self) -> bool:
-        while not self._closed:
-            ready = self._poll.poll(0)
-            if ready:
-                if ready[0][1] & ~select.POLLIN:
-                    # Unmounted (the kernel says POLLERR): this worker's read
-                    # ends pyfuse3's session; nobody needs to wait any more.
-                    self.close()
-                return True
-            if self._waiter:
-                await self._idle.park()
-                continue
-            self._waiter = True
-            try:
-                await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:
-                self.close()
-            finally:
-                self._waiter = False
-                self._idle.unpark()  # the next idle worker takes over the wait
-        return False
+        while not self._poll.poll(0):
+            if not await self._idle_wait():
+                return False
+        return True

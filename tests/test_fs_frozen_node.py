@@ -2,8 +2,9 @@
 and 64 requests waiting on it, a real mount still answers `stat` of the
 control tree, reads of `.dst/<storage>/state`, `dstfuse status`, and (linear)
 I/O to the other node; once the node continues, every waiting request
-completes. (Whether a mirror serves a read sent to its frozen leg from the
-other leg is the mirror's business: today it waits for the leg.)
+completes. A mirror's read sent to its frozen leg should be served by the
+other leg: today the mirror waits for the leg (a strict xfail, for the
+mirror's owners to turn into a plain test).
 
 The 64 waiting requests are either fio's (libaio, iodepth 64, O_DIRECT:
 asynchronous FUSE requests, as a loop device sends them) or 64 threads'
@@ -306,3 +307,34 @@ def test_mirror_leg_frozen_with_64_reads_waiting_on_it_blocks_neither_tree_nor_s
                 processes.reap()
             assert readers.running() == 0
             assert readers.errors == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the mirror waits for a frozen leg's read instead of serving it from the other "
+    "in-sync leg (DESIGN.md section 7; dstfuse/mirror/algorithm.py `_read`)",
+)
+def test_mirror_reads_sent_to_a_frozen_leg_are_served_by_the_other_leg(tmp_path):
+    """Reads alternating between two far-apart offsets settle one on each
+    leg (the mirror reads from the leg whose last request ended nearest), so
+    with leg 0 frozen one of the next two reads is sent to it."""
+    legs = [make_disk(tmp_path / f"leg{index}.img", 64 * MiB) for index in range(2)]
+    near, far = 0, 32 * MiB
+    with exported(legs[0], tmp_path) as first_leg, exported(legs[1], tmp_path) as second_leg:
+        config = mirror_of_two_legs(tmp_path, first_leg.address, second_leg.address)
+        with mounted(config, tmp_path / "mnt") as mount:
+            processes = Processes()
+            try:
+                write_patterns(processes, mount.file("vol"), [near, far])
+                for offset in (near, far, near, far):
+                    processes.answers(
+                        f"read at {offset}", direct_io_probe(mount.file("vol"), offset, write=False)
+                    )
+                with frozen(first_leg.process):
+                    for offset in (near, far):
+                        processes.answers(
+                            f"read at {offset} while leg 0 is frozen",
+                            direct_io_probe(mount.file("vol"), offset, write=False),
+                        )
+            finally:
+                processes.reap()

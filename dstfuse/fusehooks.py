@@ -226,7 +226,10 @@ class FuseReader:
     Invariants: it returns True only when a request is queued now (the
     caller reads it without any await in between, so no other worker can
     take it first, and the read cannot block): a wake-up from `idle_wait`
-    whose request a polling worker took meanwhile waits again. It returns
+    whose request a polling worker took meanwhile waits again. Only
+    pyfuse3's wait enters trio's `wait_readable`, one worker at a time under
+    its lock (trio allows one waiter per descriptor), and a woken worker's
+    release of that lock hands the wait to the next idle one. It returns
     False only when `idle_wait` does (the session is ending), and True when
     the kernel reports the mount gone (POLLERR; the read then fails with
     ENODEV, which ends pyfuse3's session). Installed through pyfuse3's

@@ -187,14 +187,25 @@ def direct_io_probe(file: Path, offset: int, *, write: bool) -> list[str]:
     return [sys.executable, "-c", script, str(file), str(offset), str(BLOCK), mode]
 
 
-def fio_writes(file: Path, offset: int, size: int) -> list[str]:
-    """fio writing `size` bytes at `offset` of `file` in BLOCK requests, all
-    WAITING of them in flight at once, then reading them back verified."""
+def fio_writes(file: Path, offset: int, size: int, depth: int) -> list[str]:
+    """fio writing `depth` BLOCKs within `size` bytes at `offset` of `file`,
+    all in flight at once, then reading them back verified."""
     return [
         "fio", "--name=frozen", f"--filename={file}", "--rw=randwrite", f"--bs={BLOCK}",
-        f"--iodepth={WAITING}", "--ioengine=libaio", "--direct=1", f"--offset={offset}",
-        f"--size={size}", f"--io_size={WAITING * BLOCK}", "--verify=crc32c",
+        f"--iodepth={depth}", "--ioengine=libaio", "--direct=1", f"--offset={offset}",
+        f"--size={size}", f"--io_size={depth * BLOCK}", "--verify=crc32c",
         "--do_verify=1", "--verify_state_save=0", "--output-format=terse",
+    ]  # fmt: skip
+
+
+def fio_warm_up(file: Path) -> list[str]:
+    """Enough small reads at depth 8 to start every FUSE worker a mount
+    ever starts at that depth (before the fix, 64 of them, which then never
+    retired: the state in which 3 waiting requests froze the mount)."""
+    return [
+        "fio", "--name=warm-up", f"--filename={file}", "--rw=randread", "--bs=4k",
+        "--iodepth=8", "--ioengine=libaio", "--direct=1", f"--size={NODE}", "--io_size=4M",
+        "--output-format=terse",
     ]  # fmt: skip
 
 
@@ -220,7 +231,10 @@ def node_counter(processes: Processes, mountpoint: Path, storage: str, node: str
     return int(processes.answers(f"{node}/{name}", ["cat", str(path)]))
 
 
-def test_linear_node_frozen_with_64_requests_waiting_blocks_nothing_else(tmp_path):
+@pytest.mark.parametrize("depth", [3, WAITING])
+def test_linear_node_frozen_with_requests_waiting_blocks_nothing_else(tmp_path, depth):
+    """Depth 3 is the issue's report, on a mount that has served some I/O;
+    64 is more requests waiting than the mount had workers before the fix."""
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
     first, second = make_disk(tmp_path / "first.img"), make_disk(tmp_path / "second.img")
@@ -238,8 +252,10 @@ def test_linear_node_frozen_with_64_requests_waiting_blocks_nothing_else(tmp_pat
         with mounted(config, tmp_path / "mnt") as mount:
             processes = Processes()
             try:
+                warm_up = processes.start(fio_warm_up(mount.file("vol")))
+                assert warm_up.wait(FINISH_WITHIN) == 0, warm_up.stderr.read()
                 with frozen(first_node.process):
-                    fio = processes.start(fio_writes(mount.file("vol"), 0, NODE))
+                    fio = processes.start(fio_writes(mount.file("vol"), 0, NODE, depth))
                     time.sleep(1.0)  # fio's requests reach the daemon
                     probe_control_tree(processes, mount.mountpoint, "vol", {"clean"})
                     for index in range(4):
@@ -253,7 +269,7 @@ def test_linear_node_frozen_with_64_requests_waiting_blocks_nothing_else(tmp_pat
                     in_flight = node_counter(
                         processes, mount.mountpoint, "vol", "n-0-0", "in_flight"
                     )
-                    assert in_flight == WAITING
+                    assert in_flight == depth
                     assert fio.poll() is None
                 assert fio.wait(FINISH_WITHIN) == 0, fio.stderr.read()
             finally:

@@ -6,10 +6,13 @@ that upgrading pyfuse3 or libfuse touches this module and its tests only:
 
 - `LibfusePatch` writes a fallocate handler and a larger `max_background`
   into libfuse's copy of pyfuse3's handler table (found through pyfuse3's
-  ELF symbol table). Checked before anything is written: the symbols, the
+  ELF symbol table). Checked before anything is written: a verified
+  libfuse release (`LibfusePatch.VERIFIED_LIBFUSE`), the symbols, the
   table's layout and its copy inside the session, the session's fd being
   /dev/fuse; any mismatch leaves everything untouched (the mount then has
-  no fallocate; tests/test_fs_mount.py's fallocate test fails).
+  no fallocate; tests/test_fusehooks.py fails on another libfuse release
+  or a pyfuse3 without the symbols, tests/test_fs_mount.py's fallocate test
+  on anything else).
 - `FuseReader` replaces pyfuse3's module attribute `_wait_fuse_readable`,
   which pyfuse3's compiled request loop looks up before every read of
   /dev/fuse. Checked: the attribute exists, and this process has exactly one
@@ -88,12 +91,21 @@ class LibfusePatch:
     before the first request is processed. The session pointer and
     pyfuse3's own table come from pyfuse3's symbol table (pyfuse3 is built
     from source here and keeps it). Every assumption is checked first —
-    symbols present, pyfuse3's table found byte for byte inside the session,
-    the slots pyfuse3 fills (and only those) non-empty, the session's fd
-    being /dev/fuse — and any mismatch leaves everything untouched: the
+    a libfuse release whose layouts were verified, symbols present,
+    pyfuse3's table found byte for byte inside the session, the slots
+    pyfuse3 fills (and only those) non-empty, the session's fd being
+    /dev/fuse — and any mismatch leaves everything untouched: the
     mount then works without fallocate (the kernel answers EOPNOTSUPP).
     """
 
+    #: libfuse releases (`fuse_version()`: major * 100 + minor) whose
+    #: `fuse_lowlevel_ops` and `fuse_conn_info` layouts were read and found
+    #: as below; the conn offsets cannot be checked at run time, so another
+    #: release gets no patch (no fallocate) until checked.
+    VERIFIED_LIBFUSE = frozenset({314})
+    #: What pyfuse3's symbol table must hold: the session pointer, its
+    #: handler table, and a function to find where the module is loaded.
+    SYMBOLS = frozenset({"__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops", "PyInit_pyfuse3"})
     SLOTS = 44  # fuse_lowlevel_ops in libfuse 3.x: 44 function pointers
     INIT, FALLOCATE = 0, 40
     # Slots pyfuse3 fills / leaves empty; a layout check.
@@ -130,13 +142,30 @@ class LibfusePatch:
         self.installed = True
         return True
 
+    @staticmethod
+    def load_libfuse() -> ctypes.CDLL:
+        """The libfuse pyfuse3 uses, with the prototypes the patch calls."""
+        libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+        libfuse.fuse_version.argtypes = []
+        libfuse.fuse_version.restype = ctypes.c_int
+        libfuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
+        libfuse.fuse_session_fd.restype = ctypes.c_int
+        libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        libfuse.fuse_reply_err.restype = ctypes.c_int
+        return libfuse
+
     def _apply(self) -> None:
+        libfuse = self.load_libfuse()
+        version = libfuse.fuse_version()
+        if version not in self.VERIFIED_LIBFUSE:
+            raise RuntimeError(
+                f"libfuse {version // 100}.{version % 100}'s layout is not verified"
+            )
         module = pyfuse3.__file__
         if module is None:
             raise RuntimeError("pyfuse3 has no file")
-        names = {"__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops", "PyInit_pyfuse3"}
-        symbols = _elf_symbols(module, names)
-        missing = names - set(symbols)
+        symbols = _elf_symbols(module, set(self.SYMBOLS))
+        missing = self.SYMBOLS - set(symbols)
         if missing:
             raise RuntimeError(f"symbols not found in {module}: {', '.join(sorted(missing))}")
         library = ctypes.CDLL(module)
@@ -159,11 +188,6 @@ class LibfusePatch:
         if where < 0 or session_bytes.find(table_bytes, where + 1) >= 0:
             raise RuntimeError("handler table not found in the FUSE session")
 
-        libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
-        libfuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
-        libfuse.fuse_session_fd.restype = ctypes.c_int
-        libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        libfuse.fuse_reply_err.restype = ctypes.c_int
         fd = libfuse.fuse_session_fd(session)
         if os.readlink(f"/proc/self/fd/{fd}") != "/dev/fuse":
             raise RuntimeError("the session's fd is not /dev/fuse")

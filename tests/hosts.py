@@ -27,7 +27,7 @@ Guarantees:
 - IPv6 addresses are added without duplicate address detection and kept on
   link down, so a link that comes back up is usable at once;
 - on exit, whatever happened: the exports are stopped (SIGTERM, then
-  SIGKILL), links set up again, the veth pairs, the unreachable routes and
+  SIGKILL), the veth pairs, the unreachable routes and
   the namespaces deleted.
 
 `require_netns()` skips the test with the reason when namespaces cannot be
@@ -55,6 +55,7 @@ from .mounts import (
     COMMAND_TIMEOUT,
     DSTFUSE,
     START_TIMEOUT,
+    Export,
     SetupFailed,
     dstfuse_env,
     stop_pid,
@@ -106,19 +107,6 @@ def _sysctl(setting: str, namespace: str | None = None) -> None:
 
 
 @dataclass
-class NamespacedExport:
-    """A `dstfuse export` running inside a host; `address` is what a
-    config's `remote:` takes."""
-
-    address: str
-    process: subprocess.Popen
-    log: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        return tail(self.log, lines)
-
-
-@dataclass
 class Host:
     """One namespace `namespace`, joined to the root namespace by the veth
     pair `root_link` (root side) / `link` (inside)."""
@@ -130,7 +118,7 @@ class Host:
     ipv4: ipaddress.IPv4Network
     ipv6: ipaddress.IPv6Network
     directory: Path
-    exports: list[NamespacedExport] = field(default_factory=list)
+    exports: list[Export] = field(default_factory=list)
     #: (namespace or None for the root one, prefix) of every unreachable route
     unreachable: list[tuple[str | None, str]] = field(default_factory=list)
 
@@ -155,7 +143,7 @@ class Host:
     def export(
         self, path: Path, *, ipv6: bool = False, args: Sequence[str] = (),
         timeout: float = START_TIMEOUT,
-    ) -> NamespacedExport:
+    ) -> Export:
         """Start `dstfuse export PATH` in this host, listening on its IPv4
         (or IPv6) address and allowing read-write only to the root side of
         its link. Stopped when `hosts()` ends (or by `stop()`)."""
@@ -175,7 +163,7 @@ class Host:
                 ],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=dstfuse_env(),
             )  # fmt: skip
-        export = NamespacedExport(listen, process, log)
+        export = Export(listen, process, log)
         self.exports.append(export)
         deadline = time.monotonic() + timeout
         while f"listening on {listen}" not in log.read_bytes()[seen:].decode(errors="replace"):
@@ -186,7 +174,7 @@ class Host:
             time.sleep(0.05)
         return export
 
-    def stop(self, export: NamespacedExport) -> None:
+    def stop(self, export: Export) -> None:
         if export.process.poll() is None:
             export.process.terminate()
         stop_pid(export.process.pid, export.process)
@@ -323,4 +311,4 @@ def namespaces_and_links_of_this_run() -> list[str]:
     return [name for name in [*names, *links] if name.startswith((f"dsth{tag}", f"dr{tag}"))]
 
 
-__all__ = ["Host", "NamespacedExport", "hosts", "namespaces_and_links_of_this_run", "require_netns"]
+__all__ = ["Host", "hosts", "namespaces_and_links_of_this_run", "require_netns"]

@@ -1,6 +1,7 @@
 """The FUSE filesystem: one regular file per storage plus the `.dst/` tree.
 
-This is the only module that imports pyfuse3. It maps FUSE requests onto
+This module and `fusehooks.py` (what pyfuse3 lacks, added through its
+internals) are the only ones that import pyfuse3. It maps FUSE requests onto
 `Storage` calls and onto the control tree model (`control.py`), and turns
 every failure into a `FUSEError`: a `DstError` becomes its errno and is
 logged once here with the storage and the request (node errors name the
@@ -30,11 +31,13 @@ Semantics that users and the loop driver rely on:
 - fallocate: PUNCH_HOLE|KEEP_SIZE trims, ZERO_RANGE writes zeroes, plain
   allocation inside the file succeeds doing nothing, other modes get
   EOPNOTSUPP. pyfuse3 (3.5) has no fallocate handler, so `FuseSession`
-  installs one directly in libfuse's handler table (see `_LibfusePatch`);
+  installs one directly in libfuse's handler table (see `LibfusePatch`);
   if that is not possible the kernel answers EOPNOTSUPP by itself;
-- pyfuse3's workers wait for requests through `_FuseReader` (one poll,
-  no lock) instead of pyfuse3's own wait, which costs two passes through
-  trio's run loop per request; without pyfuse3's hook it keeps its own;
+- pyfuse3's workers take queued requests through `FuseReader` (one poll,
+  no lock) and wait through pyfuse3's own wait only when none is queued,
+  so that pyfuse3 still starts a worker whenever none is idle: requests
+  waiting on a silent node never hold up the others, the control tree or
+  `dstfuse status`, however many there are;
 - namespace changes (create, unlink, mkdir, rename, ...) fail with EPERM;
   size changes of a storage file fail with EPERM; other attribute changes
   are accepted and ignored. Control files accept truncation (so that
@@ -44,17 +47,13 @@ Semantics that users and the loop driver rely on:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import itertools
 import logging
 import os
-import select
 import stat
-import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -63,13 +62,22 @@ import trio
 from .algorithms import ControlFile
 from .control import CONTROL_DIRECTORY, ControlDirectory, ControlEntry, ControlTree
 from .errors import DstError, UserError
+from .fusehooks import FuseReader, LibfusePatch
 from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: Handler tasks pyfuse3 may run at once; each holds one request buffer of
-#: about 1 MiB, so this also bounds the memory of requests in progress.
-DEFAULT_WORKERS = 64
+#: Idle handler tasks kept waiting for requests (pyfuse3's `min_tasks`);
+#: more retire, each freeing its request buffer (about 1 MiB of address
+#: space, of which only the pages its requests touched are memory).
+DEFAULT_IDLE_WORKERS = 64
+#: pyfuse3's `max_tasks`, i.e. none: pyfuse3 starts a handler task whenever
+#: a request arrives with no task idle, so that requests waiting on a silent
+#: node never leave the next request unread (a ceiling would: once that
+#: many wait, nobody reads /dev/fuse). The kernel bounds the tasks busy at
+#: once: `max_background` asynchronous requests plus one synchronous request
+#: per thread blocked on the mount, each holding its request's pages.
+_NO_WORKER_LIMIT = 2**31 - 1
 #: Asynchronous requests (the loop driver's direct I/O) the kernel may have
 #: outstanding at once; the kernel default is 12.
 DEFAULT_MAX_BACKGROUND = 64
@@ -423,7 +431,7 @@ class StorageFilesystem(pyfuse3.Operations):
             await storage.flush()
 
     async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
-        """fallocate(2) on a storage file (called through `_LibfusePatch`)."""
+        """fallocate(2) on a storage file (called through `LibfusePatch`)."""
         with _Request("fallocate inode %d mode %#x at %d (+%d)", inode, mode, offset, length):
             _, entry = self._entry(inode)
             if not isinstance(entry, Storage):
@@ -484,264 +492,6 @@ class StorageFilesystem(pyfuse3.Operations):
 _ROOT = ControlDirectory(dict)
 
 
-# ----------------------------------------------------------- libfuse patch
-
-
-def _elf_symbols(path: str, names: set[str]) -> dict[str, int]:
-    """Values of the named symbols in the ELF64 little-endian file's .symtab."""
-    with open(path, "rb") as file:
-        image = file.read()
-    if image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
-        raise ValueError("not a 64-bit little-endian ELF file")
-    (section_offset,) = struct.unpack_from("<Q", image, 0x28)
-    entry_size, count = struct.unpack_from("<HH", image, 0x3A)
-    sections = [
-        struct.unpack_from("<IIQQQQIIQQ", image, section_offset + i * entry_size)
-        for i in range(count)
-    ]
-    found: dict[str, int] = {}
-    for section in sections:
-        if section[1] != 2:  # SHT_SYMTAB
-            continue
-        strings = sections[section[6]][4]
-        for offset in range(section[4], section[4] + section[5], 24):
-            name_offset, _, _, _, value, _ = struct.unpack_from("<IBBHQQ", image, offset)
-            start = strings + name_offset
-            name = image[start : image.index(b"\0", start)].decode("ascii", "replace")
-            if name in names:
-                found[name] = value
-    return found
-
-
-_FALLOCATE_HANDLER = ctypes.CFUNCTYPE(
-    None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-    ctypes.c_void_p,
-)
-_INIT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
-# pyfuse3's own init handler runs Python code without taking the GIL (libfuse
-# calls it from inside pyfuse3, which holds it), so we must call it holding
-# the GIL: PYFUNCTYPE does, CFUNCTYPE would release it.
-_PYFUSE3_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
-
-
-class _LibfusePatch:
-    """Installs what pyfuse3 3.x cannot: a fallocate handler, and a larger
-    `max_background` in the INIT reply.
-
-    libfuse copies the `fuse_lowlevel_ops` table into the session in
-    `fuse_session_new`, and looks handlers up there for each request, so we
-    write our function pointers into that copy after `pyfuse3.init` and
-    before the first request is processed. The session pointer and
-    pyfuse3's own table come from pyfuse3's symbol table (pyfuse3 is built
-    from source here and keeps it). Every assumption is checked first —
-    symbols present, pyfuse3's table found byte for byte inside the session,
-    the slots pyfuse3 fills (and only those) non-empty, the session's fd
-    being /dev/fuse — and any mismatch leaves everything untouched: the
-    mount then works without fallocate (the kernel answers EOPNOTSUPP).
-    """
-
-    SLOTS = 44  # fuse_lowlevel_ops in libfuse 3.x: 44 function pointers
-    INIT, FALLOCATE = 0, 40
-    # Slots pyfuse3 fills / leaves empty; a layout check.
-    FILLED = (0, 2, 3, 4, 5, 16, 17, 35, 36, 38, 41)
-    EMPTY = (1, 37, 39, 40, 42, 43)
-    CONN_MAX_BACKGROUND = 7 * 4  # offset in struct fuse_conn_info
-    CONN_CONGESTION = 8 * 4
-
-    def __init__(self, on_fallocate: Callable[[int, int, int, int, int], None], max_background):
-        self._on_fallocate = on_fallocate
-        self._max_background = max_background
-        self._libfuse: ctypes.CDLL | None = None
-        self._original_init = None
-        # The ctypes callbacks must live as long as the session.
-        self._fallocate_callback = _FALLOCATE_HANDLER(self._fallocate)
-        self._init_callback = _INIT_HANDLER(self._init)
-        self.installed = False
-
-    def reply_error(self, request: int, error: int) -> None:
-        assert self._libfuse is not None
-        result = self._libfuse.fuse_reply_err(ctypes.c_void_p(request), error)
-        if result != 0:
-            log.debug("fuse_reply_err: %s", os.strerror(-result))
-
-    def apply(self) -> bool:
-        try:
-            self._apply()
-        except Exception as exc:  # noqa: BLE001 - optional; the mount works without it
-            log.warning(
-                "fallocate (discard) is not available on this mount: cannot extend pyfuse3 (%s)",
-                exc,
-            )
-            return False
-        self.installed = True
-        return True
-
-    def _apply(self) -> None:
-        module = pyfuse3.__file__
-        if module is None:
-            raise RuntimeError("pyfuse3 has no file")
-        names = {"__pyx_v_7pyfuse3_session", "__pyx_v_7pyfuse3_fuse_ops", "PyInit_pyfuse3"}
-        symbols = _elf_symbols(module, names)
-        missing = names - set(symbols)
-        if missing:
-            raise RuntimeError(f"symbols not found in {module}: {', '.join(sorted(missing))}")
-        library = ctypes.CDLL(module)
-        base = ctypes.cast(library.PyInit_pyfuse3, ctypes.c_void_p).value
-        if base is None:
-            raise RuntimeError("cannot locate pyfuse3 in memory")
-        base -= symbols["PyInit_pyfuse3"]
-        session = ctypes.c_void_p.from_address(base + symbols["__pyx_v_7pyfuse3_session"]).value
-        if not session:
-            raise RuntimeError("no FUSE session")
-        pointer_size = ctypes.sizeof(ctypes.c_void_p)
-        table = (ctypes.c_void_p * self.SLOTS).from_address(
-            base + symbols["__pyx_v_7pyfuse3_fuse_ops"]
-        )
-        if any(not table[i] for i in self.FILLED) or any(table[i] for i in self.EMPTY):
-            raise RuntimeError("unexpected pyfuse3 handler table")
-        table_bytes = ctypes.string_at(ctypes.addressof(table), self.SLOTS * pointer_size)
-        session_bytes = ctypes.string_at(session, 512)
-        where = session_bytes.find(table_bytes)
-        if where < 0 or session_bytes.find(table_bytes, where + 1) >= 0:
-            raise RuntimeError("handler table not found in the FUSE session")
-
-        libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
-        libfuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
-        libfuse.fuse_session_fd.restype = ctypes.c_int
-        libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        libfuse.fuse_reply_err.restype = ctypes.c_int
-        fd = libfuse.fuse_session_fd(session)
-        if os.readlink(f"/proc/self/fd/{fd}") != "/dev/fuse":
-            raise RuntimeError("the session's fd is not /dev/fuse")
-        self._libfuse = libfuse
-
-        slots = (ctypes.c_void_p * self.SLOTS).from_address(session + where)
-        self._original_init = _PYFUSE3_INIT(slots[self.INIT])
-        slots[self.FALLOCATE] = ctypes.cast(self._fallocate_callback, ctypes.c_void_p).value
-        slots[self.INIT] = ctypes.cast(self._init_callback, ctypes.c_void_p).value
-        log.debug("libfuse handler table at session+%d: fallocate and init installed", where)
-
-    # Both run synchronously inside libfuse's request dispatch, on the trio
-    # thread; nothing may escape them.
-    def _init(self, userdata, conn) -> None:
-        try:
-            assert self._original_init is not None
-            self._original_init(userdata, conn)
-            if self._max_background:
-                ctypes.c_uint.from_address(conn + self.CONN_MAX_BACKGROUND).value = (
-                    self._max_background
-                )
-                ctypes.c_uint.from_address(conn + self.CONN_CONGESTION).value = (
-                    self._max_background * 3 // 4
-                )
-        except BaseException:  # noqa: BLE001 - must not unwind through C
-            log.exception("FUSE init hook failed")
-
-    def _fallocate(self, request, inode, mode, offset, length, file_info) -> None:
-        try:
-            self._on_fallocate(request, inode, mode, offset, length)
-        except BaseException:  # noqa: BLE001 - must not unwind through C
-            log.exception("fallocate dispatch failed")
-            self.reply_error(request, errno.EIO)
-
-
-# ------------------------------------------------------------- fuse reader
-
-
-class _FuseReader:
-    """A cheaper stand-in for pyfuse3's `_wait_fuse_readable`.
-
-    pyfuse3's request loop asks this coroutine, before each read of
-    /dev/fuse, whether a request is there. pyfuse3's own version takes a
-    trio Lock (which yields to the scheduler even when free) and then always
-    parks in `wait_readable`, even with requests already queued: two passes
-    through the run loop per request. This one first polls the descriptor
-    without waiting and returns at once when a request is queued; otherwise
-    one idle worker waits for readability and the others park behind it.
-
-    Invariants: it returns True only when a request is queued now (the
-    caller reads it without any await in between, so no other worker can
-    take it first, and the read cannot block); at most one task is inside
-    `wait_readable` for the descriptor (trio allows one); after `close()`,
-    once the descriptor is being closed or once the kernel reports the
-    mount gone (POLLERR; the one worker told True then reads ENODEV, which
-    ends pyfuse3's session), every call returns False, which ends pyfuse3's
-    workers. Installed through pyfuse3's module attribute,
-    which its compiled loop looks up on every call; if the attribute is
-    missing, pyfuse3's own wait stays.
-    """
-
-    ATTRIBUTE = "_wait_fuse_readable"
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLIN)
-        self._waiter = False  # a worker is inside wait_readable
-        self._idle = trio.lowlevel.ParkingLot()
-        self._closed = False
-        self._original: Callable[[], Awaitable[bool]] | None = None
-
-    @classmethod
-    def for_this_process(cls) -> _FuseReader | None:
-        """The reader for this process's one /dev/fuse descriptor; None when
-        there is not exactly one (or pyfuse3 lacks the hook)."""
-        if not hasattr(pyfuse3, cls.ATTRIBUTE):
-            log.debug("pyfuse3 has no %s; using its own request wait", cls.ATTRIBUTE)
-            return None
-        fds = []
-        for name in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                    fds.append(int(name))
-            except OSError:
-                continue  # closed meanwhile (e.g. the listdir's own fd)
-        if len(fds) != 1:
-            log.debug("%d /dev/fuse descriptors; using pyfuse3's own request wait", len(fds))
-            return None
-        return cls(fds[0])
-
-    def install(self) -> None:
-        self._original = getattr(pyfuse3, self.ATTRIBUTE)
-        setattr(pyfuse3, self.ATTRIBUTE, self.wait_readable)
-
-    def uninstall(self) -> None:
-        if self._original is not None:
-            setattr(pyfuse3, self.ATTRIBUTE, self._original)
-            self._original = None
-
-    def close(self) -> None:
-        """Make every worker's next wait (and the current ones) return False."""
-        if self._closed:
-            return
-        self._closed = True
-        self._idle.unpark_all()
-        if self._waiter:
-            trio.lowlevel.notify_closing(self._fd)  # wakes it with ClosedResourceError
-
-    async def wait_readable(self) -> bool:
-        while not self._closed:
-            ready = self._poll.poll(0)
-            if ready:
-                if ready[0][1] & ~select.POLLIN:
-                    # Unmounted (the kernel says POLLERR): this worker's read
-                    # ends pyfuse3's session; nobody needs to wait any more.
-                    self.close()
-                return True
-            if self._waiter:
-                await self._idle.park()
-                continue
-            self._waiter = True
-            try:
-                await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:
-                self.close()
-            finally:
-                self._waiter = False
-                self._idle.unpark()  # the next idle worker takes over the wait
-        return False
-
-
 # ----------------------------------------------------------------- session
 
 
@@ -756,16 +506,16 @@ class FuseSession:
         mountpoint: str,
         *,
         options: Iterable[str] = (),
-        workers: int = DEFAULT_WORKERS,
+        idle_workers: int = DEFAULT_IDLE_WORKERS,
         max_background: int = DEFAULT_MAX_BACKGROUND,
     ) -> None:
         self.filesystem = filesystem
         self.mountpoint = mountpoint
         self.options = set(pyfuse3.default_options) | {"fsname=dstfuse", "subtype=dstfuse"}
         self.options |= set(options)
-        self.workers = workers
-        self._patch = _LibfusePatch(self._dispatch_fallocate, max_background)
-        self._reader: _FuseReader | None = None
+        self.idle_workers = idle_workers
+        self._patch = LibfusePatch(self._dispatch_fallocate, max_background)
+        self._reader: FuseReader | None = None
         self._nursery: trio.Nursery | None = None
         self._mounted = False
         self._session = False
@@ -789,7 +539,7 @@ class FuseSession:
         self._session = True
         self._mounted = True
         self._patch.apply()
-        self._reader = _FuseReader.for_this_process()
+        self._reader = FuseReader.for_this_process()
 
     async def serve(self) -> None:
         """Answer requests until the filesystem is unmounted or `stop()`."""
@@ -799,7 +549,7 @@ class FuseSession:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                await pyfuse3.main(min_tasks=1, max_tasks=self.workers)
+                await pyfuse3.main(min_tasks=self.idle_workers, max_tasks=_NO_WORKER_LIMIT)
             except BaseException as exc:
                 error = exc  # raised below, outside the nursery, unwrapped
             finally:
@@ -814,9 +564,7 @@ class FuseSession:
         """Make `serve()` return once requests in progress are answered."""
         if self._mounted and not self._stopped:
             self._stopped = True
-            if self._reader is not None:
-                self._reader.close()
-            pyfuse3.terminate()
+            pyfuse3.terminate()  # wakes the idle worker waiting on /dev/fuse
 
     def close(self, *, unmount: bool = True) -> None:
         """Destroy the session; with `unmount`, also unmount (lazily, so an

@@ -2,9 +2,8 @@
 and 64 requests waiting on it, a real mount still answers `stat` of the
 control tree, reads of `.dst/<storage>/state`, `dstfuse status`, and (linear)
 I/O to the other node; once the node continues, every waiting request
-completes. A mirror's read sent to its frozen leg should be served by the
-other leg: today the mirror waits for the leg (a strict xfail, for the
-mirror's owners to turn into a plain test).
+completes. A mirror's read sent to its frozen leg is served by the other
+leg after the mirror's read_timeout.
 
 The 64 waiting requests are either fio's (libaio, iodepth 64, O_DIRECT:
 asynchronous FUSE requests, as a loop device sends them) or 64 threads'
@@ -325,11 +324,6 @@ def test_mirror_leg_frozen_with_64_reads_waiting_on_it_blocks_neither_tree_nor_s
             assert readers.errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the mirror waits for a frozen leg's read instead of serving it from the other "
-    "in-sync leg (DESIGN.md section 7; dstfuse/mirror/algorithm.py `_read`)",
-)
 def test_mirror_reads_sent_to_a_frozen_leg_are_served_by_the_other_leg(tmp_path):
     """Reads alternating between two far-apart offsets settle one on each
     leg (the mirror reads from the leg whose last request ended nearest), so

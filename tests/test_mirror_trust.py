@@ -308,6 +308,43 @@ async def test_a_silent_leg_stalls_writes_only_for_the_leg_timeout(autojump_cloc
         nursery.cancel_scope.cancel()
 
 
+async def test_a_write_given_up_on_lands_before_the_leg_is_resynced(autojump_clock):
+    nodes = make_nodes(2)
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(
+            nursery, nodes, mount_options={"assume_clean": True, "leg_timeout": "1s"}
+        )
+        await trio.sleep(30)
+        gate = trio.Event()
+        held = []
+
+        def hold_first_data_write(op, offset, length):
+            if op == "write" and offset == 9 * REGION and not held:
+                held.append(offset)
+                return True
+            return False
+
+        nodes[1].hold = gate  # leg 1 sits on the old write: the mirror goes on
+        nodes[1].hold_when = hold_first_data_write
+        with trio.fail_after(60):
+            await mirror.write(9 * REGION, b"O" * 4096)
+            assert mirror.legs[1].role is LegRole.STALE
+            await mirror.write(9 * REGION, b"N" * 4096)  # newer, leg 0 only
+            await trio.sleep(20)  # leg 1 is online: it would rejoin now
+
+            async def old_write_lands_late() -> None:
+                await trio.sleep(10)
+                gate.set()
+
+            nursery.start_soon(old_write_lands_late)
+            await wait_for(lambda: gate.is_set() and nodes[1].counters.in_flight == 0)
+            await wait_for(lambda: mirror.state == "clean")
+        assert nodes[1].data[9 * REGION : 9 * REGION + 4096] == b"N" * 4096
+        assert data_of(nodes[1], mirror) == data_of(nodes[0], mirror)
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_unreachable_leg_degrades_at_once(autojump_clock):
     nodes = make_nodes(2)
     for node in nodes:
@@ -324,7 +361,8 @@ async def test_an_unreachable_leg_degrades_at_once(autojump_clock):
 
         nursery.start_soon(node_dies)
         started = trio.current_time()
-        await mirror.write(0, b"u" * 4096)
+        with trio.fail_after(60):
+            await mirror.write(0, b"u" * 4096)
         assert trio.current_time() - started < 1
         assert mirror.legs[1].role is LegRole.STALE
         gate.set()
@@ -371,7 +409,8 @@ async def test_a_read_waiting_on_a_silent_leg_is_served_by_another(autojump_cloc
         mirror.legs[0].position = 0
         mirror.legs[1].position = mirror.size
         started = trio.current_time()
-        assert await mirror.read(0, 4096) == b"r" * 4096
+        with trio.fail_after(60):
+            assert await mirror.read(0, 4096) == b"r" * 4096
         assert trio.current_time() - started <= 0.6
         nodes[0].hold.set()
         nodes[0].hold = None

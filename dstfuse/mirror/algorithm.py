@@ -869,6 +869,7 @@ class Mirror(Algorithm):
                         checks.store(first, [UNKNOWN] * len(entries[1]))  # type: ignore[index]
                 if not took:
                     self._copy_again(targets, outcomes, regions)
+                    await self._keep_one_copy([leg for leg, _ in failures], what)
                     error = failures[0][1] if failures else None
                     raise NodeError(
                         f"storage {self.storage_name}",
@@ -884,6 +885,24 @@ class Mirror(Algorithm):
                 self._activity.end(regions)
         finally:
             self.write_order.release(ticket)
+
+    async def _keep_one_copy(self, failed: list[MirrorLeg], what: str) -> None:
+        """A request failed on every in-sync leg: their copies of its
+        regions may now differ (one wrote part of it, one lost it), and the
+        bitmap alone would let them be cleared as equal. One of them (online
+        if possible) stays the reference; the others go stale and resync
+        the marked regions from it."""
+        in_sync = [leg for leg in failed if leg.in_sync]
+        if len(in_sync) < 2:
+            return
+        keep = next((leg for leg in in_sync if leg.online), in_sync[0])
+        for leg in in_sync:
+            if leg is not keep:
+                self.leg_failed(leg, f"the {what} failed on every in-sync leg; {keep} is kept")
+        try:
+            await self.ensure_membership_durable()
+        except NodeError as exc:
+            log.error("storage %s: %s", self.storage_name, exc)
 
     def _copy_again(self, targets: list[MirrorLeg], outcomes: list, regions: range) -> None:
         """A write failed on every in-sync leg: a resyncing leg that took it
@@ -952,6 +971,7 @@ class Mirror(Algorithm):
         took = any(error is None and leg.in_sync for leg, (_, error) in answers)
         errors = [(leg, error) for leg, (_, error) in answers if error]
         if not took:
+            await self._keep_one_copy([leg for leg, _ in errors], "flush")
             error = errors[0][1] if errors else None
             raise NodeError(
                 f"storage {self.storage_name}",

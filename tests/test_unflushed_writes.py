@@ -75,7 +75,8 @@ def test_unprotected_ranges_merge_and_stay_bounded():
     for index in range(MAX_UNPROTECTED_RANGES + 50):
         kept.record(W, index * 100, 10, Flag.NONE, bytes(10))
     loss = kept.lose_unprotected()
-    assert loss is not None and len(loss.regions) == MAX_UNPROTECTED_RANGES
+    assert loss is not None and MAX_UNPROTECTED_RANGES // 2 <= len(loss.regions)
+    assert len(loss.regions) <= MAX_UNPROTECTED_RANGES
     # coarsened, never smaller: every write still lies inside a region
     for index in range(MAX_UNPROTECTED_RANGES + 50):
         assert any(o <= index * 100 and index * 100 + 10 <= o + n for o, n in loss.regions)

@@ -16,7 +16,8 @@ import trio.testing
 
 from dstfuse.address import parse_address
 from dstfuse.config import Timeouts, Unflushed
-from dstfuse.errors import NodeWritesLost
+from dstfuse.errors import NodeError, NodeWritesLost
+from dstfuse.nodes.base import NodeState
 from dstfuse.nodes.remote import REPLAY_HANDLE_BASE, RemoteNode
 from dstfuse.protocol import Command, NodeInstance
 
@@ -238,3 +239,35 @@ async def test_reply_with_another_handle_never_completes_a_transaction_in_flight
             BLOCK,
             BLOCK,
         ]
+
+
+async def test_node_restarted_read_only_is_renegotiated(autojump_clock):
+    fake = FakeExport()
+    async with remote(fake) as node:
+        await node.write(0, block(0))
+        fake.writable = False
+        fake.policy = lambda r, n: CUT if n == 1 else ANSWER
+        assert await node.read(0, BLOCK) == block(0)
+        assert not node.writable
+        with pytest.raises(NodeError) as info:
+            await node.write(0, block(1))
+        assert info.value.errno == errno.EROFS
+
+
+async def test_node_restarted_with_another_size_is_not_used_until_it_is_back(
+    autojump_clock, caplog
+):
+    fake = FakeExport()
+    async with remote(fake) as node:
+        fake.size = 1 << 19
+        fake.policy = lambda r, n: CUT if n == 1 else ANSWER
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.read, 0, BLOCK)
+            await trio.sleep(3)
+            assert node.state is NodeState.OFFLINE
+            fake.size = 1 << 20  # within the budget of 8 s
+        assert node.size == 1 << 20
+    assert any(
+        "node now reports 524288 bytes instead of 1048576; refusing to use it" in r.getMessage()
+        for r in caplog.records
+    )

@@ -93,8 +93,12 @@ def main() -> None:
             file.truncate(SIZE)
         for job, (block, depth) in JOBS.items():
             results: dict[str, list[float]] = {name: [] for name in SETTINGS}
-            for _ in range(args.repeat):
-                for name, unflushed in SETTINGS.items():
+            names = list(SETTINGS)
+            for round_number in range(args.repeat):
+                # a different setting goes first each round: no order bias
+                shift = round_number % len(names)
+                for name in names[shift:] + names[:shift]:
+                    unflushed = SETTINGS[name]
                     results[name].append(
                         trio.run(one_run, disk, unflushed, block, depth, args.seconds)
                     )

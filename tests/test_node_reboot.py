@@ -153,6 +153,8 @@ def export_with_config(tmp_path: Path, disk: Path, port: int, max_request: str, 
             time.sleep(0.05)
         yield process
     finally:
+        if process.poll() is None:
+            process.terminate()
         stop_pid(process.pid, process)
 
 

@@ -132,7 +132,7 @@ class _Builder:
             self._key = load_key(self.config.key_file)
         return self._key
 
-    def _make_node(self, spec: NodeSpec) -> Node:
+    def _make_node(self, storage: str, spec: NodeSpec) -> Node:
         if spec.kind == "remote":
             from .nodes.remote import RemoteNode
 
@@ -145,6 +145,8 @@ class _Builder:
                 cipher=self.config.cipher,
                 max_in_flight=self.config.max_in_flight,
                 client_name=self.client_name,
+                storage=storage,
+                unflushed=self.config.unflushed,
             )
         if spec.kind == "local":
             from .nodes.local import LocalNode
@@ -166,7 +168,7 @@ class _Builder:
     async def _start_node(self, storage: str, spec: NodeSpec) -> Node:
         described = describe_spec(spec)
         try:
-            node = self._make_node(spec)
+            node = self._make_node(storage, spec)
         except DstError as exc:
             raise _node_error(storage, described, spec, exc) from exc
         except OSError as exc:

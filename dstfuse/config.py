@@ -80,6 +80,21 @@ class Timeouts:
     connect: float = 5.0
 
 
+#: What a node does with unflushed writes past `unflushed_limit`.
+UNFLUSHED_POLICIES = ("flush", "drop")
+
+
+@dataclass(frozen=True)
+class Unflushed:
+    """How much acknowledged, not yet flushed write data a remote node keeps
+    for replay after its host reboots (`limit` bytes, 0: none), and what
+    happens past it: `flush` issues a FLUSH and waits for it, `drop` stops
+    protecting the oldest writes (a reboot then fails the next FLUSH)."""
+
+    limit: int = 64 * MiB
+    policy: str = "flush"
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """One entry of a storage's `nodes:` list.
@@ -132,6 +147,7 @@ class MountConfig:
     timeouts: Timeouts
     max_in_flight: int
     storages: dict[str, StorageSpec]
+    unflushed: Unflushed = Unflushed()
 
 
 @dataclass(frozen=True)
@@ -233,7 +249,17 @@ def load_mount_config(path: str | Path) -> MountConfig:
     source = _Source(path)
     root = source.root("storages")
     fields = _Mapping(
-        root, ("key_file", "cipher", "checksum", "timeouts", "max_in_flight", "storages")
+        root,
+        (
+            "key_file",
+            "cipher",
+            "checksum",
+            "timeouts",
+            "max_in_flight",
+            "unflushed_limit",
+            "unflushed_policy",
+            "storages",
+        ),
     )
     key_file = fields.read("key_file", source.path_value, None)
     cipher = fields.read("cipher", partial(_choice, choices=CIPHERS), CIPHERS[0])
@@ -251,6 +277,16 @@ def load_mount_config(path: str | Path) -> MountConfig:
         timeouts=fields.read("timeouts", _timeouts, Timeouts()),
         max_in_flight=fields.read("max_in_flight", partial(_int, minimum=1, maximum=4096), 64),
         storages=_storages(source, fields.require("storages")),
+        unflushed=Unflushed(
+            limit=fields.read(
+                "unflushed_limit", partial(_size_in, minimum=0, maximum=64 << 30),
+                Unflushed.limit,
+            ),
+            policy=fields.read(
+                "unflushed_policy", partial(_choice, choices=UNFLUSHED_POLICIES),
+                Unflushed.policy,
+            ),
+        ),
     )
     log.debug("%s: storages %s", source.name, ", ".join(config.storages))
     return config

@@ -53,3 +53,18 @@ class RequestOutOfRange(DstError):
     """A request reaches past the end of a storage or node."""
 
     errno = _errno.EINVAL
+
+
+class NodeWritesLost(NodeError):
+    """A FLUSH found that writes the node had acknowledged were lost (its
+    host rebooted before they were flushed, and they were not kept for
+    replay). Reported once, by the next flush, with errno EIO. `regions` are
+    the (offset, length) ranges of the node those writes covered (possibly
+    merged into larger ones); `lost_bytes` how much was written in them."""
+
+    def __init__(
+        self, node: str, message: str, *, regions: tuple[tuple[int, int], ...], lost_bytes: int
+    ) -> None:
+        super().__init__(node, message, errno=_errno.EIO)
+        self.regions = regions
+        self.lost_bytes = lost_bytes

@@ -24,6 +24,7 @@ from dstfuse.protocol import (
     Feature,
     HandshakeFailed,
     HelloReceived,
+    NodeInstance,
     Permission,
     ProtocolError,
     Ready,
@@ -33,14 +34,18 @@ from dstfuse.protocol import (
     Role,
 )
 
-ANSWER, DROP, CUT, CUT_MID_FRAME, CORRUPT, SILENCE = (
+ANSWER, DROP, CUT, CUT_MID_FRAME, CORRUPT, SILENCE, WRONG_HANDLE, LATE = (
     "answer",
     "drop",
     "cut",
     "cut-mid-frame",
     "corrupt",
     "silence",
+    "wrong-handle",  # answer, but with another handle than the request's
+    "late",  # execute now, answer a second later
 )
+#: How far WRONG_HANDLE moves the handle.
+WRONG_HANDLE_OFFSET = 1000
 
 
 @dataclass
@@ -59,9 +64,26 @@ class FakeExport:
     gate: trio.Event | None = None
     in_progress: int = 0
     max_in_progress: int = 0
+    #: Sent in READY; `reboot` replaces it.
+    instance: NodeInstance | None = field(
+        default_factory=lambda: NodeInstance(bytes(16), 1, 1, bytes(16))
+    )
+    #: The data as of the last FLUSH: what survives a reboot.
+    flushed: bytearray = field(init=False)
 
     def __post_init__(self) -> None:
         self.data = bytearray(self.size)
+        self.flushed = bytearray(self.size)
+
+    def reboot(self, boot: int) -> None:
+        """The host lost power: only flushed data is left, and the node
+        comes back on boot number `boot` (a new instance). The caller cuts
+        the connection (a policy returning CUT)."""
+        self.data = bytearray(self.flushed)
+        assert self.instance is not None
+        self.instance = NodeInstance(
+            bytes([boot]) * 16, self.instance.device, self.instance.inode, bytes([boot]) * 16
+        )
 
     def connector(self, nursery: trio.Nursery):
         async def connect(address: Address) -> trio.abc.Stream:
@@ -107,6 +129,7 @@ class FakeExport:
                             | Feature.WRITE_ZEROES
                             | Feature.CHECKSUM,
                             export="fake",
+                            instance=self.instance,
                         )
                         await stream.send_all(conn.ready(ready))
                     elif isinstance(event, Refused):
@@ -143,7 +166,14 @@ class FakeExport:
         try:
             if self.gate is not None:
                 await self.gate.wait()
+            if action == LATE:
+                await trio.sleep(1)
             async with lock:
+                if action == WRONG_HANDLE:
+                    reply = Reply(
+                        reply.command, reply.handle + WRONG_HANDLE_OFFSET, reply.status,
+                        reply.offset, reply.length, reply.data,
+                    )
                 frame = conn.send(reply)
                 if action == CUT_MID_FRAME:
                     await stream.send_all(frame[: len(frame) // 2])
@@ -163,6 +193,8 @@ class FakeExport:
         if end > self.size:
             return Reply(command, request.handle, errno.EINVAL, request.offset, request.length)
         payload = b""
+        if command is Command.FLUSH:
+            self.flushed[:] = self.data
         if command is Command.READ:
             payload = bytes(self.data[start:end])
         elif command is Command.WRITE:

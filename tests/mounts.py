@@ -440,10 +440,12 @@ def exported(
     port: int | None = None,
     args: Sequence[str] = (),
     timeout: float = START_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Export]:
     """Serve `path` with `dstfuse export` on a unix socket (or, with `tcp`,
     on 127.0.0.1:`port`, a free port by default) until the block ends.
-    `args` are extra flags (--read-only, --key-file F, --name N, ...).
+    `args` are extra flags (--read-only, --key-file F, --name N, ...);
+    `env` extra environment variables (DSTFUSE_BOOT_ID, ...).
     `directory` holds the log (and the socket when it is short enough for
     sun_path); a node restarted on the same port needs another directory."""
     socket_directory = None
@@ -461,7 +463,7 @@ def exported(
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
-            env=dstfuse_env(),
+            env=dstfuse_env(env),
         )
     try:
         deadline = time.monotonic() + timeout

@@ -45,9 +45,9 @@ def memory_nodes(monkeypatch):
     returns target path -> node."""
     built: dict[str, MemoryNode] = {}
 
-    def make_node(self, spec):
+    def make_node(self, storage, spec):
         if spec.kind != "local":
-            return original(self, spec)
+            return original(self, storage, spec)
         node = MemoryNode(os.path.basename(spec.target), 64 * KIB)
         node.address = spec.target  # so messages name the configured path
         node.start_error = failures.get(os.path.basename(spec.target))

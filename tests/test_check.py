@@ -329,7 +329,9 @@ async def test_every_failing_node_gets_its_own_line(tmp_path, nursery):
     reports = await run_check(config)
     lines = check.failure_lines(reports)
     assert len(lines) == 3
-    assert lines[0].startswith(f"vol0: R: 127.0.0.1:{port}: cannot connect")
+    assert lines[0] == (
+        f"vol0: R: 127.0.0.1:{port}: cannot connect: connection refused (nothing listens there)"
+    )
     assert lines[1].startswith(f"vol0: L: {tmp_path / 'missing.img'}: cannot open")
     assert lines[2] == (
         f"vol0: L: {tmp_path / 'small.img'}: size 2.0 MiB (line 9) is larger than the node "

@@ -18,6 +18,7 @@ from dstfuse.config import (
     NodeSpec,
     StorageSpec,
     Timeouts,
+    Unflushed,
     load_export_config,
     load_mount_config,
     parse_acl_rule,
@@ -156,6 +157,7 @@ def test_defaults_fill_everything_but_storages(in_tmp):
     assert config.timeouts == Timeouts()
     assert config.timeouts == Timeouts(resend=2.0, max_resends=15, keepalive=1.0, connect=5.0)
     assert config.max_in_flight == 64
+    assert config.unflushed == Unflushed(limit=64 << 20, policy="flush")
     assert config.storages["vol0"].nodes == (
         NodeSpec("remote", "node1:1025", line=5, address=Address("tcp", "node1", 1025)),
     )
@@ -298,6 +300,13 @@ def test_nbd_uris_are_kept_as_written(in_tmp):
     write(in_tmp, ONE_STORAGE + "".join(f"      - nbd: {uri}\n" for uri in uris))
     nodes = load_mount_config("storage.yaml").storages["vol0"].nodes[1:]
     assert [(n.kind, n.target, n.address) for n in nodes] == [("nbd", u, None) for u in uris]
+
+
+def test_unflushed_limit_and_policy_are_read(in_tmp):
+    write(in_tmp, "unflushed_limit: 0\nunflushed_policy: drop\n" + ONE_STORAGE)
+    assert load_mount_config("storage.yaml").unflushed == Unflushed(limit=0, policy="drop")
+    write(in_tmp, "unflushed_limit: 16M\n" + ONE_STORAGE)
+    assert load_mount_config("storage.yaml").unflushed == Unflushed(16 << 20, "flush")
 
 
 def test_cipher_none_is_allowed_with_a_key(in_tmp):
@@ -575,6 +584,16 @@ def test_cipher_none_is_allowed_with_a_key(in_tmp):
             "max_in_flight: 0\n" + ONE_STORAGE,
             "storage.yaml:1: max_in_flight: 0 is out of range (must be between 1 and 4096)",
             id="max-in-flight-zero",
+        ),
+        pytest.param(
+            "unflushed_policy: keep\n" + ONE_STORAGE,
+            "storage.yaml:1: unflushed_policy: unknown value 'keep' (expected one of: drop, flush)",
+            id="unflushed-policy-unknown",
+        ),
+        pytest.param(
+            "unflushed_limit: lots\n" + ONE_STORAGE,
+            "storage.yaml:1: unflushed_limit: bad size 'lots' (use a number with K/M/G/T)",
+            id="unflushed-limit-not-a-size",
         ),
         pytest.param(
             "max_in_flight: many\n" + ONE_STORAGE,

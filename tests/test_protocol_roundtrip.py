@@ -19,6 +19,7 @@ from dstfuse.protocol import (
     Feature,
     Flag,
     HelloReceived,
+    NodeInstance,
     Permission,
     Ready,
     Refused,
@@ -226,6 +227,7 @@ READY = Ready(
     max_request=1 << 16,
     features=Feature.FLUSH | Feature.CHECKSUM,
     export="disk1",
+    instance=NodeInstance(bytes(range(16)), 2049, 1 << 40, bytes(range(200, 216))),
 )
 LAST_REQUEST = Request(Command.WRITE, 1, 0, 4, data=b"data")
 LAST_REPLY = Reply(Command.WRITE, 1, 0, 0, 4)
@@ -260,7 +262,7 @@ def expected_handshake_event(step, mode):
         "CONFIRM": (Confirmed, {}),
         "READY": (Ready, dict(size=(1 << 40) + 512, permissions=Permission.READ, block_size=512,
                               max_request=1 << 16, features=Feature.FLUSH | Feature.CHECKSUM,
-                              export="disk1")),
+                              export="disk1", instance=READY.instance)),
     }[step]
 
 

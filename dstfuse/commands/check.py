@@ -128,6 +128,7 @@ async def check_mount_config(
                     cipher=config.cipher,
                     max_in_flight=config.max_in_flight,
                     client_name=client_name,
+                    storage=storage.name,
                 )
                 pending.append((node_report, node))
             elif spec.kind == "local":

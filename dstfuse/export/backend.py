@@ -105,7 +105,8 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 class Backend:
     """A regular file or block device at `path`, opened read-write (or
-    read-only) once; `size` bytes addressable from offset 0.
+    read-only) once; `size` bytes addressable from offset 0. `identity` is
+    (st_dev, st_ino) of a file, (st_rdev, 0) of a block device.
 
     Raises OSError from the constructor when the path cannot be opened or is
     neither a regular file nor a block device (EINVAL then).
@@ -126,10 +127,12 @@ class Backend:
             info = os.fstat(fd)
             if stat.S_ISBLK(info.st_mode):
                 self.is_block_device = True
+                self.identity = (info.st_rdev, 0)
                 raw = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
                 self.size: int = struct.unpack("Q", raw)[0]
             elif stat.S_ISREG(info.st_mode):
                 self.is_block_device = False
+                self.identity = (info.st_dev, info.st_ino)
                 self.size = info.st_size
             else:
                 raise OSError(

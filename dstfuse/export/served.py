@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from ..protocol import WRITE_COMMANDS, Command, Flag, Permission, Request
 from ..ranges import WriteOrder
 from .acl import ExportAcl, IPAddress
 from .backend import Backend
+from .instance import process_instance
 
 if TYPE_CHECKING:
     from .session import ExportSession
@@ -77,7 +79,9 @@ class ServedExport:
     """Export `name` backed by `backend`, admitting peers by `acl`.
 
     `sessions` maps a client id to the connection that currently serves it
-    (see `ExportSession` for the takeover rule).
+    (see `ExportSession` for the takeover rule). `instance` is sent in
+    READY; its process nonce is fresh for every ServedExport, so for every
+    node process.
     """
 
     def __init__(self, name: str, backend: Backend, acl: ExportAcl | None = None) -> None:
@@ -86,6 +90,7 @@ class ServedExport:
         self.acl = acl if acl is not None else ExportAcl(read_only=backend.read_only)
         self.write_order = WriteOrder()
         self.sessions: dict[bytes, ExportSession] = {}
+        self.instance = process_instance(backend.identity, os.urandom(16))
 
     def __str__(self) -> str:
         return self.name

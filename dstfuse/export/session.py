@@ -466,6 +466,7 @@ class ExportSession:
                             max_request=self._limits.max_request,
                             features=ALL_FEATURES,
                             export=export.name,
+                            instance=export.instance,
                         )
                         # Sent directly: no reply can be queued before it.
                         if not await self._send_frame(self._conn.ready(ready)):

@@ -4,9 +4,17 @@
 node's maximum request size), keeps them until the node acknowledges them,
 and survives the network: a transaction not acknowledged within `resend`
 seconds is sent again; after a broken connection the node reconnects with
-backoff, renegotiates and resends every transaction still in flight in its
+backoff, renegotiates every limit (a transaction larger than a smaller new
+maximum is split) and resends every transaction still in flight in its
 original order. Only when a transaction has gone unanswered for its whole
 budget, `resend * (max_resends + 1)` seconds, does the caller get an error.
+
+Writes the node acknowledged but has not flushed are kept (`UnflushedWrites`,
+up to `unflushed.limit`). When a reconnect finds a new node instance (another
+boot id or backing, see dstfuse/protocol/instance.py), they are resent in
+their original order, and acknowledged, before anything else is sent; what
+was not kept is a `Loss`, which the next `flush` reports once as
+`NodeWritesLost` (EIO), as Linux reports a writeback error to the next fsync.
 
 Each node has one resend timer, a task that sleeps until the earliest
 deadline among its transactions and resends (or gives up on) the overdue
@@ -18,7 +26,11 @@ Invariants:
 - at most `max_in_flight` transactions are outstanding; more requests wait;
 - a reply completes a transaction only if it passed the frame check; replies
   for unknown handles are read whole and dropped;
-- while disconnected, the node is OFFLINE and requests wait instead of failing.
+- while disconnected, the node is OFFLINE and requests wait instead of failing;
+- on a new instance, nothing but the replay goes out until every replayed
+  write is acknowledged; a replay cut short is done again in full on the
+  next connection;
+- a FLUSH never returns success over writes a reboot destroyed.
 """
 
 from __future__ import annotations
@@ -26,27 +38,32 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import deque
 
 import trio
 
 from ..address import Address
-from ..config import Timeouts
-from ..errors import NodeError, NodeRefused, NodeUnavailable
+from ..config import Timeouts, Unflushed
+from ..errors import NodeError, NodeRefused, NodeUnavailable, NodeWritesLost
 from ..fanout import gather_or_raise
 from ..protocol import (
     CLIENT_ID_SIZE,
     WRITE_COMMANDS,
     Command,
+    Continuity,
     Feature,
     Flag,
+    NodeInstance,
     Permission,
     Reply,
+    continuity,
     offered_modes,
 )
 from ..ranges import WriteOrder
 from .base import Node, NodeState
 from .session import Connector, Session, open_stream
 from .transactions import Transaction, TransactionTable
+from .unflushed import KeptWrite, Loss, UnflushedWrites
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +78,10 @@ _FEATURE_OF = {
     Command.CHECKSUM: Feature.CHECKSUM,
     Command.FLUSH: Feature.FLUSH,
 }
+#: Commands whose length is bounded by the node's max_request.
+_SPLITTABLE = frozenset({Command.READ, Command.WRITE})
+#: Replayed writes use handles from this space, disjoint from requests' and pings'.
+REPLAY_HANDLE_BASE = 1 << 62
 
 
 class RemoteNode(Node):
@@ -76,10 +97,15 @@ class RemoteNode(Node):
         cipher: str = "aes-256-gcm",
         max_in_flight: int = 64,
         client_name: str = "dstfuse",
+        storage: str = "",
+        unflushed: Unflushed | None = None,
         connector: Connector = open_stream,
     ) -> None:
-        """`connector` opens the transport (tests pass in-memory streams)."""
+        """`connector` opens the transport (tests pass in-memory streams);
+        `storage` names the storage this node belongs to in log lines. An
+        `unflushed.limit` of 0 keeps nothing, whatever the policy."""
         super().__init__(str(address) + (f" {export}" if export else ""))
+        self._label = f"storage {storage}, node {self}" if storage else f"node {self}"
         self._target = address
         self._export = export
         self._timeouts = timeouts
@@ -93,6 +119,15 @@ class RemoteNode(Node):
         self._client_name = client_name
         self._connector = connector
         self._table = TransactionTable(max_in_flight)
+        self._replay_table = TransactionTable(max_in_flight, first_handle=REPLAY_HANDLE_BASE)
+        unflushed = unflushed or Unflushed()
+        self._unflushed = UnflushedWrites(unflushed.limit)
+        self._flush_at_limit = unflushed.limit > 0 and unflushed.policy == "flush"
+        self._flush_wanted = trio.Event()  # set: the limit flusher should flush
+        self._limit_flushed = trio.Event()  # set (and replaced) when it has
+        self._instance: NodeInstance | None = None
+        self._replay_owed = False  # a new instance has not had the kept writes yet
+        self._loss: Loss | None = None  # lost to a reboot; the next flush reports it
         self._write_order = WriteOrder()
         self._session: Session | None = None
         self._sessions_opened = 0
@@ -113,7 +148,7 @@ class RemoteNode(Node):
         except NodeUnavailable as exc:
             if not may_start_offline:
                 raise
-            log.warning("%s: starting offline (%s); will keep trying", self, exc)
+            log.warning("%s: starting offline (%s); will keep trying", self._label, exc)
             self.offline_reason = str(exc).removeprefix(f"{self.description}: ")
             session = None
         if session is not None:
@@ -127,13 +162,15 @@ class RemoteNode(Node):
         self.max_request = ready.max_request
         self.features = ready.features
         self.writable = bool(ready.permissions & Permission.WRITE)
+        self._instance = ready.instance
         log.info(
-            "%s: connected, export %r, %d bytes, %s, cipher %s",
-            self,
+            "%s: connected, export %r, %d bytes, %s, cipher %s, %s",
+            self._label,
             ready.export,
             self.size,
             "rw" if self.writable else "ro",
             session.mode,
+            ready.instance or "instance unknown (a reboot cannot be detected)",
         )
 
     async def aclose(self) -> None:
@@ -172,21 +209,52 @@ class RemoteNode(Node):
             task_status.started()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._resend_overdue)
+                if self._flush_at_limit:
+                    nursery.start_soon(self._flush_for_limit)
                 if session is None:
                     session = await self._reconnect()
+                pause = BACKOFF_START
                 while True:
-                    self._go_online(session)
-                    reason = await session.run(self._on_reply, keepalive=self._timeouts.keepalive)
+                    opened = trio.current_time()
+                    reason = await self._serve(session)
                     self._session = None
                     self._set_state(NodeState.OFFLINE)
                     log.warning(
                         "%s: connection lost (%s); %d transactions in flight, reconnecting",
-                        self,
+                        self._label,
                         reason,
                         len(self._table),
                     )
+                    # A node that drops every connection at once must not
+                    # make this a busy loop: back off while sessions are short.
+                    if trio.current_time() - opened < BACKOFF_MAX:
+                        await trio.sleep(pause)
+                        pause = min(pause * BACKOFF_FACTOR, BACKOFF_MAX)
+                    else:
+                        pause = BACKOFF_START
                     session = await self._reconnect()
                     self.counters.reconnects += 1
+
+    async def _serve(self, session: Session) -> str:
+        """Run `session` until it ends and return why. On a new instance the
+        kept writes are replayed first; only then does the node go online."""
+        outcome = "cancelled"
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                nonlocal outcome
+                outcome = await session.run(self._on_reply, keepalive=self._timeouts.keepalive)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            if self._replay_owed:
+                failure = await self._replay(session)
+                if failure is not None:
+                    outcome = failure
+                    nursery.cancel_scope.cancel()
+                    return outcome
+            self._go_online(session)
+        return outcome
 
     def _go_online(self, session: Session) -> None:
         self._session = session
@@ -197,10 +265,20 @@ class RemoteNode(Node):
                 if txn.sends:
                     resent += 1
                     self.counters.resends += 1
-                session.transmit(txn)
+                self._send(session, txn)
         if resent:
-            log.info("%s: resent %d transactions after reconnect", self, resent)
+            log.info("%s: resent %d transactions after reconnect", self._label, resent)
         self._set_state(NodeState.ONLINE)
+
+    def _send(self, session: Session, txn: Transaction) -> None:
+        """Transmit `txn`, unless it is larger than what the node takes now
+        (it restarted with a smaller maximum): then finish it for its caller
+        to split (`Transaction.resplit`)."""
+        if txn.command in _SPLITTABLE and txn.length > self.max_request:
+            txn.resplit = True
+            txn.finish(None)
+            return
+        session.transmit(txn)
 
     async def _reconnect(self) -> Session:
         delay = BACKOFF_START
@@ -211,30 +289,177 @@ class RemoteNode(Node):
                 session = await self._connect()
             except (NodeUnavailable, NodeRefused) as exc:
                 level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
-                log.log(level, "%s: reconnect attempt %d failed: %s", self, attempt, exc)
+                log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
             else:
                 if self._sessions_opened == 1:  # started offline: first contact
                     self._adopt(session)
                     return session
                 if session.ready.size != self.size:
-                    log.error(
-                        "%s: node now reports %d bytes instead of %d; refusing to use it",
-                        self,
+                    level = logging.ERROR if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
+                    log.log(
+                        level,
+                        "%s: node now reports %d bytes instead of %d; refusing to use it "
+                        "until it serves %d bytes again (attempt %d)",
+                        self._label,
                         session.ready.size,
                         self.size,
+                        self.size,
+                        attempt,
                     )
                     await session.close()
                 else:
-                    self.writable = bool(session.ready.permissions & Permission.WRITE)
-                    log.info("%s: reconnected after %d attempts", self, attempt)
+                    self._renegotiate(session)
+                    log.info("%s: reconnected after %d attempts", self._label, attempt)
                     return session
             await trio.sleep(delay)
             delay = min(delay * BACKOFF_FACTOR, BACKOFF_MAX)
 
+    def _renegotiate(self, session: Session) -> None:
+        """Take every limit from the node's new READY (it may have been
+        restarted with other settings), and judge its instance."""
+        ready = session.ready
+        if ready.max_request != self.max_request:
+            log.info(
+                "%s: node now takes requests of up to %d bytes (was %d)",
+                self._label,
+                ready.max_request,
+                self.max_request,
+            )
+            self.max_request = ready.max_request
+        if ready.features != self.features:
+            log.info(
+                "%s: node now offers %s (was %s)", self._label, ready.features, self.features
+            )
+            self.features = ready.features
+        writable = bool(ready.permissions & Permission.WRITE)
+        if writable != self.writable:
+            log.warning(
+                "%s: node now grants %s access", self._label, "rw" if writable else "read-only"
+            )
+            self.writable = writable
+        self._judge_instance(ready.instance)
+
+    def _judge_instance(self, instance: NodeInstance | None) -> None:
+        """After a reconnect: does the node still hold what it acknowledged?"""
+        verdict = continuity(self._instance, instance)
+        previous, self._instance = self._instance, instance or self._instance
+        if verdict is Continuity.RESTARTED:
+            log.info(
+                "%s: node process restarted on the same boot and backing (%s); its page cache "
+                "kept the unflushed writes, nothing to resend",
+                self._label,
+                instance,
+            )
+        elif verdict is Continuity.UNKNOWN:
+            log.warning(
+                "%s: node does not report its instance; a reboot would go unnoticed", self._label
+            )
+        elif verdict is Continuity.NEW:
+            loss = self._unflushed.lose_unprotected()
+            if loss is not None:
+                self._loss = loss if self._loss is None else self._loss + loss
+                log.error(
+                    "%s: node came back as a new instance (%s, was %s): %d acknowledged, "
+                    "unflushed writes (%d bytes) were lost and cannot be resent; "
+                    "the next flush fails with EIO",
+                    self._label,
+                    instance,
+                    previous,
+                    loss.writes,
+                    loss.bytes,
+                )
+            if len(self._unflushed):
+                self._replay_owed = True
+                log.warning(
+                    "%s: node came back as a new instance (%s, was %s): resending %d "
+                    "unflushed writes (%d bytes) before anything else",
+                    self._label,
+                    instance,
+                    previous,
+                    len(self._unflushed),
+                    self._unflushed.size,
+                )
+
+    # -- replay after a node reboot ---------------------------------------
+    async def _replay(self, session: Session) -> str | None:
+        """Resend every kept write in order on `session` (a window of
+        max_in_flight at a time) and wait until all are acknowledged; None
+        when done, else why it gave up (the session is then dropped and the
+        replay starts over on the next one). Kept writes stay kept: they are
+        no more durable on the new instance than they were on the old one."""
+        budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
+        window: deque[tuple[Transaction, KeptWrite]] = deque()
+        writes = 0
+        with trio.move_on_after(budget) as scope:
+            try:
+                for entry in self._unflushed:
+                    writes += 1
+                    for offset, length, data in self._replay_parts(entry):
+                        if len(window) == self._replay_table.capacity:
+                            await self._settle_replayed(*window.popleft())
+                        txn = await self._replay_table.begin(
+                            entry.command, offset, length, flags=entry.flags, data=data
+                        )
+                        window.append((txn, entry))
+                        session.transmit(txn)
+                while window:
+                    await self._settle_replayed(*window.popleft())
+            finally:
+                for txn, _ in window:
+                    self._replay_table.end(txn)
+        if scope.cancelled_caught:
+            return f"replayed writes not acknowledged within {budget:g}s"
+        self._replay_owed = False
+        log.info("%s: resent %d unflushed writes to the new instance", self._label, writes)
+        return None
+
+    def _replay_parts(self, entry: KeptWrite) -> list[tuple[int, int, memoryview | bytes]]:
+        """`entry` as requests the node takes now (WRITEs split at its
+        current maximum)."""
+        if entry.command is not Command.WRITE:
+            return [(entry.offset, entry.length, b"")]
+        view = memoryview(entry.data)
+        return [
+            (at, n, view[at - entry.offset : at - entry.offset + n])
+            for at, n in self._chunks(entry.offset, entry.length)
+        ]
+
+    async def _settle_replayed(self, txn: Transaction, entry: KeptWrite) -> None:
+        """Wait for a replayed write's reply; one the node fails is lost."""
+        try:
+            await txn.wait_done()
+        finally:
+            self._replay_table.end(txn)
+        assert txn.reply is not None  # replays are never given up on
+        if txn.reply.status:
+            loss = Loss(txn.length, 1, ((txn.offset, txn.length),))
+            self._loss = loss if self._loss is None else self._loss + loss
+            self.counters.errors += 1
+            log.error(
+                "%s: resent unflushed %s failed on the new instance (%s); "
+                "the next flush fails with EIO",
+                self._label,
+                txn,
+                os.strerror(txn.reply.status),
+            )
+
     # -- transactions ---------------------------------------------------
     def _on_reply(self, reply: Reply) -> None:
-        if self._table.complete(reply) is None:
-            log.debug("%s: dropped reply for unknown handle %d", self, reply.handle)
+        txn = self._table.complete(reply)
+        if txn is None:
+            if self._replay_table.complete(reply) is None:
+                log.debug(
+                    "%s: dropped reply for unknown or finished handle %d",
+                    self._label,
+                    reply.handle,
+                )
+            return
+        if not reply.status and txn.command in WRITE_COMMANDS:
+            # Kept from the moment the node acknowledged it: a reconnect can
+            # never come between this acknowledgement and the record.
+            self._unflushed.record(txn.command, txn.offset, txn.length, txn.flags, txn.data)
+            if not self._flush_at_limit:
+                self._unflushed.make_room()
 
     async def _transact(
         self,
@@ -245,23 +470,36 @@ class RemoteNode(Node):
         flags: Flag = Flag.NONE,
         data: bytes | memoryview = b"",
     ) -> Reply:
-        """Run one transaction to its end: the node's reply (status 0), or
-        NodeError with the node's errno, or NodeUnavailable after the budget."""
-        ticket = (
-            await self._write_order.admit(offset, length) if command in WRITE_COMMANDS else None
-        )
+        """Run one request to its end: the node's reply (status 0), or
+        NodeError with the node's errno, or NodeUnavailable after the budget.
+        A write past the unflushed limit (policy flush) then waits until a
+        FLUSH has brought the kept data back under it."""
+        writing = command in WRITE_COMMANDS
+        ticket = await self._write_order.admit(offset, length) if writing else None
         try:
-            txn = await self._table.begin(command, offset, length, flags=flags, data=data)
-            self.counters.requests += 1
-            self.counters.in_flight = len(self._table)
-            try:
-                reply = await self._await_reply(txn)
-            finally:
-                self._table.end(txn)
-                self.counters.in_flight = len(self._table)
+            reply = await self._run(command, offset, length, flags, data)
         finally:
             if ticket is not None:
                 self._write_order.release(ticket)
+        if writing and self._flush_at_limit:
+            await self._keep_within_limit()
+        return reply
+
+    async def _run(
+        self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
+    ) -> Reply:
+        """One transaction (or, when the node's maximum shrank under it, its
+        parts); the caller holds the write-order ticket for the whole range."""
+        txn = await self._table.begin(command, offset, length, flags=flags, data=data)
+        self.counters.requests += 1
+        self.counters.in_flight = len(self._table)
+        try:
+            reply = await self._await_reply(txn)
+        finally:
+            self._table.end(txn)
+            self.counters.in_flight = len(self._table)
+        if reply is None:
+            return await self._run_split(command, offset, length, flags, data)
         if reply.status:
             self.counters.errors += 1
             raise NodeError(
@@ -271,11 +509,39 @@ class RemoteNode(Node):
             )
         return reply
 
-    async def _await_reply(self, txn: Transaction) -> Reply:
+    async def _run_split(
+        self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
+    ) -> Reply:
+        """Run a request the node no longer takes whole as parts of its
+        current maximum; a READ's parts are joined in order."""
+        log.info(
+            "%s: %s [%d, +%d) is larger than the node's maximum request of %d bytes; splitting it",
+            self._label,
+            command.name,
+            offset,
+            length,
+            self.max_request,
+        )
+        view = memoryview(data) if command is Command.WRITE else None
+        replies = await gather_or_raise(
+            [
+                lambda o=o, n=n: self._run(
+                    command, o, n, flags, view[o - offset : o - offset + n] if view else b""
+                )
+                for o, n in self._chunks(offset, length)
+            ]
+        )
+        joined = b"".join(bytes(reply.data) for reply in replies)
+        return Reply(command, 0, 0, offset, length, joined)
+
+    async def _await_reply(self, txn: Transaction) -> Reply | None:
+        """The reply to `txn`; None when it must be split (`resplit`)."""
         txn.deadline = trio.current_time() + self._timeouts.resend
         if self._session is not None:
-            self._session.transmit(txn)
+            self._send(self._session, txn)
         await txn.wait_done()
+        if txn.resplit:
+            return None
         if txn.reply is None:  # the resend timer gave up on it
             budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
             raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")
@@ -302,9 +568,14 @@ class RemoteNode(Node):
                         continue
                     txn.deadline = now + resend
                     if self._session is not None:
-                        log.info("%s: %s not acknowledged within %gs; resending", self, txn, resend)
+                        log.info(
+                            "%s: %s not acknowledged within %gs; resending",
+                            self._label,
+                            txn,
+                            resend,
+                        )
                         self.counters.resends += 1
-                        self._session.transmit(txn)
+                        self._send(self._session, txn)
                 wake = min(wake, txn.deadline)
             await trio.sleep_until(wake)
 
@@ -312,7 +583,7 @@ class RemoteNode(Node):
         self.counters.errors += 1
         log.error(
             "%s: %s failed: no acknowledgement within %gs (%d resends)",
-            self,
+            self._label,
             txn,
             budget,
             txn.expired - 1,
@@ -374,8 +645,59 @@ class RemoteNode(Node):
         self.counters.bytes_written += len(view)
 
     async def flush(self) -> None:
+        """FLUSH, then release the kept writes it covers. Raises
+        NodeWritesLost (EIO) once after a reboot destroyed acknowledged
+        writes: the flush itself still ran, later ones succeed again."""
         self._require(Command.FLUSH)
+        await self._flush_kept()
+        loss, self._loss = self._loss, None
+        if loss is not None:
+            raise NodeWritesLost(
+                str(self),
+                f"{loss.writes} acknowledged writes ({loss.bytes} bytes) were lost when the "
+                "node's host rebooted before they were flushed",
+                regions=loss.regions,
+                lost_bytes=loss.bytes,
+            )
+
+    async def _flush_kept(self) -> None:
+        """One FLUSH; on success drop the kept writes acknowledged before it
+        was sent (only those: a later one may not be covered)."""
+        mark = self._unflushed.mark()
         await self._transact(Command.FLUSH)
+        self._unflushed.release(mark)
+
+    async def _keep_within_limit(self) -> None:
+        """Policy flush: past half the limit, ask the limit flusher for a
+        FLUSH; past the limit, wait until one has brought the kept data
+        back under it."""
+        kept = self._unflushed
+        if kept.size > kept.limit // 2:
+            self._flush_wanted.set()
+        while kept.size > kept.limit:
+            await self._limit_flushed.wait()
+            if kept.size > kept.limit:
+                self._flush_wanted.set()
+
+    async def _flush_for_limit(self) -> None:
+        """The limit flusher: one FLUSH at a time when writers ask. A FLUSH
+        that fails cannot release anything: then the oldest kept writes
+        beyond the limit stop being protected (the next user flush fails)."""
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            try:
+                await self._flush_kept()
+            except NodeError as exc:
+                log.warning(
+                    "%s: FLUSH to stay within unflushed_limit failed (%s); the oldest "
+                    "unflushed writes are no longer kept for replay",
+                    self._label,
+                    exc,
+                )
+                self._unflushed.make_room()
+            finished, self._limit_flushed = self._limit_flushed, trio.Event()
+            finished.set()
 
     async def trim(self, offset: int, length: int) -> None:
         self.check_writable()

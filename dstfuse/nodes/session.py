@@ -24,6 +24,7 @@ import errno
 import logging
 import math
 import os
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -114,7 +115,7 @@ class Session:
         try:
             stream = await connector(address)
         except OSError as exc:
-            raise NodeUnavailable(node_name, f"cannot connect: {exc.strerror or exc}") from None
+            raise NodeUnavailable(node_name, f"cannot connect: {connect_failure(exc)}") from None
         try:
             conn = Connection(Role.CLIENT, key=key, modes=modes)
             await stream.send_all(
@@ -346,6 +347,34 @@ class Session:
             if silent >= interval:
                 self._pings += 1
                 self.transmit(PING_HANDLE_BASE + self._pings)
+
+
+#: What a failed connect says, by errno; other errors say their strerror.
+_CONNECT_FAILURES = {
+    errno.ECONNREFUSED: "connection refused (nothing listens there)",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ETIMEDOUT: "timed out",
+    errno.ENOENT: "no such socket",
+}
+
+
+def connect_failure(exc: OSError) -> str:
+    """Why a connect failed, in words a user acts on: trio's "all attempts
+    to connect to HOST:PORT failed" hides the errors of each attempt in
+    its cause; name those, each distinct one once."""
+    attempts = exc.__cause__.exceptions if isinstance(exc.__cause__, ExceptionGroup) else (exc,)
+    reasons: list[str] = []
+    for attempt in attempts:
+        if isinstance(attempt, socket.gaierror):
+            reason = f"unknown host ({attempt.strerror})"
+        elif isinstance(attempt, OSError):
+            reason = _CONNECT_FAILURES.get(attempt.errno or 0) or attempt.strerror or str(attempt)
+        else:
+            reason = str(attempt)
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons)
 
 
 def _socket_fd(stream: trio.abc.Stream) -> int | None:

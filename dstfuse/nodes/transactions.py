@@ -13,9 +13,11 @@ Invariants:
 - a transaction is in the table from `begin` until `end`; a handle is never
   reused, so a late reply for an ended transaction finds nothing and is
   dropped by the caller;
-- `complete` records the first reply only; duplicates (from resends) are
-  ignored; `give_up` ends the wait without a reply; `done` is set exactly
-  once, by whichever comes first;
+- `complete` records the first reply only, and only on the transaction
+  whose handle AND command it carries; duplicates (from resends) are
+  ignored and, like replies for unknown handles, return None;
+  `give_up` ends the wait without a reply; `done` is set exactly once, by
+  whichever comes first;
 - the table never holds more than `capacity` transactions.
 """
 
@@ -49,6 +51,9 @@ class Transaction:
     deadline: float = math.inf
     expired: int = 0
     done: bool = False
+    #: Finished without a reply because it is larger than the node's new
+    #: maximum request: the caller splits it and runs the parts.
+    resplit: bool = False
     _waiter: trio.lowlevel.Task | None = field(default=None, repr=False)
 
     def request(self) -> Request:
@@ -83,13 +88,16 @@ class Transaction:
 
 
 class TransactionTable:
-    def __init__(self, capacity: int) -> None:
+    """Handles start at `first_handle`: two tables of one node (requests,
+    replays) use disjoint handle spaces."""
+
+    def __init__(self, capacity: int, *, first_handle: int = 1) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._slots = trio.Semaphore(capacity)
         self._in_flight: dict[int, Transaction] = {}
-        self._next_handle = 1
+        self._next_handle = first_handle
 
     def __len__(self) -> int:
         return len(self._in_flight)
@@ -122,10 +130,11 @@ class TransactionTable:
         return txn
 
     def complete(self, reply: Reply) -> Transaction | None:
-        """Record `reply` on its transaction; None when the handle is not in
-        flight (a late duplicate or a reply we never asked for)."""
+        """Record `reply` on its transaction and return it; None when no
+        transaction of that handle and command waits for a reply (a late
+        duplicate, or a reply we never asked for)."""
         txn = self._in_flight.get(reply.handle)
-        if txn is None or txn.command is not reply.command:
+        if txn is None or txn.command is not reply.command or txn.done:
             return None
         txn.finish(reply)
         return txn

@@ -34,12 +34,13 @@ from .events import (
     Request,
 )
 from .handshake import mode_of_cipher, offered_modes
+from .instance import Continuity, NodeInstance, continuity
 
 __all__ = [
     "CLIENT_ID_SIZE", "KEYED_MODES", "UNKEYED_MODES", "WRITE_COMMANDS", "Command", "Feature",
     "Flag", "Permission", "NEED_DATA", "Connection", "Role", "State", "HandshakeFailed",
     "IntegrityError", "LocalProtocolError", "ProtocolError", "RemoteProtocolError", "Challenged",
     "ConnectionClosed", "Confirmed", "Event", "HelloReceived", "Ready", "Refused", "Reply",
-    "Request", "mode_of_cipher",
+    "Request", "mode_of_cipher", "Continuity", "NodeInstance", "continuity",
     "offered_modes",
 ]

@@ -105,6 +105,7 @@ from .handshake import (
     proof,
     transcript_hash,
 )
+from .instance import NodeInstance
 from .sealing import Buffer, Sealer, Xxh3Sealer, session_sealer
 
 
@@ -355,6 +356,8 @@ class Connection:
                 (Attr.EXPORT, attrs.text(ready.export)),
             ]
         )
+        if ready.instance is not None:
+            payload += attrs.encode([(Attr.INSTANCE, ready.instance.encode())])
         frame = self._frame(Command.READY, payload=payload)
         self.state = State.OPEN
         self._opened = True
@@ -718,6 +721,11 @@ class Connection:
                 max_request=reader.u32(Attr.MAX_REQUEST),
                 features=Feature(reader.u32(Attr.FEATURES, 0) & int(ALL_FEATURES)),
                 export=reader.text(Attr.EXPORT, ""),
+                instance=(
+                    NodeInstance.decode(reader.raw(Attr.INSTANCE))
+                    if reader.has(Attr.INSTANCE)
+                    else None
+                ),
             )
         except LocalProtocolError as exc:
             raise RemoteProtocolError(f"bad READY: {exc}") from None

@@ -117,6 +117,7 @@ class Attr(enum.IntEnum):
     FEATURES = 14  # READY: u32 Feature bits
     MESSAGE = 15  # REFUSED: utf-8 human-readable reason
     NODE_NAME = 16  # CHALLENGE: utf-8 server's name for logs
+    INSTANCE = 17  # READY: 48 bytes, the node instance identity (see instance.py)
 
 
 #: Integrity/confidentiality modes. "xxh3-128" is unkeyed; the others need a pre-shared key.

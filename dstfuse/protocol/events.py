@@ -29,6 +29,7 @@ from .constants import (
     Permission,
 )
 from .errors import LocalProtocolError
+from .instance import NodeInstance
 
 _U32 = 1 << 32
 _U64 = 1 << 64
@@ -107,7 +108,8 @@ class Ready:
 
     `max_request` is the largest READ/WRITE payload either side sends: the
     client's event carries the smaller of the node's value and the client's
-    own `max_payload`, so splitting requests at it is always safe."""
+    own `max_payload`, so splitting requests at it is always safe.
+    `instance` is the node's identity (None: the node does not send one)."""
 
     size: int
     permissions: Permission
@@ -115,6 +117,7 @@ class Ready:
     max_request: int = 1 << 20
     features: Feature = Feature.NONE
     export: str = ""
+    instance: NodeInstance | None = None
 
     def __post_init__(self) -> None:
         _check(0 <= self.size < _U64, "size out of range")
@@ -131,6 +134,10 @@ class Ready:
             f"unknown feature bits in {features:#x}",
         )
         _check(isinstance(self.export, str), "export must be a str")
+        _check(
+            self.instance is None or isinstance(self.instance, NodeInstance),
+            "instance must be a NodeInstance",
+        )
         _set(self, "permissions", Permission(self.permissions))
         _set(self, "features", Feature(self.features))
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from .mounts import mounted, run_dstfuse, write_config
+from .mounts import force_unmount, mounted, run_dstfuse, write_config
 from .test_mirror_e2e import (
     BLOCK,
     MiB,
@@ -73,10 +73,13 @@ def test_a_leg_left_behind_is_never_mounted_as_the_newest(tmp_path, ending):
         legs[1].start()
         (tmp_path / "mnt2").mkdir()
         started = time.monotonic()
-        refused = run_dstfuse(
-            "mount", "-o", "mount_wait=3s,holder_timeout=2s", config, tmp_path / "mnt2",
-            timeout=120,
-        )
+        try:
+            refused = run_dstfuse(
+                "mount", "-o", "mount_wait=3s,holder_timeout=2s", config, tmp_path / "mnt2",
+                timeout=120,
+            )
+        finally:
+            force_unmount(tmp_path / "mnt2")  # only if it mounted (the bug)
         assert refused.returncode != 0
         message = refused.stderr.strip()
         assert len(message.splitlines()) == 1, message

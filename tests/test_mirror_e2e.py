@@ -63,12 +63,13 @@ class LegExport:
         self.log = log
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        """`env`: extra environment (e.g. DSTFUSE_BOOT_ID, a simulated reboot)."""
         seen = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as output:
             self.process = subprocess.Popen(
                 [*DSTFUSE, "export", str(self.path), "--listen", self.listen],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=dstfuse_env(),
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=dstfuse_env(env),
             )
         deadline = time.monotonic() + timeout
         while f"listening on {self.listen}" not in self.log.read_bytes()[seen:].decode(

@@ -16,12 +16,15 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 
 from .mounts import force_unmount, mounted, run_dstfuse, write_config
 from .test_mirror_e2e import (
     BLOCK,
+    FAST_TIMEOUTS,
+    REGION,
     MiB,
     data_area,
     leg_exports,
@@ -188,3 +191,32 @@ def test_a_lost_leg_stalls_writes_for_the_leg_timeout_not_the_budget(tmp_path, f
             size = storage_size(mount)
             assert mount.umount().returncode == 0
         assert data_area(legs[0], size) == data_area(legs[1], size)
+
+
+# -- a leg's host reboots and loses what it had not flushed -----------------------------
+def test_a_leg_whose_host_rebooted_resyncs_what_it_lost(tmp_path):
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        storage = {"algorithm": "mirror", "nodes": [{"remote": leg.listen} for leg in legs]}
+        config = write_config(
+            tmp_path / "storage.yaml", {"vol0": storage}, timeouts=FAST_TIMEOUTS,
+            unflushed_limit=0,  # the client keeps nothing: the mirror must resync it
+        )
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
+            write_block(mount, 0, b"F" * BLOCK)  # with fsync: durable on both legs
+            saved = legs[1].path.read_bytes()  # what a power loss leaves on its disk
+            lost = os.urandom(BLOCK)
+            fd = os.open(mount.file("vol0"), os.O_RDWR | os.O_DIRECT)
+            try:
+                pwrite_direct(fd, 2 * REGION, lost)  # acknowledged, not flushed
+                legs[1].signal(signal.SIGKILL)
+                legs[1].path.write_bytes(saved)
+                legs[1].start(env={"DSTFUSE_BOOT_ID": str(uuid.uuid4())})
+                os.fsync(fd)  # the mirror has the write on leg 0: no error
+            finally:
+                os.close(fd)
+            assert read_block(mount, 2 * REGION) == lost
+            wait_state(mount, "clean", timeout=120)
+            size = storage_size(mount)
+            assert mount.umount().returncode == 0
+        assert data_area(legs[1], size) == data_area(legs[0], size)
+        assert data_area(legs[1], 2 * REGION + BLOCK)[2 * REGION :] == lost

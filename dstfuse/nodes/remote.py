@@ -18,7 +18,10 @@ Invariants:
 - at most `max_in_flight` transactions are outstanding; more requests wait;
 - a reply completes a transaction only if it passed the frame check; replies
   for unknown handles are read whole and dropped;
-- while disconnected, the node is OFFLINE and requests wait instead of failing.
+- while disconnected, the node is OFFLINE and requests wait instead of failing;
+- fenced: a reconnect refused because another client identity now holds the
+  export's write grant (EBUSY) ends the node: everything in flight and every
+  later request fails with EIO at once, and it stops reconnecting.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import trio
 
 from ..address import Address
 from ..config import Timeouts
-from ..errors import NodeError, NodeRefused, NodeUnavailable
+from ..errors import NodeError, NodeFenced, NodeRefused, NodeUnavailable
 from ..fanout import gather_or_raise
 from ..protocol import (
     CLIENT_ID_SIZE,
@@ -39,6 +42,7 @@ from ..protocol import (
     Command,
     Feature,
     Flag,
+    HelloFlag,
     Permission,
     Reply,
     offered_modes,
@@ -77,8 +81,21 @@ class RemoteNode(Node):
         max_in_flight: int = 64,
         client_name: str = "dstfuse",
         connector: Connector = open_stream,
+        read_only: bool = False,
+        take_over: bool = False,
+        probe: bool = False,
+        coordinated: bool = False,
     ) -> None:
-        """`connector` opens the transport (tests pass in-memory streams)."""
+        """`connector` opens the transport (tests pass in-memory streams).
+
+        What the node is asked for (dstfuse/export/grant.py): `read_only`,
+        only READ (never needs the export's write grant); `take_over`, the
+        write grant even if another client identity holds it (its
+        connections are ended; first connection only, reconnects never take
+        over, so two takers cannot pass the grant back and forth); `probe`,
+        the grant a mount would get, reported but not taken (`dstfuse
+        check`); `coordinated`, write without the grant because the caller
+        orders its writers itself (a mirror's holder lease)."""
         super().__init__(str(address) + (f" {export}" if export else ""))
         self._target = address
         self._export = export
@@ -99,6 +116,14 @@ class RemoteNode(Node):
         self._cancel = trio.CancelScope()
         self.max_request = 1 << 20
         self.features = Feature.NONE
+        self._hello_flags = (
+            (HelloFlag.READ_ONLY if read_only else HelloFlag.NONE)
+            | (HelloFlag.TAKE_OVER if take_over else HelloFlag.NONE)
+            | (HelloFlag.PROBE if probe else HelloFlag.NONE)
+            | (HelloFlag.COORDINATED if coordinated else HelloFlag.NONE)
+        )
+        #: why this node is fenced (see the module doc); None until it is
+        self.fenced: str | None = None
 
     # -- lifecycle ------------------------------------------------------
     async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
@@ -154,12 +179,14 @@ class RemoteNode(Node):
                 client_name=self._client_name,
                 number=number,
                 connector=self._connector,
+                hello_flags=self._hello_flags,
             )
         if scope.cancelled_caught:
             raise NodeUnavailable(
                 str(self), f"no answer within {self._timeouts.connect:g}s (connect timeout)"
             )
         self._sessions_opened = number
+        self._hello_flags &= ~HelloFlag.TAKE_OVER  # reconnects never take over
         return session
 
     async def _keep_connected(
@@ -185,7 +212,12 @@ class RemoteNode(Node):
                         reason,
                         len(self._table),
                     )
-                    session = await self._reconnect()
+                    try:
+                        session = await self._reconnect()
+                    except NodeFenced as exc:
+                        self._fence(exc)
+                        nursery.cancel_scope.cancel()
+                        return
                     self.counters.reconnects += 1
 
     def _go_online(self, session: Session) -> None:
@@ -209,7 +241,12 @@ class RemoteNode(Node):
             attempt += 1
             try:
                 session = await self._connect()
-            except (NodeUnavailable, NodeRefused) as exc:
+            except NodeRefused as exc:
+                if exc.errno == errno.EBUSY:
+                    raise NodeFenced(str(self), str(exc).removeprefix(f"{self}: ")) from None
+                level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
+                log.log(level, "%s: reconnect attempt %d failed: %s", self, attempt, exc)
+            except NodeUnavailable as exc:
                 level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
                 log.log(level, "%s: reconnect attempt %d failed: %s", self, attempt, exc)
             else:
@@ -231,6 +268,22 @@ class RemoteNode(Node):
             await trio.sleep(delay)
             delay = min(delay * BACKOFF_FACTOR, BACKOFF_MAX)
 
+    def _fence(self, exc: NodeFenced) -> None:
+        """Another client writes to the export now: fail everything in
+        flight with EIO at once and stop (no resending loop)."""
+        pending = [txn for txn in self._table if not txn.done]
+        self.fenced = str(exc).removeprefix(f"{self}: ")
+        self._set_state(NodeState.OFFLINE)
+        log.error(
+            "%s: fenced, another client holds the export's write grant (%s); "
+            "failing %d requests in flight with EIO, not reconnecting",
+            self,
+            self.fenced,
+            len(pending),
+        )
+        for txn in pending:
+            self._table.give_up(txn)
+
     # -- transactions ---------------------------------------------------
     def _on_reply(self, reply: Reply) -> None:
         if self._table.complete(reply) is None:
@@ -247,6 +300,8 @@ class RemoteNode(Node):
     ) -> Reply:
         """Run one transaction to its end: the node's reply (status 0), or
         NodeError with the node's errno, or NodeUnavailable after the budget."""
+        if self.fenced is not None:
+            raise NodeFenced(str(self), f"fenced: {self.fenced}")
         ticket = (
             await self._write_order.admit(offset, length) if command in WRITE_COMMANDS else None
         )
@@ -276,6 +331,8 @@ class RemoteNode(Node):
         if self._session is not None:
             self._session.transmit(txn)
         await txn.wait_done()
+        if txn.reply is None and self.fenced is not None:
+            raise NodeFenced(str(self), f"{txn}: fenced: {self.fenced}")
         if txn.reply is None:  # the resend timer gave up on it
             budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
             raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")

@@ -192,12 +192,16 @@ async def _reconnect_many(address: str, pid: int, count: int) -> tuple[int, int]
     early = 0
     previous = await RawClient.connect(address, client_id=client_id)
     try:
-        for index in range(count):
-            current = await RawClient.connect(address, client_id=client_id)
-            await previous.aclose()
-            previous = current
-            if index == 1000:
-                early = rss_kib(pid)
+        # A bound against a hang, far above the ~30 s this takes: a node that
+        # walks the whole chain of old sessions at every reconnect (O(n^2))
+        # does not get there.
+        with trio.fail_after(count * 0.06):
+            for index in range(count):
+                current = await RawClient.connect(address, client_id=client_id)
+                await previous.aclose()
+                previous = current
+                if index == 1000:
+                    early = rss_kib(pid)
         data = os.urandom(4 * KiB)
         assert (await previous.write(0, data)).status == 0
         reply = await previous.read(0, len(data))

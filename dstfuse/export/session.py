@@ -43,7 +43,16 @@ Invariants:
   session send READY. So no stale frame of an old connection can be applied
   after data the client sent on the new one. A request being dispatched at
   the very moment the reader stops may be dropped without a reply before it
-  touches the disk (the client resends it);
+  touches the disk (the client resends it). A session drops its reference
+  to the one it retired as soon as that one is drained, so however often a
+  client reconnects, only sessions still draining are kept;
+- admission, in this order: a handshake slot (taken by the server at
+  accept, after the ACL admitted the address), the handshake (export, ACL,
+  key), a session slot (`ConnectionSlots`), then for a read-write
+  connection the export's write grant (`WriteGrant`: EBUSY naming the
+  holder, or a take-over that ends the holder's connection first), and
+  only then READY. HELLO's READ_ONLY and PROBE flags cap the connection at
+  READ, so it never needs the grant;
 - a protocol or integrity error closes this connection only.
 
 It never allocates from a length the peer sent before the protocol's
@@ -258,10 +267,10 @@ class ExportSession:
                 await trio.aclose_forcefully(self.stream)
                 await self.wait_drained()
             finally:
+                self._predecessor = None  # drained (or cancelled): free the chain
                 # Released only now: a newer connection of this client that
                 # arrives meanwhile finds this session, and so waits for
                 # everything this one was still waiting for.
-                self._predecessor = None
                 if self.export is not None and self.client_id:
                     self.export.release(self.client_id, self)
                 self._detach_grant(closed_by_client=False)

@@ -132,6 +132,18 @@ class _Builder:
             self._key = load_key(self.config.key_file)
         return self._key
 
+    @property
+    def read_only(self) -> bool:
+        """`-o ro`: every node is opened read-only (remote ones ask the
+        export node for READ only, so they never need its write grant)."""
+        return bool(self.mount_options.get("ro", False))
+
+    def _is_mirror_leg(self, spec: NodeSpec) -> bool:
+        return any(
+            self._redundant(name) and any(node is spec for node in storage.nodes)
+            for name, storage in self.config.storages.items()
+        )
+
     def _make_node(self, storage: str, spec: NodeSpec) -> Node:
         if spec.kind == "remote":
             from .nodes.remote import RemoteNode
@@ -147,11 +159,14 @@ class _Builder:
                 client_name=self.client_name,
                 storage=storage,
                 unflushed=self.config.unflushed,
+                read_only=self.read_only,
+                # A mirror orders its writers itself (its holder lease).
+                coordinated=self._is_mirror_leg(spec),
             )
         if spec.kind == "local":
             from .nodes.local import LocalNode
 
-            return LocalNode(spec.target)
+            return LocalNode(spec.target, read_only=self.read_only)
         if spec.kind == "nbd":
             raise UserError("nbd nodes are not supported yet")
         raise AssertionError(f"no builder for {spec.kind} nodes")
@@ -208,6 +223,13 @@ class _Builder:
         once; (storage name, node index) -> node. The first failure in
         config order is raised after every start has ended; the nodes that
         did start are already registered for closing."""
+        if self.read_only:
+            for name in self.config.storages:
+                if self._redundant(name):
+                    raise UserError(
+                        f"-o ro: storage {name} is a mirror, which writes its metadata "
+                        "when mounted; mount it without ro"
+                    )
         wanted = [
             (name, index, spec)
             for name, storage in self.config.storages.items()

@@ -64,6 +64,7 @@ _BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False,
 MOUNT_OPTIONS = {
     "allow_other": "other users may open the storage files (FUSE allow_other)",
     "debug": "libfuse's request trace, and debug logging",
+    "ro": "read-only: every node is opened read-only (no export's write grant needed)",
 }
 
 
@@ -164,12 +165,14 @@ class AclRule:
 @dataclass(frozen=True)
 class ExportSpec:
     """One exported file or block device. An empty `allow` means only
-    loopback peers may connect (the export server enforces it)."""
+    loopback peers may connect (the export server enforces it). `shared`:
+    several client identities may write at once (else one at a time)."""
 
     name: str
     path: Path
     read_only: bool = False
     allow: tuple[AclRule, ...] = ()
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,11 @@ class ExportConfig:
     exports: tuple[ExportSpec, ...]
     nbd_listen: tuple[Address, ...] = ()
     max_connections: int = 256
+    #: connections in their handshake, counted apart from `max_connections`
+    max_handshakes: int = 128
     handshake_timeout: float = 10.0
+    #: how long a writer's grant outlives its last connection
+    grant_grace: float = 60.0
     max_request: int = 4 * MiB
     #: keyed ciphers the node accepts (config names); empty = all of them
     ciphers: tuple[str, ...] = ()
@@ -305,7 +312,9 @@ def load_export_config(path: str | Path) -> ExportConfig:
             "exports",
             "nbd_listen",
             "max_connections",
+            "max_handshakes",
             "handshake_timeout",
+            "grant_grace",
             "max_request",
             "ciphers",
         ),
@@ -334,7 +343,11 @@ def load_export_config(path: str | Path) -> ExportConfig:
         max_connections=fields.read(
             "max_connections", partial(_int, minimum=1, maximum=65536), 256
         ),
+        max_handshakes=fields.read(
+            "max_handshakes", partial(_int, minimum=1, maximum=65536), 128
+        ),
         handshake_timeout=fields.read("handshake_timeout", _positive_duration, 10.0),
+        grant_grace=fields.read("grant_grace", _positive_duration, 60.0),
         max_request=fields.read(
             "max_request", partial(_size_in, minimum=4 * KiB, maximum=64 * MiB), 4 * MiB
         ),
@@ -840,7 +853,7 @@ def _dependency_order(names: list[str], uses: dict[str, list[str]]) -> list[str]
 
 
 def _export(source: _Source, item: _Item) -> ExportSpec:
-    fields = _Mapping(item, ("name", "path", "read_only", "allow"))
+    fields = _Mapping(item, ("name", "path", "read_only", "allow", "shared"))
     name = _name(fields.require("name"), "export")
     path = source.path_value(fields.require("path"))
     return ExportSpec(
@@ -848,6 +861,7 @@ def _export(source: _Source, item: _Item) -> ExportSpec:
         path=path,
         read_only=fields.read("read_only", _bool, False),
         allow=fields.read("allow", _allow, ()),
+        shared=fields.read("shared", _bool, False),
     )
 
 

@@ -49,6 +49,11 @@ class NodeRefused(NodeError, UserError):
     """The node refused us during the handshake (ACL, unknown export, key)."""
 
 
+class NodeFenced(NodeError):
+    """Another client identity now holds the export's write grant: this
+    client may not write there any more (its requests fail at once)."""
+
+
 class RequestOutOfRange(DstError):
     """A request reaches past the end of a storage or node."""
 

@@ -25,6 +25,7 @@ from dstfuse.protocol import (
     Event,
     Flag,
     HandshakeFailed,
+    HelloFlag,
     Ready,
     Refused,
     Reply,
@@ -99,12 +100,15 @@ class RawClient:
         export: str | None = None,
         client_id: bytes | None = None,
         client_name: str = "rawclient",
+        flags: HelloFlag = HelloFlag.NONE,
         **options: object,
     ) -> RawClient:
         """Connect and complete the handshake (RawRefused if refused)."""
         client = await cls.open(address, **options)
         try:
-            await client.handshake(export=export, client_id=client_id, client_name=client_name)
+            await client.handshake(
+                export=export, client_id=client_id, client_name=client_name, flags=flags
+            )
         except BaseException:
             await client.aclose()
             raise
@@ -117,12 +121,14 @@ class RawClient:
         client_id: bytes | None = None,
         client_name: str = "rawclient",
         timeout: float = DEFAULT_TIMEOUT,
+        flags: HelloFlag = HelloFlag.NONE,
     ) -> Ready:
         with trio.fail_after(timeout):
             hello = self.conn.hello(
                 export=export,
                 client_id=client_id or os.urandom(CLIENT_ID_SIZE),
                 client_name=client_name,
+                flags=flags,
             )
             await self.send_bytes(hello)
             while True:

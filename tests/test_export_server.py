@@ -20,6 +20,7 @@ from dstfuse.address import Address
 from dstfuse.config import AclRule, parse_acl_rule
 from dstfuse.errors import UserError
 from dstfuse.export import Backend, ExportAcl, ExportServer, ServedExport
+from dstfuse.export.grant import WriteGrant
 from dstfuse.export.listeners import open_listeners
 from dstfuse.export.served import MAX_CHECKSUM_LENGTH
 from dstfuse.protocol import Command, Feature, Flag, Permission, Request
@@ -62,9 +63,15 @@ def sockdir():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def export(path, name="disk1", *, read_only=False, allow=(), backend=None) -> ServedExport:
+def export(
+    path, name="disk1", *, read_only=False, allow=(), backend=None, shared=True
+) -> ServedExport:
+    """Shared by default: most tests here write from several raw clients
+    (identities) at once; the write grant's own tests say shared=False."""
     backend = backend or Backend(path, read_only=read_only)
-    return ServedExport(name, backend, ExportAcl(allow, read_only=read_only))
+    return ServedExport(
+        name, backend, ExportAcl(allow, read_only=read_only), WriteGrant(shared=shared)
+    )
 
 
 async def start(nursery, exports, listen=(LOOPBACK,), **options):

@@ -16,10 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from dstfuse.export import Backend, ServedExport
+from dstfuse.export import Backend, ExportAcl, ServedExport
 from dstfuse.export import session as session_module
 from dstfuse.export.session import ExportSession, Peer, SessionLimits, _unsent
-from dstfuse.protocol import Command, Request
+from dstfuse.protocol import Command, HelloFlag, Permission, Request
 
 from .rawclient import RawClient
 
@@ -56,8 +56,10 @@ class SessionUnderTest:
 
 
 @contextlib.asynccontextmanager
-async def open_session(image, *, transport="socket", limits=None, backend=None):
-    served = ServedExport("disk1", backend or Backend(image))
+async def open_session(
+    image, *, transport="socket", limits=None, backend=None, acl=None, flags=HelloFlag.NONE
+):
+    served = ServedExport("disk1", backend or Backend(image), acl)
     if transport == "socket":
         left, right = trio.socket.socketpair()
         client_stream, server_stream = trio.SocketStream(left), trio.SocketStream(right)
@@ -71,7 +73,7 @@ async def open_session(image, *, transport="socket", limits=None, backend=None):
             nursery.start_soon(session.run)
             client = RawClient(client_stream)
             try:
-                await client.handshake(client_name="session-test")
+                await client.handshake(client_name="session-test", flags=flags)
                 yield SessionUnderTest(session, client, served)
             finally:
                 await client.aclose()
@@ -272,6 +274,84 @@ async def test_a_full_socket_holds_replies_back_in_order(image):
     assert image.read_bytes() == bytes(content)
 
 
+class ShortBigWrites:
+    """Stands in for `os` in the session module: a direct write of more than
+    `threshold` bytes takes only `limit` of them (a socket that just filled
+    up); smaller ones go through whole."""
+
+    def __init__(self, threshold: int, limit: int) -> None:
+        self.threshold = threshold
+        self.limit = limit
+        self.short = 0
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def write(self, fd, data):
+        return self._write(fd, bytes(data))
+
+    def writev(self, fd, buffers):
+        return self._write(fd, b"".join(buffers))
+
+    def _write(self, fd, data: bytes) -> int:
+        if len(data) > self.threshold:
+            self.short += 1
+            data = data[: self.limit]
+        return os.write(fd, data)
+
+
+class GatedFlushes(Backend):
+    """FLUSH waits for `gate`: a request task that stays running."""
+
+    gate: trio.Event
+
+    async def flush(self) -> None:
+        await self.gate.wait()
+        await super().flush()
+
+
+async def test_a_tail_queued_behind_a_full_socket_is_never_overtaken_by_a_direct_reply(
+    image, monkeypatch
+):
+    """The reader's replies fill the socket: the unsent tail of a frame
+    goes to the sender. While the sender holds it - also while it lets a
+    running request (a FLUSH) queue its reply first - a reply the reader
+    produces for a frame received later must queue behind it: written
+    directly, it would land inside the half-sent frame. Many rounds, since
+    which task trio runs first varies."""
+    content = image.read_bytes()
+    writes = ShortBigWrites(threshold=128 * KiB, limit=1000)
+    monkeypatch.setattr(session_module, "os", writes)
+    backend = GatedFlushes(image)
+    handle = 1
+    async with open_session(image, backend=backend) as t:
+        for round_ in range(40):
+            backend.gate = trio.Event()
+            flush = Request(Command.FLUSH, handle)
+            reads = [
+                Request(Command.READ, handle + 1 + i, i * 64 * KiB, 64 * KiB) for i in range(4)
+            ]
+            handle += 5
+            await send_together(t.client, [flush, *reads])
+            later = []
+            for step in range(3):
+                later.append(await t.client.send(Command.READ, MiB + step * 4 * KiB, 4 * KiB))
+                await trio.sleep(0)
+            backend.gate.set()
+            for request in reads:
+                reply = await t.client.reply(request.handle)
+                assert reply.status == 0, round_
+                start = request.offset
+                assert bytes(reply.data) == content[start : start + 64 * KiB]
+            for step, later_handle in enumerate(later):
+                reply = await t.client.reply(later_handle)
+                start = MiB + step * 4 * KiB
+                assert reply.status == 0 and bytes(reply.data) == content[start : start + 4 * KiB]
+            assert (await t.client.reply(flush.handle)).status == 0
+        await settled(t.session)
+    assert writes.short >= 40
+
+
 async def test_replies_of_request_tasks_and_of_the_reader_interleave_in_order(image):
     """FLUSH runs in a request task (a thread); READs and WRITEs next to it
     are served by the reader. Whoever writes, frames go out in the order
@@ -320,6 +400,33 @@ async def test_refused_requests_in_the_inline_path_get_their_errno(image, caplog
     assert image.read_bytes()[-4:] == b"abcd"
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(refused) == 3 and all("session-test" in m for m in refused)
+
+
+@pytest.mark.parametrize(
+    ("acl", "flags"),
+    [(ExportAcl(read_only=True), HelloFlag.NONE), (None, HelloFlag.READ_ONLY)],
+    ids=["read-only-export", "read-only-request"],
+)
+async def test_a_small_write_on_a_read_only_grant_is_refused_in_the_inline_path(
+    image, acl, flags
+):
+    """A plain WRITE (no FUA, small enough for the reader to serve itself)
+    on a grant without WRITE: the backend is open read-write, so only the
+    session's checks stand between the request and the file."""
+    before = image.read_bytes()
+    async with open_session(image, acl=acl, flags=flags) as t:
+        assert t.client.ready.permissions == Permission.READ
+        requests = [
+            Request(Command.WRITE, 1, 0, 4 * KiB, data=b"w" * 4 * KiB),
+            Request(Command.WRITE, 2, MiB, 512, data=b"x" * 512),
+            Request(Command.READ, 3, 0, 4 * KiB),
+        ]
+        await send_together(t.client, requests)
+        replies = [await t.client.reply(r.handle) for r in requests]
+        assert [reply.status for reply in replies] == [errno.EPERM, errno.EPERM, 0]
+        assert bytes(replies[2].data) == before[: 4 * KiB]
+        assert (await t.client.write(8 * KiB, b"y" * 4 * KiB)).status == errno.EPERM
+    assert image.read_bytes() == before
 
 
 # -- reading the socket ---------------------------------------------------------

@@ -63,7 +63,7 @@ def test_an_option_nothing_is_near_lists_the_known_ones(tmp_path):
     with pytest.raises(UserError) as caught:
         parse_mount_options(["frobnicate"], config)
     assert str(caught.value) == (
-        "unknown mount option 'frobnicate' (expected one of: allow_other, debug)"
+        "unknown mount option 'frobnicate' (expected one of: allow_other, debug, ro)"
     )
 
 

@@ -18,6 +18,7 @@ from dstfuse.protocol import (
     ConnectionClosed,
     Feature,
     Flag,
+    HelloFlag,
     HelloReceived,
     NodeInstance,
     Permission,
@@ -257,7 +258,7 @@ def scripted_frames(mode):
 def expected_handshake_event(step, mode):
     return {
         "HELLO": (HelloReceived, dict(export="disk1", client_id=CLIENT_ID, client_name="client",
-                                      versions=(1,), modes=(mode,))),
+                                      versions=(1,), modes=(mode,), flags=HelloFlag.NONE)),
         "CHALLENGE": (Challenged, dict(version=1, mode=mode, node_name="node")),
         "CONFIRM": (Confirmed, {}),
         "READY": (Ready, dict(size=(1 << 40) + 512, permissions=Permission.READ, block_size=512,

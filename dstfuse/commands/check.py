@@ -129,6 +129,9 @@ async def check_mount_config(
                     max_in_flight=config.max_in_flight,
                     client_name=client_name,
                     storage=storage.name,
+                    # Reports the access a mount would get without taking the
+                    # export's write grant: works while the storage is mounted.
+                    probe=True,
                 )
                 pending.append((node_report, node))
             elif spec.kind == "local":

@@ -40,6 +40,7 @@ _SINGLE_EXPORT_FLAGS = (
     "key_file",
     "cipher",
     "read_only",
+    "shared",
     "name",
     "nbd_listen",
 )
@@ -72,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "none = authenticated, not encrypted)",
     )
     parser.add_argument("--read-only", action="store_true", help="refuse every write")
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="let several clients write at once (only for cluster filesystems; "
+        "default: one writer at a time)",
+    )
     parser.add_argument("--name", help="export name (default: the file's name)")
     parser.add_argument(
         "--nbd-listen",
@@ -80,7 +87,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also serve over NBD (not supported yet)",
     )
     parser.add_argument(
-        "--max-connections", metavar="N", help="most connections open at once (default 256)"
+        "--max-connections", metavar="N", help="most established sessions at once (default 256)"
+    )
+    parser.add_argument(
+        "--max-handshakes",
+        metavar="N",
+        help="most connections in their handshake at once, apart from --max-connections "
+        "(default 128)",
+    )
+    parser.add_argument(
+        "--grant-grace",
+        metavar="DURATION",
+        help="how long a writer keeps its grant after its last connection closed "
+        "(default 60s)",
     )
     parser.add_argument(
         "--handshake-timeout",
@@ -153,31 +172,48 @@ def build_config(args: argparse.Namespace) -> ExportConfig:
             listen=tuple(listen),
             key_file=Path(args.key_file) if args.key_file else None,
             ciphers=tuple(args.cipher or ()),
-            exports=(ExportSpec(name, path, read_only=args.read_only, allow=tuple(rules)),),
+            exports=(
+                ExportSpec(
+                    name, path, read_only=args.read_only, allow=tuple(rules), shared=args.shared
+                ),
+            ),
         )
     if config.nbd_listen:
         raise UserError(f"{args.config}: NBD serving is not supported yet (nbd_listen)")
     overrides: dict[str, Any] = {}
-    if args.max_connections is not None:
-        try:
-            overrides["max_connections"] = int(args.max_connections)
-        except ValueError:
-            overrides["max_connections"] = 0
-        if not 1 <= overrides["max_connections"] <= 65536:
-            raise UserError(f"--max-connections {args.max_connections!r}: use a number 1..65536")
-    if args.handshake_timeout is not None:
-        try:
-            timeout = parse_duration(args.handshake_timeout)
-        except ValueError as exc:
-            raise UserError(f"--handshake-timeout: {exc}") from None
-        if timeout <= 0:
-            raise UserError("--handshake-timeout must be positive")
-        overrides["handshake_timeout"] = timeout
+    for flag in ("max_connections", "max_handshakes"):
+        text = getattr(args, flag)
+        if text is not None:
+            overrides[flag] = _count(f"--{flag.replace('_', '-')}", text)
+    for flag in ("handshake_timeout", "grant_grace"):
+        text = getattr(args, flag)
+        if text is not None:
+            overrides[flag] = _positive_seconds(f"--{flag.replace('_', '-')}", text)
     if overrides:
         from dataclasses import replace
 
         config = replace(config, **overrides)
     return config
+
+
+def _count(flag: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65536:
+        raise UserError(f"{flag} {text!r}: use a number 1..65536")
+    return value
+
+
+def _positive_seconds(flag: str, text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+    if seconds <= 0:
+        raise UserError(f"{flag} must be positive")
+    return seconds
 
 
 async def _serve_until_signalled(server: ExportServer) -> None:

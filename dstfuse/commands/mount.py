@@ -11,11 +11,13 @@ unreachable), which nodes and why; otherwise it prints the daemon's one-line
 reason, makes sure the daemon is gone, and returns 1. It never
 waits without a bound.
 
-Options (-o, comma-separated, repeatable): the mount-wide `allow_other` and
-`debug` (libfuse request trace and debug logging), and the options the
-algorithms of the config's storages declare (a mirror's `force`,
-`primary=`, ...); any other option is refused with one line naming it and
-the nearest known one. Every option is handed to the storage algorithms.
+Options (-o, comma-separated, repeatable): the mount-wide `allow_other`,
+`debug` (libfuse request trace and debug logging) and `ro` (read-only:
+every node is opened read-only, so no export's write grant is needed;
+linear storages only), and the options the algorithms of the config's
+storages declare (a mirror's `force`, `primary=`, ...); any other option is
+refused with one line naming it and the nearest known one. Every option is
+handed to the storage algorithms.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: allow_other, debug, and the algorithms' own (README)",
+        help="mount options: allow_other, debug, ro, and the algorithms' own (README)",
     )
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("config", metavar="CONFIG", help="storage configuration (YAML)")

@@ -2,7 +2,10 @@
 
 - `backend`: the disk (one file or block device, I/O in threads);
 - `acl`: which peer addresses may connect, and with what access;
+- `lock`: the OFD lock that keeps a second node process off a file;
+- `grant`: which client identity may write to an export (one at a time);
 - `served`: one named export, its per-request checks and write order;
+- `slots`: the connection caps (handshakes and sessions counted apart);
 - `session`: one client connection (handshake, requests, takeover);
 - `listeners`: TCP/IPv6/unix listening sockets;
 - `server`: `ExportServer`, tying them together.

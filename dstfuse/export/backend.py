@@ -52,6 +52,8 @@ from typing import TypeVar
 import trio
 import xxhash
 
+from .lock import lock_backing
+
 log = logging.getLogger(__name__)
 
 #: Largest buffer TRIM/WRITE_ZEROES fallbacks and CHECKSUM allocate at once.
@@ -152,6 +154,12 @@ class Backend:
     def __repr__(self) -> str:
         mode = "ro" if self.read_only else "rw"
         return f"Backend({str(self.path)!r}, {self.size} bytes, {mode})"
+
+    def lock(self) -> None:
+        """Take the export node's OFD lock on the file (dstfuse/export/lock.py):
+        exclusive when open read-write, shared when read-only. Raises
+        BackingLocked when another process serves the file."""
+        lock_backing(self._fd, exclusive=not self.read_only)
 
     # -- thread plumbing ------------------------------------------------
     async def _run(self, function: Callable[..., _T], *args: object) -> _T:

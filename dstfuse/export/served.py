@@ -1,5 +1,5 @@
-"""One named export as the server serves it: its backend, ACL, write order,
-the sessions of its clients, and the per-request checks.
+"""One named export as the server serves it: its backend, ACL, write grant,
+write order, the sessions of its clients, and the per-request checks.
 
 Every request is checked here, on the node, whatever the client believes it
 was granted (DST checked permissions only on the client). Statuses, in the
@@ -47,6 +47,7 @@ from ..protocol import WRITE_COMMANDS, Command, Flag, Permission, Request
 from ..ranges import WriteOrder
 from .acl import ExportAcl, IPAddress
 from .backend import Backend
+from .grant import WriteGrant
 from .instance import process_instance
 
 if TYPE_CHECKING:
@@ -81,13 +82,21 @@ class ServedExport:
     `sessions` maps a client id to the connection that currently serves it
     (see `ExportSession` for the takeover rule). `instance` is sent in
     READY; its process nonce is fresh for every ServedExport, so for every
-    node process.
+    node process. `grant` says which client identity may write
+    (dstfuse/export/grant.py).
     """
 
-    def __init__(self, name: str, backend: Backend, acl: ExportAcl | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        acl: ExportAcl | None = None,
+        grant: WriteGrant | None = None,
+    ) -> None:
         self.name = name
         self.backend = backend
         self.acl = acl if acl is not None else ExportAcl(read_only=backend.read_only)
+        self.grant = grant if grant is not None else WriteGrant()
         self.write_order = WriteOrder()
         self.sessions: dict[bytes, ExportSession] = {}
         self.instance = process_instance(backend.identity, os.urandom(16))

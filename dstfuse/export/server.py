@@ -1,9 +1,13 @@
 """`ExportServer`: serve named exports on every listen address.
 
 The server owns the listeners, the exports' backends (it closes them), the
-connection cap, and shutdown. Each accepted connection becomes an
-`ExportSession` (dstfuse/export/session.py), which does the handshake and
-serves requests; the per-request checks live in `ServedExport`.
+connection caps, and shutdown. An accepted connection whose address no
+export's ACL admits is refused at once (a REFUSED frame if the socket takes
+it without waiting, then closed), before it takes any slot; the others take
+a handshake slot and become an `ExportSession` (dstfuse/export/session.py),
+which does the handshake, trades it for a session slot (`ConnectionSlots`:
+the two caps are separate) and serves requests; the per-request checks live
+in `ServedExport`.
 
 Shutdown (`shutdown()`, or cancelling `serve`): stop accepting, stop every
 session's reader, give requests already started up to `drain_timeout` to
@@ -14,22 +18,29 @@ never answers a request it has not checked.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import math
+import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..address import Address
 from ..errors import UserError
-from ..protocol import mode_of_cipher
+from ..protocol import Connection, Role, mode_of_cipher
 from .acl import ExportAcl, peer_ip
 from .backend import Backend
+from .grant import WriteGrant
 from .listeners import BoundListener, ListenAddress, open_listeners
+from .lock import BackingLocked
 from .served import ServedExport
 from .session import ExportSession, Peer, SessionLimits
+from .slots import ConnectionSlots
 
 if TYPE_CHECKING:
     from ..config import ExportConfig
@@ -40,6 +51,10 @@ DEFAULT_MAX_REQUEST = 4 << 20
 # TCP keepalive: a client that vanished without a FIN is noticed in minutes,
 # not hours, so its session and connection slot are freed.
 _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
+#: Addresses refused at accept are logged once per this many seconds each,
+#: and about this many addresses are remembered for that (then forgotten).
+_REFUSAL_LOG_INTERVAL = 60.0
+_REFUSAL_LOG_ADDRESSES = 1024
 
 
 class ExportServer:
@@ -57,6 +72,7 @@ class ExportServer:
         *,
         key: bytes | None = None,
         max_connections: int = 256,
+        max_handshakes: int = 128,
         handshake_timeout: float = 10.0,
         max_request: int = DEFAULT_MAX_REQUEST,
         max_in_flight: int = 64,
@@ -75,6 +91,7 @@ class ExportServer:
         self.exports = tuple(exports)
         self.listen = tuple(listen)
         self.max_connections = max_connections
+        self.max_handshakes = max_handshakes
         self.drain_timeout = drain_timeout
         self.limits = SessionLimits(
             max_request=max_request,
@@ -87,24 +104,26 @@ class ExportServer:
         self._key = key
         # Config cipher names -> protocol modes; empty: every keyed mode.
         self._modes = [mode_of_cipher(cipher) for cipher in ciphers]
-        self._sessions: set[ExportSession] = set()
+        self._slots = ConnectionSlots[ExportSession](
+            max_handshakes=max_handshakes, max_sessions=max_connections
+        )
+        #: address -> (trio time of its last refusal logged, refusals since)
+        self._refusals: dict[str, tuple[float, int]] = {}
         self._shutdown = trio.Event()
 
     @classmethod
     def from_config(cls, config: ExportConfig, *, key: bytes | None = None) -> ExportServer:
-        """Open every export's file or device (UserError if one cannot be
-        opened) and build the server `config` describes."""
+        """Open and lock every export's file or device and build the server
+        `config` describes. UserError if one cannot be opened, is served by
+        another process already (its OFD lock, see dstfuse/export/lock.py)
+        or is empty."""
         served: list[ServedExport] = []
         try:
             for spec in config.exports:
-                try:
-                    backend = Backend(spec.path, read_only=spec.read_only)
-                except OSError as exc:
-                    raise UserError(
-                        f"cannot open export {spec.name}: {spec.path}: {exc.strerror or exc}"
-                    ) from None
+                backend = _open_backend(spec.name, spec.path, read_only=spec.read_only)
                 acl = ExportAcl(spec.allow, read_only=spec.read_only)
-                served.append(ServedExport(spec.name, backend, acl))
+                grant = WriteGrant(shared=spec.shared, grace=config.grant_grace)
+                served.append(ServedExport(spec.name, backend, acl, grant))
         except BaseException:
             for export in served:
                 export.backend.close()
@@ -114,6 +133,7 @@ class ExportServer:
             config.listen,
             key=key,
             max_connections=config.max_connections,
+            max_handshakes=config.max_handshakes,
             handshake_timeout=config.handshake_timeout,
             max_request=config.max_request,
             ciphers=config.ciphers,
@@ -122,7 +142,7 @@ class ExportServer:
     @property
     def connections(self) -> int:
         """Connections open now, handshaking ones included."""
-        return len(self._sessions)
+        return len(self._slots)
 
     @property
     def is_shutting_down(self) -> bool:
@@ -175,12 +195,13 @@ class ExportServer:
                 log.error("exports %s: closed, but the final flush failed", self._names())
 
     def _stop_sessions(self) -> None:
-        if self._sessions:
+        sessions = self._slots.all()
+        if sessions:
             log.info(
                 "exports %s: stopping %d connection(s); waiting up to %.0fs for their requests",
-                self._names(), len(self._sessions), self.drain_timeout,
+                self._names(), len(sessions), self.drain_timeout,
             )
-        for session in list(self._sessions):
+        for session in sessions:
             session.stop()
 
     async def _close_exports(self) -> bool:
@@ -216,27 +237,98 @@ class ExportServer:
         if self._shutdown.is_set():
             await trio.aclose_forcefully(stream)
             return
-        if len(self._sessions) >= self.max_connections:
+        if peer.ip is not None and all(e.permission(peer.ip) is None for e in self.exports):
+            await self._refuse_address(stream, peer)
+            return
+        session = ExportSession(
+            stream,
+            peer,
+            self.exports,
+            key=self._key,
+            modes=self._modes,
+            limits=self.limits,
+            slots=self._slots,
+        )
+        if not self._slots.begin_handshake(session):
             # Closed without a REFUSED frame: the cap is temporary, and a
             # client treats a refusal as final but a dropped connection as
             # something to retry.
             log.warning(
-                "exports %s: closing connection from %s: %d connections open (max_connections)",
-                self._names(), peer, len(self._sessions),
+                "exports %s: closing connection from %s: %d handshakes in progress "
+                "(max_handshakes)",
+                self._names(), peer, self.max_handshakes,
             )
             await trio.aclose_forcefully(stream)
             return
-        if local.kind == "tcp":
-            _set_keepalive(stream)
-        session = ExportSession(
-            stream, peer, self.exports, key=self._key, modes=self._modes, limits=self.limits
-        )
-        self._sessions.add(session)
         try:
+            if local.kind == "tcp":
+                _set_keepalive(stream)
             log.debug("exports %s: connection from %s on %s", self._names(), peer, local)
             await session.run()
         finally:
-            self._sessions.discard(session)
+            self._slots.release(session)
+
+    async def _refuse_address(self, stream: trio.SocketStream, peer: Peer) -> None:
+        """Refuse a peer no export admits, holding nothing: one non-blocking
+        write of a REFUSED frame (the client shows its message; whatever the
+        socket does not take at once is dropped), then close."""
+        if len(self.exports) == 1:
+            reason = f"export {self.exports[0].name}'s ACL"
+        else:
+            reason = "the ACL of any export on this node"
+        message = f"address {peer.ip} is not allowed by {reason}"
+        self._log_refusal(peer, message)
+        try:
+            os.write(stream.socket.fileno(), Connection(Role.SERVER).refuse(errno.EACCES, message))
+            stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # full or gone: the peer sees a closed connection instead
+        await trio.aclose_forcefully(stream)
+
+    def _log_refusal(self, peer: Peer, message: str) -> None:
+        """Warn about a refused address at most once a minute, with how many
+        connections from it were refused meanwhile: a peer that keeps
+        reconnecting cannot flood the log."""
+        key = str(peer.ip)
+        now = trio.current_time()
+        last, count = self._refusals.get(key, (-math.inf, 0))
+        if now - last < _REFUSAL_LOG_INTERVAL:
+            self._refusals[key] = (last, count + 1)
+            return
+        if len(self._refusals) >= _REFUSAL_LOG_ADDRESSES:
+            self._refusals.clear()
+        self._refusals[key] = (now, 0)
+        more = f" ({count} more refused since the last report)" if count else ""
+        log.warning("exports %s: refused %s: %s%s", self._names(), peer, message, more)
+
+
+def _open_backend(name: str, path: Path, *, read_only: bool) -> Backend:
+    """The backend of export `name`, opened and locked; UserError with one
+    line when it cannot be opened, another process serves it, or it is empty."""
+    try:
+        backend = Backend(path, read_only=read_only)
+    except OSError as exc:
+        raise UserError(f"cannot open export {name}: {path}: {exc.strerror or exc}") from None
+    try:
+        backend.lock()
+        if backend.size == 0:
+            raise UserError(
+                f"cannot serve export {name}: {path} is empty (0 bytes); "
+                "give it a size first (e.g. truncate -s 10G)"
+            )
+    except BackingLocked:
+        backend.close()
+        raise UserError(
+            f"cannot serve export {name}: {path} is locked by another process "
+            "(another dstfuse export serves it?)"
+        ) from None
+    except OSError as exc:
+        backend.close()
+        raise UserError(f"cannot lock export {name}: {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        backend.close()
+        raise
+    return backend
 
 
 def _peer(stream: trio.SocketStream, local: Address) -> Peer | None:

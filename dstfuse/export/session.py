@@ -43,7 +43,16 @@ Invariants:
   session send READY. So no stale frame of an old connection can be applied
   after data the client sent on the new one. A request being dispatched at
   the very moment the reader stops may be dropped without a reply before it
-  touches the disk (the client resends it);
+  touches the disk (the client resends it). A session drops its reference
+  to the one it retired as soon as that one is drained, so however often a
+  client reconnects, only sessions still draining are kept;
+- admission, in this order: a handshake slot (taken by the server at
+  accept, after the ACL admitted the address), the handshake (export, ACL,
+  key), a session slot (`ConnectionSlots`), then for a read-write
+  connection the export's write grant (`WriteGrant`: EBUSY naming the
+  holder, or a take-over that ends the holder's connection first), and
+  only then READY. HELLO's READ_ONLY and PROBE flags cap the connection at
+  READ, so it never needs the grant;
 - a protocol or integrity error closes this connection only.
 
 It never allocates from a length the peer sent before the protocol's
@@ -71,6 +80,7 @@ from ..protocol import (
     Event,
     Flag,
     HandshakeFailed,
+    HelloFlag,
     HelloReceived,
     Permission,
     Ready,
@@ -84,7 +94,9 @@ from ..protocol import (
 from ..protocol.constants import ALL_FEATURES
 from .acl import IPAddress
 from .backend import INLINE_MAX, READ_INLINE_MAX
+from .grant import WriteHolder
 from .served import RequestRejected, ServedExport
+from .slots import ConnectionSlots
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +208,22 @@ class ExportSession:
         key: bytes | None,
         modes: Sequence[str] = (),
         limits: SessionLimits,
+        slots: ConnectionSlots[ExportSession] | None = None,
     ) -> None:
+        """`slots`: the server's connection caps; this session already holds
+        a handshake slot there and trades it for a session slot after the
+        handshake (None: no caps, for tests)."""
         self.stream = stream
         self.peer = peer
         self.export: ServedExport | None = None
         self.client_name = "?"
         self.client_id = b""
         self.permission = Permission.NONE
+        #: what READY reports: `permission`, or for a probe the ACL's grant
+        self._ready_permission = Permission.NONE
+        self._hello_flags = HelloFlag.NONE
+        self._granted = False  # this connection counts as the write grant's holder
+        self._slots = slots
         self._exports = exports
         self._limits = limits
         self._conn = Connection(
@@ -236,7 +257,7 @@ class ExportSession:
         """Serve the connection until the peer leaves, an error, `stop` or
         `retire`; the stream is closed on return."""
         try:
-            if await self._handshake():
+            if await self._handshake() and self._establish() and await self._take_grant():
                 await self._serve()
         except Exception:
             log.exception("%s: closing the connection after an unexpected error", self)
@@ -244,14 +265,17 @@ class ExportSession:
             self._reader_done.set()
             try:
                 await trio.aclose_forcefully(self.stream)
-                if self._predecessor is not None:
-                    await self._predecessor.wait_drained()
+                await self.wait_drained()
             finally:
+                self._predecessor = None  # drained (or cancelled): free the chain
                 # Released only now: a newer connection of this client that
                 # arrives meanwhile finds this session, and so waits for
                 # everything this one was still waiting for.
                 if self.export is not None and self.client_id:
                     self.export.release(self.client_id, self)
+                self._detach_grant(closed_by_client=False)
+                if self._slots is not None:
+                    self._slots.release(self)
 
     def stop(self) -> None:
         """Stop reading new requests (server shutdown); started ones finish."""
@@ -267,14 +291,20 @@ class ExportSession:
         await self._work_done.wait()
         await trio.aclose_forcefully(self.stream)
         await self.wait_drained()
+        # Drained, and so is everything before it: nothing is left to wait
+        # for, so the chain of superseded sessions ends here (it is freed).
+        self._predecessor = None
 
     async def wait_drained(self) -> None:
         """Return once this session, and every session it took over from,
-        has stopped reading and finished the disk work it started."""
-        await self._reader_done.wait()
-        await self._work_done.wait()
-        if self._predecessor is not None:
-            await self._predecessor.wait_drained()
+        has stopped reading and finished the disk work it started. A loop,
+        not a recursion: the chain is as long as the client's reconnects
+        that are not drained yet, which a busy client can make long."""
+        session: ExportSession | None = self
+        while session is not None:
+            await session._reader_done.wait()
+            await session._work_done.wait()
+            session = session._predecessor
 
     # -- receiving ------------------------------------------------------
     async def _receive(self) -> bytes | bytearray | None:
@@ -386,6 +416,7 @@ class ExportSession:
             await self._refuse(status, message)
             return False
         permission = export.permission(self.peer.ip)
+        self._hello_flags = hello.flags
         if permission is None:
             address = self.peer.ip if self.peer.ip is not None else self.peer.text
             message = f"address {address} is not allowed by export {export.name}'s ACL"
@@ -394,6 +425,11 @@ class ExportSession:
             return False
         self.export = export
         self.permission = permission
+        self._ready_permission = permission
+        if hello.flags & (HelloFlag.READ_ONLY | HelloFlag.PROBE):
+            self.permission = permission & Permission.READ
+            if not hello.flags & HelloFlag.PROBE:
+                self._ready_permission = self.permission
         try:
             frame = self._conn.challenge(node_name=self._limits.node_name)
         except HandshakeFailed as exc:
@@ -436,6 +472,74 @@ class ExportSession:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
+    # -- admission ------------------------------------------------------
+    def _establish(self) -> bool:
+        """Trade the handshake slot for a session slot. When none is free the
+        connection is closed without a REFUSED frame: the cap is temporary,
+        and a client treats a refusal as final but a dropped connection as
+        something to retry."""
+        if self._slots is None or self._slots.establish(self):
+            return True
+        log.warning(
+            "%s: closing the connection: %d sessions open (max_connections)",
+            self, self._slots.max_sessions,
+        )
+        return False
+
+    async def _take_grant(self) -> bool:
+        """A read-write connection claims the export's write grant (see
+        dstfuse/export/grant.py): refused with EBUSY, naming the holder,
+        while another client identity holds it; with TAKE_OVER the holder's
+        connections are ended (and drained) first. Runs after the key
+        check: an unproven peer can neither learn the holder nor take over."""
+        export = self.export
+        assert export is not None
+        if not self.permission & Permission.WRITE:
+            return True
+        take_over = bool(self._hello_flags & HelloFlag.TAKE_OVER)
+        now = trio.current_time()
+        if self._hello_flags & HelloFlag.COORDINATED:
+            claim = export.grant.coordinated(self.client_id, now, take_over=take_over)
+        else:
+            claim = export.grant.claim(
+                self.client_id, self.client_name, str(self.peer), now, take_over=take_over
+            )
+            self._granted = claim.granted
+        if not claim.granted:
+            assert claim.holder is not None
+            return await self._refuse_writer(claim.holder)
+        displaced = claim.displaced
+        if displaced is not None:
+            log.warning(
+                "%s: takes over the write grant from %s; ending its connection",
+                self, displaced,
+            )
+            previous = export.sessions.get(displaced.client_id)
+            if previous is not None:
+                previous.stop()
+                await previous.wait_drained()
+        return True
+
+    def _detach_grant(self, *, closed_by_client: bool) -> None:
+        """This connection no longer counts as the grant holder's (once)."""
+        if self._granted:
+            self._granted = False
+            assert self.export is not None
+            self.export.grant.detach(
+                self.client_id, trio.current_time(), closed_by_client=closed_by_client
+            )
+
+    async def _refuse_writer(self, holder: WriteHolder) -> bool:
+        """Refuse write access with EBUSY, naming the grant's holder; False."""
+        assert self.export is not None
+        message = (
+            f"export {self.export.name} is written by {holder}; one client may write "
+            "to it at a time (mount read-only with -o ro, or mark the export shared)"
+        )
+        log.warning("%s: refused: %s", self, message)
+        await self._refuse(errno.EBUSY, message)
+        return False
+
     # -- open connection ------------------------------------------------
     async def _serve(self) -> None:
         export = self.export
@@ -459,9 +563,10 @@ class ExportSession:
                                 previous.peer,
                             )
                             await previous.retire()
+                            self._predecessor = None  # drained: release it
                         ready = Ready(
                             size=export.size,
-                            permissions=self.permission,
+                            permissions=self._ready_permission,
                             block_size=BLOCK_SIZE,
                             max_request=self._limits.max_request,
                             features=ALL_FEATURES,
@@ -512,6 +617,9 @@ class ExportSession:
                 if not isinstance(event, Request):
                     if isinstance(event, ConnectionClosed):
                         log.info("%s: client closed the connection", self)
+                        # At once: a client that unmounts and mounts again
+                        # (a new identity) must not find its own old grant.
+                        self._detach_grant(closed_by_client=True)
                     else:
                         log.warning(
                             "%s: unexpected %s; closing the connection", self, type(event).__name__

@@ -31,6 +31,9 @@ Invariants:
   write is acknowledged; a replay cut short is done again in full on the
   next connection;
 - a FLUSH never returns success over writes a reboot destroyed.
+- fenced: a reconnect refused because another client identity now holds the
+  export's write grant (EBUSY) ends the node: everything in flight and every
+  later request fails with EIO at once, and it stops reconnecting.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import trio
 
 from ..address import Address
 from ..config import Timeouts, Unflushed
-from ..errors import NodeError, NodeRefused, NodeUnavailable, NodeWritesLost
+from ..errors import NodeError, NodeFenced, NodeRefused, NodeUnavailable, NodeWritesLost
 from ..fanout import gather_or_raise
 from ..protocol import (
     CLIENT_ID_SIZE,
@@ -53,6 +56,7 @@ from ..protocol import (
     Continuity,
     Feature,
     Flag,
+    HelloFlag,
     NodeInstance,
     Permission,
     Reply,
@@ -100,10 +104,23 @@ class RemoteNode(Node):
         storage: str = "",
         unflushed: Unflushed | None = None,
         connector: Connector = open_stream,
+        read_only: bool = False,
+        take_over: bool = False,
+        probe: bool = False,
+        coordinated: bool = False,
     ) -> None:
         """`connector` opens the transport (tests pass in-memory streams);
         `storage` names the storage this node belongs to in log lines. An
-        `unflushed.limit` of 0 keeps nothing, whatever the policy."""
+        `unflushed.limit` of 0 keeps nothing, whatever the policy.
+
+        What the node is asked for (dstfuse/export/grant.py): `read_only`,
+        only READ (never needs the export's write grant); `take_over`, the
+        write grant even if another client identity holds it (its
+        connections are ended; first connection only, reconnects never take
+        over, so two takers cannot pass the grant back and forth); `probe`,
+        the grant a mount would get, reported but not taken (`dstfuse
+        check`); `coordinated`, write without the grant because the caller
+        orders its writers itself (a mirror's holder lease)."""
         super().__init__(str(address) + (f" {export}" if export else ""))
         self._label = f"storage {storage}, node {self}" if storage else f"node {self}"
         self._target = address
@@ -134,6 +151,14 @@ class RemoteNode(Node):
         self._cancel = trio.CancelScope()
         self.max_request = 1 << 20
         self.features = Feature.NONE
+        self._hello_flags = (
+            (HelloFlag.READ_ONLY if read_only else HelloFlag.NONE)
+            | (HelloFlag.TAKE_OVER if take_over else HelloFlag.NONE)
+            | (HelloFlag.PROBE if probe else HelloFlag.NONE)
+            | (HelloFlag.COORDINATED if coordinated else HelloFlag.NONE)
+        )
+        #: why this node is fenced (see the module doc); None until it is
+        self.fenced: str | None = None
 
     # -- lifecycle ------------------------------------------------------
     async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
@@ -191,12 +216,14 @@ class RemoteNode(Node):
                 client_name=self._client_name,
                 number=number,
                 connector=self._connector,
+                hello_flags=self._hello_flags,
             )
         if scope.cancelled_caught:
             raise NodeUnavailable(
                 str(self), f"no answer within {self._timeouts.connect:g}s (connect timeout)"
             )
         self._sessions_opened = number
+        self._hello_flags &= ~HelloFlag.TAKE_OVER  # reconnects never take over
         return session
 
     async def _keep_connected(
@@ -232,7 +259,12 @@ class RemoteNode(Node):
                         pause = min(pause * BACKOFF_FACTOR, BACKOFF_MAX)
                     else:
                         pause = BACKOFF_START
-                    session = await self._reconnect()
+                    try:
+                        session = await self._reconnect()
+                    except NodeFenced as exc:
+                        self._fence(exc)
+                        nursery.cancel_scope.cancel()
+                        return
                     self.counters.reconnects += 1
 
     async def _serve(self, session: Session) -> str:
@@ -287,7 +319,12 @@ class RemoteNode(Node):
             attempt += 1
             try:
                 session = await self._connect()
-            except (NodeUnavailable, NodeRefused) as exc:
+            except NodeRefused as exc:
+                if exc.errno == errno.EBUSY:
+                    raise NodeFenced(str(self), str(exc).removeprefix(f"{self}: ")) from None
+                level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
+                log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
+            except NodeUnavailable as exc:
                 level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
                 log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
             else:
@@ -442,6 +479,21 @@ class RemoteNode(Node):
                 txn,
                 os.strerror(txn.reply.status),
             )
+    def _fence(self, exc: NodeFenced) -> None:
+        """Another client writes to the export now: fail everything in
+        flight with EIO at once and stop (no resending loop)."""
+        pending = [txn for txn in self._table if not txn.done]
+        self.fenced = str(exc).removeprefix(f"{self}: ")
+        self._set_state(NodeState.OFFLINE)
+        log.error(
+            "%s: fenced, another client holds the export's write grant (%s); "
+            "failing %d requests in flight with EIO, not reconnecting",
+            self._label,
+            self.fenced,
+            len(pending),
+        )
+        for txn in pending:
+            self._table.give_up(txn)
 
     # -- transactions ---------------------------------------------------
     def _on_reply(self, reply: Reply) -> None:
@@ -474,6 +526,8 @@ class RemoteNode(Node):
         NodeError with the node's errno, or NodeUnavailable after the budget.
         A write past the unflushed limit (policy flush) then waits until a
         FLUSH has brought the kept data back under it."""
+        if self.fenced is not None:
+            raise NodeFenced(str(self), f"fenced: {self.fenced}")
         writing = command in WRITE_COMMANDS
         ticket = await self._write_order.admit(offset, length) if writing else None
         try:
@@ -542,6 +596,8 @@ class RemoteNode(Node):
         await txn.wait_done()
         if txn.resplit:
             return None
+        if txn.reply is None and self.fenced is not None:
+            raise NodeFenced(str(self), f"{txn}: fenced: {self.fenced}")
         if txn.reply is None:  # the resend timer gave up on it
             budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
             raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")

@@ -38,6 +38,7 @@ from ..protocol import (
     Connection,
     ConnectionClosed,
     HandshakeFailed,
+    HelloFlag,
     ProtocolError,
     Ready,
     Refused,
@@ -108,10 +109,13 @@ class Session:
         client_name: str,
         number: int,
         connector: Connector = open_stream,
+        hello_flags: HelloFlag = HelloFlag.NONE,
     ) -> Session:
-        """Connect and negotiate. Raises NodeUnavailable when the node
+        """Connect and negotiate, asking what `hello_flags` say (read-only,
+        take over the write grant, ...). Raises NodeUnavailable when the node
         cannot be reached or drops us, NodeRefused when it says no (ACL,
-        export, key) or the negotiation fails. The caller bounds the time."""
+        export, key, another client writes: errno EBUSY) or the negotiation
+        fails. The caller bounds the time."""
         try:
             stream = await connector(address)
         except OSError as exc:
@@ -119,7 +123,9 @@ class Session:
         try:
             conn = Connection(Role.CLIENT, key=key, modes=modes)
             await stream.send_all(
-                conn.hello(export=export, client_id=client_id, client_name=client_name)
+                conn.hello(
+                    export=export, client_id=client_id, client_name=client_name, flags=hello_flags
+                )
             )
             ready = await cls._handshake(node_name, stream, conn)
         except BaseException:

@@ -13,6 +13,7 @@ from .constants import (
     Command,
     Feature,
     Flag,
+    HelloFlag,
     Permission,
 )
 from .errors import (
@@ -38,7 +39,8 @@ from .instance import Continuity, NodeInstance, continuity
 
 __all__ = [
     "CLIENT_ID_SIZE", "KEYED_MODES", "UNKEYED_MODES", "WRITE_COMMANDS", "Command", "Feature",
-    "Flag", "Permission", "NEED_DATA", "Connection", "Role", "State", "HandshakeFailed",
+    "Flag", "HelloFlag", "Permission", "NEED_DATA", "Connection", "Role", "State",
+    "HandshakeFailed",
     "IntegrityError", "LocalProtocolError", "ProtocolError", "RemoteProtocolError", "Challenged",
     "ConnectionClosed", "Confirmed", "Event", "HelloReceived", "Ready", "Refused", "Reply",
     "Request", "mode_of_cipher", "Continuity", "NodeInstance", "continuity",

@@ -57,6 +57,7 @@ from typing import Any, Final, NamedTuple, NoReturn
 from . import attributes as attrs
 from .constants import (
     ALL_FEATURES,
+    ALL_HELLO_FLAGS,
     ALL_PERMISSIONS,
     CLIENT_ID_SIZE,
     DEFAULT_MAX_PAYLOAD,
@@ -80,6 +81,7 @@ from .constants import (
     Command,
     Feature,
     Flag,
+    HelloFlag,
     Permission,
 )
 from .errors import HandshakeFailed, LocalProtocolError, RemoteProtocolError
@@ -265,8 +267,15 @@ class Connection:
 
     # ------------------------------------------------------------------
     # client side of the handshake
-    def hello(self, *, export: str | None, client_id: bytes, client_name: str) -> bytes:
-        """Client: the opening HELLO frame."""
+    def hello(
+        self,
+        *,
+        export: str | None,
+        client_id: bytes,
+        client_name: str,
+        flags: HelloFlag = HelloFlag.NONE,
+    ) -> bytes:
+        """Client: the opening HELLO frame; `flags` (HelloFlag) only when set."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client says HELLO")
         self._expect(State.IDLE)
@@ -286,6 +295,8 @@ class Connection:
         ]
         if export is not None:
             items.append((Attr.EXPORT, attrs.text(export)))
+        if flags:
+            items.append((Attr.HELLO_FLAGS, attrs.u32(int(flags))))
         payload = attrs.encode(items)
         frame = self._frame(Command.HELLO, payload=payload)
         self._hello_payload = payload
@@ -656,6 +667,7 @@ class Connection:
             client_name=reader.text(Attr.CLIENT_NAME, default="?"),
             versions=versions,
             modes=modes,
+            flags=HelloFlag(reader.u32(Attr.HELLO_FLAGS, 0) & int(ALL_HELLO_FLAGS)),
         )
         self._hello_payload = payload
         self._peer_nonce, self._peer_versions, self._peer_modes = nonce, versions, modes

@@ -94,6 +94,26 @@ class Feature(enum.IntFlag):
     CHECKSUM = 16
 
 
+class HelloFlag(enum.IntFlag):
+    """HELLO's HELLO_FLAGS attribute: what the client asks of the export."""
+
+    NONE = 0
+    #: grant READ only; such a connection never needs the export's write grant
+    READ_ONLY = 1
+    #: take the export's write grant from the client identity holding it
+    TAKE_OVER = 2
+    #: `dstfuse check`: READY reports the grant a mount would get, but this
+    #: connection is served read-only and takes no write grant
+    PROBE = 4
+    #: the client orders its writers itself (a mirror's holder lease): it
+    #: writes without taking the write grant, refused only while a client
+    #: holds the grant
+    COORDINATED = 8
+
+
+ALL_HELLO_FLAGS = (
+    HelloFlag.READ_ONLY | HelloFlag.TAKE_OVER | HelloFlag.PROBE | HelloFlag.COORDINATED
+)
 ALL_FEATURES = Feature.FLUSH | Feature.FUA | Feature.TRIM | Feature.WRITE_ZEROES | Feature.CHECKSUM
 ALL_PERMISSIONS = Permission.READ | Permission.WRITE
 
@@ -118,6 +138,8 @@ class Attr(enum.IntEnum):
     MESSAGE = 15  # REFUSED: utf-8 human-readable reason
     NODE_NAME = 16  # CHALLENGE: utf-8 server's name for logs
     INSTANCE = 17  # READY: 48 bytes, the node instance identity (see instance.py)
+    # Numbered apart from the attributes above, which other work extends.
+    HELLO_FLAGS = 32  # HELLO: u32 HelloFlag bits (absent: none)
 
 
 #: Integrity/confidentiality modes. "xxh3-128" is unkeyed; the others need a pre-shared key.

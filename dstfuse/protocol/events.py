@@ -26,6 +26,7 @@ from .constants import (
     Command,
     Feature,
     Flag,
+    HelloFlag,
     Permission,
 )
 from .errors import LocalProtocolError
@@ -85,6 +86,7 @@ class HelloReceived:
     client_name: str
     versions: tuple[int, ...]
     modes: tuple[str, ...]
+    flags: HelloFlag = HelloFlag.NONE
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,12 @@ def test_a_mirror_mounting_degraded_says_so_on_the_terminal_naming_the_leg_and_e
         mountpoint.mkdir()
         pid = None
         try:
-            done = run_dstfuse("mount", config, mountpoint)
+            # a new mirror with a leg away: refused unless forced (the
+            # missing leg may already hold the storage)
+            refused = run_dstfuse("mount", "-o", "mount_wait=1s", config, mountpoint)
+            assert refused.returncode != 0
+            assert "unreachable may hold the storage's data" in refused.stderr, refused.stderr
+            done = run_dstfuse("mount", "-o", "force", config, mountpoint)
             assert done.returncode == 0, done.stderr
             pid = DaemonInfo.parse((mountpoint / ".dst" / ".daemon").read_text()).pid
             lines = done.stderr.splitlines()

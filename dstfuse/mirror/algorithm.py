@@ -236,7 +236,12 @@ class Mirror(Algorithm):
 
     @staticmethod
     async def _wait_for_any_online(legs: list[MirrorLeg], timeout: float) -> None:
+        """Until one of the offline `legs` comes online, or `timeout` (an
+        online leg whose header could not be read is just looked at again)."""
+        legs = [leg for leg in legs if not leg.online]
         with trio.move_on_after(timeout):
+            if not legs:
+                await trio.sleep_forever()
             async with trio.open_nursery() as race:
                 for leg in legs:
 
@@ -469,6 +474,7 @@ class Mirror(Algorithm):
         assert bitmap is not None
         if not all(leg.in_sync and leg.online for leg in self.legs) or not bitmap.desired:
             return 0
+        await self.lease.ensure()
         idle = self._activity.idle(bitmap.desired, older_than)
         if not idle:
             return 0
@@ -762,6 +768,7 @@ class Mirror(Algorithm):
         holds a WriteOrder ticket for the range. False if the leg failed."""
         assert self.bitmap is not None
         regions = self._regions_of(offset, len(data))
+        await self.lease.ensure()
         self._activity.begin(regions)
         try:
             try:
@@ -838,6 +845,7 @@ class Mirror(Algorithm):
         regions = self._regions_of(offset, length)
         ticket = await self.write_order.admit(offset, length)
         try:
+            await self.lease.ensure()  # before any byte, metadata included
             self._activity.begin(regions)
             pinned: list[int] = []
             try:
@@ -850,7 +858,11 @@ class Mirror(Algorithm):
                 await bitmap.mark(regions)
                 await self.lease.ensure()
                 targets = [leg for leg in self.legs if leg.takes_writes]
-                outcomes = await self.dispatch.run(targets, call)
+                try:
+                    outcomes = await self.dispatch.run(targets, call)
+                except trio.Cancelled:
+                    await self._abandoned(targets, regions, what)
+                    raise
                 failures = []
                 took = False
                 for leg, (_, error) in zip(targets, outcomes, strict=True):
@@ -868,7 +880,7 @@ class Mirror(Algorithm):
                         first = offset // BLOCK
                         checks.store(first, [UNKNOWN] * len(entries[1]))  # type: ignore[index]
                 if not took:
-                    self._copy_again(targets, outcomes, regions)
+                    self._copy_again(targets, regions)
                     await self._keep_one_copy([leg for leg, _ in failures], what)
                     error = failures[0][1] if failures else None
                     raise NodeError(
@@ -886,7 +898,18 @@ class Mirror(Algorithm):
         finally:
             self.write_order.release(ticket)
 
-    async def _keep_one_copy(self, failed: list[MirrorLeg], what: str) -> None:
+    async def _abandoned(self, targets: list[MirrorLeg], regions: range, what: str) -> None:
+        """A write was cancelled while on the legs (the request was
+        interrupted, the mount is stopping): some legs may have it and some
+        not. All but one in-sync leg go stale and resync its regions;
+        resyncing legs copy them again."""
+        self._copy_again(targets, regions)
+        in_sync = [leg for leg in targets if leg.in_sync]
+        await self._keep_one_copy(in_sync, f"cancelled {what}", shield=True)
+
+    async def _keep_one_copy(
+        self, failed: list[MirrorLeg], what: str, *, shield: bool = False
+    ) -> None:
         """A request failed on every in-sync leg: their copies of its
         regions may now differ (one wrote part of it, one lost it), and the
         bitmap alone would let them be cleared as equal. One of them (online
@@ -898,17 +921,22 @@ class Mirror(Algorithm):
         keep = next((leg for leg in in_sync if leg.online), in_sync[0])
         for leg in in_sync:
             if leg is not keep:
-                self.leg_failed(leg, f"the {what} failed on every in-sync leg; {keep} is kept")
-        try:
-            await self.ensure_membership_durable()
-        except NodeError as exc:
-            log.error("storage %s: %s", self.storage_name, exc)
+                self.leg_failed(leg, f"the {what} did not complete on every in-sync leg; "
+                                f"{keep} is kept")
+        with trio.CancelScope(shield=shield) as scope:
+            if shield:
+                scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            try:
+                await self.ensure_membership_durable()
+            except NodeError as exc:
+                log.error("storage %s: %s", self.storage_name, exc)
 
-    def _copy_again(self, targets: list[MirrorLeg], outcomes: list, regions: range) -> None:
+    def _copy_again(self, targets: list[MirrorLeg], regions: range) -> None:
         """A write failed on every in-sync leg: a resyncing leg that took it
-        now differs from them, so its resync copies those regions again."""
-        for leg, (_, error) in zip(targets, outcomes, strict=True):
-            if error is None and leg.role is LegRole.RESYNCING and leg.pending is not None:
+        (or part of it) may now differ from them, so its resync copies those
+        regions again."""
+        for leg in targets:
+            if leg.role is LegRole.RESYNCING and leg.pending is not None:
                 fresh = [region for region in regions if region not in leg.pending]
                 for region in fresh:
                     leg.pending.add(region)
@@ -1015,6 +1043,7 @@ class Mirror(Algorithm):
 
     async def _declare_clean(self, leg: MirrorLeg) -> None:
         assert self.bitmap is not None
+        await leg.wait_settled()  # nothing sent before may land after this
         if leg.role is not LegRole.IN_SYNC:
             self.membership.joining.add(leg.index)
             try:

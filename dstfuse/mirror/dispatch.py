@@ -144,16 +144,16 @@ class LegDispatch:
     async def _call(
         state: _Round, index: int, leg: MirrorLeg, call: Callable[[MirrorLeg], Awaitable[Any]]
     ) -> None:
+        outcome: Outcome = (None, LegGivenUp(str(leg), "cancelled (the mirror is closing)"))
         try:
-            outcome: Outcome = (await call(leg), None)
+            outcome = (await call(leg), None)
         except Exception as exc:  # noqa: BLE001 - handed back to the request
             outcome = (None, exc)
         finally:
             leg.settle_one()
-        if state.returned:
-            if outcome[1] is not None:
-                log.info("%s: a request given up on ended: %s", leg, outcome[1])
-            return
-        state.outcomes[index] = outcome
-        state.done[index] = True
-        state.progress.set()
+            if not state.returned:  # even when cancelled: the request must not wait forever
+                state.outcomes[index] = outcome
+                state.done[index] = True
+                state.progress.set()
+        if state.returned and outcome[1] is not None:
+            log.info("%s: a request given up on ended: %s", leg, outcome[1])

@@ -110,7 +110,19 @@ def plan_start(
         )
     known = [f for f in findings if f.header is not None]
     if not known:
-        return _plan_first_use(storage_name, findings, primary, assume_clean)
+        plan = _plan_first_use(storage_name, findings, primary, assume_clean)
+        missing = [f.index for f in findings if not f.reachable]
+        if missing and primary is None and not force:
+            # A missing leg may hold this storage already (leg 0 was
+            # replaced while it was away): creating one now would lose it.
+            legs = ", ".join(map(str, missing))
+            raise NewerLegMayBeMissing(
+                f"storage {storage_name}: no reachable leg holds mirror metadata and leg(s) "
+                f"{legs} unreachable may hold the storage's data; bring them back, or mount "
+                f"with -o force to create the storage from leg {plan.source} without them",
+                missing,
+            )
+        return plan
 
     storage_id = _choose_storage(storage_name, known, primary)
     members = [f for f in known if f.header is not None and f.header.storage_id == storage_id]

@@ -861,6 +861,9 @@ class Mirror(Algorithm):
                 try:
                     outcomes = await self.dispatch.run(targets, call)
                 except trio.Cancelled:
+                    if pinned and checks is not None and entries is not None:
+                        # some legs may hold the new bytes, some the old
+                        checks.store(offset // BLOCK, [UNKNOWN] * len(entries[1]))
                     await self._abandoned(targets, regions, what)
                     raise
                 failures = []

@@ -107,7 +107,6 @@ class SimDisk:
         self._thawed: trio.Event | None = None
         #: requests the clients gave up on while the disk was frozen
         self._ghosts: list[Callable[[], None]] = []
-        self.corrupted: set[int] = set()
         self.owner: str | None = None
         self.late_writes: list[LateWrite] = []
         self._connections: list[SimNode] = []
@@ -172,7 +171,6 @@ class SimDisk:
         rot = bytes(b ^ 0x5A for b in self.current[start : start + BLOCK])
         self.current[start : start + BLOCK] = rot
         self.durable[start : start + BLOCK] = rot
-        self.corrupted.add(block)
 
     def lose_cache(self, keep: Callable[[int], bool] | None = None) -> set[int]:
         """Power loss: dirty blocks revert to their durable bytes (those for
@@ -200,7 +198,6 @@ class SimDisk:
         for connection in self._connections:
             connection.lost.difference_update(blocks)
         for block in blocks:
-            self.corrupted.discard(block)
             if fua:
                 self._make_durable(block)
                 self.dirty.discard(block)

@@ -138,6 +138,11 @@ class Simulation:
         #: a forced or primary= mount left some legs out: their history and
         #: the mounted one's may have split, so a mount of all may be refused
         self.split_possible = False
+        #: data blocks corrupted on some disk since their last acknowledged
+        #: write: garbage there may be the rot (or a copy of it), not a bug
+        self.rotted: set[int] = set()
+        #: ... and, until a FLUSH or FUA makes their rewrite durable, on the media
+        self.rot_on_media: set[int] = set()
         self.history: list[str] = []
         self.stats = Stats()
 
@@ -259,6 +264,9 @@ class Simulation:
                 ) from None
             return
         self.stats.writes_ok += 1
+        self.rotted.difference_update(range(first, first + count))
+        if fua and op != "trim":
+            self.rot_on_media.difference_update(range(first, first + count))
         model.acknowledged(first, count, write_id, fua=fua and op != "trim")
         if op == "write":
             self.note(f"    -> write id {write_id} acknowledged")
@@ -266,8 +274,8 @@ class Simulation:
     async def read(self, first: int, count: int) -> None:
         mount, model = self.holder, self.model
         assert mount is not None and model is not None
-        expected_ok = self.healthy_in_sync_leg(mount) and not any(
-            disk.corrupted for disk in self.disks
+        expected_ok = self.healthy_in_sync_leg(mount) and not self.rotted.intersection(
+            range(first, first + count)
         )
         self.stats.reads += 1
         try:
@@ -283,7 +291,7 @@ class Simulation:
         for i in range(count):
             block = first + i
             got = decode_block(memoryview(data)[i * BLOCK : (i + 1) * BLOCK], block)
-            if got == GARBAGE and any(block in disk.corrupted for disk in self.disks):
+            if got == GARBAGE and block in self.rotted:
                 self.stats.garbage_reads += 1
                 continue
             if not model.allows(block, got):
@@ -308,6 +316,7 @@ class Simulation:
                 ) from None
             return
         model.flushed()
+        self.rot_on_media &= self.rotted
 
     # -- invariants ---------------------------------------------------------------------
     def check(self) -> None:
@@ -334,7 +343,7 @@ class Simulation:
                 continue
             if unreadable is None:
                 continue
-            exempt = node.disk.corrupted | node.lost
+            exempt = self.rotted | node.lost
             ids = node.disk.data_ids(self.blocks)
             durable = node.disk.data_ids(self.blocks, durable=True)
             for block in range(self.blocks):
@@ -345,7 +354,11 @@ class Simulation:
                         f"leg {leg.index} ({leg.role.value}) holds write {ids[block]} at block "
                         f"{block}; the model allows {sorted(model.current[block])}"
                     )
-                if leg.in_sync and not model.durable_allows(block, durable[block]):
+                if (
+                    leg.in_sync
+                    and block not in self.rot_on_media
+                    and not model.durable_allows(block, durable[block])
+                ):
                     raise self.violation(
                         f"leg {leg.index} (in sync) has write {durable[block]} on stable "
                         f"storage at block {block}; after a crash the model allows "

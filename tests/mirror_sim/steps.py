@@ -220,6 +220,8 @@ class Corrupt(Step):
 
     async def run(self, sim: Simulation) -> None:
         sim.disks[self.disk].corrupt(self.block)
+        sim.rotted.add(self.block)
+        sim.rot_on_media.add(self.block)
 
 
 # -- clients ------------------------------------------------------------------------
@@ -274,6 +276,7 @@ class Umount(Step):
         await sim.end(mount)
         if flushed:
             sim.model.flushed()
+            sim.rot_on_media &= sim.rotted
         sim.last_session = end
         sim.holder = None
         sim.set_owner(None)
@@ -365,21 +368,38 @@ _TIME = ["sleep", "sleep", "settle"]
 _FAULTS = ["kill", "revive", "revive", "fail", "heal", "heal", "slow", "freeze", "thaw", "corrupt"]
 _CLIENT = ["crash", "umount", "takeover"]
 _WITH_HOLDER = _IO + _TIME + _FAULTS + _CLIENT
-_WITHOUT_HOLDER = ["mount"] * 6 + ["kill", "revive", "fail", "heal", "corrupt", "sleep"]
-
+_WITHOUT_HOLDER = ["mount"] * 3 + ["mount_some"] * 3 + [
+    "kill", "revive", "fail", "heal", "corrupt", "sleep"
+]
 
 #: every kind of step `draw_step` may draw
 KINDS = frozenset(_WITH_HOLDER + _WITHOUT_HOLDER)
+#: kinds a scenario may do without (swarm testing: each example enables a
+#: subset, so rare combinations of few faults come up more often); with
+#: none of the mount kinds left, "mount" stays
+OPTIONAL = frozenset(_FAULTS + _CLIENT + ["mount_some", "trim", "zeroes", "settle"])
+
+
+def draw_kinds(data: st.DataObject, without: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The kinds a scenario leaves out: `without` and a drawn subset of OPTIONAL."""
+    enabled = data.draw(
+        st.sets(st.sampled_from(sorted(OPTIONAL)), min_size=1).map(frozenset), label="enabled"
+    )
+    return without | (OPTIONAL - enabled)
 
 
 def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = frozenset()) -> Step:
     """One step fit for the simulation's state, drawn from `data`; kinds in
-    `without` are never drawn (a campaign looking past a known bug)."""
+    `without` are never drawn (swarm testing, or looking past a known bug)."""
     legs = len(sim.disks)
     if sim.model is None:
         return Mount(reachable=(True,) * legs)
-    kinds = _WITH_HOLDER if sim.holder is not None else _WITHOUT_HOLDER
-    kind = data.draw(st.sampled_from([k for k in kinds if k not in without]), label="kind")
+    kinds = [
+        kind
+        for kind in (_WITH_HOLDER if sim.holder is not None else _WITHOUT_HOLDER)
+        if kind not in without
+    ] or ["mount"]
+    kind = data.draw(st.sampled_from(kinds), label="kind")
     disk = st.integers(0, legs - 1)
     blocks = sim.blocks
 
@@ -446,7 +466,9 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
         force = True if not stall else data.draw(st.booleans(), label="force")
         thaw = data.draw(st.sampled_from([0.0, 2.0, 10.0]), label="thaw_after")
         return Takeover(stall, force, thaw, data.draw(st.integers(0, blocks - 1), label="probe"))
-    assert kind == "mount"
+    if kind == "mount":
+        return Mount((True,) * legs)
+    assert kind == "mount_some"
     reachable = tuple(
         data.draw(st.lists(st.booleans(), min_size=legs, max_size=legs), label="reachable")
     )

@@ -105,8 +105,11 @@ class SimDisk:
         self.data_limit = size
         self.delay = 0.0
         self._thawed: trio.Event | None = None
-        #: requests the clients gave up on while the disk was frozen
+        #: requests the clients gave up on while the disk was frozen (they
+        #: land at the thaw, before anything else can reach the disk)
         self._ghosts: list[Callable[[], None]] = []
+        #: block -> when a failed FLUSH dropped its cached bytes
+        self.dropped: dict[int, float] = {}
         self.owner: str | None = None
         self.late_writes: list[LateWrite] = []
         self._connections: list[SimNode] = []
@@ -145,8 +148,10 @@ class SimDisk:
     def thaw(self) -> None:
         thawed, self._thawed = self._thawed, None
         ghosts, self._ghosts = self._ghosts, []
+        owner, self.owner = self.owner, None  # nobody could reach the disk since
         for apply in ghosts:
             apply()
+        self.owner = owner
         if thawed is not None:
             thawed.set()
 
@@ -197,6 +202,8 @@ class SimDisk:
         blocks = range(offset // BLOCK, (offset + max(len(data), 1) - 1) // BLOCK + 1)
         for connection in self._connections:
             connection.lost.difference_update(blocks)
+        for block in blocks:
+            self.dropped.pop(block, None)
         for block in blocks:
             if fua:
                 self._make_durable(block)
@@ -306,7 +313,9 @@ class SimNode(Node):
             if self.disk.fails(op, offset):
                 self.counters.errors += 1
                 if op == "flush":
-                    self.disk.lose_cache()
+                    now = trio.current_time()
+                    for block in self.disk.lose_cache():
+                        self.disk.dropped[block] = now
                 raise NodeError(str(self), f"{op} failed (injected EIO)", errno=errno.EIO)
             if apply is not None:
                 apply()

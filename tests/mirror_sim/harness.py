@@ -49,6 +49,9 @@ LEG_SIZE = 1 << 20
 BUDGET = 3.0
 #: the longest any one step may take in simulated time before it counts as hung
 STEP_TIMEOUT = 900.0
+#: how long after a failed FLUSH dropped a leg's cache the mirror may still
+#: report the leg in sync (the failure is handled when every leg answered)
+DROP_GRACE = 2 * BUDGET + 10.0
 HEARTBEAT = 2.0
 BITMAP_IDLE = 5.0
 
@@ -101,6 +104,8 @@ def pending_regions(leg) -> set[int] | None:
 
 @dataclass
 class Stats:
+    """What a scenario did (for the volume of a run)."""
+
     steps: int = 0
     writes_ok: int = 0
     writes_failed: int = 0
@@ -129,7 +134,6 @@ class Simulation:
         self.budget = budget
         self.resync_rate = resync_rate
         self.holder: Mount | None = None
-        #: an old holder taken over while stalled, until it is probed and ended
         self.mounts = 0
         self.write_ids = 0
         self.model: AckModel | None = None
@@ -148,7 +152,7 @@ class Simulation:
 
     # -- reporting -------------------------------------------------------------
     def violation(self, what: str) -> Violation:
-        steps = "\n  ".join(self.history[-60:])
+        steps = "\n  ".join(self.history)
         holder = f"; legs {self.holder.leg_state()}" if self.holder else ""
         return Violation(f"{what}{holder}\nsteps:\n  {steps}")
 
@@ -330,6 +334,7 @@ class Simulation:
         if mount is None or model is None:
             return
         mirror = mount.mirror
+        dropped = self._settle_dropped(mount)
         marked = marked_regions(mirror)
         region_blocks = REGION // BLOCK
         readable: list[tuple[int, set[int] | None, list[int], set[int]]] = []
@@ -343,7 +348,7 @@ class Simulation:
                 continue
             if unreadable is None:
                 continue
-            exempt = self.rotted | node.lost
+            exempt = self.rotted | node.lost | dropped.get(leg.index, set())
             ids = node.disk.data_ids(self.blocks)
             durable = node.disk.data_ids(self.blocks, durable=True)
             for block in range(self.blocks):
@@ -384,6 +389,32 @@ class Simulation:
                             f"not mark; mirror state {mirror.state}"
                         )
 
+    def _settle_dropped(self, mount: Mount) -> dict[int, set[int]]:
+        """Blocks whose cache a failed FLUSH dropped, per leg, that the
+        invariants do not hold against the leg (yet). Once the mirror treats
+        the leg as behind, they are its business (resync); if it was the
+        only in-sync leg, the data is gone and the model forgets it (the
+        kernel's fsync has the same rule); otherwise the mirror has
+        DROP_GRACE seconds to stop reporting the leg in sync."""
+        assert self.model is not None
+        now = trio.current_time()
+        in_sync = [leg for leg in mount.mirror.legs if leg.in_sync]
+        exempt: dict[int, set[int]] = {}
+        for leg in mount.mirror.legs:
+            disk = mount.nodes[leg.index].disk
+            if not disk.dropped:
+                continue
+            if not leg.in_sync:
+                disk.dropped.clear()
+            elif in_sync == [leg]:
+                self.model.forget({block for block in disk.dropped if block < self.blocks})
+                disk.dropped.clear()
+            else:
+                exempt[leg.index] = {
+                    block for block, when in disk.dropped.items() if now - when < DROP_GRACE
+                }
+        return exempt
+
     def session_end(self, mount: Mount, clean: bool) -> SessionEnd:
         return SessionEnd(
             clean=clean,
@@ -395,13 +426,14 @@ class Simulation:
         """None if a refused mount is a bug now, else why it is allowed."""
         if not all(disk.healthy for disk, up in zip(self.disks, reachable, strict=True) if up):
             return "a reachable leg has a fault"
+        if primary is not None:
+            if not reachable[primary]:
+                return "primary= names an unreachable leg"
+            if self.last_session is None or not self.last_session.in_sync[primary]:
+                return "primary= names a leg that may not be in sync"
         if all(reachable):
-            if self.split_possible:
+            if self.split_possible and primary is None:
                 return "a forced mount may have split the legs' histories"
-            if primary is not None and self.last_session is not None and not (
-                self.last_session.in_sync[primary]
-            ):
-                return "primary= names a leg that was not in sync"
             return None
         last = self.last_session
         if self.model is None:

@@ -277,6 +277,8 @@ class Umount(Step):
         if flushed:
             sim.model.flushed()
             sim.rot_on_media &= sim.rotted
+        else:
+            sim.model.volatile_lost()  # its final FLUSH may have failed
         sim.last_session = end
         sim.holder = None
         sim.set_owner(None)

@@ -333,7 +333,7 @@ async def test_sim_disk_failed_flush_drops_its_cache_and_corruption_is_garbage(a
     async with trio.open_nursery() as nursery:
         await node.start(nursery)
     await node.write(0, payload(1, 0, 2))
-    disk.failing["flush"] = "all"
+    disk.fail("flush", "all")
     with pytest.raises(NodeError):
         await node.flush()
     assert decode(disk.current, 2) == [ZERO, ZERO]

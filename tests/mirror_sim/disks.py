@@ -99,8 +99,8 @@ class SimDisk:
         self.durable = bytearray(size)
         self.dirty: set[int] = set()
         self.alive = True
-        #: op -> scope ("all", "data" or "meta") of the EIO it fails with
-        self.failing: dict[str, str] = {}
+        #: op -> (scope: "all", "data" or "meta", until when) of the EIO it fails with
+        self.failing: dict[str, tuple[str, float]] = {}
         #: bytes below this are data (the simulator sets it to the storage size)
         self.data_limit = size
         self.delay = 0.0
@@ -124,7 +124,9 @@ class SimDisk:
 
     @property
     def healthy(self) -> bool:
-        return self.alive and not self.frozen and not self.failing and not self.delay
+        return self.alive and not self.frozen and not self.delay and not any(
+            until > trio.current_time() for _, until in self.failing.values()
+        )
 
     def die(self, power_loss: bool = False, keep: Callable[[int], bool] | None = None) -> set[int]:
         """The host goes down (with `power_loss`, its cache too); returns
@@ -160,9 +162,14 @@ class SimDisk:
         self.failing.clear()
         self.delay = 0.0
 
+    def fail(self, op: str, scope: str, seconds: float | None = None) -> None:
+        """Fail `op` requests in `scope` with EIO, for `seconds` (None: until healed)."""
+        until = float("inf") if seconds is None else trio.current_time() + seconds
+        self.failing[op] = (scope, until)
+
     def fails(self, op: str, offset: int) -> bool:
-        scope = self.failing.get(op)
-        if scope is None:
+        scope, until = self.failing.get(op, ("", 0.0))
+        if until <= trio.current_time():
             return False
         if scope == "data":
             return offset < self.data_limit

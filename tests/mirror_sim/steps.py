@@ -163,16 +163,17 @@ class Revive(Step):
 @dataclass(frozen=True)
 class Fail(Step):
     """Requests `ops` on the node fail with EIO, in the `scope` of its bytes
-    ("data", "meta" or "all")."""
+    ("data", "meta" or "all"), for `seconds` (None: until healed)."""
 
     disk: int
     ops: tuple[str, ...]
     scope: str = "all"
+    seconds: float | None = None
     needs_holder = False
 
     async def run(self, sim: Simulation) -> None:
         for op in self.ops:
-            sim.disks[self.disk].failing[op] = self.scope
+            sim.disks[self.disk].fail(op, self.scope, self.seconds)
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,9 @@ class Takeover(Step):
 # -- drawing --------------------------------------------------------------------------
 _IO = ["write"] * 8 + ["read"] * 3 + ["readall", "flush", "flush", "trim", "zeroes"]
 _TIME = ["sleep", "sleep", "settle"]
-_FAULTS = ["kill", "revive", "revive", "fail", "heal", "heal", "slow", "freeze", "thaw", "corrupt"]
+_FAULTS = [
+    "kill", "revive", "revive", "fail", "fail", "heal", "heal", "slow", "freeze", "thaw", "corrupt"
+]
 _CLIENT = ["crash", "umount", "takeover"]
 _WITH_HOLDER = _IO + _TIME + _FAULTS + _CLIENT
 _WITHOUT_HOLDER = ["mount"] * 3 + ["mount_some"] * 3 + [
@@ -385,9 +388,10 @@ OPTIONAL = frozenset(_FAULTS + _CLIENT + ["mount_some", "trim", "zeroes", "settl
 def draw_kinds(data: st.DataObject, without: frozenset[str] = frozenset()) -> frozenset[str]:
     """The kinds a scenario leaves out: `without` and a drawn subset of OPTIONAL."""
     enabled = data.draw(
-        st.sets(st.sampled_from(sorted(OPTIONAL)), min_size=1).map(frozenset), label="enabled"
+        st.sets(st.sampled_from(sorted(OPTIONAL)), min_size=1).map(lambda s: tuple(sorted(s))),
+        label="enabled",
     )
-    return without | (OPTIONAL - enabled)
+    return without | (OPTIONAL - frozenset(enabled))
 
 
 def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = frozenset()) -> Step:
@@ -442,7 +446,8 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
             label="ops",
         )
         scope = data.draw(st.sampled_from(["all", "data", "meta"]), label="scope")
-        return Fail(data.draw(disk, label="disk"), ops, scope)
+        seconds = data.draw(st.sampled_from([None, 3.0, 10.0, 40.0]), label="seconds")
+        return Fail(data.draw(disk, label="disk"), ops, scope, seconds)
     if kind == "heal":
         return Heal(data.draw(disk, label="disk"))
     if kind == "slow":

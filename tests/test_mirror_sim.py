@@ -325,7 +325,7 @@ async def test_sim_node_of_a_stalled_client_lands_only_what_it_sends_in_its_budg
     autojump_clock,
 ):
     disk = SimDisk("d0", 64 * KiB)
-    disk.owner = "c2"
+    disk.set_owner("c2")
     node = SimNode(disk, "c1", budget=3.0)
     async with trio.open_nursery() as nursery:
         await node.start(nursery)

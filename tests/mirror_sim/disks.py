@@ -25,7 +25,9 @@ budget without landing; those still waiting at the thaw land then.
 Every write that lands is checked against the disk's `owner` (the client
 that holds the storage, set by the simulator): one from another client is
 recorded in `late_writes`, which the simulator's invariants require to stay
-empty. Nothing here draws random numbers.
+empty. After a forced takeover (`owner_forced`), a write the old holder
+issued before it can land afterwards (nothing can stop a request already
+sent), so only those issued after the takeover count. Nothing here draws random numbers.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class SimDisk:
         #: block -> when a failed FLUSH dropped its cached bytes
         self.dropped: dict[int, float] = {}
         self.owner: str | None = None
+        self.owner_forced = False
+        self.owner_since = 0.0
         self.late_writes: list[LateWrite] = []
         self._connections: list[SimNode] = []
 
@@ -202,8 +206,19 @@ class SimDisk:
         start = block * BLOCK
         self.durable[start : start + BLOCK] = self.current[start : start + BLOCK]
 
-    def apply(self, client: str, op: str, offset: int, data: bytes, fua: bool) -> None:
-        if self.owner is not None and client != self.owner:
+    def set_owner(self, client: str | None, *, forced: bool = False) -> None:
+        self.owner = client
+        self.owner_forced = forced
+        self.owner_since = trio.current_time()
+
+    def apply(
+        self, client: str, op: str, offset: int, data: bytes, fua: bool, issued: float
+    ) -> None:
+        if (
+            self.owner is not None
+            and client != self.owner
+            and not (self.owner_forced and issued < self.owner_since)
+        ):
             self.late_writes.append(LateWrite(self.name, client, op, offset, len(data)))
         self.current[offset : offset + len(data)] = data
         blocks = range(offset // BLOCK, (offset + max(len(data), 1) - 1) // BLOCK + 1)
@@ -338,8 +353,9 @@ class SimNode(Node):
     async def _mutate(self, op: str, offset: int, data: bytes, fua: bool) -> None:
         self.check_writable()
         self.check_range(offset, len(data))
+        issued = trio.current_time()
         await self._reach(
-            op, offset, lambda: self.disk.apply(self.client, op, offset, data, fua)
+            op, offset, lambda: self.disk.apply(self.client, op, offset, data, fua, issued)
         )
         self.counters.bytes_written += len(data)
 

@@ -225,9 +225,9 @@ class Simulation:
         mount.scope.cancel()
         await mount.ended.wait()
 
-    def set_owner(self, client: str | None) -> None:
+    def set_owner(self, client: str | None, *, forced: bool = False) -> None:
         for disk in self.disks:
-            disk.owner = client
+            disk.set_owner(client, forced=forced)
 
     # -- health -------------------------------------------------------------------
     def leg_healthy(self, mount: Mount, index: int) -> bool:

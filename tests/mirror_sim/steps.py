@@ -327,7 +327,7 @@ class Takeover(Step):
         if self.stall:
             for node in old.nodes:
                 node.stall()
-        sim.set_owner(f"client{sim.mounts + 1}:1")
+        sim.set_owner(f"client{sim.mounts + 1}:1", forced=self.force)
         sim.stats.mounts += 1
         try:
             new = await sim.open_mount(force=self.force)

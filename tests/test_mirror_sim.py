@@ -96,7 +96,7 @@ def drawn_steps(data, steps: int):
         without = draw_kinds(data, SIM_WITHOUT)
         note(f"kinds left out: {', '.join(sorted(without)) or 'none'}")
         for number in range(steps):
-            if number and data.draw(st.integers(0, steps), label="more") == 0:
+            if number and data.draw(st.integers(0, 4 * steps), label="more") == 0:
                 return
             yield draw_step(data, sim, without)
 

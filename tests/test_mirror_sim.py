@@ -34,6 +34,7 @@ from .mirror_sim.steps import (
     KINDS,
     AwaitResync,
     Crash,
+    CrashDuringWrite,
     Fail,
     Flush,
     Freeze,
@@ -44,6 +45,7 @@ from .mirror_sim.steps import (
     Revive,
     Settle,
     Sleep,
+    Slow,
     Takeover,
     Umount,
     Write,
@@ -106,10 +108,11 @@ def drawn_steps(data, steps: int):
 def random_simulation(data, steps: int, replay: str) -> None:
     legs = data.draw(st.sampled_from([2, 2, 3]), label="legs")
     rate = data.draw(st.sampled_from([0, 0, 256 * KiB, 64 * KiB]), label="resync_rate")
-    note(f"replay: {replay}; legs {legs}, resync_rate {rate}")
+    read_check = data.draw(st.booleans(), label="read_check")
+    note(f"replay: {replay}; legs {legs}, resync_rate {rate}, read_check {read_check}")
     restore = quiet_mirror_logs()
     try:
-        simulate(drawn_steps(data, steps), legs=legs, resync_rate=rate)
+        simulate(drawn_steps(data, steps), legs=legs, resync_rate=rate, read_check=read_check)
     finally:
         restore()
 
@@ -251,6 +254,18 @@ def test_sim_client_crash_with_power_loss_keeps_flushed_data():
         Mount(BOTH), Settle(), Write(0, 16), Flush(), Write(16, 16),
         Crash(power_loss=(0, 1), seed=1),
         Mount(BOTH), Settle(), ReadAll(),
+    ])
+
+
+def test_sim_a_crash_between_the_legs_writes_resyncs_the_marked_region():
+    """The region is marked on every leg before the data goes out: a client
+    dying while only one leg has the write leaves the region marked."""
+    run([
+        Mount(BOTH), Settle(), Sleep(30.0),  # nothing marked
+        Slow(1, 2.0),
+        CrashDuringWrite(0, 4, after=1.0),  # leg 0 has the write, leg 1 not yet
+        Heal(1), Mount(BOTH), Settle(), Sleep(12.0),
+        ReadAll(),
     ])
 
 

@@ -67,7 +67,8 @@ class Mount:
     client: str
     mirror: Mirror
     nodes: list[SimNode]
-    scope: trio.CancelScope
+    #: the mount's tasks: the mirror's background work, and requests in flight
+    tasks: trio.Nursery
     ended: trio.Event
     #: the mirror may have fenced itself: its writes may fail
     may_be_fenced: bool = False
@@ -128,11 +129,14 @@ class Simulation:
         leg_size: int = LEG_SIZE,
         budget: float = BUDGET,
         resync_rate: int = 0,
+        read_check: bool = True,
     ) -> None:
         self.nursery = nursery
         self.disks = [SimDisk(f"d{i}", leg_size) for i in range(legs)]
         self.budget = budget
         self.resync_rate = resync_rate
+        #: with read_check off the mirror cannot tell rot: scenarios then corrupt nothing
+        self.read_check = read_check
         self.holder: Mount | None = None
         self.mounts = 0
         self.write_ids = 0
@@ -161,7 +165,7 @@ class Simulation:
 
     # -- mounts ------------------------------------------------------------------
     def _options(self, client: str, number: int, force: bool, primary: int | None) -> dict:
-        mount_options: dict[str, object] = {}
+        mount_options: dict[str, object] = {"read_check": "on" if self.read_check else "off"}
         if force:
             mount_options["force"] = True
         if primary is not None:
@@ -194,25 +198,24 @@ class Simulation:
 
         async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
             try:
-                with trio.CancelScope() as scope:
-                    async with trio.open_nursery() as tasks:
-                        try:
-                            await mirror.start(tasks)
-                        except DstError as exc:
-                            tasks.cancel_scope.cancel()
-                            task_status.started((None, exc))
-                            return
-                        task_status.started((scope, None))
-                        await trio.sleep_forever()
+                async with trio.open_nursery() as tasks:
+                    try:
+                        await mirror.start(tasks)
+                    except DstError as exc:
+                        tasks.cancel_scope.cancel()
+                        task_status.started((None, exc))
+                        return
+                    task_status.started((tasks, None))
+                    await trio.sleep_forever()
             finally:
                 for node in nodes:
                     await node.aclose()
                 ended.set()
 
-        scope, error = await self.nursery.start(serve)
+        tasks, error = await self.nursery.start(serve)
         if error is not None:
             raise error
-        mount = Mount(client, mirror, nodes, scope, ended)
+        mount = Mount(client, mirror, nodes, tasks, ended)
         if self.model is None:
             self.blocks = mirror.size // BLOCK
             self.model = AckModel(self.blocks)
@@ -222,7 +225,7 @@ class Simulation:
 
     async def end(self, mount: Mount) -> None:
         """Kill the client (no flush, no shutdown record)."""
-        mount.scope.cancel()
+        mount.tasks.cancel_scope.cancel()
         await mount.ended.wait()
 
     def set_owner(self, client: str | None, *, forced: bool = False) -> None:

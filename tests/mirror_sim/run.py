@@ -23,6 +23,7 @@ def simulate(
     *,
     legs: int = 2,
     resync_rate: int = 0,
+    read_check: bool = True,
     scheduling_seed: int | None = None,
 ) -> Stats:
     """Run the scenario; returns its statistics, raises Violation.
@@ -38,7 +39,7 @@ def simulate(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            sim = Simulation(nursery, legs, resync_rate=resync_rate)
+            sim = Simulation(nursery, legs, resync_rate=resync_rate, read_check=read_check)
             stats.append(sim.stats)
             try:
                 for step in steps_of(sim):

@@ -310,6 +310,35 @@ class Crash(Step):
 
 
 @dataclass(frozen=True)
+class CrashDuringWrite(Step):
+    """The client dies `after` seconds into a write of blocks [block, +count)
+    (with a slow leg, while some legs have it and others not); the hosts of
+    `power_loss` lose their caches with it."""
+
+    block: int
+    count: int
+    after: float
+    power_loss: tuple[int, ...] = ()
+
+    async def run(self, sim: Simulation) -> None:
+        mount = sim.holder
+        assert mount is not None and sim.model is not None
+        write_id = sim.next_write_id()
+        data = payload(write_id, self.block, self.count)
+
+        async def write() -> None:
+            try:
+                await mount.mirror.write(self.block * BLOCK, data)
+            except NodeError:
+                pass  # the model takes the write as failed either way
+
+        mount.tasks.start_soon(write)
+        await trio.sleep(self.after)
+        sim.model.failed(self.block, self.count, write_id)
+        await Crash(self.power_loss).run(sim)
+
+
+@dataclass(frozen=True)
 class Takeover(Step):
     """A second client mounts while the holder is up: with `stall`, the
     holder's side of the wire goes silent first (a frozen daemon) and comes
@@ -371,7 +400,7 @@ _TIME = ["sleep", "sleep", "settle"]
 _FAULTS = [
     "kill", "revive", "revive", "fail", "fail", "heal", "heal", "slow", "freeze", "thaw", "corrupt"
 ]
-_CLIENT = ["crash", "umount", "takeover"]
+_CLIENT = ["crash", "crash_mid_write", "umount", "takeover"]
 _WITH_HOLDER = _IO + _TIME + _FAULTS + _CLIENT
 _WITHOUT_HOLDER = ["mount"] * 3 + ["mount_some"] * 3 + [
     "kill", "revive", "fail", "heal", "corrupt", "sleep"
@@ -400,6 +429,8 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
     legs = len(sim.disks)
     if sim.model is None:
         return Mount(reachable=(True,) * legs)
+    if not sim.read_check:
+        without = without | {"corrupt"}
     kinds = [
         kind
         for kind in (_WITH_HOLDER if sim.holder is not None else _WITHOUT_HOLDER)
@@ -466,6 +497,13 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
         )
         seed = data.draw(st.integers(0, 3), label="seed") if power else 0
         return Crash(power, seed)
+    if kind == "crash_mid_write":
+        first, count = extent()
+        after = data.draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]), label="after")
+        power = data.draw(
+            st.sets(st.integers(0, legs - 1)).map(lambda s: tuple(sorted(s))), label="power_loss"
+        )
+        return CrashDuringWrite(first, count, after, power)
     if kind == "umount":
         return Umount()
     if kind == "takeover":

@@ -41,6 +41,7 @@ from .mirror_sim.steps import (
     Heal,
     Kill,
     Mount,
+    Read,
     ReadAll,
     Revive,
     Settle,
@@ -267,6 +268,21 @@ def test_sim_a_crash_between_the_legs_writes_resyncs_the_marked_region():
         Heal(1), Mount(BOTH), Settle(), Sleep(12.0),
         ReadAll(),
     ])
+
+
+def test_sim_a_stale_leg_that_is_online_is_never_read():
+    """Leg 1 fails writes to its data and goes stale; it stays online and its
+    reads work, and with read_check off nothing would catch its old bytes."""
+    run(
+        [
+            Mount(BOTH), Settle(),
+            Read(100, 1),  # leg positions: both near block 100
+            Fail(1, ("write",), "data"),
+            Write(0, 16), Write(100, 4),  # leg 1 misses both and goes stale
+            Read(100, 4), Read(0, 16), Read(101, 2),
+        ],
+        read_check=False,
+    )
 
 
 def test_sim_a_holder_that_heartbeats_is_not_taken_over_without_force():

@@ -49,9 +49,6 @@ ZERO = 0
 #: the id of a block whose bytes are no write of the simulator's
 GARBAGE = -1
 
-#: ops that change bytes (checked against the disk's owner)
-MUTATING = ("write", "trim", "write_zeroes")
-
 
 def block_bytes(write_id: int, block: int) -> bytes:
     """The bytes write `write_id` puts in data block `block`: the id and the

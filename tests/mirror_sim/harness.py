@@ -392,6 +392,11 @@ class Simulation:
                             f"not mark; mirror state {mirror.state}"
                         )
 
+    def cache_lost(self, blocks: set[int]) -> None:
+        """A disk lost these blocks' cached bytes: rot under a rewrite that was
+        not durable yet is back."""
+        self.rotted |= self.rot_on_media.intersection(blocks)
+
     def _settle_dropped(self, mount: Mount) -> dict[int, set[int]]:
         """Blocks whose cache a failed FLUSH dropped, per leg, that the
         invariants do not hold against the leg (yet). Once the mirror treats
@@ -407,6 +412,7 @@ class Simulation:
             disk = mount.nodes[leg.index].disk
             if not disk.dropped:
                 continue
+            self.cache_lost(set(disk.dropped))
             if not leg.in_sync:
                 disk.dropped.clear()
             elif in_sync == [leg]:

@@ -140,6 +140,7 @@ class Kill(Step):
 
     async def run(self, sim: Simulation) -> None:
         lost = sim.disks[self.disk].die(self.power_loss, keep_some(self.seed))
+        sim.cache_lost(lost)
         data = {block for block in lost if block < sim.blocks}
         if not data or sim.model is None:
             return
@@ -304,7 +305,9 @@ class Crash(Step):
         sim.set_owner(None)
         lost = False
         for index in self.power_loss:
-            lost = bool(sim.disks[index].lose_cache(keep_some(self.seed))) or lost
+            blocks = sim.disks[index].lose_cache(keep_some(self.seed))
+            sim.cache_lost(blocks)
+            lost = lost or bool(blocks)
         if lost:
             sim.model.volatile_lost()
 

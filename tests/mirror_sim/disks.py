@@ -100,6 +100,8 @@ class SimDisk:
         self.alive = True
         #: op -> (scope: "all", "data" or "meta", until when) of the EIO it fails with
         self.failing: dict[str, tuple[str, float]] = {}
+        #: op -> how many of its next requests fail with EIO (a flaky disk)
+        self.fail_next: dict[str, int] = {}
         #: bytes below this are data (the simulator sets it to the storage size)
         self.data_limit = size
         self.delay = 0.0
@@ -125,8 +127,12 @@ class SimDisk:
 
     @property
     def healthy(self) -> bool:
-        return self.alive and not self.frozen and not self.delay and not any(
-            until > trio.current_time() for _, until in self.failing.values()
+        return (
+            self.alive
+            and not self.frozen
+            and not self.delay
+            and not any(self.fail_next.values())
+            and not any(until > trio.current_time() for _, until in self.failing.values())
         )
 
     def die(self, power_loss: bool = False, keep: Callable[[int], bool] | None = None) -> set[int]:
@@ -161,6 +167,7 @@ class SimDisk:
     def heal(self) -> None:
         """Clear EIO faults and slowness (not death, freezing or corruption)."""
         self.failing.clear()
+        self.fail_next.clear()
         self.delay = 0.0
 
     def fail(self, op: str, scope: str, seconds: float | None = None) -> None:
@@ -169,6 +176,9 @@ class SimDisk:
         self.failing[op] = (scope, until)
 
     def fails(self, op: str, offset: int) -> bool:
+        if self.fail_next.get(op):
+            self.fail_next[op] -= 1
+            return True
         scope, until = self.failing.get(op, ("", 0.0))
         if until <= trio.current_time():
             return False

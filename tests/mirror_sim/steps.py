@@ -178,6 +178,18 @@ class Fail(Step):
 
 
 @dataclass(frozen=True)
+class FlakyFlush(Step):
+    """The node's next FLUSH fails with EIO (its cache is dropped), whoever
+    sends it: the user's fsync, a resync's or the bitmap's lazy clearing."""
+
+    disk: int
+    needs_holder = False
+
+    async def run(self, sim: Simulation) -> None:
+        sim.disks[self.disk].fail_next["flush"] = 1
+
+
+@dataclass(frozen=True)
 class Slow(Step):
     disk: int
     seconds: float
@@ -401,7 +413,8 @@ class Takeover(Step):
 _IO = ["write"] * 8 + ["read"] * 3 + ["readall", "flush", "flush", "trim", "zeroes"]
 _TIME = ["sleep", "sleep", "settle"]
 _FAULTS = [
-    "kill", "revive", "revive", "fail", "fail", "heal", "heal", "slow", "freeze", "thaw", "corrupt"
+    "kill", "revive", "revive", "fail", "fail", "flaky_flush", "heal", "heal", "slow", "freeze",
+    "thaw", "corrupt",
 ]
 _CLIENT = ["crash", "crash_mid_write", "umount", "takeover"]
 _WITH_HOLDER = _IO + _TIME + _FAULTS + _CLIENT
@@ -482,6 +495,8 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
         scope = data.draw(st.sampled_from(["all", "data", "meta"]), label="scope")
         seconds = data.draw(st.sampled_from([None, 3.0, 10.0, 40.0]), label="seconds")
         return Fail(data.draw(disk, label="disk"), ops, scope, seconds)
+    if kind == "flaky_flush":
+        return FlakyFlush(data.draw(disk, label="disk"))
     if kind == "heal":
         return Heal(data.draw(disk, label="disk"))
     if kind == "slow":

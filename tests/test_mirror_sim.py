@@ -36,6 +36,7 @@ from .mirror_sim.steps import (
     Crash,
     CrashDuringWrite,
     Fail,
+    FlakyFlush,
     Flush,
     Freeze,
     Heal,
@@ -231,6 +232,23 @@ def test_sim_a_write_only_the_resyncing_leg_took_is_resynced():
             Fail(0, ("write",), "data"),  # the only in-sync leg fails the write ...
             Write(0, 2),  # ... which lands on leg 1 only: EIO
             Heal(0), Settle(), Sleep(12.0),
+            ReadAll(),
+        ],
+        resync_rate=64 * KiB,
+    )
+
+
+@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 items 3 and 4")
+def test_sim_a_flush_failing_on_the_only_in_sync_leg_keeps_the_region_marked():
+    """The only in-sync leg's fdatasync fails (its cache is dropped) while the
+    resyncing leg's succeeds: the user gets EIO, and the legs must not end
+    up different while clean."""
+    run(
+        [
+            Mount(BOTH), AwaitResync(leg=1, region=0),
+            Write(0, 16),  # both legs take it; leg 1 had region 0 copied already
+            FlakyFlush(0), Flush(),  # EIO: leg 0 dropped the write
+            Settle(), Sleep(12.0),
             ReadAll(),
         ],
         resync_rate=64 * KiB,

@@ -1,0 +1,469 @@
+"""The simulation: disks, the clients that mount them, the model, and the
+invariants checked after every step.
+
+A `Simulation` lives inside one `trio.run` (MockClock, autojump) and owns a
+nursery in which every mount runs in a task of its own: a client crash is
+the cancellation of that task (nothing flushed, no shutdown record), a
+clean umount is `aclose` first. The mirror is driven only through its
+public surface (`Mirror(...)`, `start`, `read`, `write`, `flush`, `trim`,
+`write_zeroes`, `aclose`, `state`, `legs[i].role`); the write-intent bitmap
+and a resyncing leg's pending regions are read in `marked_regions` and
+`pending_regions` alone, so a rename in the mirror touches one place.
+
+Invariants (`check`, after every step; a breach raises `Violation` with the
+steps so far):
+- a read returns, per block, a write the model allows (last acknowledged,
+  or old/new around a failed one); a corrupted block may read as garbage;
+- a leg the mirror reports in sync (or a resyncing leg in its copied
+  regions) holds, in its cache, what the model allows and, on its durable
+  image, what the model allows after a crash: flushed data survives the
+  loss of any other leg;
+- two such legs agree in every region the bitmap does not mark;
+- only the holder's writes land (`SimDisk.late_writes` stays empty);
+- a request fails only while a fault explains it: a write, flush or read
+  fails although an in-sync leg is healthy -> bug; a mount is refused
+  although every leg is reachable and healthy -> bug (unless a forced mount
+  may have split the history), or although the previous clean umount
+  recorded exactly the unreachable legs as out of date -> bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from dstfuse.errors import DstError, NodeError
+from dstfuse.mirror.algorithm import Mirror
+from dstfuse.mirror.legs import LegRole
+
+from .disks import BLOCK, GARBAGE, SimDisk, SimNode, decode_block, payload
+from .model import AckModel
+
+KiB = 1024
+REGION = 64 * KiB
+#: 1 MiB legs: 16 regions of 64 KiB, so random writes collide often
+LEG_SIZE = 1 << 20
+#: what a connection waits for an unreachable node (a RemoteNode's budget)
+BUDGET = 3.0
+#: the longest any one step may take in simulated time before it counts as hung
+STEP_TIMEOUT = 900.0
+#: how long after a failed FLUSH dropped a leg's cache the mirror may still
+#: report the leg in sync (the failure is handled when every leg answered)
+DROP_GRACE = 2 * BUDGET + 10.0
+HEARTBEAT = 2.0
+BITMAP_IDLE = 5.0
+
+
+class Violation(AssertionError):
+    """An invariant broke; the message says which and lists the steps."""
+
+
+@dataclass
+class Mount:
+    """One client's mount of the storage (a `dstfuse mount` process)."""
+
+    client: str
+    mirror: Mirror
+    nodes: list[SimNode]
+    #: the mount's tasks: the mirror's background work, and requests in flight
+    tasks: trio.Nursery
+    ended: trio.Event
+    #: the mirror may have fenced itself: its writes may fail
+    may_be_fenced: bool = False
+
+    def leg_state(self) -> str:
+        return ", ".join(
+            f"{leg.index}:{leg.role.value}{'' if leg.online else '/offline'}"
+            for leg in self.mirror.legs
+        )
+
+
+@dataclass
+class SessionEnd:
+    """How the last session ended: `clean` (umount) and which legs it had in sync."""
+
+    clean: bool
+    in_sync: tuple[bool, ...]
+    healthy: tuple[bool, ...]
+
+
+def marked_regions(mirror: Mirror) -> set[int]:
+    """Regions the write-intent bitmap marks (or is clearing) now."""
+    bitmap = mirror.bitmap
+    marked = set(bitmap.desired)
+    marked.update(bitmap.clearing)
+    return marked
+
+
+def pending_regions(leg) -> set[int] | None:
+    """A resyncing leg's regions still to copy (None: all of them)."""
+    pending = getattr(leg, "pending", None)
+    return None if pending is None else set(pending)
+
+
+@dataclass
+class Stats:
+    """What a scenario did (for the volume of a run)."""
+
+    steps: int = 0
+    writes_ok: int = 0
+    writes_failed: int = 0
+    reads: int = 0
+    flushes: int = 0
+    mounts: int = 0
+    refusals: int = 0
+    crashes: int = 0
+    takeovers: int = 0
+    garbage_reads: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+class Simulation:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        legs: int = 2,
+        *,
+        leg_size: int = LEG_SIZE,
+        budget: float = BUDGET,
+        resync_rate: int = 0,
+        read_check: bool = True,
+    ) -> None:
+        self.nursery = nursery
+        self.disks = [SimDisk(f"d{i}", leg_size) for i in range(legs)]
+        self.budget = budget
+        self.resync_rate = resync_rate
+        #: with read_check off the mirror cannot tell rot: scenarios then corrupt nothing
+        self.read_check = read_check
+        self.holder: Mount | None = None
+        self.mounts = 0
+        self.write_ids = 0
+        self.model: AckModel | None = None
+        self.blocks = 0
+        self.last_session: SessionEnd | None = None
+        #: a forced or primary= mount left some legs out: their history and
+        #: the mounted one's may have split, so a mount of all may be refused
+        self.split_possible = False
+        #: data blocks corrupted on some disk since their last acknowledged
+        #: write: garbage there may be the rot (or a copy of it), not a bug
+        self.rotted: set[int] = set()
+        #: ... and, until a FLUSH or FUA makes their rewrite durable, on the media
+        self.rot_on_media: set[int] = set()
+        self.history: list[str] = []
+        self.stats = Stats()
+
+    # -- reporting -------------------------------------------------------------
+    def violation(self, what: str) -> Violation:
+        steps = "\n  ".join(self.history)
+        holder = f"; legs {self.holder.leg_state()}" if self.holder else ""
+        return Violation(f"{what}{holder}\nsteps:\n  {steps}")
+
+    def note(self, line: str) -> None:
+        self.history.append(line)
+
+    # -- mounts ------------------------------------------------------------------
+    def _options(self, client: str, number: int, force: bool, primary: int | None) -> dict:
+        mount_options: dict[str, object] = {"read_check": "on" if self.read_check else "off"}
+        if force:
+            mount_options["force"] = True
+        if primary is not None:
+            mount_options["primary"] = str(primary)
+        return {
+            "region_size": REGION,
+            "resync_size": REGION,
+            "resync_rate": self.resync_rate,
+            "client_name": client,
+            "client_id": number.to_bytes(16, "little"),
+            "heartbeat_interval": HEARTBEAT,
+            "bitmap_idle": BITMAP_IDLE,
+            "mount_options": mount_options,
+        }
+
+    async def open_mount(self, *, force: bool = False, primary: int | None = None) -> Mount:
+        """Start a new client's mirror over the disks as they are; raises
+        what `Mirror.start` raises (UserError: refused)."""
+        self.mounts += 1
+        client = f"client{self.mounts}:1"
+        nodes = [SimNode(disk, client, budget=self.budget) for disk in self.disks]
+        for node in nodes:
+            await node.start(self.nursery)
+        mirror = Mirror(
+            "vol0",
+            [(node, None) for node in nodes],
+            self._options(client, self.mounts, force, primary),
+        )
+        ended = trio.Event()
+
+        async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                async with trio.open_nursery() as tasks:
+                    try:
+                        await mirror.start(tasks)
+                    except DstError as exc:
+                        tasks.cancel_scope.cancel()
+                        task_status.started((None, exc))
+                        return
+                    task_status.started((tasks, None))
+                    await trio.sleep_forever()
+            finally:
+                for node in nodes:
+                    await node.aclose()
+                ended.set()
+
+        tasks, error = await self.nursery.start(serve)
+        if error is not None:
+            raise error
+        mount = Mount(client, mirror, nodes, tasks, ended)
+        if self.model is None:
+            self.blocks = mirror.size // BLOCK
+            self.model = AckModel(self.blocks)
+        for disk in self.disks:
+            disk.data_limit = mirror.size
+        return mount
+
+    async def end(self, mount: Mount) -> None:
+        """Kill the client (no flush, no shutdown record)."""
+        mount.tasks.cancel_scope.cancel()
+        await mount.ended.wait()
+
+    def set_owner(self, client: str | None, *, forced: bool = False) -> None:
+        for disk in self.disks:
+            disk.set_owner(client, forced=forced)
+
+    # -- health -------------------------------------------------------------------
+    def leg_healthy(self, mount: Mount, index: int) -> bool:
+        node = mount.nodes[index]
+        return node.disk.healthy and not node.stalled and not node.lost
+
+    def healthy_in_sync_leg(self, mount: Mount) -> bool:
+        return any(
+            leg.in_sync and self.leg_healthy(mount, leg.index) for leg in mount.mirror.legs
+        )
+
+    # -- I/O through the holder -------------------------------------------------------
+    def next_write_id(self) -> int:
+        self.write_ids += 1
+        return self.write_ids
+
+    async def mutate(self, op: str, first: int, count: int, fua: bool) -> None:
+        mount, model = self.holder, self.model
+        assert mount is not None and model is not None
+        expected_ok = self.healthy_in_sync_leg(mount) and not mount.may_be_fenced
+        mirror = mount.mirror
+        write_id = 0 if op != "write" else self.next_write_id()
+        try:
+            if op == "write":
+                await mirror.write(first * BLOCK, payload(write_id, first, count), fua=fua)
+            elif op == "trim":
+                await mirror.trim(first * BLOCK, count * BLOCK)
+            else:
+                await mirror.write_zeroes(first * BLOCK, count * BLOCK, fua=fua)
+        except NodeError as exc:
+            self.stats.writes_failed += 1
+            model.failed(first, count, write_id)
+            self.note(f"    -> {op} failed: {exc}")
+            if expected_ok:
+                raise self.violation(
+                    f"{op} of blocks [{first}, +{count}) failed although an in-sync leg "
+                    f"was healthy: {exc}"
+                ) from None
+            return
+        self.stats.writes_ok += 1
+        self.rotted.difference_update(range(first, first + count))
+        if fua and op != "trim":
+            self.rot_on_media.difference_update(range(first, first + count))
+        model.acknowledged(first, count, write_id, fua=fua and op != "trim")
+        if op == "write":
+            self.note(f"    -> write id {write_id} acknowledged")
+
+    async def read(self, first: int, count: int) -> None:
+        mount, model = self.holder, self.model
+        assert mount is not None and model is not None
+        expected_ok = self.healthy_in_sync_leg(mount) and not self.rotted.intersection(
+            range(first, first + count)
+        )
+        self.stats.reads += 1
+        try:
+            data = await mount.mirror.read(first * BLOCK, count * BLOCK)
+        except NodeError as exc:
+            self.note(f"    -> read failed: {exc}")
+            if expected_ok:
+                raise self.violation(
+                    f"read of blocks [{first}, +{count}) failed although an in-sync leg "
+                    f"was healthy: {exc}"
+                ) from None
+            return
+        for i in range(count):
+            block = first + i
+            got = decode_block(memoryview(data)[i * BLOCK : (i + 1) * BLOCK], block)
+            if got == GARBAGE and block in self.rotted:
+                self.stats.garbage_reads += 1
+                continue
+            if not model.allows(block, got):
+                raise self.violation(
+                    f"read of block {block} returned write {got}; the model allows "
+                    f"{sorted(model.current[block])}"
+                )
+
+    async def flush(self) -> None:
+        mount, model = self.holder, self.model
+        assert mount is not None and model is not None
+        expected_ok = self.healthy_in_sync_leg(mount) and not mount.may_be_fenced
+        self.stats.flushes += 1
+        try:
+            await mount.mirror.flush()
+        except NodeError as exc:
+            model.volatile_lost()
+            self.note(f"    -> flush failed: {exc}")
+            if expected_ok:
+                raise self.violation(
+                    f"flush failed although an in-sync leg was healthy: {exc}"
+                ) from None
+            return
+        model.flushed()
+        self.rot_on_media &= self.rotted
+
+    # -- invariants ---------------------------------------------------------------------
+    def check(self) -> None:
+        late = [write for disk in self.disks for write in disk.late_writes]
+        if late:
+            raise self.violation(
+                "writes of a client that no longer holds the storage landed: "
+                + "; ".join(map(str, late[:5]))
+            )
+        mount, model = self.holder, self.model
+        if mount is None or model is None:
+            return
+        mirror = mount.mirror
+        dropped = self._settle_dropped(mount)
+        marked = marked_regions(mirror)
+        region_blocks = REGION // BLOCK
+        readable: list[tuple[int, set[int] | None, list[int], set[int]]] = []
+        for leg in mirror.legs:
+            node = mount.nodes[leg.index]
+            if leg.role is LegRole.IN_SYNC:
+                unreadable: set[int] | None = set()
+            elif leg.role is LegRole.RESYNCING:
+                unreadable = pending_regions(leg)
+            else:
+                continue
+            if unreadable is None:
+                continue
+            exempt = self.rotted | node.lost | dropped.get(leg.index, set())
+            ids = node.disk.data_ids(self.blocks)
+            durable = node.disk.data_ids(self.blocks, durable=True)
+            for block in range(self.blocks):
+                if block in exempt or block // region_blocks in unreadable:
+                    continue
+                if not model.allows(block, ids[block]):
+                    raise self.violation(
+                        f"leg {leg.index} ({leg.role.value}) holds write {ids[block]} at block "
+                        f"{block}; the model allows {sorted(model.current[block])}"
+                    )
+                if (
+                    leg.in_sync
+                    and block not in self.rot_on_media
+                    and not model.durable_allows(block, durable[block])
+                ):
+                    raise self.violation(
+                        f"leg {leg.index} (in sync) has write {durable[block]} on stable "
+                        f"storage at block {block}; after a crash the model allows "
+                        f"{sorted(model.after_crash[block])}"
+                    )
+            readable.append((leg.index, unreadable, ids, exempt))
+        for position, (a, skip_a, ids_a, exempt_a) in enumerate(readable):
+            for b, skip_b, ids_b, exempt_b in readable[position + 1 :]:
+                for block in range(self.blocks):
+                    region = block // region_blocks
+                    if (
+                        region in marked
+                        or region in skip_a  # type: ignore[operator]
+                        or region in skip_b  # type: ignore[operator]
+                        or block in exempt_a
+                        or block in exempt_b
+                    ):
+                        continue
+                    if ids_a[block] != ids_b[block]:
+                        raise self.violation(
+                            f"legs {a} and {b} differ at block {block} (writes {ids_a[block]} "
+                            f"and {ids_b[block]}) in region {region}, which the bitmap does "
+                            f"not mark; mirror state {mirror.state}"
+                        )
+
+    def cache_lost(self, blocks: set[int]) -> None:
+        """A disk lost these blocks' cached bytes: rot under a rewrite that was
+        not durable yet is back."""
+        self.rotted |= self.rot_on_media.intersection(blocks)
+
+    def _settle_dropped(self, mount: Mount) -> dict[int, set[int]]:
+        """Blocks whose cache a failed FLUSH dropped, per leg, that the
+        invariants do not hold against the leg (yet). Once the mirror treats
+        the leg as behind, they are its business (resync); if it was the
+        only in-sync leg, the data is gone and the model forgets it (the
+        kernel's fsync has the same rule); otherwise the mirror has
+        DROP_GRACE seconds to stop reporting the leg in sync."""
+        assert self.model is not None
+        now = trio.current_time()
+        in_sync = [leg for leg in mount.mirror.legs if leg.in_sync]
+        exempt: dict[int, set[int]] = {}
+        for leg in mount.mirror.legs:
+            disk = mount.nodes[leg.index].disk
+            if not disk.dropped:
+                continue
+            self.cache_lost(set(disk.dropped))
+            if not leg.in_sync:
+                disk.dropped.clear()
+            elif in_sync == [leg]:
+                self.model.forget({block for block in disk.dropped if block < self.blocks})
+                disk.dropped.clear()
+            else:
+                exempt[leg.index] = {
+                    block for block, when in disk.dropped.items() if now - when < DROP_GRACE
+                }
+        return exempt
+
+    def session_end(self, mount: Mount, clean: bool) -> SessionEnd:
+        return SessionEnd(
+            clean=clean,
+            in_sync=tuple(leg.in_sync for leg in mount.mirror.legs),
+            healthy=tuple(self.leg_healthy(mount, i) for i in range(len(self.disks))),
+        )
+
+    def refusal_allowed(self, reachable: Sequence[bool], primary: int | None) -> str | None:
+        """None if a refused mount is a bug now, else why it is allowed."""
+        if not all(disk.healthy for disk, up in zip(self.disks, reachable, strict=True) if up):
+            return "a reachable leg has a fault"
+        if primary is not None:
+            if not reachable[primary]:
+                return "primary= names an unreachable leg"
+            if self.last_session is None or not self.last_session.in_sync[primary]:
+                return "primary= names a leg that may not be in sync"
+        if all(reachable):
+            if self.split_possible and primary is None:
+                return "a forced mount may have split the legs' histories"
+            return None
+        last = self.last_session
+        if self.model is None:
+            return "first use with a leg unreachable"
+        if (
+            last is not None
+            and last.clean
+            and not self.split_possible
+            and all(h for h, up in zip(last.healthy, reachable, strict=True) if up)
+            and all(sync == up for sync, up in zip(last.in_sync, reachable, strict=True))
+        ):
+            return None  # the umount recorded exactly the missing legs as out of date
+        return "the reachable legs cannot prove they hold the newest data"
+
+    def adopt_source(self, mount: Mount) -> None:
+        """A forced mount: the user chose the in-sync legs' bytes."""
+        assert self.model is not None
+        for leg in mount.mirror.legs:
+            if leg.in_sync:
+                disk = mount.nodes[leg.index].disk
+                self.model.adopt(
+                    disk.data_ids(self.blocks), disk.data_ids(self.blocks, durable=True)
+                )
+                return

@@ -161,7 +161,6 @@ def run(steps, **options):
         restore()
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 item 1")
 def test_sim_a_leg_left_behind_is_not_mounted_alone_after_an_umount():
     run([
         Mount(BOTH), Settle(),
@@ -171,7 +170,6 @@ def test_sim_a_leg_left_behind_is_not_mounted_alone_after_an_umount():
     ])
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 item 1")
 def test_sim_a_leg_left_behind_is_not_mounted_alone_after_a_client_crash():
     run([
         Mount(BOTH), Settle(),
@@ -181,7 +179,6 @@ def test_sim_a_leg_left_behind_is_not_mounted_alone_after_a_client_crash():
     ])
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 item 1")
 def test_sim_a_leg_left_behind_is_not_the_source_while_the_newer_leg_is_frozen():
     run([
         Mount(BOTH), Settle(),
@@ -192,7 +189,12 @@ def test_sim_a_leg_left_behind_is_not_the_source_while_the_newer_leg_is_frozen()
     ])
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 item 2")
+@pytest.mark.xfail(
+    strict=True,
+    raises=Violation,
+    reason="issue 9 item 2, open: the old holder's background metadata writes in flight at "
+    "the stall, and a forced takeover fences it at its next lease check, not its next write",
+)
 def test_sim_a_stalled_holder_does_not_write_after_a_takeover():
     run([
         Mount(BOTH), Settle(), Write(0, 4), Flush(),
@@ -201,7 +203,12 @@ def test_sim_a_stalled_holder_does_not_write_after_a_takeover():
     ])
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 item 2")
+@pytest.mark.xfail(
+    strict=True,
+    raises=Violation,
+    reason="issue 9 item 2, open: the old holder's background metadata writes in flight at "
+    "the stall, and a forced takeover fences it at its next lease check, not its next write",
+)
 def test_sim_a_forced_takeover_fences_the_old_holder():
     run([
         Mount(BOTH), Settle(), Write(0, 4),
@@ -210,7 +217,6 @@ def test_sim_a_forced_takeover_fences_the_old_holder():
     ])
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 item 3")
 def test_sim_a_failed_flush_keeps_the_region_marked_for_that_leg():
     run([
         Mount(BOTH), Settle(), Sleep(30.0),  # every start-up mark cleared
@@ -222,7 +228,6 @@ def test_sim_a_failed_flush_keeps_the_region_marked_for_that_leg():
     ])
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 item 4")
 def test_sim_a_write_only_the_resyncing_leg_took_is_resynced():
     run(
         [
@@ -238,7 +243,6 @@ def test_sim_a_write_only_the_resyncing_leg_took_is_resynced():
     )
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 9 items 3 and 4")
 def test_sim_a_flush_failing_on_the_only_in_sync_leg_keeps_the_region_marked():
     """The only in-sync leg's fdatasync fails (its cache is dropped) while the
     resyncing leg's succeeds: the user gets EIO, and the legs must not end

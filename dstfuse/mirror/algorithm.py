@@ -29,7 +29,7 @@ import errno
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import trio
@@ -486,6 +486,7 @@ class Mirror(Algorithm):
             await self._flush_every_leg()
         except NodeError:
             bitmap.abort_clear(regions)
+            self._distrust_unflushed()
             raise
         if not all(leg.in_sync and leg.online for leg in self.legs):
             # A leg failed the flush (or anything else) meanwhile: its copy of
@@ -934,10 +935,20 @@ class Mirror(Algorithm):
             except NodeError as exc:
                 log.error("storage %s: %s", self.storage_name, exc)
 
-    def _copy_again(self, targets: list[MirrorLeg], regions: range) -> None:
-        """A write failed on every in-sync leg: a resyncing leg that took it
-        (or part of it) may now differ from them, so its resync copies those
-        regions again."""
+    def _distrust_unflushed(self) -> None:
+        """A FLUSH failed on every in-sync leg: a write since the last flush
+        may have reverted to older bytes there (a failed fdatasync drops the
+        dirty pages), which is allowed after the EIO but would fail its
+        block check. The marked regions' entries are not trusted until the
+        regions are rewritten or resynced."""
+        if self.checks is not None and self.bitmap is not None:
+            self.checks.distrust(self.bitmap.desired)
+
+    def _copy_again(self, targets: list[MirrorLeg], regions: Iterable[int]) -> None:
+        """A request failed on every in-sync leg: a resyncing leg that took
+        it (or part of it) may now differ from them, so its resync copies
+        those regions again."""
+        regions = list(regions)
         for leg in targets:
             if leg.role is LegRole.RESYNCING and leg.pending is not None:
                 fresh = [region for region in regions if region not in leg.pending]
@@ -947,10 +958,8 @@ class Mirror(Algorithm):
                     leg.resync_total += end - start
                 if fresh:
                     log.warning(
-                        "%s: took a write no in-sync leg took; regions %d-%d are copied again",
-                        leg,
-                        regions.start,
-                        regions.stop - 1,
+                        "%s: a request no in-sync leg completed may have reached it; "
+                        "%d region(s) are copied again", leg, len(fresh),
                     )
                     self.resync.wake()
 
@@ -1002,6 +1011,11 @@ class Mirror(Algorithm):
         took = any(error is None and leg.in_sync for leg, (_, error) in answers)
         errors = [(leg, error) for leg, (_, error) in answers if error]
         if not took:
+            # Any write since the last flush may be lost on the in-sync legs
+            # and kept on a resyncing one: those copy every marked region again.
+            assert self.bitmap is not None
+            self._copy_again(legs, self.bitmap.desired)
+            self._distrust_unflushed()
             await self._keep_one_copy([leg for leg, _ in errors], "flush")
             error = errors[0][1] if errors else None
             raise NodeError(

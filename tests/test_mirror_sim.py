@@ -91,13 +91,14 @@ def quiet_mirror_logs():
     return lambda: logger.setLevel(previous)
 
 
-def drawn_steps(data, steps: int):
-    unknown = SIM_WITHOUT - KINDS
+def drawn_steps(data, steps: int, without_kinds: frozenset[str] = frozenset()):
+    left_out = SIM_WITHOUT | without_kinds
+    unknown = left_out - KINDS
     if unknown:
         raise ValueError(f"DSTFUSE_SIM_WITHOUT: unknown step kinds {sorted(unknown)}")
 
     def steps_of(sim: Simulation):
-        without = draw_kinds(data, SIM_WITHOUT)
+        without = draw_kinds(data, left_out)
         note(f"kinds left out: {', '.join(sorted(without)) or 'none'}")
         for number in range(steps):
             if number and data.draw(st.integers(0, 4 * steps), label="more") == 0:
@@ -107,14 +108,16 @@ def drawn_steps(data, steps: int):
     return steps_of
 
 
-def random_simulation(data, steps: int, replay: str) -> None:
+def random_simulation(
+    data, steps: int, replay: str, without_kinds: frozenset[str] = frozenset()
+) -> None:
     legs = data.draw(st.sampled_from([2, 2, 3]), label="legs")
     rate = data.draw(st.sampled_from([0, 0, 256 * KiB, 64 * KiB]), label="resync_rate")
     read_check = data.draw(st.booleans(), label="read_check")
     note(f"replay: {replay}; legs {legs}, resync_rate {rate}, read_check {read_check}")
     restore = quiet_mirror_logs()
     try:
-        simulate(drawn_steps(data, steps), legs=legs, resync_rate=rate, read_check=read_check)
+        simulate(drawn_steps(data, steps, without_kinds), legs=legs, resync_rate=rate, read_check=read_check)
     finally:
         restore()
 
@@ -129,10 +132,17 @@ SIM_SETTINGS = settings(
 )
 
 
+@seed(SIM_SEED)
+@SIM_SETTINGS
+@given(st.data())
+def test_mirror_keeps_acknowledged_data_under_random_faults_without_takeovers(data):
+    random_simulation(data, SIM_STEPS, REPLAY, frozenset({"takeover"}))
+
+
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 9 items 1-4: the simulator finds them on today's mirror (non-strict: "
-    "a seed may miss them)",
+    reason="issue 9 item 2, open: a forced takeover fences the old holder at its next lease "
+    "check, not at its next write (non-strict: a seed may not reach it)",
 )
 @seed(SIM_SEED)
 @SIM_SETTINGS

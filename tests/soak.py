@@ -72,8 +72,9 @@ CLEAN_TIMEOUT = 120.0
 TIMEOUTS = {"resend": "1s", "max_resends": 10, "keepalive": "500ms", "connect": "1s"}
 FIRST_MOUNT = ["assume_clean", "bitmap_idle=1s"]
 REMOUNT = ["bitmap_idle=1s"]
-#: Pause between the storage being clean and the next fault (seconds).
-QUIET = (2.0, 5.0)
+#: Pause between the storage being clean and the next fault (seconds); the
+#: short end hits a leg right after the other finished its resync.
+QUIET = (0.5, 4.0)
 
 
 class SoakFailure(AssertionError):
@@ -110,6 +111,7 @@ class SoakReport:
     fsck: str = ""
     fsck_returncode: int = -1
     umount_returncode: int = -1
+    umount_stderr: str = ""
     legs_identical: bool = False
 
     def summary(self) -> str:
@@ -173,9 +175,7 @@ class Relay:
             self._thread.join(30)
 
     def corrupt(self, direction: str, count: int) -> None:
-        trio.from_thread.run_sync(
-            self.proxy.corrupt_next, direction, count, trio_token=self._token
-        )
+        trio.from_thread.run_sync(self.proxy.corrupt_next, direction, count, trio_token=self._token)
 
 
 # ------------------------------------------------------------------- legs
@@ -252,6 +252,17 @@ class Client:
         """ext4 unmounted, loop device detached (the mount stays)."""
         self._fs_stack.close()
 
+    def wait_loop_released(self, timeout: float = 30.0) -> None:
+        """No loop device holds the storage file any more (`losetup -d` of
+        a busy device only marks it for detaching at its last close)."""
+        assert self.mount is not None
+        deadline = time.monotonic() + timeout
+        while run("losetup", "-j", self.mount.file("vol0")).stdout.strip():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.device} still holds the storage file {timeout} s "
+                                     "after losetup -d (who keeps it open?)")  # fmt: skip
+            time.sleep(0.2)
+
     def crash(self) -> None:
         """kill -9 of the daemon, then the dead mount removed."""
         assert self.mount is not None and self.mount.process is not None
@@ -302,9 +313,9 @@ class Writer:
                 "--direct=1", "--ioengine=libaio", "--iodepth=8",
                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
                 f"--randseed={self.seed + number}",
-                "--output-format=json", f"--output={self._output}",
+                "--output-format=json", f"--output={self._output}", "--verify_state_save=0",
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+            cwd=self.directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
         )  # fmt: skip
 
     def running(self) -> bool:
@@ -426,6 +437,7 @@ def crash_client(soak: Soak, rng: random.Random) -> str:
     ext4 mounted again."""
     soak.writer.wait()
     soak.client.detach_fs()
+    soak.client.wait_loop_released()
     soak.client.crash()
     started = time.monotonic()
     soak.client.attach(options=REMOUNT, mkfs=False)
@@ -498,7 +510,9 @@ def _finish(soak: Soak) -> None:
     done = run("fsck.ext4", "-fn", client.device, check=False)
     soak.report.fsck_returncode, soak.report.fsck = done.returncode, done.stdout[-3000:]
     client.detach_fs()
-    soak.report.umount_returncode = client.mount.umount().returncode
+    client.wait_loop_released()
+    umount = client.mount.umount()
+    soak.report.umount_returncode, soak.report.umount_stderr = umount.returncode, umount.stderr
     soak.report.legs_identical = all(
         _data_area(leg.path, size) == _data_area(soak.legs[0].path, size) for leg in soak.legs[1:]
     )

@@ -25,7 +25,7 @@ def test_a_mirror_on_two_hosts_loses_no_write_under_a_bounded_fault_soak(tmp_pat
     print("\n".join(report.events))
     assert report.ext4_errors == 0
     assert report.fsck_returncode == 0, report.fsck
-    assert report.umount_returncode == 0
+    assert report.umount_returncode == 0, report.umount_stderr
     assert report.legs_identical
     assert report.segments >= 2 and report.bytes_verified == report.bytes_written > 0
     assert set(report.faults) == set(FAULTS), report.faults  # every kind was injected

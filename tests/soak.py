@@ -238,11 +238,10 @@ class Client:
             self.fsck()
         self._fs_stack.enter_context(ext4_mounted(self.device, self.ext4, mkfs=False))
 
-    def fsck(self) -> subprocess.CompletedProcess[str]:
+    def fsck(self) -> None:
         done = run("fsck.ext4", "-fn", self.device, check=False)
         if done.returncode != 0:
             raise AssertionError(f"fsck.ext4 -fn exited {done.returncode}:\n{done.stdout[-3000:]}")
-        return done
 
     def ext4_errors(self) -> int:
         name = os.path.basename(self.device)

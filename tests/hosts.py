@@ -146,7 +146,14 @@ class Host:
     ) -> Export:
         """Start `dstfuse export PATH` in this host, listening on its IPv4
         (or IPv6) address and allowing read-write only to the root side of
-        its link. Stopped when `hosts()` ends (or by `stop()`)."""
+        its link. Stopped when `hosts()` ends (or by `stop()`).
+
+        Only the network namespace is entered (`nsenter --net`), not `ip
+        netns exec`'s private mount namespace: that one holds a copy of
+        every mount the test has made so far (the FUSE mount, ext4 on a
+        loop device), and as the root mount is not shared, an unmount in
+        the root namespace leaves the copy, so the loop device stays busy
+        and the FUSE file open for as long as the export runs."""
         if ipv6:
             listen = f"[{self.address6}]:{EXPORT_PORT}"
             allow = f"{self.root_address6}/128=rw"
@@ -158,7 +165,7 @@ class Host:
         with open(log, "ab") as output:
             process = subprocess.Popen(
                 [
-                    "ip", "netns", "exec", self.namespace,
+                    "nsenter", f"--net=/run/netns/{self.namespace}",
                     *DSTFUSE, "export", str(path), "--listen", listen, "--allow", allow, *args,
                 ],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=dstfuse_env(),

@@ -173,3 +173,19 @@ def test_linear_over_an_ipv4_and_an_ipv6_host_keeps_writing_across_a_link_down(t
             assert mount.umount().returncode == 0
     expected = b"".join(writer.expected[offset] for offset in writer.offsets)
     assert disks[0].read_bytes() + disks[1].read_bytes() == expected
+
+
+def test_an_export_started_after_a_mount_does_not_keep_it_after_its_unmount(tmp_path):
+    """An export shares the root mount namespace: a mount the test made
+    before starting it (a FUSE mount, ext4 on a loop device) is gone for
+    good when the test unmounts it, so the loop device can be detached."""
+    mountpoint = tmp_path / "scratch"
+    mountpoint.mkdir()
+    with hosts(1, tmp_path) as (host,):
+        run("mount", "-t", "tmpfs", "-o", "size=1M", "soaktmp", mountpoint)
+        try:
+            node = host.export(make_disk(tmp_path / "disk.img"))
+        finally:
+            run("umount", mountpoint)
+        held = Path(f"/proc/{node.process.pid}/mountinfo").read_text()
+        assert str(mountpoint) not in held

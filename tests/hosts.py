@@ -45,7 +45,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,7 +142,7 @@ class Host:
 
     def export(
         self, path: Path, *, ipv6: bool = False, args: Sequence[str] = (),
-        timeout: float = START_TIMEOUT,
+        timeout: float = START_TIMEOUT, env: Mapping[str, str] | None = None,
     ) -> Export:
         """Start `dstfuse export PATH` in this host, listening on its IPv4
         (or IPv6) address and allowing read-write only to the root side of
@@ -168,7 +168,7 @@ class Host:
                     "nsenter", f"--net=/run/netns/{self.namespace}",
                     *DSTFUSE, "export", str(path), "--listen", listen, "--allow", allow, *args,
                 ],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=dstfuse_env(),
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=dstfuse_env(env),
             )  # fmt: skip
         export = Export(listen, process, log)
         self.exports.append(export)

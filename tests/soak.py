@@ -42,6 +42,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,8 +201,8 @@ class Leg:
         self.export.process.kill()
         self.export.process.wait(30)
 
-    def restart(self) -> None:
-        self.export = self.host.export(self.path)
+    def restart(self, env: dict[str, str] | None = None) -> None:
+        self.export = self.host.export(self.path, env=env)
 
 
 # ----------------------------------------------------------------- client
@@ -429,6 +430,25 @@ def corrupt_bytes(soak: Soak, rng: random.Random) -> str:
             f"({soak.relay.proxy.corrupted - before} done within 2 s)")  # fmt: skip
 
 
+def reboot_node(soak: Soak, rng: random.Random) -> str:
+    """The node's host reboots: the node is stopped, its file written back
+    (what the host's disk holds: nothing it acknowledged is lost, so the
+    final comparison stays valid), killed, and started as a new instance
+    (another DSTFUSE_BOOT_ID): the client must resend every write it keeps
+    unflushed before anything else. (A reboot that does lose unflushed
+    writes is tested where the flushed state is known: test_node_reboot.py,
+    test_mirror_faults.py.)"""
+    leg = rng.choice(soak.legs)
+    os.kill(leg.pid, signal.SIGSTOP)
+    with open(leg.path, "rb+") as file:
+        os.fsync(file.fileno())
+    leg.kill()
+    down = rng.uniform(0.5, 3.0)
+    time.sleep(down)
+    leg.restart(env={"DSTFUSE_BOOT_ID": str(uuid.uuid4())})
+    return f"leg {leg.index}'s host rebooted (a new boot id after {down:.1f} s)"
+
+
 def crash_client(soak: Soak, rng: random.Random) -> str:
     """The running fio segment finishes; ext4 and the loop device go (an
     ext4 on a dead FUSE file can only fail); then kill -9 of the daemon,
@@ -445,15 +465,14 @@ def crash_client(soak: Soak, rng: random.Random) -> str:
 
 #: The fault kinds the injector draws from, by name. A kind is a function
 #: doing one fault to one part and returning what it did; it returns only
-#: once the fault is over (the node is back, the link up). New kinds (a
-#: node reboot: kill, revert the file to its last flushed state, restart
-#: with another DSTFUSE_BOOT_ID) go in here.
+#: once the fault is over (the node is back, the link up).
 FAULTS: dict[str, Callable[[Soak, random.Random], str]] = {
     "kill_node": kill_node,
     "freeze_node": freeze_node,
     "link_down": link_down,
     "corrupt_bytes": corrupt_bytes,
     "crash_client": crash_client,
+    "reboot_node": reboot_node,
 }
 
 

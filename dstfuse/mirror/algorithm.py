@@ -459,7 +459,7 @@ class Mirror(Algorithm):
         return max((leg.resync_timeout for leg in self.legs), default=1.0)
 
     async def _bitmap_loop(self) -> None:
-        while True:
+        while not self.lease.fenced:  # a fenced mount writes nothing more
             await trio.sleep(max(0.1, self.options.bitmap_idle / 2))
             try:
                 await self._clear_idle(trio.current_time() - self.options.bitmap_idle)

@@ -117,7 +117,10 @@ def random_simulation(
     note(f"replay: {replay}; legs {legs}, resync_rate {rate}, read_check {read_check}")
     restore = quiet_mirror_logs()
     try:
-        simulate(drawn_steps(data, steps, without_kinds), legs=legs, resync_rate=rate, read_check=read_check)
+        simulate(
+            drawn_steps(data, steps, without_kinds),
+            legs=legs, resync_rate=rate, read_check=read_check,
+        )
     finally:
         restore()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+import trio
 
 from dstfuse.address import parse_address
 from dstfuse.errors import NodeUnavailable
@@ -60,3 +61,32 @@ def attempts_failed(*codes: int) -> OSError:
 def test_each_attempts_failure_is_named_once(codes, expected):
     assert connect_failure(attempts_failed(*codes)) == expected
 
+
+
+class DroppedStream(trio.abc.Stream):
+    """A connection the node dropped at once (it was dying, or refused us
+    at accept): every send fails as a broken pipe does."""
+
+    async def send_all(self, data) -> None:
+        raise trio.BrokenResourceError("socket connection broken: [Errno 32] Broken pipe")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return b""
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_connection_dropped_while_greeting_the_node_is_unavailable_not_a_crash():
+    async def connector(address):
+        return DroppedStream()
+
+    with pytest.raises(NodeUnavailable, match="connection lost in handshake: .*Broken pipe"):
+        await Session.establish(
+            "R: 127.0.0.1:1", parse_address("127.0.0.1:1"), export=None, key=None,
+            modes=["xxh3-128"], client_id=bytes(16), client_name="test", number=1,
+            connector=connector,
+        )

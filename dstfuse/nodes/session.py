@@ -68,6 +68,15 @@ async def open_stream(address: Address) -> trio.abc.Stream:
     return await trio.open_tcp_stream(address.host, address.port)
 
 
+
+async def _send_in_handshake(node_name: str, stream: trio.abc.Stream, data: bytes) -> None:
+    """A node that drops the connection while we greet it (it is dying or
+    restarting, or refused us at accept) is unreachable for now, not a bug."""
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise NodeUnavailable(node_name, f"connection lost in handshake: {exc}") from None
+
 class Session:
     """A live, negotiated connection. `ready` holds what the node granted."""
 
@@ -122,11 +131,10 @@ class Session:
             raise NodeUnavailable(node_name, f"cannot connect: {connect_failure(exc)}") from None
         try:
             conn = Connection(Role.CLIENT, key=key, modes=modes)
-            await stream.send_all(
-                conn.hello(
-                    export=export, client_id=client_id, client_name=client_name, flags=hello_flags
-                )
+            hello = conn.hello(
+                export=export, client_id=client_id, client_name=client_name, flags=hello_flags
             )
+            await _send_in_handshake(node_name, stream, hello)
             ready = await cls._handshake(node_name, stream, conn)
         except BaseException:
             await trio.aclose_forcefully(stream)
@@ -152,7 +160,7 @@ class Session:
                     ) from None
                 conn.receive_data(data)
             elif isinstance(event, Challenged):
-                await stream.send_all(conn.confirm())
+                await _send_in_handshake(node_name, stream, conn.confirm())
             elif isinstance(event, Ready):
                 return event
             elif isinstance(event, Refused):

@@ -412,6 +412,12 @@ async def test_a_read_waiting_on_a_silent_leg_is_served_by_another(autojump_cloc
         with trio.fail_after(60):
             assert await mirror.read(0, 4096) == b"r" * 4096
         assert trio.current_time() - started <= 0.6
+        # the next reads do not wait for the silent leg again
+        mirror.legs[0].position = 0
+        started = trio.current_time()
+        for _ in range(4):
+            assert await mirror.read(0, 4096) == b"r" * 4096
+        assert trio.current_time() - started < 0.1
         nodes[0].hold.set()
         nodes[0].hold = None
         await mirror.aclose()

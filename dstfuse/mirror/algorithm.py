@@ -73,6 +73,9 @@ T = TypeVar("T")
 
 #: Longest wait for flushes and header writes at shutdown.
 CLOSE_TIMEOUT = 60.0
+#: A leg that let a read wait `read_timeout` is asked last for this many
+#: read timeouts (a frozen node costs the reads one timeout, not each one).
+SLOW_LEG_HOLD = 5
 #: A mount waiting for missing legs looks at every leg again this often
 #: (a leg whose header read failed may answer without a state change).
 MISSING_LEG_POLL = 2.0
@@ -528,6 +531,8 @@ class Mirror(Algorithm):
             return await call(leg)
         with trio.move_on_after(self.options.read_timeout):
             return await call(leg)
+        # asked last for a while, so the next reads do not wait for it too
+        leg.slow_until = trio.current_time() + SLOW_LEG_HOLD * self.options.read_timeout
         raise LegSlow(str(leg), f"no answer within read_timeout ({self.options.read_timeout:g} s)")
 
     async def _first_answer(
@@ -601,13 +606,16 @@ class Mirror(Algorithm):
     # -- reads -----------------------------------------------------------
     def _read_order(self, regions: range, offset: int = 0) -> list[MirrorLeg]:
         """Readable legs: online ones nearest first (DST), ties broken by
-        fewer requests in flight, then in turn; offline ones last."""
+        fewer requests in flight, then in turn; a leg that lately let a read
+        wait `read_timeout` after the others; offline ones last."""
         legs = [leg for leg in self.legs if leg.readable(regions)]
         count = len(self.legs)
         self._rotor += 1
+        now = trio.current_time()
         online = sorted(
             (leg for leg in legs if leg.online),
             key=lambda leg: (
+                leg.slow_until > now,
                 abs(leg.position - offset),
                 leg.node.counters.in_flight,
                 (leg.index - self._rotor) % count,

@@ -75,6 +75,9 @@ class MirrorLeg:
         self.position = 0
         #: why the leg cannot rejoin (split brain, too small), for logs
         self.blocked = ""
+        #: until then (trio clock) reads ask it after the other legs: it let
+        #: a read wait read_timeout
+        self.slow_until = -float("inf")
         #: requests the dispatcher stopped waiting for that still run
         self.unsettled = 0
         self._settled = trio.Event()

@@ -224,11 +224,11 @@ class _Builder:
         config order is raised after every start has ended; the nodes that
         did start are already registered for closing."""
         if self.read_only:
-            for name in self.config.storages:
-                if self._redundant(name):
+            for name, storage in self.config.storages.items():
+                if algorithm_class(storage.algorithm).writes_metadata:
                     raise UserError(
-                        f"-o ro: storage {name} is a mirror, which writes its metadata "
-                        "when mounted; mount it without ro"
+                        f"-o ro: storage {name} is a {storage.algorithm}, which writes its "
+                        "metadata when mounted; mount it without ro"
                     )
         wanted = [
             (name, index, spec)

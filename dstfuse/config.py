@@ -119,7 +119,7 @@ class NodeSpec:
 class StorageSpec:
     """A storage: `algorithm` is one of `dstfuse.algorithms.NAMES`; `nodes`
     are in the order the algorithm places them. `options` holds the
-    algorithm's parsed options with defaults filled in (mirror:
+    algorithm's `config_options`, parsed or defaulted (mirror:
     `region_size`, `resync_rate` (bytes/s, 0 = unlimited), `resync_size`,
     all ints in bytes); it is empty for linear."""
 
@@ -643,41 +643,6 @@ def _timeouts(item: _Item) -> Timeouts:
     )
 
 
-def _region_size(item: _Item) -> int:
-    size = _size(item)
-    if size < 64 * KiB or size & (size - 1):
-        raise item.error(f"{_text(item)} is not a power of two of at least 64K")
-    return size
-
-
-def _resync_rate(item: _Item) -> int:
-    text = _text(item)
-    if text.lower().endswith("/s"):
-        text = text[:-2]
-    try:
-        return parse_size(text)  # 0 = unlimited
-    except ValueError as exc:
-        raise item.error(f"{exc}; bytes per second, 0 = unlimited") from None
-
-
-def _resync_size(item: _Item) -> int:
-    size = _size(item)
-    if size == 0:
-        raise item.error("must be greater than zero")
-    return size
-
-
-#: algorithm -> option -> (default, parser). Algorithms not listed take none.
-_ALGORITHM_OPTIONS = {
-    "mirror": {
-        "region_size": (4 * MiB, _region_size),
-        "resync_rate": (100 * MiB, _resync_rate),
-        "resync_size": (4 * MiB, _resync_size),
-    },
-}
-_ALL_OPTIONS = {option for options in _ALGORITHM_OPTIONS.values() for option in options}
-
-
 @dataclass(frozen=True)
 class _Reference:
     """A `storage:` node: storage `user` uses storage `target` at `item`."""
@@ -702,19 +667,27 @@ def _storages(source: _Source, item: _Item) -> dict[str, StorageSpec]:
     return {name: storages[name] for name in _dependency_order(list(storages), uses)}
 
 
+def _all_config_options() -> list[str]:
+    """Every storage.yaml key some algorithm declares, sorted."""
+    return sorted({key for name in ALGORITHM_NAMES for key in algorithm_class(name).config_options})
+
+
 def _storage(source: _Source, name: str, item: _Item, references: list[_Reference]) -> StorageSpec:
-    fields = _Mapping(item, ("algorithm", "nodes", *sorted(_ALL_OPTIONS)))
+    fields = _Mapping(item, ("algorithm", "nodes", *_all_config_options()))
     algorithm = _choice(fields.require("algorithm"), ALGORITHM_NAMES)
-    known = _ALGORITHM_OPTIONS.get(algorithm, {})
+    known = algorithm_class(algorithm).config_options
     options = {}
     for option, option_item in fields.items():
         if option in ("algorithm", "nodes"):
             continue
         if option not in known:
             raise option_item.error(f"not an option of algorithm '{algorithm}'")
-        options[option] = known[option][1](option_item)
-    for option, (default, _) in known.items():
-        options.setdefault(option, default)
+        try:
+            options[option] = known[option].parse(_text(option_item))
+        except ValueError as exc:
+            raise option_item.error(str(exc)) from None
+    for option, declared in known.items():
+        options.setdefault(option, declared.default)
 
     nodes_item = fields.require("nodes")
     nodes = []

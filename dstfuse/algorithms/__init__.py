@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Algorithm, ControlFile, Placement, SizeFinding
+from .base import Algorithm, ConfigOption, ControlFile, Placement, SizeFinding
 
 #: algorithm name -> "module:class"; imported on first use so that a storage
 #: that never mirrors never imports the mirror.
@@ -22,4 +22,12 @@ def algorithm_class(name: str) -> type[Algorithm]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Algorithm", "ControlFile", "Placement", "SizeFinding", "NAMES", "algorithm_class"]
+__all__ = [
+    "Algorithm",
+    "ConfigOption",
+    "ControlFile",
+    "Placement",
+    "SizeFinding",
+    "NAMES",
+    "algorithm_class",
+]

@@ -51,6 +51,16 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class ConfigOption:
+    """One storage.yaml key of an algorithm: the value a storage gets when
+    the key is absent, and `parse(text)` of the value as written, which
+    raises ValueError with a one-line reason for a bad value."""
+
+    default: object
+    parse: Callable[[str], object]
+
+
+@dataclass(frozen=True)
 class SizeFinding:
     """The size a storage over some nodes has, found without starting it.
     `recorded` is None when the nodes alone fix the size, True when it was
@@ -69,11 +79,20 @@ class Algorithm(abc.ABC):
     #: each does. A mount refuses an option that neither the mount itself
     #: nor an algorithm of one of its storages declares.
     mount_options: ClassVar[Mapping[str, str]] = {}
+    #: The storage.yaml keys (besides `algorithm` and `nodes`) this
+    #: algorithm reads; the config gives every storage each of them, parsed
+    #: or defaulted, in `StorageSpec.options`.
+    config_options: ClassVar[Mapping[str, ConfigOption]] = {}
     #: The fewest nodes a storage of this algorithm may be configured with.
     minimum_nodes: ClassVar[int] = 1
     #: True when a storage can serve with one of its nodes unreachable (a
     #: mirror resyncs it later), so such a node may start offline.
     serves_without_a_node: ClassVar[bool] = False
+    #: True when every node holds the whole storage (`check` lists their sizes).
+    replicated: ClassVar[bool] = False
+    #: True when a mount writes the algorithm's own metadata to the nodes,
+    #: so the storage cannot be mounted read-only (`-o ro`).
+    writes_metadata: ClassVar[bool] = False
 
     @classmethod
     async def find_size(

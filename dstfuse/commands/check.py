@@ -275,7 +275,7 @@ def _render_storage(report: StorageReport) -> str:
             header += " if new"
     elif report.ok:
         header += ", size unknown"
-    if report.algorithm == "mirror":
+    if algorithm_class(report.algorithm).replicated:
         legs = [node.used for node in report.nodes]
         if all(leg is not None for leg in legs):
             shown = ", ".join(format_size(leg) for leg in legs if leg is not None)

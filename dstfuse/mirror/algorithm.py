@@ -61,7 +61,7 @@ from .metadata import (
     leg_layout,
     round_down,
 )
-from .options import MOUNT_OPTIONS, MirrorOptions
+from .options import CONFIG_OPTIONS, MOUNT_OPTIONS, MirrorOptions
 from .resync import Resync
 from .sizing import find_mirror_size
 from .startup import examine_leg, wait_for_holder
@@ -86,8 +86,11 @@ class Mirror(Algorithm):
 
     name = "mirror"
     mount_options = MOUNT_OPTIONS
+    config_options = CONFIG_OPTIONS
     minimum_nodes = 2
     serves_without_a_node = True
+    replicated = True
+    writes_metadata = True
     find_size = staticmethod(find_mirror_size)
 
     def __init__(

@@ -9,7 +9,9 @@ naming the option. `-o` keys the mirror does not know are left alone:
 they belong to the mount or to other algorithms.
 
 The mount options the mirror reads are `MOUNT_OPTIONS` (the mount refuses
-any other `-o` option that no algorithm of its storages declares).
+any other `-o` option that no algorithm of its storages declares); its
+storage.yaml keys are `CONFIG_OPTIONS`, whose parsers read the value as
+written in the file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..algorithms.base import ConfigOption
 from ..errors import UserError
 from ..units import parse_duration, parse_size
 
@@ -52,6 +55,24 @@ MOUNT_OPTIONS = {
     "read_timeout": "=DURATION: how long a read waits for one leg before it asks another "
     "in-sync leg (default 2 s)",
 }
+
+
+#: The smallest region size a config may give (a power of two).
+MIN_REGION_SIZE = 64 * 1024
+
+
+def _config_region_size(text: str) -> int:
+    size = parse_size(text)
+    if size < MIN_REGION_SIZE or size & (size - 1):
+        raise ValueError(f"{text} is not a power of two of at least 64K")
+    return size
+
+
+def _config_resync_rate(text: str) -> int:
+    try:
+        return _rate(text)  # 0 = unlimited
+    except ValueError as exc:
+        raise ValueError(f"{exc}; bytes per second, 0 = unlimited") from None
 
 
 @dataclass(frozen=True)
@@ -191,3 +212,12 @@ def _primary(storage_name: str, raw: object) -> int | None:
         raise UserError(
             f"mount option primary={text!r}: use a leg index, e.g. primary=0 or {storage_name}:0"
         ) from None
+
+
+#: The mirror's storage.yaml keys (values in bytes; the defaults are
+#: MirrorOptions').
+CONFIG_OPTIONS = {
+    "region_size": ConfigOption(MirrorOptions.region_size, _config_region_size),
+    "resync_rate": ConfigOption(MirrorOptions.resync_rate, _config_resync_rate),
+    "resync_size": ConfigOption(MirrorOptions.resync_size, _positive_size),
+}

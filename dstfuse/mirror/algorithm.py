@@ -30,7 +30,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
 
 import trio
 
@@ -63,19 +62,16 @@ from .metadata import (
 )
 from .options import CONFIG_OPTIONS, MOUNT_OPTIONS, MirrorOptions
 from .resync import Resync
+from .routing import ReadRouter
 from .sizing import find_mirror_size
 from .startup import examine_leg, wait_for_holder
 from .verify import OnlineVerify
 from .watch import LegWatch
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Longest wait for flushes and header writes at shutdown.
 CLOSE_TIMEOUT = 60.0
-#: A leg that let a read wait `read_timeout` is asked last for this many
-#: read timeouts (a frozen node costs the reads one timeout, not each one).
-SLOW_LEG_HOLD = 5
 #: A mount waiting for missing legs looks at every leg again this often
 #: (a leg whose header read failed may answer without a state change).
 MISSING_LEG_POLL = 2.0
@@ -112,13 +108,13 @@ class Mirror(Algorithm):
         self.dispatch = LegDispatch(storage_name, settings.leg_timeout)
         self.membership = Membership(storage_name, self.legs, settings, self.dispatch)
         self.lease = HolderLease(storage_name, self.membership, settings)
+        self.router = ReadRouter(storage_name, self.legs, settings.read_timeout)
         self._activity = RegionActivity()
         self._size = 0
         self.region_size = settings.region_size
         self.regions = 0
         self.bitmap: WriteIntentBitmap | None = None
         self.checks: BlockChecks | None = None
-        self._rotor = 0
         self._started = False
         self._closed = False
         self._tasks: trio.Nursery | None = None
@@ -313,7 +309,7 @@ class Mirror(Algorithm):
 
         bits = RegionBits(self.regions)
         for index in plan.bitmap_legs:
-            await self.read_bitmap(self.legs[index], bits)
+            await self.legs[index].read_bitmap(self.membership.storage_id, bits)
         self.bitmap.load(bits)
 
         for leg in self.legs:
@@ -371,18 +367,6 @@ class Mirror(Algorithm):
                     f"start-up metadata I/O failed: {error}",
                     errno=getattr(error, "errno", errno.EIO),
                 )
-
-    async def read_bitmap(self, leg: MirrorLeg, bits: RegionBits) -> None:
-        assert self.bitmap is not None
-        for block in range(self.bitmap.blocks):
-            raw = await leg.read_bitmap_block(self.membership.storage_id, block)
-            if raw is None:
-                log.warning("%s: bitmap block %d is damaged; resyncing all its regions", leg, block)
-                bits.add_block(block)
-            else:
-                other = RegionBits(self.regions)
-                other.set_block_bytes(block, raw)
-                bits.update(other)
 
     def _report_start(self) -> None:
         for leg in self.legs:
@@ -518,40 +502,9 @@ class Mirror(Algorithm):
         )
 
     async def _load_check_page(self, page: int) -> bytes:
-        legs = [leg for leg in self._read_order(range(0)) if leg.in_sync]
-        return await self._first_answer(
+        legs = [leg for leg in self.router.order(range(0)) if leg.in_sync]
+        return await self.router.first_answer(
             legs, lambda leg: leg.read_check_page(page), f"check page {page}"
-        )
-
-    async def _ask(
-        self, leg: MirrorLeg, call: Callable[[MirrorLeg], Awaitable[T]], *, last: bool
-    ) -> T:
-        """`call(leg)`, given up after `read_timeout` (LegSlow) unless it is
-        the `last` leg that could answer: a silent leg delays a read by at
-        most that much when another leg has the data. Reads are safe to
-        abandon (nothing changes on the node)."""
-        if last:
-            return await call(leg)
-        with trio.move_on_after(self.options.read_timeout):
-            return await call(leg)
-        # asked last for a while, so the next reads do not wait for it too
-        leg.slow_until = trio.current_time() + SLOW_LEG_HOLD * self.options.read_timeout
-        raise LegSlow(str(leg), f"no answer within read_timeout ({self.options.read_timeout:g} s)")
-
-    async def _first_answer(
-        self, legs: list[MirrorLeg], call: Callable[[MirrorLeg], Awaitable[T]], what: str
-    ) -> T:
-        """The answer of the first leg (in `legs`' order) that gives one."""
-        errors: list[NodeError] = []
-        for position, leg in enumerate(legs):
-            try:
-                return await self._ask(leg, call, last=position == len(legs) - 1)
-            except NodeError as exc:
-                errors.append(exc)
-        raise NodeError(
-            f"storage {self.storage_name}",
-            f"no leg answered for {what}: {'; '.join(map(str, errors)) or 'no leg holds it'}",
-            errno=errors[-1].errno if errors else errno.EIO,
         )
 
     async def _write_check_page(self, page: int, data: bytes) -> None:
@@ -607,25 +560,6 @@ class Mirror(Algorithm):
             checks.unpin(pinned)
 
     # -- reads -----------------------------------------------------------
-    def _read_order(self, regions: range, offset: int = 0) -> list[MirrorLeg]:
-        """Readable legs: online ones nearest first (DST), ties broken by
-        fewer requests in flight, then in turn; a leg that lately let a read
-        wait `read_timeout` after the others; offline ones last."""
-        legs = [leg for leg in self.legs if leg.readable(regions)]
-        count = len(self.legs)
-        self._rotor += 1
-        now = trio.current_time()
-        online = sorted(
-            (leg for leg in legs if leg.online),
-            key=lambda leg: (
-                leg.slow_until > now,
-                abs(leg.position - offset),
-                leg.node.counters.in_flight,
-                (leg.index - self._rotor) % count,
-            ),
-        )
-        return online + [leg for leg in legs if not leg.online]
-
     async def read(self, offset: int, length: int) -> bytes:
         regions = self._regions_of(offset, length)
         serial = self._activity.begin_read()
@@ -639,7 +573,7 @@ class Mirror(Algorithm):
     ) -> bytes:
         """`admitted`: the caller holds a WriteOrder ticket covering the
         range (resync), so a read repair must not admit it again."""
-        legs = self._read_order(regions, offset)
+        legs = self.router.order(regions, offset)
         if not legs:
             raise NodeError(
                 f"storage {self.storage_name}",
@@ -661,7 +595,7 @@ class Mirror(Algorithm):
             for position, leg in enumerate(legs):
                 leg.position = offset + length
                 try:
-                    data = await self._ask(
+                    data = await self.router.ask(
                         leg,
                         lambda leg: leg.node.read(offset, length),
                         last=position == len(legs) - 1,
@@ -804,7 +738,7 @@ class Mirror(Algorithm):
         regions = self._regions_of(offset, length)
         serial = self._activity.begin_read()
         try:
-            legs = [leg for leg in self._read_order(regions, offset) if leg.in_sync]
+            legs = [leg for leg in self.router.order(regions, offset) if leg.in_sync]
             if not legs:
                 raise NodeError(f"storage {self.storage_name}", "no in-sync leg to copy from")
             return await self._read(offset, length, regions, serial, admitted=True)
@@ -813,8 +747,8 @@ class Mirror(Algorithm):
 
     async def source_checksum(self, offset: int, length: int) -> bytes:
         regions = self._regions_of(offset, length)
-        legs = [leg for leg in self._read_order(regions, offset) if leg.in_sync]
-        return await self._first_answer(
+        legs = [leg for leg in self.router.order(regions, offset) if leg.in_sync]
+        return await self.router.first_answer(
             legs,
             lambda leg: leg.node.checksum(offset, length),
             f"the checksum of [{offset}, +{length})",
@@ -1039,8 +973,8 @@ class Mirror(Algorithm):
         await self.ensure_membership_durable()
 
     async def checksum(self, offset: int, length: int) -> bytes:
-        legs = self._read_order(self._regions_of(offset, length), offset)
-        return await self._first_answer(
+        legs = self.router.order(self._regions_of(offset, length), offset)
+        return await self.router.first_answer(
             legs,
             lambda leg: leg.node.checksum(offset, length),
             f"the checksum of [{offset}, +{length})",

@@ -128,6 +128,11 @@ class RegionBits:
         self.set_block_bytes(block, both.to_bytes(BITMAP_BLOCK_BYTES, "little"))
 
 
+def bitmap_blocks(regions: int) -> int:
+    """The bitmap blocks a storage of `regions` regions has (at least one)."""
+    return max(1, ceil_div(regions, BITS_PER_BITMAP_BLOCK))
+
+
 def block_of(region: int) -> int:
     return region // BITS_PER_BITMAP_BLOCK
 
@@ -146,7 +151,7 @@ class WriteIntentBitmap:
         self, regions: int, write_block: Callable[[int, bytes], Awaitable[None]]
     ) -> None:
         self.regions = regions
-        self.blocks = max(1, ceil_div(regions, BITS_PER_BITMAP_BLOCK))
+        self.blocks = bitmap_blocks(regions)
         self.desired = RegionBits(regions)
         self.durable = RegionBits(regions)
         self.clearing = RegionBits(regions)

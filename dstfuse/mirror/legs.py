@@ -23,7 +23,7 @@ import logging
 import trio
 
 from ..nodes.base import Node, NodeState
-from .bitmap import RegionBits
+from .bitmap import RegionBits, bitmap_blocks
 from .metadata import (
     BLOCK,
     LegLayout,
@@ -191,6 +191,21 @@ class MirrorLeg:
     async def read_bitmap_block(self, storage_id: bytes, block: int) -> bytes | None:
         raw = await self.node.read(self._layout().bitmap_block_offset(block), BLOCK)
         return unpack_bitmap_block(storage_id, block, raw)
+
+    async def read_bitmap(self, storage_id: bytes, bits: RegionBits) -> None:
+        """Add the regions this leg's bitmap marks to `bits`; a damaged
+        block counts as marking all its regions."""
+        for block in range(bitmap_blocks(bits.count)):
+            raw = await self.read_bitmap_block(storage_id, block)
+            if raw is None:
+                log.warning(
+                    "%s: bitmap block %d is damaged; resyncing all its regions", self, block
+                )
+                bits.add_block(block)
+            else:
+                other = RegionBits(bits.count)
+                other.set_block_bytes(block, raw)
+                bits.update(other)
 
     async def write_bitmap_block(self, storage_id: bytes, block: int, bits: bytes) -> None:
         offset = self._layout().bitmap_block_offset(block)

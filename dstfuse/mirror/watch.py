@@ -173,7 +173,7 @@ class LegWatch:
         else:
             leg.full_resync = header.self_record.full_resync
             if not leg.full_resync:
-                await mirror.read_bitmap(leg, extra)
+                await leg.read_bitmap(self._membership.storage_id, extra)
         if leg.full_resync and mirror.checks is not None:
             await leg.zero_checks(layout.checks_length // BLOCK)
         return True

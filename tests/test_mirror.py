@@ -232,7 +232,7 @@ async def test_write_failing_on_every_leg_raises_eio_and_keeps_the_last_leg(auto
         # the legs may differ in the region now: leg 0 is kept, leg 1 goes
         # stale and resyncs it from leg 0 (the region stays marked till then)
         assert mirror.legs[0].in_sync and mirror.legs[1].role is not LegRole.IN_SYNC
-        assert 0 in mirror.bitmap.desired
+        assert 0 in mirror.runtime.bitmap.desired
         for node in nodes:
             node.fail = None
         await wait_for(lambda: mirror.state == "clean")
@@ -310,7 +310,7 @@ async def test_offline_leg_misses_writes_and_resyncs_only_the_written_regions(au
     async with trio.open_nursery() as nursery:
         mirror = await open_mirror(nursery, nodes, mount_options={"assume_clean": True})
         await trio.sleep(30)  # let start-up marks clear: nothing is marked now
-        assert not mirror.bitmap.desired
+        assert not mirror.runtime.bitmap.desired
         nodes[1].go_offline()
         await wait_for(lambda: mirror.legs[1].role is LegRole.STALE)
         assert mirror.state == "degraded"
@@ -321,7 +321,8 @@ async def test_offline_leg_misses_writes_and_resyncs_only_the_written_regions(au
             await mirror.write(region * REGION + 4096, payload)
             written[region] = payload
         # marked durably on the survivor before the writes completed
-        assert {r for r in range(mirror.regions) if r in mirror.bitmap.desired} == set(written)
+        marked = mirror.runtime.bitmap.desired
+        assert {r for r in range(mirror.runtime.geometry.regions) if r in marked} == set(written)
         assert nodes[1].data[3 * REGION + 4096 : 3 * REGION + 12288] == bytes(8192)
         nodes[1].go_online()
         await wait_for(lambda: mirror.state == "clean")
@@ -369,8 +370,8 @@ async def test_a_write_to_the_window_being_copied_waits_for_the_copy(autojump_cl
         nodes[1].hold = gate  # the resync's data writes to leg 1 are held
         nodes[1].hold_when = lambda op, offset, length: op == "write" and offset < MiB
         mirror = await open_mirror(nursery, nodes)
-        await wait_for(lambda: mirror.resync.window is not None)
-        window = mirror.resync.window
+        await wait_for(lambda: mirror.runtime.resync.window is not None)
+        window = mirror.runtime.resync.window
         wrote = trio.Event()
 
         async def write_into_window():
@@ -435,7 +436,7 @@ async def test_after_a_client_crash_only_marked_regions_resync_from_the_newest_l
         mirror = await open_mirror(nursery, nodes, mount_options={"assume_clean": True})
         await mirror.write(0, os.urandom(4096))
         await trio.sleep(30)  # idle: region 0 is cleared
-        assert not mirror.bitmap.desired
+        assert not mirror.runtime.bitmap.desired
         for region in (2, 7):
             await mirror.write(region * REGION, os.urandom(4096))
         # the crash leaves leg 1 behind on region 7 (a write it never got)

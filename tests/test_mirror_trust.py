@@ -161,7 +161,7 @@ async def test_a_leg_failing_the_clearing_flush_keeps_the_region_for_its_resync(
     async with trio.open_nursery() as nursery:
         mirror = await open_mirror(nursery, nodes, mount_options={"assume_clean": True})
         await trio.sleep(30)
-        assert not mirror.bitmap.desired
+        assert not mirror.runtime.bitmap.desired
         payload = os.urandom(4096)
         await mirror.write(2 * REGION, payload)
 

@@ -7,13 +7,13 @@
 it rejoins, doubled after each failed attempt), `resync_rate` (bytes/s,
 0 = unlimited), the read-only `read_repairs` counter and `disk`, the leg's
 disk state (`up_to_date`, `outdated`, `inconsistent`, `unknown`). Bad input raises a
-one-line UserError; this module only parses and validates, the mirror
-changes roles.
+one-line UserError; this module only parses and validates, the leg state
+machine (`LegDecisions`) changes roles.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..algorithms.base import ControlFile
 from ..errors import UserError
@@ -21,25 +21,32 @@ from ..units import format_size, parse_duration, parse_size
 from .legs import MAX_RESYNC_SIZE, MirrorLeg
 from .metadata import BLOCK
 
-if TYPE_CHECKING:
-    from .algorithm import Mirror
-
 #: Bounds of resync_timeout, in seconds.
 MIN_RESYNC_TIMEOUT = 0.001
 MAX_RESYNC_TIMEOUT = 3600.0
 
 
-def leg_controls(mirror: Mirror, leg: MirrorLeg) -> dict[str, ControlFile]:
+class LegDecisions(Protocol):
+    """The user's decisions about a leg, carried out by the leg states."""
+
+    def mark_clean(self, leg: MirrorLeg) -> None: ...
+
+    def mark_dirty(self, leg: MirrorLeg) -> None: ...
+
+    def set_resync_timeout(self, leg: MirrorLeg, seconds: float) -> None: ...
+
+
+def leg_controls(states: LegDecisions, leg: MirrorLeg) -> dict[str, ControlFile]:
     return {
-        "clean": ControlFile(read=lambda: "", write=lambda text: mirror.mark_clean(leg)),
-        "dirty": ControlFile(read=lambda: "", write=lambda text: mirror.mark_dirty(leg)),
+        "clean": ControlFile(read=lambda: "", write=lambda text: states.mark_clean(leg)),
+        "dirty": ControlFile(read=lambda: "", write=lambda text: states.mark_dirty(leg)),
         "resync_size": ControlFile(
             read=lambda: f"{leg.resync_size}\n",
             write=lambda text: setattr(leg, "resync_size", parse_resync_size(leg, text)),
         ),
         "resync_timeout": ControlFile(
             read=lambda: f"{round(leg.resync_timeout * 1000)}\n",
-            write=lambda text: mirror.set_resync_timeout(leg, parse_resync_timeout(leg, text)),
+            write=lambda text: states.set_resync_timeout(leg, parse_resync_timeout(leg, text)),
         ),
         "resync_rate": ControlFile(
             read=lambda: f"{leg.resync_rate}\n",

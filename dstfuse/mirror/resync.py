@@ -15,24 +15,26 @@ window's checksum is computed on the source and on the target nodes
 (`Node.checksum`, where the data lives) and the bytes move only when they
 differ, so a first sync of identical (say, all-zero) legs moves no data.
 
-This module never changes a leg's role itself; it reports to the mirror
-(`leg_failed`, `resync_complete`). It never cancels a sibling request.
+This module never changes a leg's role itself; it reports to the leg
+state machine (`ResyncReports`: `leg_failed`, `resync_complete`). It never
+cancels a sibling request.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from ..errors import NodeError
 from ..fanout import gather
+from ..ranges import WriteOrder
+from .checks import BlockChecks, digests_of
+from .geometry import Geometry
+from .lease import HolderLease
 from .legs import LegRole, MirrorLeg
-
-if TYPE_CHECKING:
-    from .algorithm import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -63,37 +65,89 @@ class ResyncWindow:
     targets: tuple[int, ...]
 
 
+class ResyncSource(Protocol):
+    """Where resync reads from: an in-sync leg, checked like a read."""
+
+    async def source_read(self, offset: int, length: int) -> bytes: ...
+
+    async def source_checksum(self, offset: int, length: int) -> bytes: ...
+
+
+class ResyncReports(Protocol):
+    """What resync reports to the leg state machine."""
+
+    def leg_failed(self, leg: MirrorLeg, error: BaseException | str) -> bool: ...
+
+    async def resync_complete(self, leg: MirrorLeg) -> None: ...
+
+    async def ensure_durable(self) -> None: ...
+
+
+class Wakeup:
+    """Wakes the resync task: `set()` after a leg starts resyncing or gets
+    regions to copy again; a `set()` before the task waits is not lost."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float = float("inf")) -> None:
+        """Until `set()` (or `timeout`), then take the wake-up."""
+        with trio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = trio.Event()
+
+
 class Resync:
-    """The resync task of one mirror. `wake()` after a leg starts resyncing."""
+    """The resync task of one mirror, woken by `wakeup`. `checks` is None
+    when the storage runs with read_check off."""
 
-    def __init__(self, mirror: Mirror) -> None:
-        self._mirror = mirror
+    def __init__(
+        self,
+        storage_name: str,
+        legs: list[MirrorLeg],
+        geometry: Geometry,
+        *,
+        write_order: WriteOrder,
+        lease: HolderLease,
+        checks: BlockChecks | None,
+        source: ResyncSource,
+        reports: ResyncReports,
+        wakeup: Wakeup,
+    ) -> None:
+        self.storage_name = storage_name
+        self._legs = legs
+        self._geometry = geometry
+        self._write_order = write_order
+        self._lease = lease
+        self._checks = checks
+        self._source = source
+        self._reports = reports
+        self._wakeup = wakeup
         self._rate = RateLimit()
-        self._wakeup = trio.Event()
         self.window: ResyncWindow | None = None
-
-    def wake(self) -> None:
-        self._wakeup.set()
 
     async def run(self) -> None:
         while True:
             if not self._targets():
                 await self._wakeup.wait()
-                self._wakeup = trio.Event()
                 continue
             try:
                 await self._pass()
             except NodeError as exc:
                 # No in-sync leg could serve the copy: try again later.
-                log.warning("storage %s: resync paused: %s", self._mirror.storage_name, exc)
-                with trio.move_on_after(self._mirror.retry_delay()):
-                    await self._wakeup.wait()
-                self._wakeup = trio.Event()
+                log.warning("storage %s: resync paused: %s", self.storage_name, exc)
+                await self._wakeup.wait(self._retry_delay())
+
+    def _retry_delay(self) -> float:
+        return max((leg.resync_timeout for leg in self._legs), default=1.0)
 
     def _targets(self) -> list[MirrorLeg]:
         return [
             leg
-            for leg in self._mirror.legs
+            for leg in self._legs
             if leg.role is LegRole.RESYNCING and leg.pending is not None
         ]
 
@@ -104,7 +158,7 @@ class Resync:
             targets = self._targets()
             for leg in targets:
                 if not leg.pending:
-                    await self._mirror.resync_complete(leg)
+                    await self._reports.resync_complete(leg)
             targets = [leg for leg in self._targets() if leg.pending]
             if not targets:
                 return
@@ -121,8 +175,7 @@ class Resync:
             region += 1
 
     async def _copy_region(self, region: int, legs: list[MirrorLeg]) -> None:
-        mirror = self._mirror
-        start, end = mirror.region_bounds(region)
+        start, end = self._geometry.region_bounds(region)
         window = min(leg.resync_size for leg in legs)
         rates = [leg.resync_rate for leg in legs if leg.resync_rate > 0]
         rate = min(rates) if rates and len(rates) == len(legs) else 0
@@ -142,25 +195,25 @@ class Resync:
             ]
             if not live:
                 return
-            ticket = await mirror.write_order.admit(offset, length)
+            ticket = await self._write_order.admit(offset, length)
             self.window = ResyncWindow(offset, length, tuple(leg.index for leg in live))
             try:
                 copied = await self._copy_window(offset, length, live)
                 read_whole = read_whole and copied
             finally:
                 self.window = None
-                mirror.write_order.release(ticket)
+                self._write_order.release(ticket)
             offset += length
         done = [
             leg
             for leg in legs
             if leg.role is LegRole.RESYNCING and leg.pending is pending[leg.index]
         ]
-        if read_whole:
-            mirror.checks_trust(region)
+        if read_whole and self._checks is not None:
+            self._checks.trust(region)
         compare_only = [leg for leg in done if leg.index in compared]
         if compare_only:
-            await mirror.write_region_checks(region, compare_only)
+            await self._write_region_checks(region, compare_only)
         for leg in done:
             if leg.pending is not None and leg.pending is pending[leg.index]:
                 if region in leg.pending:
@@ -170,14 +223,14 @@ class Resync:
     async def _copy_window(self, offset: int, length: int, legs: list[MirrorLeg]) -> bool:
         """Bring [offset, +length) of `legs` up to the source; True if the
         source's bytes were read (and the window's checks rewritten)."""
-        mirror = self._mirror
+        reports = self._reports
         copy = [leg for leg in legs if not leg.full_resync]
         compare = [leg for leg in legs if leg.full_resync]
         if compare:
             # The source's and the targets' digests are computed at once,
             # each on its own node.
             outcomes = await gather(
-                [lambda: mirror.source_checksum(offset, length)]
+                [lambda: self._source.source_checksum(offset, length)]
                 + [lambda leg=leg: leg.node.checksum(offset, length) for leg in compare]
             )
             reference, error = outcomes[0]
@@ -185,19 +238,63 @@ class Resync:
                 raise error
             for leg, (digest, error) in zip(compare, outcomes[1:], strict=True):
                 if error is not None:
-                    mirror.leg_failed(leg, error)
+                    reports.leg_failed(leg, error)
                 elif digest != reference:
                     copy.append(leg)
         if not copy:
             return False
-        data = await mirror.source_read(offset, length)
-        await mirror.lease.ensure()
+        data = await self._source.source_read(offset, length)
+        await self._lease.ensure()
         outcomes = await gather(
             [lambda leg=leg: leg.node.write(offset, data) for leg in copy]
         )
         for leg, (_, error) in zip(copy, outcomes, strict=True):
             if error is not None:
-                mirror.leg_failed(leg, error)
-        await mirror.checks_rewrite(offset, data)
-        await mirror.ensure_membership_durable()
+                reports.leg_failed(leg, error)
+        await self._rewrite_checks(offset, data)
+        await reports.ensure_durable()
         return True
+
+    # -- the block checks of copied and compared regions ----------------------
+    async def _rewrite_checks(self, offset: int, data: bytes) -> None:
+        """Set the check entries of a range from bytes just read from an
+        in-sync leg inside an admitted window."""
+        checks = self._checks
+        if checks is None:
+            return
+        try:
+            pinned = await checks.pin(checks.touched_pages(offset, len(data)))
+        except NodeError:
+            checks.distrust(self._geometry.regions_of(offset, len(data)))
+            return
+        try:
+            checks.store(*digests_of(offset, data))
+        finally:
+            checks.unpin(pinned)
+
+    async def _write_region_checks(self, region: int, legs: list[MirrorLeg]) -> None:
+        """Write the check pages of a region to legs whose resync compared
+        it without copying (their pages may be another storage's)."""
+        checks = self._checks
+        if checks is None:
+            return
+        pages = sorted(checks.pages_of_regions([region]))
+        try:
+            pinned = await checks.pin(pages)
+        except NodeError as exc:
+            log.warning("storage %s: %s", self.storage_name, exc)
+            return
+        try:
+            for page in pages:
+                raw = checks.page_bytes(page)
+                outcomes = await gather(
+                    [
+                        lambda leg=leg, page=page, raw=raw: leg.write_check_page(page, raw)
+                        for leg in legs
+                    ]
+                )
+                for leg, (_, error) in zip(legs, outcomes, strict=True):
+                    if error is not None:
+                        self._reports.leg_failed(leg, error)
+        finally:
+            checks.unpin(pinned)

@@ -17,23 +17,23 @@ writes to it wait and the legs are compared at one instant.
 
 A repair copies each differing block from the first in-sync leg whose bytes
 pass the block check (the first in-sync leg when the block has no check)
-to the others. Verify never changes a leg's role except through the
-mirror's `leg_failed` when a repair write fails.
+to the others (`VerifyRepair`, the mirror's reads). Verify never changes a
+leg's role except through `leg_failed` when a repair write fails.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from ..errors import NodeError, UserError
 from ..fanout import gather
+from ..ranges import WriteOrder
+from .geometry import Geometry
 from .legs import MirrorLeg
 from .metadata import BLOCK
 from .resync import RateLimit
-
-if TYPE_CHECKING:
-    from .algorithm import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,35 @@ def _block_runs(blocks: list[int]) -> list[tuple[int, int]]:
     return merge_ranges([(block * BLOCK, BLOCK) for block in blocks])
 
 
-class OnlineVerify:
-    """One mirror's verify: at most one pass runs at a time."""
+class VerifyRepair(Protocol):
+    async def repair_block(self, offset: int, copies: list[tuple[MirrorLeg, bytes]]) -> bool:
+        """Make every leg of `copies` (leg, its bytes of the block at
+        `offset`) hold the right bytes; True if they all agree now."""
+        ...
 
-    def __init__(self, mirror: Mirror) -> None:
-        self._mirror = mirror
+
+class OnlineVerify:
+    """One mirror's verify: at most one pass runs at a time, in the
+    background (`start_background`), at most `rate` bytes/s (0 = unlimited)."""
+
+    def __init__(
+        self,
+        storage_name: str,
+        legs: list[MirrorLeg],
+        geometry: Geometry,
+        *,
+        write_order: WriteOrder,
+        rate: int,
+        repair: VerifyRepair,
+        start_background: Callable[[Callable[[], Awaitable[None]]], None],
+    ) -> None:
+        self.storage_name = storage_name
+        self._mirror_legs = legs
+        self._geometry = geometry
+        self._write_order = write_order
+        self._rate_limit = rate
+        self._repairs = repair
+        self._start_background = start_background
         self._rate = RateLimit()
         self.running = False
         self.repair = False
@@ -103,54 +127,53 @@ class OnlineVerify:
         running, or fewer than two in-sync legs to compare."""
         word = text.strip().lower()
         if word not in ("verify", "repair"):
-            raise UserError(f"storage {self._mirror.storage_name}: write 'verify' or 'repair'")
+            raise UserError(f"storage {self.storage_name}: write 'verify' or 'repair'")
         if self.running:
-            raise UserError(f"storage {self._mirror.storage_name}: a verify is already running")
+            raise UserError(f"storage {self.storage_name}: a verify is already running")
         legs = self._legs()
         if len(legs) < 2:
             self.failure = (
-                f"storage {self._mirror.storage_name} has {len(legs)} in-sync leg(s) online; "
+                f"storage {self.storage_name} has {len(legs)} in-sync leg(s) online; "
                 "verify needs two"
             )
             raise UserError(self.failure)
         self.running = True
         self.repair = word == "repair"
         self.done_regions = 0
-        self.total_regions = self._mirror.regions
+        self.total_regions = self._geometry.regions
         self.differing = []
         self.repaired = []
         self.failure = ""
         self.finished = False
-        self._mirror.start_background(self._run)
+        self._start_background(self._run)
 
     def _legs(self) -> list[MirrorLeg]:
-        return [leg for leg in self._mirror.legs if leg.in_sync and leg.online]
+        return [leg for leg in self._mirror_legs if leg.in_sync and leg.online]
 
     # -- the pass --------------------------------------------------------
     async def _run(self) -> None:
-        mirror = self._mirror
         what = "repair" if self.repair else "verify"
-        log.info("storage %s: %s started", mirror.storage_name, what)
+        log.info("storage %s: %s started", self.storage_name, what)
         try:
             for region in range(self.total_regions):
-                start, end = mirror.region_bounds(region)
-                await self._rate.take(end - start, mirror.resync_rate)
-                ticket = await mirror.write_order.admit(start, end - start)
+                start, end = self._geometry.region_bounds(region)
+                await self._rate.take(end - start, self._rate_limit)
+                ticket = await self._write_order.admit(start, end - start)
                 try:
                     await self._region(start, end - start)
                 finally:
-                    mirror.write_order.release(ticket)
+                    self._write_order.release(ticket)
                 self.done_regions += 1
         except (NodeError, _TooFewLegs) as exc:
             self.failure = str(exc)
-            log.warning("storage %s: verify failed: %s", mirror.storage_name, exc)
+            log.warning("storage %s: verify failed: %s", self.storage_name, exc)
         finally:
             self.running = False
             self.finished = True
         differing = merge_ranges(self.differing)
         log.info(
             "storage %s: verify done: %d differing ranges%s",
-            mirror.storage_name,
+            self.storage_name,
             len(differing),
             f", {len(merge_ranges(self.repaired))} repaired" if self.repair else "",
         )
@@ -174,7 +197,6 @@ class OnlineVerify:
 
     async def _compare_bytes(self, start: int, length: int, legs: list[MirrorLeg]) -> None:
         """Find the differing blocks of a region by its bytes, and repair."""
-        mirror = self._mirror
         offset = start
         while offset < start + length:
             size = min(COMPARE_CHUNK, start + length - offset)
@@ -198,7 +220,7 @@ class OnlineVerify:
             self.differing.extend(_block_runs([first + block for block in differing]))
             if differing and self.repair:
                 for block in differing:
-                    repaired = await mirror.repair_block(
+                    repaired = await self._repairs.repair_block(
                         (first + block) * BLOCK,
                         [(leg, data[block * BLOCK : (block + 1) * BLOCK]) for leg, data in datas],
                     )

@@ -19,20 +19,19 @@ holder's lease, lease.py):
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from ..errors import NodeError
 from ..nodes.base import NodeState
 from ..units import format_size
-from .bitmap import RegionBits
+from .bitmap import RegionBits, WriteIntentBitmap
+from .geometry import Geometry
 from .legs import LegRole, MirrorLeg
+from .membership import Membership
 from .metadata import BLOCK, leg_layout
 from .startup import examine_leg
-
-if TYPE_CHECKING:
-    from .algorithm import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,32 @@ log = logging.getLogger(__name__)
 IDLE_WAIT = 60.0
 
 
+class Resyncs(Protocol):
+    def begin_resync(self, leg: MirrorLeg, pending: RegionBits) -> None:
+        """The leg's header and bitmap are written: it resyncs `pending`."""
+        ...
+
+
 class LegWatch:
-    def __init__(self, mirror: Mirror) -> None:
-        self._mirror = mirror
-        self._membership = mirror.membership
+    """`checks`: the storage keeps block checks (a leg resynced in full
+    gets its check pages zeroed first)."""
+
+    def __init__(
+        self,
+        legs: list[MirrorLeg],
+        membership: Membership,
+        geometry: Geometry,
+        bitmap: WriteIntentBitmap,
+        *,
+        checks: bool,
+        resyncs: Resyncs,
+    ) -> None:
+        self._legs = legs
+        self._membership = membership
+        self._geometry = geometry
+        self._bitmap = bitmap
+        self._checks = checks
+        self._resyncs = resyncs
 
     # -- watching -------------------------------------------------------------
     async def _wait_change(self, leg: MirrorLeg, seen: NodeState, timeout: float) -> None:
@@ -65,7 +86,7 @@ class LegWatch:
                 race.start_soon(role_change)
 
     async def watch(self, leg: MirrorLeg) -> None:
-        legs = self._mirror.legs
+        legs = self._legs
         attempts = 0
         while True:
             seen = leg.node.state
@@ -91,10 +112,8 @@ class LegWatch:
     async def rejoin(self, leg: MirrorLeg) -> bool:
         """Bring a stale, online leg back as a resync target (see the module
         doc); False if it cannot come back now."""
-        mirror, membership = self._mirror, self._membership
-        bitmap = mirror.bitmap
-        assert bitmap is not None
-        extra = RegionBits(mirror.regions)
+        membership, bitmap = self._membership, self._bitmap
+        extra = RegionBits(self._geometry.regions)
         await leg.wait_settled()  # nothing sent before may land after its resync
         if leg.role is not LegRole.STALE or not leg.online:
             return False
@@ -123,23 +142,23 @@ class LegWatch:
             return False
         pending = bitmap.desired.copy()
         pending.update(bitmap.clearing)
-        mirror.begin_resync(leg, pending)
+        self._resyncs.begin_resync(leg, pending)
         return True
 
     async def _adopt(self, leg: MirrorLeg, extra: RegionBits) -> bool:
         """First sight of a leg that was offline at start: partial resync
         (its bitmap's regions are added to `extra`), full resync, or refused
         (`leg.blocked` says why)."""
-        mirror = self._mirror
+        size = self._geometry.size
         try:
-            layout = leg_layout(leg.size, mirror.region_size)
+            layout = leg_layout(leg.size, self._geometry.region_size)
         except ValueError as exc:
             return self._block(leg, str(exc))
-        if layout.data_capacity < mirror.size:
+        if layout.data_capacity < size:
             return self._block(
                 leg,
                 f"holds {format_size(layout.data_capacity)} of data, less than the storage's "
-                f"{format_size(mirror.size)}",
+                f"{format_size(size)}",
             )
         leg.layout = layout
         finding = await examine_leg(leg)
@@ -163,7 +182,7 @@ class LegWatch:
             other.in_sync
             and (record := header.member(other.index)) is not None
             and not record.in_sync
-            for other in mirror.legs
+            for other in self._legs
         ):
             return self._block(
                 leg,
@@ -174,7 +193,7 @@ class LegWatch:
             leg.full_resync = header.self_record.full_resync
             if not leg.full_resync:
                 await leg.read_bitmap(self._membership.storage_id, extra)
-        if leg.full_resync and mirror.checks is not None:
+        if leg.full_resync and self._checks:
             await leg.zero_checks(layout.checks_length // BLOCK)
         return True
 

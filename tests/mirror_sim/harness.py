@@ -91,7 +91,7 @@ class SessionEnd:
 
 def marked_regions(mirror: Mirror) -> set[int]:
     """Regions the write-intent bitmap marks (or is clearing) now."""
-    bitmap = mirror.bitmap
+    bitmap = mirror.runtime.bitmap
     marked = set(bitmap.desired)
     marked.update(bitmap.clearing)
     return marked

@@ -1,0 +1,105 @@
+"""Clearing the write-intent bitmap: regions leave it only when it is safe.
+
+`BitmapCleaner.run` is the mirror's lazy clearing task: every
+`bitmap_idle / 2` it clears the regions no request touched for
+`bitmap_idle`. Invariant: a region's bit is cleared only when every leg is
+in sync and online, the region is idle, and its data and check pages are
+flushed on every leg (`clear_idle`); a leg that fails that flush (or
+anything else) meanwhile keeps the region marked for its resync. A fenced
+mount clears nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..errors import NodeError
+from .bitmap import RegionActivity, WriteIntentBitmap
+from .checks import BlockChecks
+from .lease import HolderLease
+from .legs import MirrorLeg
+from .membership import Membership
+
+log = logging.getLogger(__name__)
+
+
+class BitmapCleaner:
+    def __init__(
+        self,
+        storage_name: str,
+        legs: list[MirrorLeg],
+        *,
+        bitmap: WriteIntentBitmap,
+        checks: BlockChecks | None,
+        activity: RegionActivity,
+        lease: HolderLease,
+        membership: Membership,
+        bitmap_idle: float,
+    ) -> None:
+        self.storage_name = storage_name
+        self._legs = legs
+        self._bitmap = bitmap
+        self._checks = checks
+        self._activity = activity
+        self._lease = lease
+        self._membership = membership
+        self._bitmap_idle = bitmap_idle
+
+    async def run(self) -> None:
+        while not self._lease.fenced:  # a fenced mount writes nothing more
+            await trio.sleep(max(0.1, self._bitmap_idle / 2))
+            try:
+                await self.clear_idle(trio.current_time() - self._bitmap_idle)
+            except NodeError as exc:
+                log.warning("storage %s: bitmap not cleared: %s", self.storage_name, exc)
+
+    def all_in_sync(self) -> bool:
+        return all(leg.in_sync and leg.online for leg in self._legs)
+
+    async def clear_idle(self, older_than: float) -> int:
+        """Clear the bits of regions idle since `older_than`, when every leg
+        is in sync: their check pages are written, every leg is flushed,
+        then the bitmap blocks are written without them."""
+        bitmap = self._bitmap
+        if not self.all_in_sync() or not bitmap.desired:
+            return 0
+        await self._lease.ensure()
+        idle = self._activity.idle(bitmap.desired, older_than)
+        if not idle:
+            return 0
+        regions = bitmap.begin_clear(idle)
+        try:
+            if self._checks is not None:
+                await self._checks.forget_untrusted(regions)
+                await self._checks.write_back(self._checks.pages_of_regions(regions))
+            await self._flush_every_leg()
+        except NodeError:
+            bitmap.abort_clear(regions)
+            self.distrust_unflushed()
+            raise
+        if not self.all_in_sync():
+            # A leg failed the flush (or anything else) meanwhile: its copy of
+            # these regions may be lost, so they stay marked for its resync.
+            bitmap.abort_clear(regions)
+            return 0
+        await bitmap.finish_clear(regions)
+        self._activity.forget(regions)
+        return len(regions)
+
+    async def _flush_every_leg(self) -> None:
+        """FLUSH every leg taking writes; a leg that fails it is marked dirty
+        (its regions resync later), so the flush fails only if no in-sync
+        leg completed it."""
+        await self._membership.on_every_target(lambda leg: leg.node.flush(), "the flush")
+        await self._membership.ensure_durable()
+
+    def distrust_unflushed(self) -> None:
+        """A FLUSH failed on every in-sync leg: a write since the last flush
+        may have reverted to older bytes there (a failed fdatasync drops the
+        dirty pages), which is allowed after the EIO but would fail its
+        block check. The marked regions' entries are not trusted until the
+        regions are rewritten or resynced."""
+        if self._checks is not None:
+            self._checks.distrust(self._bitmap.desired)

@@ -667,13 +667,9 @@ def _storages(source: _Source, item: _Item) -> dict[str, StorageSpec]:
     return {name: storages[name] for name in _dependency_order(list(storages), uses)}
 
 
-def _all_config_options() -> list[str]:
-    """Every storage.yaml key some algorithm declares, sorted."""
-    return sorted({key for name in ALGORITHM_NAMES for key in algorithm_class(name).config_options})
-
-
 def _storage(source: _Source, name: str, item: _Item, references: list[_Reference]) -> StorageSpec:
-    fields = _Mapping(item, ("algorithm", "nodes", *_all_config_options()))
+    fields = _Mapping(item, None)
+    _check_storage_keys(fields)
     algorithm = _choice(fields.require("algorithm"), ALGORITHM_NAMES)
     known = algorithm_class(algorithm).config_options
     options = {}
@@ -702,6 +698,24 @@ def _storage(source: _Source, name: str, item: _Item, references: list[_Referenc
     return StorageSpec(
         name=name, algorithm=algorithm, nodes=tuple(nodes), options=options, line=item.line
     )
+
+
+def _check_storage_keys(fields: _Mapping) -> None:
+    """Refuse a key of a storage that no algorithm declares. Only the
+    algorithm the storage names is imported unless a key is not its own
+    (a storage that never mirrors never imports the mirror)."""
+    named = fields["algorithm"].node.value if "algorithm" in fields else None
+    named = named.strip() if isinstance(named, str) else None
+    own = algorithm_class(named).config_options if named in ALGORITHM_NAMES else {}
+    for key, key_item in fields.items():
+        if key in ("algorithm", "nodes") or key in own:
+            continue
+        declared = {
+            option for each in ALGORITHM_NAMES for option in algorithm_class(each).config_options
+        }
+        allowed = ("algorithm", "nodes", *sorted(declared))
+        if key not in allowed:
+            raise key_item.error(f"unknown key '{key}'{_suggest(key, allowed)}")
 
 
 def _node(source: _Source, item: _Item) -> tuple[NodeSpec, _Item]:

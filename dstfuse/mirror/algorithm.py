@@ -34,7 +34,6 @@ import trio
 
 from ..algorithms.base import Algorithm, ControlFile, Placement
 from ..errors import NodeError, UserError
-from ..fanout import gather
 from ..nodes.base import Node
 from ..ranges import WriteOrder
 from ..units import format_size
@@ -139,20 +138,8 @@ class Mirror(Algorithm):
                 read=lambda: self.runtime.verify.read(),
                 write=lambda text: self.runtime.verify.write(text),
             ),
-            "bitmap": ControlFile(read=self._bitmap_text),
+            "bitmap": ControlFile(read=lambda: self.runtime.bitmap_text()),
         }
-
-    def _bitmap_text(self) -> str:
-        """`marked <n> of <regions> regions of <bytes>`: regions that may
-        differ between the legs (written recently, or missed by a leg)."""
-        live = self._runtime
-        if live is None:
-            return f"marked 0 of 0 regions of {self.options.region_size}\n"
-        geometry = live.geometry
-        return (
-            f"marked {len(live.bitmap.desired)} of {geometry.regions} regions of "
-            f"{geometry.region_size}\n"
-        )
 
     # -- start -----------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -397,16 +384,7 @@ class Mirror(Algorithm):
                 exc,
             )
             self.membership.checks_valid = False
-        legs = [leg for leg in self.legs if leg.takes_writes and leg.layout is not None]
-        outcomes = await gather(
-            [
-                lambda leg=leg: leg.write_header(self.membership.header(leg, clean=True))
-                for leg in legs
-            ]
-        )
-        for leg, (_, error) in zip(legs, outcomes, strict=True):
-            if error is not None:
-                log.error("%s: clean-shutdown record not written: %s", leg, error)
+        await self.membership.record_clean_shutdown()
         log.info(
             "storage %s: closed (generation %d, %d regions still marked)",
             self.storage_name,

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..errors import NodeError
+from ..fanout import gather
 from .dispatch import LegDispatch
 from .legs import LegRole, MirrorLeg
 from .metadata import (
@@ -103,6 +104,18 @@ class Membership:
             heartbeat_us=int(time.time() * 1e6),
             layout=leg.layout,
         )
+
+    async def record_clean_shutdown(self) -> None:
+        """Write the clean-shutdown record, which releases the storage, to
+        every leg that takes writes; a leg it fails on is logged (the next
+        mount finds that leg's previous header)."""
+        legs = [leg for leg in self.legs if leg.takes_writes and leg.layout is not None]
+        outcomes = await gather(
+            [lambda leg=leg: leg.write_header(self.header(leg, clean=True)) for leg in legs]
+        )
+        for leg, (_, error) in zip(legs, outcomes, strict=True):
+            if error is not None:
+                log.error("%s: clean-shutdown record not written: %s", leg, error)
 
     def targets(self) -> list[MirrorLeg]:
         """Legs that get metadata writes: every write target and any leg

@@ -103,3 +103,13 @@ class MirrorRuntime:
         self.watch = LegWatch(
             legs, membership, geometry, bitmap, checks=checks is not None, resyncs=states
         )
+
+    def bitmap_text(self) -> str:
+        """`marked <n> of <regions> regions of <bytes>` (the `bitmap` control
+        file): regions that may differ between the legs (written recently,
+        or missed by a leg)."""
+        geometry = self.geometry
+        return (
+            f"marked {len(self.bitmap.desired)} of {geometry.regions} regions of "
+            f"{geometry.region_size}\n"
+        )

@@ -134,3 +134,25 @@ print("\\n".join(failed))
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_a_config_without_mirrors_never_imports_the_mirror(tmp_path):
+    """Algorithms are imported when a storage names them; a mirror's
+    config keys are looked up only for a mirror or a key some storage
+    does not know."""
+    (tmp_path / "disk").write_bytes(bytes(4096))
+    config = tmp_path / "storage.yaml"
+    config.write_text(
+        f"storages:\n  vol0:\n    algorithm: linear\n    nodes:\n      - local: {tmp_path}/disk\n"
+    )
+    script = (
+        "import sys\n"
+        "from dstfuse.config import load_mount_config\n"
+        "load_mount_config(sys.argv[1])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dstfuse.mirror')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

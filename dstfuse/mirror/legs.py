@@ -3,8 +3,9 @@
 A leg is the first `size` bytes of its node: data from offset 0, metadata
 at the end (metadata.py). This module owns the leg's role and per-leg
 settings and counters, and the I/O of its metadata (header slots, bitmap
-blocks, check pages). It never decides a role change itself: the mirror
-(algorithm.py) does, and this module only records it.
+blocks, check pages). It never decides a role change itself: the mount
+(opening.py) and the leg state machine (legstates.py, membership.py) do,
+and this module only records it.
 
 Roles:
 - IN_SYNC: holds every acknowledged write; receives writes; serves reads.

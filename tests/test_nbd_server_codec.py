@@ -292,6 +292,12 @@ def test_meta_context_set_for_another_export_is_not_selected():
     assert conn.state is ServerState.TRANSMISSION and not conn.meta_context
 
 
+def test_meta_context_for_the_default_name_survives_a_canonical_name():
+    conn, _, _ = feed(flags() + option(Option.STRUCTURED_REPLY)
+                      + meta(Option.SET_META_CONTEXT, "", "base:allocation") + go(""))
+    assert conn.state is ServerState.TRANSMISSION and conn.meta_context
+
+
 def test_abort_is_acknowledged_and_ends_the_handshake():
     conn, events, out = feed(flags() + option(Option.ABORT) + b"ignored")
     assert isinstance(events[0], HandshakeEnded)

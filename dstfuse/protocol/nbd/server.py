@@ -122,8 +122,8 @@ NEED_DATA: Final = _NeedData.NEED_DATA
 
 #: The id of base:allocation, the one meta context we serve.
 BASE_ALLOCATION_ID = 1
-#: The spec's floor for the largest WRITE a server accepts.
-_MIN_PAYLOAD = 64 << 10
+#: The smallest payload limit the codec takes (a sector).
+_MIN_PAYLOAD = 512
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
@@ -472,7 +472,8 @@ class NbdServerConnection:
         option = Option.GO if event.go else Option.INFO
         name = canonical_name if canonical_name is not None else event.name
         if event.go:
-            info = self._enter_transmission(name, info)
+            # The name as asked: SET_META_CONTEXT named the export the same way.
+            info = self._enter_transmission(event.name, info)
         else:
             self._check_info(info)
         parts = [

@@ -97,7 +97,8 @@ def nbd_exported(
 ) -> Iterator[NbdExport]:
     """`dstfuse export PATH ... --nbd-listen 127.0.0.1:P` (or, with
     `config`, an export.yaml: its `listen` and `nbd_listen` are filled in)
-    until the block ends."""
+    until the block ends; then it must exit 0 on SIGTERM without a
+    traceback in its log."""
     port, nbd_port = free_tcp_port(), free_tcp_port()
     listen = f"127.0.0.1:{port}"
     if config is not None:
@@ -127,3 +128,89 @@ def nbd_exported(
         if process.poll() is None:
             process.terminate()
         stop_pid(process.pid, process)
+    # Only after a block that passed: a traceback in the log is a bug.
+    assert process.returncode == 0, tail(log)
+    assert "Traceback" not in log.read_text(errors="replace"), tail(log, 80)
+
+
+@dataclass
+class Certificates:
+    """A CA and the certificates it signed, as PEM files: `server` holds
+    cert.pem and key.pem (for nbd_tls:), `client` is a directory in the
+    layout libnbd and qemu read (ca-cert.pem, client-cert.pem,
+    client-key.pem), `ca_only` one with just ca-cert.pem (no client
+    certificate), `ca` the CA certificate."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client: Path
+    ca_only: Path
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """A fresh CA, a server certificate for 127.0.0.1/localhost and a
+    client certificate, all signed by the CA, written under `directory`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def build(subject, key, issuer, issuer_key, *, ca=False, extensions=()):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+
+    def pem(cert) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("dstfuse test CA")
+    ca_cert = build(ca_name, ca_key, ca_name, ca_key, ca=True, extensions=[
+        x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                      content_commitment=False, key_encipherment=False, data_encipherment=False,
+                      key_agreement=False, encipher_only=False, decipher_only=False)])
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = build(name("localhost"), server_key, ca_name, ca_key, extensions=[
+        x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])])
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = build(name("nbd test client"), client_key, ca_name, ca_key, extensions=[
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])])
+
+    server = directory / "server"
+    client = directory / "client"
+    ca_only = directory / "ca-only"
+    for folder in (server, client, ca_only):
+        folder.mkdir(parents=True)
+    (server / "cert.pem").write_bytes(pem(server_cert))
+    (server / "key.pem").write_bytes(pem_key(server_key))
+    (server / "ca.pem").write_bytes(pem(ca_cert))
+    (client / "ca-cert.pem").write_bytes(pem(ca_cert))
+    (client / "client-cert.pem").write_bytes(pem(client_cert))
+    (client / "client-key.pem").write_bytes(pem_key(client_key))
+    (ca_only / "ca-cert.pem").write_bytes(pem(ca_cert))
+    return Certificates(server / "ca.pem", server / "cert.pem", server / "key.pem", client,
+                        ca_only)

@@ -278,6 +278,8 @@ async def test_an_nbd_writer_and_a_dstfuse_writer_exclude_each_other(tmp_path):
             if holder.poll() is None:
                 holder.kill()
                 holder.wait()
+            holder.stdin.close()
+            holder.stdout.close()
         assert disk.read_bytes()[:4096] == b"N" * 4096
         # Its connection is gone, so is its grant: the dstfuse client
         # writes, and while it holds the grant an NBD client is read-only.

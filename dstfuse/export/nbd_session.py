@@ -1,40 +1,26 @@
-"""One NBD client connection to the export server: handshake, then requests.
+"""One NBD client connection: handshake, then requests.
 
 An `NbdExportSession` drives the sans-IO NBD codec
-(dstfuse/protocol/nbd/server.py) over one accepted stream, serving the
-same `ServedExport`s as the dstfuse sessions, through the same backend,
-ACL, write order, write grant and connection slots.
+(dstfuse/protocol/nbd/server.py) over one accepted stream, serving
+`NbdTarget`s by name (dstfuse/export/nbd_target.py): the export node's
+files, through the same backend, ACL, write order, write grant and
+connection slots as its dstfuse sessions, or a mount's storages
+(dstfuse/storage_server.py).
 
 Admission, in this order: the server's ACL check at accept (an address no
-export admits is closed before it takes anything), a handshake slot, the
+target admits is closed before it takes anything), a handshake slot, the
 option haggling under `handshake_timeout` (with TLS required, only
 STARTTLS gets anywhere before the TLS handshake), then at NBD_OPT_GO or
-EXPORT_NAME: the export's ACL for this address (refused: ERR_POLICY), a
+EXPORT_NAME: the target's ACL for this address (refused: ERR_POLICY), a
 session slot (none free: the connection is closed, as for dstfuse
-clients), and for a connection the ACL lets write, the write grant.
+clients), and for a connection the ACL lets write, write access from the
+target (`admit_writer`: for an export, its write grant). A connection
+denied write access is served read-only (the READ_ONLY flag: every write
+gets EPERM) and the log names the holder. NBD has no client identity: a
+connection's identity is the connection (`client_id`).
 
-The write grant (dstfuse/export/grant.py): NBD has no client identity, so
-an NBD client's identity is its connection. A writable NBD connection
-claims the grant like a dstfuse client; while a dstfuse client (or another
-NBD connection) holds it, the NBD connection is served read-only (the
-READ_ONLY flag: every write gets EPERM), and the log names the holder;
-while an NBD connection holds it, dstfuse clients are refused with EBUSY
-naming it, and a dstfuse take-over ends the NBD connection. The grant ends
-with the connection, at once however it ended (nothing can reconnect as
-the same identity, so a grace period would only lock others out). A
-`shared` export has no grant: every NBD connection the ACL lets write may
-write.
-
-CAN_MULTI_CONN is advertised where a client may spread its I/O over
-several connections: on read-only connections and on shared exports. It
-is true to the spec's rule there: every connection of one export runs in
-this one process on the same file descriptor, so a write completed on one
-connection is in the page cache every other connection reads, and a
-FLUSH (fdatasync of that descriptor) on any connection makes every
-completed write durable, whichever connection wrote it. A writable
-connection of a non-shared export holds the grant alone, so a second
-connection of the same client would be read-only: multi-conn is not
-offered there.
+CAN_MULTI_CONN is the target's to decide (`multi_conn`): it is offered
+only where FLUSH on one connection covers the writes completed on all.
 
 Requests: each checked request runs in its own task (at most
 `max_in_flight` and about `max_buffered` bytes per connection: the reader
@@ -62,6 +48,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..errors import DstError
 from ..protocol import Permission, RemoteProtocolError
 from ..protocol.nbd.constants import AllocationFlag, Command, CommandFlag, OptionReply
 from ..protocol.nbd.constants import TransmissionFlag as TF
@@ -81,7 +68,7 @@ from ..protocol.nbd.server_events import (
     ServerEvent,
     TlsRequested,
 )
-from .served import ServedExport
+from .nbd_target import NbdTarget
 from .session import Peer, RequestAllowance, SessionLimits
 from .slots import ConnectionSlots
 
@@ -102,7 +89,7 @@ _HOLE = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
 _WRITE_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 _FUA = int(CommandFlag.FUA)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
-_ADVERTISED = TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO
+_ADVERTISED = TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
 
 
 @dataclass(frozen=True)
@@ -115,7 +102,7 @@ class _Refusal:
 
 
 class NbdExportSession:
-    """One accepted NBD connection serving one of `exports`.
+    """One accepted NBD connection serving one of `targets`.
 
     `tls`: the server's TLS context; with it, TLS is required (FORCEDTLS:
     every option but STARTTLS is refused until the TLS handshake is done).
@@ -126,7 +113,7 @@ class NbdExportSession:
         self,
         stream: trio.abc.Stream,
         peer: Peer,
-        exports: Sequence[ServedExport],
+        targets: Sequence[NbdTarget],
         *,
         limits: SessionLimits,
         slots: ConnectionSlots | None = None,
@@ -134,19 +121,18 @@ class NbdExportSession:
     ) -> None:
         self.stream: trio.abc.Stream = stream
         self.peer = peer
-        self.export: ServedExport | None = None
+        self.export: NbdTarget | None = None
         #: NBD has no client identity: the connection is one (see the module doc).
         self.client_id = b"nbd:" + os.urandom(12)
         self.client_name = "nbd"
         self.writable = False
-        self._exports = exports
+        self._exports = targets
         self._limits = limits
         self._slots = slots
         self._tls = tls
         self._codec = NbdServerConnection(
             tls_required=tls is not None, max_payload=max(limits.max_request, 512)
         )
-        self._granted = False
         self._handshake_scope = trio.CancelScope()
         self._reading_scope = trio.CancelScope()
         self._send_lock = trio.StrictFIFOLock()
@@ -173,12 +159,7 @@ class NbdExportSession:
             finally:
                 self._done.set()
                 if self.export is not None:
-                    self.export.release(self.client_id, self)  # type: ignore[arg-type]
-                    if self._granted:
-                        self._granted = False
-                        self.export.grant.detach(
-                            self.client_id, trio.current_time(), closed_by_client=True
-                        )
+                    self.export.release_writer(self)
                 if self._slots is not None:
                     self._slots.release(self)
 
@@ -317,7 +298,7 @@ class NbdExportSession:
             if permission is None:
                 refusal = self._not_allowed(export)
                 return codec.refuse_option(refusal.reply, refusal.message), False
-            writable = bool(permission & Permission.WRITE) and self._grant_free(export)
+            writable = bool(permission & Permission.WRITE) and export.writer_free()
             info = self._info(export, writable)
             return codec.answer_info(info, canonical_name=export.name), False
         admitted = self._admit(event.name)
@@ -330,7 +311,7 @@ class NbdExportSession:
         assert self.export is not None
         return codec.answer_info(info, canonical_name=self.export.name), True
 
-    def _choose(self, name: str) -> ServedExport | _Refusal:
+    def _choose(self, name: str) -> NbdTarget | _Refusal:
         """The export `name` names ("" = the only one), or why there is none."""
         for export in self._exports:
             if export.name == name:
@@ -344,14 +325,10 @@ class NbdExportSession:
             message = f"no default export: this node serves several ({listed or 'none for you'})"
         return _Refusal(OptionReply.ERR_UNKNOWN, message)
 
-    def _not_allowed(self, export: ServedExport) -> _Refusal:
+    def _not_allowed(self, export: NbdTarget) -> _Refusal:
         address = self.peer.ip if self.peer.ip is not None else self.peer.text
         message = f"address {address} is not allowed by export {export.name}'s ACL"
         return _Refusal(OptionReply.ERR_POLICY, message)
-
-    def _grant_free(self, export: ServedExport) -> bool:
-        holder = None if export.grant.shared else export.grant.holder(trio.current_time())
-        return holder is None
 
     def _admit(self, name: str) -> ExportInfo | _Refusal | None:
         """GO / EXPORT_NAME: choose the export, check its ACL, take a session
@@ -370,28 +347,22 @@ class NbdExportSession:
             )
             return None
         self.export = export
-        export.claim(self.client_id, self)  # type: ignore[arg-type]
         writable = bool(permission & Permission.WRITE)
         if writable:
-            claim = export.grant.claim(
-                self.client_id, self.client_name, str(self.peer), trio.current_time(),
-                take_over=False,
-            )
-            if claim.granted:
-                self._granted = not export.grant.shared
-            else:
+            holder = export.admit_writer(self)
+            if holder is not None:
                 writable = False
-                log.warning(
-                    "%s: served read-only: the export is written by %s", self, claim.holder
-                )
+                log.warning("%s: served read-only: the export is written by %s", self, holder)
         self.writable = writable
         return self._info(export, writable)
 
-    def _info(self, export: ServedExport, writable: bool) -> ExportInfo:
+    def _info(self, export: NbdTarget, writable: bool) -> ExportInfo:
         flags = _ADVERTISED
+        if export.can_fast_zero:
+            flags |= TF.SEND_FAST_ZERO
         if not writable:
             flags |= TF.READ_ONLY
-        if not writable or export.grant.shared:
+        if export.multi_conn(writable):
             flags |= TF.CAN_MULTI_CONN
         return ExportInfo(
             size=export.size,
@@ -480,42 +451,39 @@ class NbdExportSession:
                 export.write_order.release(ticket)
             self._allowance.give_back(1, cost)
 
-    async def _execute(self, export: ServedExport, request: NbdRequest) -> list:
-        """Run `request` on the backend; the reply's parts. Disk errors are
-        logged here and become error replies with their errno."""
+    async def _execute(self, target: NbdTarget, request: NbdRequest) -> list:
+        """Run `request` on the target; the reply's parts. Disk and storage
+        errors are logged here and become error replies with their errno."""
         codec = self._codec
-        backend = export.backend
         command = request.command
         offset, length = request.offset, request.length
         fua = bool(request.flags & _FUA)
         try:
             if command is Command.READ:
-                return codec.reply_read(request, await backend.read(offset, length))
+                return codec.reply_read(request, await target.read(offset, length))
             if command is Command.BLOCK_STATUS:
-                runs = await backend.allocation(offset, length, limit=_MAX_EXTENTS)
+                runs = await target.allocation(offset, length, limit=_MAX_EXTENTS)
                 extents = [(size, _HOLE if hole else 0) for size, hole in runs]
                 return [codec.reply_block_status(request, extents)]
             if command is Command.WRITE:
-                await backend.write(offset, request.data, fua=fua)
+                await target.write(offset, request.data, fua=fua)
             elif command is Command.FLUSH:
-                await backend.flush()
+                await target.flush()
             elif command is Command.TRIM:
-                await backend.trim(offset, length)
-                if fua:
-                    await backend.flush()
+                await target.trim(offset, length, fua=fua)
             elif command is Command.WRITE_ZEROES:
                 fast = bool(request.flags & _FAST_ZERO)
-                await backend.write_zeroes(offset, length, fua=fua, fast=fast)
+                await target.write_zeroes(offset, length, fua=fua, fast=fast)
             else:  # the codec only passes what we advertise
                 return [codec.reply_error(request, errno.EINVAL, f"{command.name} not served")]
-        except OSError as exc:
+        except (OSError, DstError) as exc:
             status = exc.errno or errno.EIO
             if command is Command.WRITE_ZEROES and status == errno.ENOTSUP:
                 log.debug("%s: cookie %d: no fast zeroing here", self, request.cookie)
             else:
                 log.error(
-                    "%s: cookie %d: %s [%d, +%d) failed on the disk: %s",
-                    self, request.cookie, command.name, offset, length, os.strerror(status),
+                    "%s: cookie %d: %s [%d, +%d) failed: %s",
+                    self, request.cookie, command.name, offset, length, exc,
                 )
             return [codec.reply_error(request, status, os.strerror(status))]
         return [codec.reply_ok(request)]

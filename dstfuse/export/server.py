@@ -44,6 +44,7 @@ from .grant import WriteGrant
 from .listeners import BoundListener, ListenAddress, open_listeners
 from .lock import BackingLocked
 from .nbd_session import NbdExportSession
+from .nbd_target import ExportTarget
 from .served import ServedExport
 from .session import ExportSession, Peer, SessionLimits
 from .slots import ConnectionSlots
@@ -102,6 +103,7 @@ class ExportServer:
         self.listen = tuple(listen)
         self.nbd_listen = tuple(nbd_listen)
         self.nbd_tls = nbd_tls
+        self._nbd_targets = [ExportTarget(export) for export in self.exports]
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
         self.drain_timeout = drain_timeout
@@ -309,7 +311,8 @@ class ExportServer:
             await trio.aclose_forcefully(stream)
             return
         session = NbdExportSession(
-            stream, peer, self.exports, limits=self.limits, slots=self._slots, tls=self.nbd_tls
+            stream, peer, self._nbd_targets, limits=self.limits, slots=self._slots,
+            tls=self.nbd_tls,
         )
         if not self._slots.begin_handshake(session):
             log.warning(

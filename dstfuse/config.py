@@ -149,6 +149,8 @@ class MountConfig:
     max_in_flight: int
     storages: dict[str, StorageSpec]
     unflushed: Unflushed = Unflushed()
+    #: serve the top-level storages over NBD here too
+    nbd_listen: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,7 @@ def load_mount_config(path: str | Path) -> MountConfig:
             "unflushed_limit",
             "unflushed_policy",
             "storages",
+            "nbd_listen",
         ),
     )
     key_file = fields.read("key_file", source.path_value, None)
@@ -306,6 +309,9 @@ def load_mount_config(path: str | Path) -> MountConfig:
                 "unflushed_policy", partial(_choice, choices=UNFLUSHED_POLICIES),
                 Unflushed.policy,
             ),
+        ),
+        nbd_listen=fields.read(
+            "nbd_listen", partial(_addresses, default_port=NBD_DEFAULT_PORT), ()
         ),
     )
     log.debug("%s: storages %s", source.name, ", ".join(config.storages))

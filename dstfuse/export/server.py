@@ -261,7 +261,7 @@ class ExportServer:
         return ", ".join(export.name for export in self.exports)
 
     async def _handle(self, local: Address, stream: trio.SocketStream) -> None:
-        peer = _peer(stream, local)
+        peer = peer_of(stream, local)
         if peer is None:
             await trio.aclose_forcefully(stream)
             return
@@ -302,7 +302,7 @@ class ExportServer:
     async def _handle_nbd(self, local: Address, stream: trio.SocketStream) -> None:
         """An NBD connection: the same ACL check at accept and the same caps
         as `_handle`, then an `NbdExportSession`."""
-        peer = _peer(stream, local)
+        peer = peer_of(stream, local)
         if peer is None or self._shutdown.is_set():
             await trio.aclose_forcefully(stream)
             return
@@ -394,7 +394,8 @@ def _open_backend(name: str, path: Path, *, read_only: bool) -> Backend:
     return backend
 
 
-def _peer(stream: trio.SocketStream, local: Address) -> Peer | None:
+def peer_of(stream: trio.SocketStream, local: Address) -> Peer | None:
+    """Who is on the other end of an accepted `stream` (None: already gone)."""
     if local.kind == "unix":
         return Peer(f"unix:{local.path}", None)
     try:

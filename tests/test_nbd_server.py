@@ -238,8 +238,10 @@ def test_refused_acl_address_gets_no_service(tmp_path):
     with nbd_exported(tmp_path, path=disk, args=["--allow", "10.9.9.9"]) as export:
         refused = run("nbdinfo", "--size", f"{export.uri}/disk", check=False)
         assert refused.returncode != 0
-        export.wait_log("address 127.0.0.1 is not allowed by export disk's ACL")
-        assert "connected over NBD" not in export.log_text()
+        # Refused at accept (by the server, before any session or slot).
+        export.wait_log("exports disk: refused 127.0.0.1:")
+        assert "address 127.0.0.1 is not allowed by export disk's ACL" in export.log_text()
+        assert "NBD peer" not in export.log_text()
 
 
 HOLD_WRITER = r"""

@@ -25,13 +25,14 @@ only where FLUSH on one connection covers the writes completed on all.
 Requests: each checked request runs in its own task (at most
 `max_in_flight` and about `max_buffered` bytes per connection: the reader
 stops reading while full); WRITE, TRIM and WRITE_ZEROES are admitted to
-the export's `WriteOrder` before the next request is read, so overlapping
-writes take effect in arrival order, across NBD and dstfuse connections.
-Replies go out under one lock, each whole. FLUSH is fdatasync; FUA makes
-WRITE, TRIM and WRITE_ZEROES durable before the reply; TRIM punches a
-hole; WRITE_ZEROES with FAST_ZERO fails with ENOTSUP (nothing changed)
-when zeroing would mean writing zeroes; BLOCK_STATUS reports the file's
-holes (SEEK_HOLE/SEEK_DATA) as HOLE|ZERO.
+the target's `WriteOrder` before the next request is read, so overlapping
+writes take effect in arrival order (for an export, across NBD and
+dstfuse connections: it is the export's). Replies go out under one lock,
+each whole. FUA is passed to the target with WRITE, TRIM and
+WRITE_ZEROES, which make the write durable before they return;
+WRITE_ZEROES with FAST_ZERO fails with ENOTSUP (nothing changed) when
+zeroing would mean writing zeroes; BLOCK_STATUS reports the target's holes
+as HOLE|ZERO.
 
 It never allocates from a length the peer sent before the codec bounded
 it, and never logs data.
@@ -126,7 +127,7 @@ class NbdExportSession:
         self.client_id = b"nbd:" + os.urandom(12)
         self.client_name = "nbd"
         self.writable = False
-        self._exports = targets
+        self._targets = targets
         self._limits = limits
         self._slots = slots
         self._tls = tls
@@ -253,7 +254,7 @@ class NbdExportSession:
                     await self._send(event.data)
                 return False
             elif isinstance(event, ListRequested):
-                usable = [(e.name, "") for e in self._exports if e.permission(self.peer.ip)]
+                usable = [(e.name, "") for e in self._targets if e.permission(self.peer.ip)]
                 if not await self._send(codec.answer_list(usable)):
                     return False
             elif isinstance(event, MetaContextRequested):
@@ -313,12 +314,12 @@ class NbdExportSession:
 
     def _choose(self, name: str) -> NbdTarget | _Refusal:
         """The export `name` names ("" = the only one), or why there is none."""
-        for export in self._exports:
+        for export in self._targets:
             if export.name == name:
                 return export
-        if not name and len(self._exports) == 1:
-            return self._exports[0]
-        listed = ", ".join(e.name for e in self._exports if e.permission(self.peer.ip))
+        if not name and len(self._targets) == 1:
+            return self._targets[0]
+        listed = ", ".join(e.name for e in self._targets if e.permission(self.peer.ip))
         if name:
             message = f"no export {name!r} on this node (exports: {listed or 'none for you'})"
         else:

@@ -12,6 +12,7 @@ import trio
 
 from dstfuse.export import Backend, ExportAcl, ExportServer, ServedExport
 from dstfuse.export.grant import WriteGrant
+from dstfuse.protocol import HelloFlag
 from dstfuse.protocol.nbd.constants import IHAVEOPT, NBDMAGIC, REQUEST_MAGIC, Command, Option
 
 from .rawclient import RawClient
@@ -115,3 +116,20 @@ async def test_overlapping_writes_wait_for_each_other_across_nbd_and_dstfuse(ima
     server.shutdown()
     await wait_until(lambda: server.connections == 0)
     assert image.read_bytes()[:12288] == b"N" * 4096 + b"D" * 8192
+
+
+async def test_a_dstfuse_take_over_ends_the_nbd_writer(image, nursery):
+    served = ServedExport("disk", Backend(image), ExportAcl(), WriteGrant())
+    server = ExportServer([served], [LOOPBACK], nbd_listen=[LOOPBACK])
+    await nursery.start(server.serve)
+    address = server.nbd_addresses[0]
+    nbd = await trio.open_tcp_stream(address.host, address.port)
+    await go(nbd, "disk")
+    holder = served.grant.holder(trio.current_time())
+    assert holder is not None and holder.client_name == "nbd"
+    async with await RawClient.connect(server.addresses[0], flags=HelloFlag.TAKE_OVER) as client:
+        assert (await client.write(0, b"T" * 4096)).status == 0
+        assert await closed_by_server(nbd)
+        assert served.grant.holder(trio.current_time()).client_name == "rawclient"
+    await nbd.aclose()
+    server.shutdown()

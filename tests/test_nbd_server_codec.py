@@ -8,6 +8,7 @@ specification, so these tests do not trust any client code of ours.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 
 import pytest
@@ -465,6 +466,21 @@ def test_oversized_write_is_dropped_unbuffered_and_the_stream_continues():
     rejected = conn.next_event()
     assert isinstance(rejected, NbdRejected) and rejected.error == errno.EOVERFLOW
     assert conn.next_event() == NbdRequest(Command.READ, 0, 4, 0, 512)
+
+
+@pytest.mark.parametrize("trailing", [b"", request(Command.FLUSH, cookie=2)])
+def test_large_write_payloads_are_handed_over_intact(trailing):
+    conn = opened(info=ExportInfo(SIZE, ALL_FLAGS, maximum_block=256 * KiB))
+    payload = os.urandom(128 * KiB)
+    conn.receive_data(request(Command.WRITE, 0, len(payload), cookie=1, data=payload) + trailing)
+    write = conn.next_event()
+    assert isinstance(write, NbdRequest) and bytes(write.data) == payload
+    conn.receive_data(request(Command.READ, 0, 512, cookie=3))  # the buffer takes more
+    cookies = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        cookies.append(event.cookie)
+    assert cookies == ([2, 3] if trailing else [3])
+    assert bytes(write.data) == payload  # unchanged by what came after
 
 
 def test_disc_closes_and_earlier_requests_can_still_be_answered():

@@ -45,6 +45,8 @@ Invariants:
   buffered, and a message is bounded before any of it is kept: option data
   by `max_option_data`, WRITE payloads by `max_payload`; longer ones are
   read and dropped as they arrive (answered with ERR_TOO_BIG / EOVERFLOW);
+- a WRITE's `data` is the caller's alone: a copy, or (a large payload
+  that ends the receive buffer) a view of a buffer the codec has let go;
 - while an option event awaits its answer, nothing further is parsed;
 - a reply is produced only in TRANSMISSION, READ replies are structured
   once structured replies were negotiated, BLOCK_STATUS only with a meta
@@ -124,6 +126,9 @@ NEED_DATA: Final = _NeedData.NEED_DATA
 BASE_ALLOCATION_ID = 1
 #: The smallest payload limit the codec takes (a sector).
 _MIN_PAYLOAD = 512
+#: WRITE payloads from this size on may be returned as a view of the
+#: receive buffer rather than a copy (see _parse_request).
+_HANDOVER_MIN = 64 << 10
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
@@ -626,8 +631,17 @@ class NbdServerConnection:
             end = start + REQUEST.size + length
             if len(buffer) < end:
                 return NEED_DATA
-            data: Buffer = buffer[start + REQUEST.size : end]
-            self._start = end
+            data: Buffer
+            if end == len(buffer) and length >= _HANDOVER_MIN:
+                # The payload ends the buffer (usual for large writes): hand
+                # the buffer itself over as a view instead of copying it,
+                # and start a new one.
+                data = memoryview(buffer)[start + REQUEST.size : end]
+                self._buffer = bytearray()
+                self._start = 0
+            else:
+                data = buffer[start + REQUEST.size : end]
+                self._start = end
         else:
             self._start = start + REQUEST.size
             data = b""

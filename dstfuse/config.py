@@ -149,6 +149,8 @@ class MountConfig:
     max_in_flight: int
     storages: dict[str, StorageSpec]
     unflushed: Unflushed = Unflushed()
+    #: serve the top-level storages over NBD here too
+    nbd_listen: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,17 @@ class ExportSpec:
 
 
 @dataclass(frozen=True)
+class NbdTls:
+    """`nbd_tls:` of export.yaml: the server's certificate chain and key
+    (PEM files), and `ca`, when given, the CA bundle that client
+    certificates must chain to (then every NBD client needs one)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """A validated `export.yaml` (or the same built from command-line flags)."""
 
@@ -192,6 +205,8 @@ class ExportConfig:
     max_request: int = 4 * MiB
     #: keyed ciphers the node accepts (config names); empty = all of them
     ciphers: tuple[str, ...] = ()
+    #: TLS for the NBD addresses (required there when set)
+    nbd_tls: NbdTls | None = None
 
 
 # ------------------------------------------------------------ public parsers
@@ -266,6 +281,7 @@ def load_mount_config(path: str | Path) -> MountConfig:
             "unflushed_limit",
             "unflushed_policy",
             "storages",
+            "nbd_listen",
         ),
     )
     key_file = fields.read("key_file", source.path_value, None)
@@ -294,6 +310,9 @@ def load_mount_config(path: str | Path) -> MountConfig:
                 Unflushed.policy,
             ),
         ),
+        nbd_listen=fields.read(
+            "nbd_listen", partial(_addresses, default_port=NBD_DEFAULT_PORT), ()
+        ),
     )
     log.debug("%s: storages %s", source.name, ", ".join(config.storages))
     return config
@@ -317,6 +336,7 @@ def load_export_config(path: str | Path) -> ExportConfig:
             "grant_grace",
             "max_request",
             "ciphers",
+            "nbd_tls",
         ),
     )
     exports: list[ExportSpec] = []
@@ -352,7 +372,10 @@ def load_export_config(path: str | Path) -> ExportConfig:
             "max_request", partial(_size_in, minimum=4 * KiB, maximum=64 * MiB), 4 * MiB
         ),
         ciphers=fields.read("ciphers", _ciphers, ()),
+        nbd_tls=fields.read("nbd_tls", partial(_nbd_tls, source), None),
     )
+    if config.nbd_tls is not None and not config.nbd_listen:
+        raise fields.require("nbd_tls").error("nbd_tls needs nbd_listen (TLS is for NBD only)")
     if config.ciphers and config.key_file is None:
         raise fields.require("ciphers").error(
             "ciphers need key_file (without a key, frames are only checksummed)"
@@ -849,6 +872,17 @@ def _export(source: _Source, item: _Item) -> ExportSpec:
         read_only=fields.read("read_only", _bool, False),
         allow=fields.read("allow", _allow, ()),
         shared=fields.read("shared", _bool, False),
+    )
+
+
+def _nbd_tls(source: _Source, item: _Item) -> NbdTls:
+    """`nbd_tls:` as a mapping of `cert`, `key` (both required) and `ca`:
+    PEM file paths, relative ones from the config's directory."""
+    fields = _Mapping(item, ("cert", "key", "ca"))
+    return NbdTls(
+        cert=source.path_value(fields.require("cert")),
+        key=source.path_value(fields.require("key")),
+        ca=fields.read("ca", source.path_value, None),
     )
 
 

@@ -11,10 +11,10 @@ Life of a mount::
 
     check mount point -> load config -> PR_SET_IO_FLUSHER
     -> open_assembly (nodes, algorithms, storages; all closed on failure)
-    -> pyfuse3.init (the mount exists) -> serve
+    -> pyfuse3.init (the mount exists) -> NBD listeners (`nbd_listen:`) -> serve
     -> probe: stat every storage file through the mount -> READY
     ... unmount (fusermount3 -u) or SIGTERM/SIGINT (the daemon unmounts)
-    -> requests in progress finish -> session closed (mount gone)
+    -> NBD sessions drained -> requests in progress finish -> session closed (mount gone)
     -> flush every storage -> close storages, then nodes
     -> result file "ok" / "failed: ..." -> exit 0 / 1
 
@@ -52,6 +52,7 @@ from .control import DAEMON_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
 from .fanout import gather
 from .storage import Storage
+from .storage_server import StorageNbdServer
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -372,20 +373,40 @@ class MountDaemon:
         self.readiness.failed(str(error))
 
     async def _serve(self, session, assembly: Assembly) -> str | None:
-        """Serve until unmounted or stopped; the reason the mount failed to
-        become live, if it did."""
+        """Serve until unmounted or stopped (the storages over NBD too, with
+        `nbd_listen:`, bound before the mount is announced); the reason the
+        mount failed to become live, if it did."""
         failure: list[str] = []
         error: BaseException | None = None
+        nbd = None
+        nbd_done = trio.Event()
         async with trio.open_nursery() as nursery:
+            if self.config.nbd_listen:
+                nbd = StorageNbdServer(assembly.exposed, self.config.nbd_listen)
+                await nursery.start(self._serve_nbd, nbd, nbd_done)
             nursery.start_soon(self._announce_when_live, session, assembly, failure)
             try:
                 await session.serve()
             except BaseException as exc:
                 error = exc
+            if nbd is not None:
+                # Drained before the final flush, which must cover every
+                # write an NBD client was told was done.
+                nbd.shutdown()
+                await nbd_done.wait()
             nursery.cancel_scope.cancel()
         if error is not None:
             raise error
         return failure[0] if failure else None
+
+    @staticmethod
+    async def _serve_nbd(
+        nbd: StorageNbdServer, done: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await nbd.serve(task_status=task_status)
+        finally:
+            done.set()
 
     async def _announce_when_live(self, session, assembly: Assembly, failure: list[str]) -> None:
         expected = {name: storage.size for name, storage in assembly.exposed.items()}

@@ -400,3 +400,41 @@ async def test_local_node_disk_errors_keep_their_errno(image, nursery, monkeypat
         assert node.counters.errors == 1 and node.counters.in_flight == 0
     finally:
         await node.aclose()
+
+
+async def test_fast_write_zeroes_refuses_what_would_write_zero_buffers(image, monkeypatch):
+    """FAST_ZERO (NBD): without fallocate, ENOTSUP and the file untouched;
+    without fast, the same request zeroes by writing."""
+    def unsupported(fd, mode, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "not supported here")
+
+    monkeypatch.setattr(backend_module, "fallocate", unsupported)
+    before = image.read_bytes()
+    backend = Backend(image)
+    try:
+        with pytest.raises(OSError) as caught:
+            await backend.write_zeroes(0, 8192, fast=True)
+        assert caught.value.errno == errno.ENOTSUP
+        assert image.read_bytes() == before
+        await backend.write_zeroes(0, 8192)
+        assert image.read_bytes()[:8192] == bytes(8192)
+    finally:
+        await backend.aclose()
+
+
+async def test_allocation_reports_the_holes_of_a_file(tmp_path):
+    path = tmp_path / "sparse"
+    with open(path, "wb") as file:
+        file.truncate(4 * MiB)
+        file.seek(MiB)
+        file.write(b"x" * 8192)
+    backend = Backend(path)
+    try:
+        assert await backend.allocation(0, 4 * MiB) == [
+            (MiB, True), (8192, False), (3 * MiB - 8192, True)]
+        assert await backend.allocation(MiB + 4096, MiB) == [(4096, False), (MiB - 4096, True)]
+        assert await backend.allocation(0, 4 * MiB, limit=2) == [(MiB, True), (8192, False)]
+        with pytest.raises(OSError):
+            await backend.allocation(4 * MiB - 10, 20)
+    finally:
+        await backend.aclose()

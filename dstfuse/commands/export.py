@@ -1,5 +1,6 @@
 """`dstfuse export`: serve a file or block device (or an export.yaml's
-exports) to dstfuse clients until SIGTERM/SIGINT.
+exports) to dstfuse clients, and to NBD clients on `--nbd-listen`
+addresses, until SIGTERM/SIGINT.
 
 This module turns flags into an `ExportConfig`, loads the key, runs the
 `ExportServer` and reports where it listens. Every user mistake (missing
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nbd-listen",
         action="append",
         metavar="ADDR",
-        help="also serve over NBD (not supported yet)",
+        help="also serve over NBD on ADDR (repeatable; default port 10809)",
     )
     parser.add_argument(
         "--max-connections", metavar="N", help="most established sessions at once (default 256)"
@@ -111,11 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..allocator import keep_io_buffers
     from ..export import ExportServer
+    from ..export.nbd_tls import server_context
     from ..keys import load_key
 
     config = build_config(args)
     key = load_key(config.key_file) if config.key_file is not None else None
-    server = ExportServer.from_config(config, key=key)
+    server = ExportServer.from_config(config, key=key, nbd_tls=server_context(config.nbd_tls))
     keep_io_buffers()
     try:
         trio.run(_serve_until_signalled, server)
@@ -127,7 +129,13 @@ def run(args: argparse.Namespace) -> int:
 
 def build_config(args: argparse.Namespace) -> ExportConfig:
     """The ExportConfig the flags (or --config file) describe."""
-    from ..config import ExportConfig, ExportSpec, load_export_config, parse_acl_rule
+    from ..config import (
+        NBD_DEFAULT_PORT,
+        ExportConfig,
+        ExportSpec,
+        load_export_config,
+        parse_acl_rule,
+    )
 
     if args.config is not None:
         if args.path is not None:
@@ -162,8 +170,12 @@ def build_config(args: argparse.Namespace) -> ExportConfig:
                 listen.append(parse_address(text))
             except ValueError as exc:
                 raise UserError(f"--listen: {exc}") from None
-        if args.nbd_listen:
-            raise UserError("NBD serving is not supported yet (--nbd-listen)")
+        nbd_listen = []
+        for text in args.nbd_listen or ():
+            try:
+                nbd_listen.append(parse_address(text, default_port=NBD_DEFAULT_PORT))
+            except ValueError as exc:
+                raise UserError(f"--nbd-listen: {exc}") from None
         if args.cipher and not args.key_file:
             raise UserError(
                 "--cipher needs --key-file (without a key, frames are only checksummed)"
@@ -172,14 +184,13 @@ def build_config(args: argparse.Namespace) -> ExportConfig:
             listen=tuple(listen),
             key_file=Path(args.key_file) if args.key_file else None,
             ciphers=tuple(args.cipher or ()),
+            nbd_listen=tuple(nbd_listen),
             exports=(
                 ExportSpec(
                     name, path, read_only=args.read_only, allow=tuple(rules), shared=args.shared
                 ),
             ),
         )
-    if config.nbd_listen:
-        raise UserError(f"{args.config}: NBD serving is not supported yet (nbd_listen)")
     overrides: dict[str, Any] = {}
     for flag in ("max_connections", "max_handshakes"):
         text = getattr(args, flag)
@@ -234,6 +245,8 @@ async def _serve_until_signalled(server: ExportServer) -> None:
             word = "export" if len(server.exports) == 1 else "exports"
             for address in addresses:
                 log.info("%s %s listening on %s", word, summary, address)
+            for address in server.nbd_addresses:
+                log.info("%s %s listening for NBD on %s", word, summary, address)
             sdnotify.ready(f"serving {summary}")
             async for signum in signals:
                 name = signal.Signals(signum).name

@@ -7,6 +7,8 @@
 - `served`: one named export, its per-request checks and write order;
 - `slots`: the connection caps (handshakes and sessions counted apart);
 - `session`: one client connection (handshake, requests, takeover);
+- `nbd_session`, `nbd_target`, `nbd_tls`: one NBD client connection, what
+  it serves (an export, or a mount's storage), and the NBD TLS context;
 - `listeners`: TCP/IPv6/unix listening sockets;
 - `server`: `ExportServer`, tying them together.
 """

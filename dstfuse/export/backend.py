@@ -3,7 +3,8 @@
 `Backend` owns one file descriptor, opened once, and runs disk calls
 (pread, pwrite, fdatasync, fallocate, ioctl) in worker threads through a
 `trio.CapacityLimiter` it owns, so the event loop does not wait on the disk.
-It is shared by the export server (`dstfuse.export.server`) and `LocalNode`.
+It is shared by the export server (`dstfuse.export.server`, both its dstfuse
+and its NBD sessions) and `LocalNode`.
 
 Two exceptions, because a thread handoff costs more CPU than a
 page-cache copy (about 80 us per request, measured: a third of a 4 KiB
@@ -222,18 +223,54 @@ class Backend:
             self._pwrite(offset, zeroes[:step] if step < len(zeroes) else zeroes, False)
             offset += step
 
-    def _zero_range(self, offset: int, length: int, fua: bool) -> None:
+    def _zero_range(self, offset: int, length: int, fua: bool, fast: bool) -> None:
         """WRITE_ZEROES: allocate-and-zero, else punch a hole, else write
-        zero buffers; each fallback only when the one before is unsupported."""
+        zero buffers; each fallback only when the one before is unsupported.
+        `fast`: only what costs no data writes (fallocate on a file; on a
+        block device only PUNCH_HOLE, which the kernel never emulates by
+        writing zeroes), else ENOTSUP before anything is changed."""
         modes = [
             _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,
             _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
         ]
+        if fast and self.is_block_device:
+            modes = modes[1:]
         if length and not self._try_fallocate(modes, offset, length):
+            if fast:
+                raise OSError(errno.ENOTSUP, f"{self.path} cannot zero without writing zeroes")
             if not (self.is_block_device and self._try_zeroout(offset, length)):
                 self._write_zero_buffers(offset, length)
         if fua:
             os.fdatasync(self._fd)
+
+    def _allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """(length, is_hole) runs covering [offset, +length) from the start,
+        at most `limit` of them (the rest is left out), from SEEK_DATA /
+        SEEK_HOLE. A block device, or a file system without them, is all
+        data. The descriptor's file position moves; pread/pwrite ignore it."""
+        end = offset + length
+        if self.is_block_device:
+            return [(length, False)]
+        runs: list[tuple[int, bool]] = []
+        position = offset
+        while position < end and len(runs) < limit:
+            try:
+                data = os.lseek(self._fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                    data = end
+                elif exc.errno in _UNSUPPORTED or exc.errno == errno.EINVAL:
+                    return [(length, False)]
+                else:
+                    raise
+            if data > position:
+                runs.append((min(data, end) - position, True))
+                position = min(data, end)
+                continue
+            hole = min(os.lseek(self._fd, position, os.SEEK_HOLE), end)
+            runs.append((hole - position, False))
+            position = hole
+        return runs
 
     def _discard(self, offset: int, length: int) -> None:
         """TRIM. Files: punch a hole. Block devices: fallocate(PUNCH_HOLE) is
@@ -340,11 +377,26 @@ class Backend:
         if length:
             await self._run(self._discard, offset, length)
 
-    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        """Make the range read back as zeroes; with `fua`, durable on return."""
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool = False, fast: bool = False
+    ) -> None:
+        """Make the range read back as zeroes; with `fua`, durable on return;
+        with `fast`, ENOTSUP (nothing changed) unless it can be done without
+        writing zeroes (see `_zero_range`)."""
         self._check(offset, length, writing=True)
         if length or fua:
-            await self._run(self._zero_range, offset, length, fua)
+            await self._run(self._zero_range, offset, length, fua, fast)
+
+    async def allocation(
+        self, offset: int, length: int, *, limit: int = 1024
+    ) -> list[tuple[int, bool]]:
+        """Which parts of the range are holes: (length, is_hole) runs from
+        `offset` on, consecutive, at most `limit` (then they cover only the
+        start of the range). Holes read back as zeroes."""
+        self._check(offset, length, writing=False)
+        if not length:
+            return []
+        return await self._run(self._allocation, offset, length, limit)
 
     async def checksum(self, offset: int, length: int) -> bytes:
         """xxh3-128 digest of the range: equal to

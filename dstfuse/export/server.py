@@ -1,4 +1,5 @@
-"""`ExportServer`: serve named exports on every listen address.
+"""`ExportServer`: serve named exports on every listen address, to dstfuse
+clients and (on the `nbd_listen` addresses) to NBD clients.
 
 The server owns the listeners, the exports' backends (it closes them), the
 connection caps, and shutdown. An accepted connection whose address no
@@ -7,7 +8,10 @@ it without waiting, then closed), before it takes any slot; the others take
 a handshake slot and become an `ExportSession` (dstfuse/export/session.py),
 which does the handshake, trades it for a session slot (`ConnectionSlots`:
 the two caps are separate) and serves requests; the per-request checks live
-in `ServedExport`.
+in `ServedExport`. Connections on an NBD address become an
+`NbdExportSession` (dstfuse/export/nbd_session.py) instead, after the same
+ACL check (refused: closed at once, NBD has no refusal message before the
+handshake) and under the same two caps.
 
 Shutdown (`shutdown()`, or cancelling `serve`): stop accepting, stop every
 session's reader, give requests already started up to `drain_timeout` to
@@ -24,6 +28,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +43,8 @@ from .backend import Backend
 from .grant import WriteGrant
 from .listeners import BoundListener, ListenAddress, open_listeners
 from .lock import BackingLocked
+from .nbd_session import NbdExportSession
+from .nbd_target import ExportTarget
 from .served import ServedExport
 from .session import ExportSession, Peer, SessionLimits
 from .slots import ConnectionSlots
@@ -62,7 +69,9 @@ class ExportServer:
 
     `listen` holds `Address`es, or (host, port) pairs where port 0 asks for
     an ephemeral port (tests). `key` is the pre-shared key (None: checksums
-    only). The server takes ownership of the exports' backends.
+    only). `nbd_listen` are the addresses served over NBD; with `nbd_tls`
+    (a server-side SSLContext) NBD clients must use TLS. The server takes
+    ownership of the exports' backends.
     """
 
     def __init__(
@@ -80,16 +89,21 @@ class ExportServer:
         drain_timeout: float = 10.0,
         node_name: str | None = None,
         ciphers: Sequence[str] = (),
+        nbd_listen: Sequence[ListenAddress] = (),
+        nbd_tls: ssl.SSLContext | None = None,
     ) -> None:
         if not exports:
             raise ValueError("an export server needs at least one export")
         names = [export.name for export in exports]
         if len(set(names)) != len(names):
             raise ValueError(f"export names must be unique: {', '.join(names)}")
-        if not listen:
+        if not listen and not nbd_listen:
             raise ValueError("an export server needs at least one listen address")
         self.exports = tuple(exports)
         self.listen = tuple(listen)
+        self.nbd_listen = tuple(nbd_listen)
+        self.nbd_tls = nbd_tls
+        self._nbd_targets = [ExportTarget(export) for export in self.exports]
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
         self.drain_timeout = drain_timeout
@@ -101,10 +115,11 @@ class ExportServer:
             node_name=node_name or socket.gethostname(),
         )
         self.addresses: list[Address] = []
+        self.nbd_addresses: list[Address] = []
         self._key = key
         # Config cipher names -> protocol modes; empty: every keyed mode.
         self._modes = [mode_of_cipher(cipher) for cipher in ciphers]
-        self._slots = ConnectionSlots[ExportSession](
+        self._slots = ConnectionSlots[ExportSession | NbdExportSession](
             max_handshakes=max_handshakes, max_sessions=max_connections
         )
         #: address -> (trio time of its last refusal logged, refusals since)
@@ -112,9 +127,16 @@ class ExportServer:
         self._shutdown = trio.Event()
 
     @classmethod
-    def from_config(cls, config: ExportConfig, *, key: bytes | None = None) -> ExportServer:
+    def from_config(
+        cls,
+        config: ExportConfig,
+        *,
+        key: bytes | None = None,
+        nbd_tls: ssl.SSLContext | None = None,
+    ) -> ExportServer:
         """Open and lock every export's file or device and build the server
-        `config` describes. UserError if one cannot be opened, is served by
+        `config` describes (`nbd_tls`: the context built from its
+        `nbd_tls:`). UserError if one cannot be opened, is served by
         another process already (its OFD lock, see dstfuse/export/lock.py)
         or is empty."""
         served: list[ServedExport] = []
@@ -137,6 +159,8 @@ class ExportServer:
             handshake_timeout=config.handshake_timeout,
             max_request=config.max_request,
             ciphers=config.ciphers,
+            nbd_listen=config.nbd_listen,
+            nbd_tls=nbd_tls,
         )
 
     @property
@@ -160,15 +184,20 @@ class ExportServer:
         `task_status.started`, and serve until `shutdown()` or cancellation.
         Binding failures raise UserError (the backends are closed then too)."""
         bound: list[BoundListener] = []
+        nbd_bound: list[BoundListener] = []
         served = False
         try:
             for address in self.listen:
                 bound.extend(await open_listeners(address))
+            for address in self.nbd_listen:
+                nbd_bound.extend(await open_listeners(address))
             self.addresses = [listener.address for listener in bound]
+            self.nbd_addresses = [listener.address for listener in nbd_bound]
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accepting:
-                    for listener in bound:
-                        handler = functools.partial(self._handle, listener.address)
+                    for listener in bound + nbd_bound:
+                        handle = self._handle_nbd if listener in nbd_bound else self._handle
+                        handler = functools.partial(handle, listener.address)
                         accepting.start_soon(
                             functools.partial(
                                 trio.serve_listeners,
@@ -179,6 +208,8 @@ class ExportServer:
                         )
                     for address in self.addresses:
                         log.debug("exports %s: listening on %s", self._names(), address)
+                    for address in self.nbd_addresses:
+                        log.debug("exports %s: listening for NBD on %s", self._names(), address)
                     task_status.started(list(self.addresses))
                     served = True
                     await self._shutdown.wait()
@@ -186,7 +217,7 @@ class ExportServer:
                 self._stop_sessions()
                 handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
         finally:
-            for listener in bound:
+            for listener in bound + nbd_bound:
                 listener.close()
             if await self._close_exports():
                 level = logging.INFO if served else logging.DEBUG
@@ -230,7 +261,7 @@ class ExportServer:
         return ", ".join(export.name for export in self.exports)
 
     async def _handle(self, local: Address, stream: trio.SocketStream) -> None:
-        peer = _peer(stream, local)
+        peer = peer_of(stream, local)
         if peer is None:
             await trio.aclose_forcefully(stream)
             return
@@ -268,15 +299,47 @@ class ExportServer:
         finally:
             self._slots.release(session)
 
+    async def _handle_nbd(self, local: Address, stream: trio.SocketStream) -> None:
+        """An NBD connection: the same ACL check at accept and the same caps
+        as `_handle`, then an `NbdExportSession`."""
+        peer = peer_of(stream, local)
+        if peer is None or self._shutdown.is_set():
+            await trio.aclose_forcefully(stream)
+            return
+        if peer.ip is not None and all(e.permission(peer.ip) is None for e in self.exports):
+            self._log_refusal(peer, f"address {peer.ip} is not allowed by {self._acl_name()}")
+            await trio.aclose_forcefully(stream)
+            return
+        session = NbdExportSession(
+            stream, peer, self._nbd_targets, limits=self.limits, slots=self._slots,
+            tls=self.nbd_tls,
+        )
+        if not self._slots.begin_handshake(session):
+            log.warning(
+                "exports %s: closing NBD connection from %s: %d handshakes in progress "
+                "(max_handshakes)",
+                self._names(), peer, self.max_handshakes,
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            if local.kind == "tcp":
+                _set_keepalive(stream)
+            log.debug("exports %s: NBD connection from %s on %s", self._names(), peer, local)
+            await session.run()
+        finally:
+            self._slots.release(session)
+
+    def _acl_name(self) -> str:
+        if len(self.exports) == 1:
+            return f"export {self.exports[0].name}'s ACL"
+        return "the ACL of any export on this node"
+
     async def _refuse_address(self, stream: trio.SocketStream, peer: Peer) -> None:
         """Refuse a peer no export admits, holding nothing: one non-blocking
         write of a REFUSED frame (the client shows its message; whatever the
         socket does not take at once is dropped), then close."""
-        if len(self.exports) == 1:
-            reason = f"export {self.exports[0].name}'s ACL"
-        else:
-            reason = "the ACL of any export on this node"
-        message = f"address {peer.ip} is not allowed by {reason}"
+        message = f"address {peer.ip} is not allowed by {self._acl_name()}"
         self._log_refusal(peer, message)
         try:
             os.write(stream.socket.fileno(), Connection(Role.SERVER).refuse(errno.EACCES, message))
@@ -331,7 +394,8 @@ def _open_backend(name: str, path: Path, *, read_only: bool) -> Backend:
     return backend
 
 
-def _peer(stream: trio.SocketStream, local: Address) -> Peer | None:
+def peer_of(stream: trio.SocketStream, local: Address) -> Peer | None:
+    """Who is on the other end of an accepted `stream` (None: already gone)."""
     if local.kind == "unix":
         return Peer(f"unix:{local.path}", None)
     try:

@@ -144,7 +144,7 @@ class SessionLimits:
     node_name: str = "dstfuse"
 
 
-class _Allowance:
+class RequestAllowance:
     """Requests and bytes of request/reply data a connection holds, from
     the frame's arrival until its reply is on the wire. One request is
     always admitted when no bytes are held, so a byte limit below
@@ -237,7 +237,7 @@ class ExportSession:
         self._outbox: trio.MemorySendChannel[_Outgoing] | None = None
         self._queued = 0  # items in the outbox the sender has not taken yet
         self._sending = False  # the sender holds a batch: sealing or sending it
-        self._allowance = _Allowance(limits.max_in_flight, limits.max_buffered)
+        self._allowance = RequestAllowance(limits.max_in_flight, limits.max_buffered)
         # Set once the export is chosen: what the inline path's quick test needs.
         self._size = 0
         self._may_read = False

@@ -383,3 +383,28 @@ def test_a_probing_node_displaces_nobody_until_it_takes_the_grant(tmp_path):
     content = disk.read_bytes()
     assert content[:8192] == b"a" * 4096 + b"b" * 4096
     assert content[8192:12288] == b"c" * 4096
+
+
+async def _take_at_once(address: str) -> bytes:
+    timeouts = Timeouts(resend=1.0, max_resends=10, keepalive=0.5, connect=2.0)
+    async with trio.open_nursery() as nursery:
+        node = RemoteNode(
+            parse_address(address), export=None, timeouts=timeouts, key=None,
+            client_name="mirror", probe=True,
+        )
+        try:
+            await node.start(nursery)
+            await node.take_write_grant()  # before the probe session was served
+            await node.write(0, b"d" * 4096)
+            await node.flush()
+            return await node.read(0, 4096)
+        finally:
+            await node.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def test_a_node_that_takes_the_grant_right_after_start_writes(tmp_path):
+    disk = make_disk(tmp_path / "disk.img")
+    with exported(disk, tmp_path) as export:
+        assert trio.run(_take_at_once, export.address) == b"d" * 4096
+    assert disk.read_bytes()[:4096] == b"d" * 4096

@@ -308,6 +308,24 @@ def test_a_second_mount_never_displaces_a_holder_whose_heartbeat_moves(tmp_path)
             assert data_area(leg, 2 * BLOCK) == b"1" * BLOCK + b"2" * BLOCK
 
 
+def test_a_read_only_mount_of_a_mirror_is_refused_before_it_reaches_a_leg(tmp_path):
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        config = mirror_config(tmp_path, legs)
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as first:
+            sessions = [leg.log.read_text().count(": connected (") for leg in legs]
+            (tmp_path / "mnt2").mkdir()
+            try:
+                refused = run_dstfuse("mount", "-o", "ro", config, tmp_path / "mnt2", timeout=60)
+            finally:
+                force_unmount(tmp_path / "mnt2")
+            assert refused.returncode != 0
+            assert "-o ro: storage vol0 is a mirror" in refused.stderr, refused.stderr
+            assert [leg.log.read_text().count(": connected (") for leg in legs] == sessions
+            write_block(first, 0, b"1" * BLOCK)
+            assert status(first)["state"] == "clean"
+            assert first.umount().returncode == 0
+
+
 # -- 5. a dead or frozen leg stalls writes for leg_timeout, not the budget --------------
 class StallMeter:
     """Writes 4 KiB with O_DIRECT (and an fsync every 16 writes) in a loop

@@ -158,8 +158,7 @@ class RemoteNode(Node):
         #: set once a connection that is not probing is online, or fenced
         self._grant_settled = trio.Event()
         self._serving: trio.CancelScope | None = None  # while a session is served
-        self._connected = False  # a session is open (served or about to be)
-        self._opened_probing = False  # that session was opened probing
+        self._opened_probing = False  # the last connection was opened probing
 
     # -- lifecycle ------------------------------------------------------
     async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
@@ -237,7 +236,6 @@ class RemoteNode(Node):
                 str(self), f"no answer within {self._timeouts.connect:g}s (connect timeout)"
             )
         self._sessions_opened = number
-        self._connected = True
         self._opened_probing = bool(flags & HelloFlag.PROBE)
         if flags & HelloFlag.TAKE_OVER:
             self._take_over = False  # reconnects never take over
@@ -246,19 +244,20 @@ class RemoteNode(Node):
     async def take_write_grant(self) -> None:
         """Stop probing: take the export's write grant over from whoever
         holds it (the node ends the holder's connections, waits for the
-        requests they started, and refuses their reconnects). Returns once
-        the new connection is online; while the node is unreachable (or
-        after `timeouts.connect` without an answer) at once, and its next
-        connection takes the grant. Raises NodeFenced if the grant went to
-        another client meanwhile. Nothing for a node that is not probing."""
+        requests they started, and refuses their reconnects). A served
+        probe session is ended and this returns once the claiming one is
+        online (or after `timeouts.connect`); with none (unreachable, or
+        connecting) at once, and the next connection takes the grant.
+        Raises NodeFenced if the grant went to another client meanwhile.
+        Nothing for a node that is not probing."""
         if not self._probing:
             return
         self._probing = False
         self._take_over = True
-        if self._connected:
+        serving = self._serving
+        if serving is not None:
             log.info("%s: taking the export's write grant over", self._label)
-            if self._serving is not None:
-                self._serving.cancel()  # the keeper reconnects at once, claiming
+            serving.cancel()  # the keeper reconnects at once, claiming
             with trio.move_on_after(self._timeouts.connect):
                 await self._grant_settled.wait()
         if self.fenced is not None:
@@ -284,7 +283,6 @@ class RemoteNode(Node):
                         opened = trio.current_time()
                         reason = await self._serve(session)
                         self._session = None
-                        self._connected = False
                         self._set_state(NodeState.OFFLINE)
                         if self._opened_probing and not self._probing:
                             # ended by take_write_grant: claim at once
@@ -314,7 +312,9 @@ class RemoteNode(Node):
         kept writes are replayed first; only then does the node go online."""
         outcome = "cancelled"
         if self._opened_probing and not self._probing:
-            await session.close()  # take_write_grant came before it was served
+            # take_write_grant came between this probe's connect and now:
+            # no connection is served probing after it (the keeper claims)
+            await session.close()
             return outcome
         try:
             async with trio.open_nursery() as nursery:
@@ -341,7 +341,7 @@ class RemoteNode(Node):
 
     def _go_online(self, session: Session) -> None:
         self._session = session
-        if not self._probing:
+        if not self._opened_probing:
             self._grant_settled.set()
         # Resend in original submission order; new requests queue behind.
         resent = 0

@@ -160,8 +160,11 @@ class _Builder:
                 storage=storage,
                 unflushed=self.config.unflushed,
                 read_only=self.read_only,
-                # A mirror orders its writers itself (its holder lease).
-                coordinated=self._is_mirror_leg(spec),
+                # A mirror leg claims the export's write grant only once the
+                # mirror has read the legs' metadata and decided to write
+                # (Node.take_write_grant): a mount refused because another
+                # one holds the storage must not displace that holder.
+                probe=self._is_mirror_leg(spec),
             )
         if spec.kind == "local":
             from .nodes.local import LocalNode

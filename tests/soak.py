@@ -178,6 +178,14 @@ class Relay:
     def corrupt(self, direction: str, count: int) -> None:
         trio.from_thread.run_sync(self.proxy.corrupt_next, direction, count, trio_token=self._token)
 
+    def pause(self) -> None:
+        """Hold every relayed byte, both ways, until `resume` (what was sent
+        before stays in the relay, so it is still in flight)."""
+        trio.from_thread.run_sync(self.proxy.pause, trio_token=self._token)
+
+    def resume(self) -> None:
+        trio.from_thread.run_sync(self.proxy.resume, trio_token=self._token)
+
 
 # ------------------------------------------------------------------- legs
 

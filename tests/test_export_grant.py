@@ -62,18 +62,6 @@ def test_a_taker_displaces_the_holder_whose_connections_no_longer_count():
     assert not claim(grant, C, 3.0).granted
 
 
-def test_coordinated_writers_take_nothing_and_are_refused_only_by_a_holder():
-    grant = WriteGrant(grace=GRACE)
-    assert grant.coordinated(A, 0.0, take_over=False).granted
-    assert grant.coordinated(B, 0.0, take_over=False).granted
-    assert claim(grant, C).granted  # coordinated writers hold no grant
-    refused = grant.coordinated(A, 1.0, take_over=False)
-    assert not refused.granted and refused.holder.client_id == C
-    taken = grant.coordinated(A, 1.0, take_over=True)
-    assert taken.granted and taken.displaced.client_id == C
-    assert claim(grant, B, 2.0).granted  # nobody held it after that
-
-
 def test_a_shared_export_has_no_holder():
     grant = WriteGrant(shared=True, grace=GRACE)
     assert all(claim(grant, client).granted for client in (A, B, C))

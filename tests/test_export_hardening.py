@@ -339,3 +339,72 @@ def test_a_taker_fences_the_old_holder_whose_writes_fail_at_once(tmp_path, caplo
     content = disk.read_bytes()
     assert content[:4096] == b"a" * 4096 and content[4096:8192] == b"b" * 4096
     assert content[8192:12288] == bytes(4096)
+
+
+async def _probe_then_take(address: str) -> tuple[bytes, NodeError, int]:
+    timeouts = Timeouts(resend=1.0, max_resends=10, keepalive=0.5, connect=2.0)
+    async with trio.open_nursery() as nursery:
+        first = RemoteNode(
+            parse_address(address), export=None, timeouts=timeouts, key=None,
+            client_name="first",
+        )
+        second = RemoteNode(
+            parse_address(address), export=None, timeouts=timeouts, key=None,
+            client_name="second", probe=True,
+        )
+        try:
+            await first.start(nursery)
+            await first.write(0, b"a" * 4096)
+            await second.start(nursery)  # probing: reads, takes nothing
+            seen = await second.read(0, 4096)
+            await first.write(4096, b"b" * 4096)  # still the writer
+            await second.take_write_grant()  # ends first's connection
+            await second.write(8192, b"c" * 4096)
+            with pytest.raises(NodeError) as caught:
+                await first.write(8192, b"X" * 4096)
+            await second.flush()
+            reconnects = second.counters.reconnects
+        finally:
+            await second.aclose()
+            await first.aclose()
+            nursery.cancel_scope.cancel()
+    return seen, caught.value, reconnects
+
+
+def test_a_probing_node_displaces_nobody_until_it_takes_the_grant(tmp_path):
+    disk = make_disk(tmp_path / "disk.img")
+    with exported(disk, tmp_path) as export:
+        seen, error, reconnects = trio.run(_probe_then_take, export.address)
+        log = export.log.read_text()
+    assert seen == b"a" * 4096
+    assert error.errno == errno.EIO and "fenced" in str(error), error
+    assert reconnects == 0  # taking the grant is no connection loss
+    assert log.count("takes over the write grant from client first") == 1
+    content = disk.read_bytes()
+    assert content[:8192] == b"a" * 4096 + b"b" * 4096
+    assert content[8192:12288] == b"c" * 4096
+
+
+async def _take_at_once(address: str) -> bytes:
+    timeouts = Timeouts(resend=1.0, max_resends=10, keepalive=0.5, connect=2.0)
+    async with trio.open_nursery() as nursery:
+        node = RemoteNode(
+            parse_address(address), export=None, timeouts=timeouts, key=None,
+            client_name="mirror", probe=True,
+        )
+        try:
+            await node.start(nursery)
+            await node.take_write_grant()  # before the probe session was served
+            await node.write(0, b"d" * 4096)
+            await node.flush()
+            return await node.read(0, 4096)
+        finally:
+            await node.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def test_a_node_that_takes_the_grant_right_after_start_writes(tmp_path):
+    disk = make_disk(tmp_path / "disk.img")
+    with exported(disk, tmp_path) as export:
+        assert trio.run(_take_at_once, export.address) == b"d" * 4096
+    assert disk.read_bytes()[:4096] == b"d" * 4096

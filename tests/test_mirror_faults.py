@@ -3,7 +3,10 @@ export` processes as legs, a real mount, faults done to the processes.
 
 - a leg the others left behind is never served: the mount waits for the
   newer leg, then refuses with one line that names it and the way out;
-- a holder frozen past its lease never writes over the next holder;
+- a holder frozen past its lease never writes over the next holder, not
+  even with writes it had in flight when it froze: the taker takes every
+  leg's write grant, so the nodes refuse the old holder (node-side fencing);
+- a second mount never displaces a holder whose heartbeat moves;
 - a killed or frozen leg stalls writes for about `leg_timeout`, not for the
   whole resend budget (the default config, as a user runs it).
 """
@@ -14,18 +17,23 @@ import contextlib
 import errno
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import pytest
 
-from .mounts import force_unmount, mounted, run_dstfuse, write_config
+from .mounts import force_unmount, free_tcp_port, mounted, run_dstfuse, write_config
+from .soak import Relay
 from .test_mirror_e2e import (
     BLOCK,
     FAST_TIMEOUTS,
     REGION,
+    LegExport,
     MiB,
+    counter,
     data_area,
     leg_exports,
     mirror_config,
@@ -126,6 +134,196 @@ def test_a_frozen_holder_never_writes_over_the_next_one(tmp_path):
                 os.kill(first.pid, signal.SIGCONT)
         for leg in legs:
             assert data_area(leg, BLOCK) == b"2" * BLOCK
+
+
+#: Writes 4 KiB of one letter at each offset given, with O_DIRECT, from one
+#: thread per offset (so they are in flight together); prints one line per
+#: write: "written" or "errno N". A process of its own: a descriptor of the
+#: frozen mount must not be open in the test process, whose children would
+#: close it at exec and wait for the frozen daemon's FLUSH answer.
+CONCURRENT_WRITER = """
+import mmap, os, sys, threading
+path, letter, offsets = sys.argv[1], sys.argv[2].encode(), [int(a) for a in sys.argv[3:]]
+results = {}
+def write(offset):
+    buffer = mmap.mmap(-1, 4096)
+    buffer[:] = letter * 4096
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        results[offset] = f"errno {exc.errno}"
+        return
+    try:
+        os.pwritev(fd, [buffer], offset)
+        results[offset] = "written"
+    except OSError as exc:
+        results[offset] = f"errno {exc.errno}"
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+threads = [threading.Thread(target=write, args=(offset,)) for offset in offsets]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+for offset in offsets:
+    print(results[offset])
+"""
+
+#: Client 1 of the in-flight test: nothing of it times out while its frames
+#: are held and it is frozen (no resend, no keepalive reconnect, no leg
+#: timeout, no bitmap clearing), so only fencing can stop its writes.
+PATIENT_TIMEOUTS = {"resend": "30s", "max_resends": 2, "keepalive": "30s", "connect": "2s"}
+PATIENT_MIRROR = ["leg_timeout=90s", "read_timeout=60s", "bitmap_idle=120s"]
+
+
+@contextlib.contextmanager
+def tcp_leg_exports(tmp_path, count: int = 2, size: int = 64 * MiB):
+    """Legs served on 127.0.0.1 (a Relay can stand in front of TCP only)."""
+    legs = []
+    try:
+        for index in range(count):
+            path = tmp_path / f"leg{index}.img"
+            path.write_bytes(b"")
+            os.truncate(path, size)
+            leg = LegExport(path, f"127.0.0.1:{free_tcp_port()}", tmp_path / f"leg{index}.log")
+            legs.append(leg)
+            leg.start()
+        yield legs
+    finally:
+        for leg in legs:
+            leg.stop()
+
+
+def relay_to(leg: LegExport):
+    host, port = leg.listen.split(":")
+    return Relay(host, int(port)).running()
+
+
+def wait_in_flight(mount, at_least: int, timeout: float = 20.0) -> None:
+    """Until every leg of `mount` has `at_least` transactions in flight."""
+    deadline = time.monotonic() + timeout
+    while True:
+        flights = [counter(mount, leg, "in_flight") for leg in (0, 1)]
+        if min(flights) >= at_least:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"in flight per leg: {flights}\n{mount.log_tail()}")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("takeover", ["force", "holder timeout"])
+def test_writes_in_flight_when_the_holder_froze_never_land_after_a_takeover(tmp_path, takeover):
+    """Client 1 reaches the legs through relays that hold its frames: its
+    writes are in flight on both legs when it is frozen. Client 2 takes the
+    storage over and writes; then the relays let client 1's frames go and
+    client 1 wakes. None of its writes may land: the nodes refuse it."""
+    offsets = [BLOCK * n for n in range(1, 5)]  # region 0, marked by the first write
+    with tcp_leg_exports(tmp_path) as legs:
+        with relay_to(legs[0]) as relay0, relay_to(legs[1]) as relay1:
+            relays = [relay0, relay1]
+            first_config = write_config(
+                tmp_path / "client1.yaml",
+                {"vol0": {"algorithm": "mirror",
+                          "nodes": [{"remote": relay.address} for relay in relays]}},
+                timeouts=PATIENT_TIMEOUTS,
+            )
+            second_config = write_config(
+                tmp_path / "client2.yaml",
+                {"vol0": {"algorithm": "mirror",
+                          "nodes": [{"remote": leg.listen} for leg in legs]}},
+                timeouts=FAST_TIMEOUTS,
+            )
+            with mounted(
+                first_config, tmp_path / "mnt", options=["assume_clean", *PATIENT_MIRROR]
+            ) as first:
+                write_block(first, 0, b"1" * BLOCK)
+                for relay in relays:
+                    relay.pause()
+                writer = subprocess.Popen(
+                    [sys.executable, "-c", CONCURRENT_WRITER, str(first.file("vol0")), "X",
+                     *map(str, offsets)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )
+                try:
+                    # two in flight on each leg: at least one is a data write
+                    # (a heartbeat has at most one request out per leg)
+                    wait_in_flight(first, 2)
+                    os.kill(first.pid, signal.SIGSTOP)
+                    try:
+                        options = ["force"] if takeover == "force" else []
+                        with mounted(second_config, tmp_path / "mnt2", options=options) as second:
+                            for offset in offsets:
+                                write_block(second, offset, b"2" * BLOCK)
+                            for relay in relays:
+                                relay.resume()  # whatever they held goes on to the nodes
+                            time.sleep(1)
+                            os.kill(first.pid, signal.SIGCONT)
+                            out, err = writer.communicate(timeout=120)
+                            assert out.split() == ["errno", "5"] * len(offsets), (out, err)
+                            assert status(first)["state"] == "fenced"
+                            assert "fenced" in first.log.read_text()
+                            for offset in offsets:
+                                assert read_block(second, offset) == b"2" * BLOCK
+                            wait_state(second, "clean")
+                            size = storage_size(second)
+                            assert second.umount().returncode == 0
+                    finally:
+                        os.kill(first.pid, signal.SIGCONT)
+                finally:
+                    if writer.poll() is None:
+                        writer.kill()
+                        writer.wait(30)
+        expected = b"1" * BLOCK + b"2" * BLOCK * len(offsets)
+        for leg in legs:
+            assert data_area(leg, len(expected)) == expected, f"{leg.path}: client 1 wrote"
+        assert data_area(legs[0], size) == data_area(legs[1], size)
+
+
+def test_a_second_mount_never_displaces_a_holder_whose_heartbeat_moves(tmp_path):
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        config = mirror_config(tmp_path, legs)
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as first:
+            write_block(first, 0, b"1" * BLOCK)
+            (tmp_path / "mnt2").mkdir()
+            try:
+                refused = run_dstfuse(
+                    "mount", "-o", "holder_timeout=3s", config, tmp_path / "mnt2", timeout=60
+                )
+            finally:
+                force_unmount(tmp_path / "mnt2")
+            assert refused.returncode != 0
+            assert "is mounted by" in refused.stderr, refused.stderr
+            # the first holder's grants were not touched: it writes on, on
+            # the connections it had
+            write_block(first, BLOCK, b"2" * BLOCK)
+            assert read_block(first, 0) == b"1" * BLOCK
+            assert status(first)["state"] == "clean"
+            assert [counter(first, leg, "reconnects") for leg in (0, 1)] == [0, 0]
+            assert "fenced" not in first.log.read_text()
+            assert first.umount().returncode == 0
+        for leg in legs:
+            assert data_area(leg, 2 * BLOCK) == b"1" * BLOCK + b"2" * BLOCK
+
+
+def test_a_read_only_mount_of_a_mirror_is_refused_before_it_reaches_a_leg(tmp_path):
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        config = mirror_config(tmp_path, legs)
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as first:
+            sessions = [leg.log.read_text().count(": connected (") for leg in legs]
+            (tmp_path / "mnt2").mkdir()
+            try:
+                refused = run_dstfuse("mount", "-o", "ro", config, tmp_path / "mnt2", timeout=60)
+            finally:
+                force_unmount(tmp_path / "mnt2")
+            assert refused.returncode != 0
+            assert "-o ro: storage vol0 is a mirror" in refused.stderr, refused.stderr
+            assert [leg.log.read_text().count(": connected (") for leg in legs] == sessions
+            write_block(first, 0, b"1" * BLOCK)
+            assert status(first)["state"] == "clean"
+            assert first.umount().returncode == 0
 
 
 # -- 5. a dead or frozen leg stalls writes for leg_timeout, not the budget --------------

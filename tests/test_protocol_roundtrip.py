@@ -357,3 +357,15 @@ def test_end_of_stream_between_frames_is_a_clean_close():
     assert drain(server) == [Request(Command.FLUSH, 1), ConnectionClosed()]
     assert server.state is State.CLOSED
     assert server.next_event() == ConnectionClosed()  # and stays so
+
+
+def test_the_reserved_hello_flag_8_is_ignored_like_any_unknown_bit():
+    """Bit 8 was COORDINATED (write without the grant) in earlier builds: a
+    node now reads it as nothing, so such a client claims the grant."""
+    client, server = make_pair()
+    hello = client.hello(
+        export=None, client_id=CLIENT_ID, client_name="old",
+        flags=HelloFlag.PROBE | HelloFlag(8) | HelloFlag(1 << 20),
+    )
+    (event,) = feed(server, hello)
+    assert isinstance(event, HelloReceived) and event.flags == HelloFlag.PROBE

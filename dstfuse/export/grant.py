@@ -94,19 +94,6 @@ class WriteGrant:
         holder.released_at = None
         return Claim(granted=True, displaced=displaced)
 
-    def coordinated(self, client_id: bytes, now: float, *, take_over: bool) -> Claim:
-        """A client that orders its writers itself (HelloFlag.COORDINATED)
-        asks to write: refused while another identity holds the grant,
-        unless it takes over (the holder is displaced and nobody holds the
-        grant then). A granted coordinated connection holds nothing."""
-        holder = None if self.shared else self.holder(now)
-        if holder is None or holder.client_id == client_id:
-            return Claim(granted=True)
-        if not take_over:
-            return Claim(granted=False, holder=holder)
-        self._holder = None
-        return Claim(granted=True, displaced=holder)
-
     def detach(self, client_id: bytes, now: float, *, closed_by_client: bool) -> None:
         """A granted connection of `client_id` ended. After the holder's last
         one the grant is released, at once if the client closed it, else

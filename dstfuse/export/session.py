@@ -497,14 +497,11 @@ class ExportSession:
         if not self.permission & Permission.WRITE:
             return True
         take_over = bool(self._hello_flags & HelloFlag.TAKE_OVER)
-        now = trio.current_time()
-        if self._hello_flags & HelloFlag.COORDINATED:
-            claim = export.grant.coordinated(self.client_id, now, take_over=take_over)
-        else:
-            claim = export.grant.claim(
-                self.client_id, self.client_name, str(self.peer), now, take_over=take_over
-            )
-            self._granted = claim.granted
+        claim = export.grant.claim(
+            self.client_id, self.client_name, str(self.peer), trio.current_time(),
+            take_over=take_over,
+        )
+        self._granted = claim.granted
         if not claim.granted:
             assert claim.holder is not None
             return await self._refuse_writer(claim.holder)

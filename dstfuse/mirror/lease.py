@@ -16,7 +16,9 @@ Invariants:
 - every write path calls `ensure()` first: within the lease it costs one
   comparison; after it (any stall) the holder record is read back from the
   legs before anything is written;
-- once a slot shows another holder with a higher epoch, this mount is
+- once a slot shows another holder with a higher epoch, or a leg's node
+  refuses this mount because another client took its write grant over
+  (the taker's node-side fencing, startup.take_write_grants), this mount is
   fenced for good: every later `ensure()` raises EIO, nothing more is
   written (no heartbeat, no clean-shutdown record), and `state` says so;
 - a slot written late by an older holder (a heartbeat that was in flight
@@ -109,6 +111,8 @@ class HolderLease:
             if await self._renew(leg) and leg.in_sync:
                 self._renewed_at = max(self._renewed_at, sent)
         except NodeError as exc:
+            if self.fenced:
+                return  # the node refused us: the mount is fenced (logged once)
             if self._membership.leg_failed(leg, f"heartbeat failed: {exc}"):
                 await self._membership.publish_quietly()
         finally:

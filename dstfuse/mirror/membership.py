@@ -6,7 +6,9 @@ a write is recorded as stale in the headers of the surviving legs before
 that write completes (`leg_failed` bumps the generation; writers then await
 `ensure_durable`). It builds each leg's header and writes the new ones to
 every leg that takes writes; it never decides when a leg is resynced.
-Once `fenced` (another mount took the storage over), it writes nothing.
+Once `fenced` (another mount took the storage over: found by the lease in
+a header, or by a leg's node whose write grant was taken), it writes
+nothing.
 
 Invariant: the last in-sync leg is never marked stale. If it fails, the
 request fails and the storage keeps its one complete copy.
@@ -56,9 +58,7 @@ class Membership:
         self.held_since_us = 0
         #: the generation this mount took the storage at (lease.py)
         self.holder_epoch = 0
-        #: why this mount may write no more ("" while it holds the storage):
-        #: set by the lease when a newer holder took over
-        self.fenced = ""
+        self._fenced = ""
         self.heartbeat = 0
         self.data_size = 0
         self.region_size = options.region_size
@@ -70,6 +70,28 @@ class Membership:
         self._durable = 0
         self._lock = trio.Lock()
         self._changed = trio.Event()
+
+    @property
+    def fenced(self) -> str:
+        """Why this mount may write no more ("" while it holds the storage):
+        set by the lease when a newer holder's header is found, or found
+        here as soon as any leg's node is fenced (another client took that
+        export's write grant over, which for a leg means another mount took
+        the storage over: writing on the other legs would split it)."""
+        if not self._fenced:
+            for leg in self.legs:
+                if leg.node.fenced is not None:
+                    self._fenced = (
+                        f"another client took the write grant of {leg} over "
+                        f"({leg.node.fenced}); this mount writes nothing more"
+                    )
+                    log.error("storage %s: %s", self.storage_name, self._fenced)
+                    break
+        return self._fenced
+
+    @fenced.setter
+    def fenced(self, reason: str) -> None:
+        self._fenced = reason
 
     # -- headers ----------------------------------------------------------
     def records(self) -> tuple[MemberRecord, ...]:

@@ -37,7 +37,7 @@ from .membership import Membership
 from .metadata import BLOCK, leg_layout, round_down
 from .options import MirrorOptions
 from .routing import ReadRouter
-from .startup import examine_leg, wait_for_holder
+from .startup import examine_leg, take_write_grants, wait_for_holder
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,17 @@ class _Opening:
     async def plan(self) -> tuple[StartPlan, list[LegFinding]]:
         """Examine the legs until a plan can be made: another holder is
         waited out (or refused) by `wait_for_holder`; missing legs that may
-        hold newer data are waited for up to `mount_wait`, then refused."""
+        hold newer data are waited for up to `mount_wait`, then refused.
+        Only then are the legs' write grants taken (the nodes fence the old
+        holder), and the plan is made again from what the legs hold now."""
         options = self.options
         deadline = trio.current_time() + options.mount_wait
+        granted = False
         while True:
             findings = [await examine_leg(leg) for leg in self.legs]
-            if await wait_for_holder(self.storage_name, self.legs, findings, options):
+            if not granted and await wait_for_holder(
+                self.storage_name, self.legs, findings, options
+            ):
                 continue
             try:
                 plan = plan_start(
@@ -122,7 +127,10 @@ class _Opening:
                 )
                 await _wait_for_any_online(missing, min(left, MISSING_LEG_POLL))
                 continue
-            return plan, findings
+            if granted:
+                return plan, findings
+            await take_write_grants(self.storage_name, self.legs)
+            granted = True
 
     async def apply(self, plan: StartPlan, findings: list[LegFinding]) -> Opened:
         """Turn the plan into legs' roles, the bitmap and written headers."""

@@ -6,6 +6,8 @@ before anything is written: a storage whose newest header names another
 client that has not shut down is refused while that client's heartbeat
 advances, and taken over (with a warning) once it has stood still for
 `holder_timeout`. Neither writes anything; the mirror acts on the result.
+Once the mount has decided to write, `take_write_grants` makes the nodes
+fence whoever wrote before (docs/mirror-metadata.md section 7).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import trio
 
 from ..errors import NodeError, UserError
+from ..fanout import gather
 from .history import LegFinding
 from .legs import MirrorLeg
 from .metadata import BLOCK, DamagedMetadata, MetadataError, NoMetadata, UnsupportedVersion
@@ -109,3 +112,21 @@ async def wait_for_holder(
         storage_name, who, options.holder_timeout,
     )
     return False
+
+
+async def take_write_grants(storage_name: str, legs: list[MirrorLeg]) -> None:
+    """The mount has decided to write (after `wait_for_holder`, before its
+    first write): every leg's node takes its export's write grant over. A
+    node then ends the connections of the client that held the grant (an
+    old holder, frozen or cut off), waits for the requests they had
+    started, and refuses their reconnects, so nothing that holder still
+    has in flight or resends lands after this. A leg offline now takes the
+    grant at its next connection. UserError if another mount took a grant
+    meanwhile (two mounts forcing at once: both may end fenced)."""
+    outcomes = await gather([lambda leg=leg: leg.node.take_write_grant() for leg in legs])
+    for leg, (_, error) in zip(legs, outcomes, strict=True):
+        if error is not None:
+            raise UserError(
+                f"storage {storage_name}: {leg}: another mount took the storage over "
+                f"meanwhile ({error})"
+            ) from error

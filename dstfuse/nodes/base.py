@@ -67,6 +67,10 @@ class Node(abc.ABC):
         #: Why the node could not be reached when it was started (a node
         #: that may start OFFLINE), for messages; "" if it was reached.
         self.offline_reason = ""
+        #: Why this client may not write to the node any more (another
+        #: client took its write grant over, see `take_write_grant`); None
+        #: while it may. Once set, it stays.
+        self.fenced: str | None = None
         self._state = NodeState.OFFLINE
         self._state_changed = trio.Event()
 
@@ -115,6 +119,15 @@ class Node(abc.ABC):
         """Open the node (connect and negotiate for remote ones) and start its
         background tasks in `nursery`. Sets `size` and `writable`. Raises
         `NodeError` (a `UserError` for refusals) when it cannot be opened."""
+
+    async def take_write_grant(self) -> None:
+        """Become the node's one writer where the node has such a grant (a
+        remote export's write grant, taken over from any other client, who
+        is then fenced by the node). For a storage that decides itself when
+        it may write (a mirror's holder lease): its nodes are opened without
+        claiming the grant and claim it once the storage has decided. A
+        no-op for nodes without a grant."""
+        return None
 
     @abc.abstractmethod
     async def aclose(self) -> None:

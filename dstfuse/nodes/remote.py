@@ -33,7 +33,9 @@ Invariants:
 - a FLUSH never returns success over writes a reboot destroyed.
 - fenced: a reconnect refused because another client identity now holds the
   export's write grant (EBUSY) ends the node: everything in flight and every
-  later request fails with EIO at once, and it stops reconnecting.
+  later request fails with EIO at once, and it stops reconnecting;
+- a probing node (`probe`) writes nothing: its connections are read-only on
+  the node until `take_write_grant`, after which no connection is probing.
 """
 
 from __future__ import annotations
@@ -107,7 +109,6 @@ class RemoteNode(Node):
         read_only: bool = False,
         take_over: bool = False,
         probe: bool = False,
-        coordinated: bool = False,
     ) -> None:
         """`connector` opens the transport (tests pass in-memory streams);
         `storage` names the storage this node belongs to in log lines. An
@@ -119,8 +120,8 @@ class RemoteNode(Node):
         connections are ended; first connection only, reconnects never take
         over, so two takers cannot pass the grant back and forth); `probe`,
         the grant a mount would get, reported but not taken (`dstfuse
-        check`); `coordinated`, write without the grant because the caller
-        orders its writers itself (a mirror's holder lease)."""
+        check`, and a mirror leg until its storage has decided to write:
+        `take_write_grant`)."""
         super().__init__(str(address) + (f" {export}" if export else ""))
         self._label = f"storage {storage}, node {self}" if storage else f"node {self}"
         self._target = address
@@ -151,14 +152,13 @@ class RemoteNode(Node):
         self._cancel = trio.CancelScope()
         self.max_request = 1 << 20
         self.features = Feature.NONE
-        self._hello_flags = (
-            (HelloFlag.READ_ONLY if read_only else HelloFlag.NONE)
-            | (HelloFlag.TAKE_OVER if take_over else HelloFlag.NONE)
-            | (HelloFlag.PROBE if probe else HelloFlag.NONE)
-            | (HelloFlag.COORDINATED if coordinated else HelloFlag.NONE)
-        )
-        #: why this node is fenced (see the module doc); None until it is
-        self.fenced: str | None = None
+        self._read_only = read_only
+        self._take_over = take_over  # the next connection takes the grant over
+        self._probing = probe
+        #: set once a connection that is not probing is online, or fenced
+        self._grant_settled = trio.Event()
+        self._serving: trio.CancelScope | None = None  # while a session is served
+        self._opened_probing = False  # the last connection was opened probing
 
     # -- lifecycle ------------------------------------------------------
     async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
@@ -203,28 +203,65 @@ class RemoteNode(Node):
         self._set_state(NodeState.OFFLINE)
         self._cancel.cancel()
 
+    def _hello_flags(self) -> HelloFlag:
+        return (
+            (HelloFlag.READ_ONLY if self._read_only else HelloFlag.NONE)
+            | (HelloFlag.TAKE_OVER if self._take_over else HelloFlag.NONE)
+            | (HelloFlag.PROBE if self._probing else HelloFlag.NONE)
+        )
+
     async def _connect(self) -> Session:
         number = self._sessions_opened + 1
         with trio.move_on_after(self._timeouts.connect) as scope:
-            session = await Session.establish(
-                str(self),
-                self._target,
-                export=self._export,
-                key=self._key,
-                modes=self._modes,
-                client_id=self._client_id,
-                client_name=self._client_name,
-                number=number,
-                connector=self._connector,
-                hello_flags=self._hello_flags,
-            )
+            while True:
+                flags = self._hello_flags()
+                session = await Session.establish(
+                    str(self),
+                    self._target,
+                    export=self._export,
+                    key=self._key,
+                    modes=self._modes,
+                    client_id=self._client_id,
+                    client_name=self._client_name,
+                    number=number,
+                    connector=self._connector,
+                    hello_flags=flags,
+                )
+                if not flags & HelloFlag.PROBE or self._probing:
+                    break
+                # take_write_grant was called while this probe connected
+                await session.close()
         if scope.cancelled_caught:
             raise NodeUnavailable(
                 str(self), f"no answer within {self._timeouts.connect:g}s (connect timeout)"
             )
         self._sessions_opened = number
-        self._hello_flags &= ~HelloFlag.TAKE_OVER  # reconnects never take over
+        self._opened_probing = bool(flags & HelloFlag.PROBE)
+        if flags & HelloFlag.TAKE_OVER:
+            self._take_over = False  # reconnects never take over
         return session
+
+    async def take_write_grant(self) -> None:
+        """Stop probing: take the export's write grant over from whoever
+        holds it (the node ends the holder's connections, waits for the
+        requests they started, and refuses their reconnects). A served
+        probe session is ended and this returns once the claiming one is
+        online (or after `timeouts.connect`); with none (unreachable, or
+        connecting) at once, and the next connection takes the grant.
+        Raises NodeFenced if the grant went to another client meanwhile.
+        Nothing for a node that is not probing."""
+        if not self._probing:
+            return
+        self._probing = False
+        self._take_over = True
+        serving = self._serving
+        if serving is not None:
+            log.info("%s: taking the export's write grant over", self._label)
+            serving.cancel()  # the keeper reconnects at once, claiming
+            with trio.move_on_after(self._timeouts.connect):
+                await self._grant_settled.wait()
+        if self.fenced is not None:
+            raise NodeFenced(str(self), self.fenced)
 
     async def _keep_connected(
         self, session: Session | None, *, task_status=trio.TASK_STATUS_IGNORED
@@ -238,58 +275,74 @@ class RemoteNode(Node):
                 nursery.start_soon(self._resend_overdue)
                 if self._flush_at_limit:
                     nursery.start_soon(self._flush_for_limit)
-                if session is None:
-                    session = await self._reconnect()
-                pause = BACKOFF_START
-                while True:
-                    opened = trio.current_time()
-                    reason = await self._serve(session)
-                    self._session = None
-                    self._set_state(NodeState.OFFLINE)
-                    log.warning(
-                        "%s: connection lost (%s); %d transactions in flight, reconnecting",
-                        self._label,
-                        reason,
-                        len(self._table),
-                    )
-                    # A node that drops every connection at once must not
-                    # make this a busy loop: back off while sessions are short.
-                    if trio.current_time() - opened < BACKOFF_MAX:
-                        await trio.sleep(pause)
-                        pause = min(pause * BACKOFF_FACTOR, BACKOFF_MAX)
-                    else:
-                        pause = BACKOFF_START
-                    try:
+                try:
+                    if session is None:
                         session = await self._reconnect()
-                    except NodeFenced as exc:
-                        self._fence(exc)
-                        nursery.cancel_scope.cancel()
-                        return
-                    self.counters.reconnects += 1
+                    pause = BACKOFF_START
+                    while True:
+                        opened = trio.current_time()
+                        reason = await self._serve(session)
+                        self._session = None
+                        self._set_state(NodeState.OFFLINE)
+                        if self._opened_probing and not self._probing:
+                            # ended by take_write_grant: claim at once
+                            session = await self._reconnect()
+                            continue
+                        log.warning(
+                            "%s: connection lost (%s); %d transactions in flight, reconnecting",
+                            self._label,
+                            reason,
+                            len(self._table),
+                        )
+                        # A node that drops every connection at once must not
+                        # make this a busy loop: back off while sessions are short.
+                        if trio.current_time() - opened < BACKOFF_MAX:
+                            await trio.sleep(pause)
+                            pause = min(pause * BACKOFF_FACTOR, BACKOFF_MAX)
+                        else:
+                            pause = BACKOFF_START
+                        session = await self._reconnect()
+                        self.counters.reconnects += 1
+                except NodeFenced as exc:
+                    self._fence(exc)
+                    nursery.cancel_scope.cancel()
 
     async def _serve(self, session: Session) -> str:
         """Run `session` until it ends and return why. On a new instance the
         kept writes are replayed first; only then does the node go online."""
         outcome = "cancelled"
-        async with trio.open_nursery() as nursery:
+        if self._opened_probing and not self._probing:
+            # take_write_grant came between this probe's connect and now:
+            # no connection is served probing after it (the keeper claims)
+            await session.close()
+            return outcome
+        try:
+            async with trio.open_nursery() as nursery:
+                self._serving = nursery.cancel_scope
 
-            async def run() -> None:
-                nonlocal outcome
-                outcome = await session.run(self._on_reply, keepalive=self._timeouts.keepalive)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(run)
-            if self._replay_owed:
-                failure = await self._replay(session)
-                if failure is not None:
-                    outcome = failure
+                async def run() -> None:
+                    nonlocal outcome
+                    outcome = await session.run(
+                        self._on_reply, keepalive=self._timeouts.keepalive
+                    )
                     nursery.cancel_scope.cancel()
-                    return outcome
-            self._go_online(session)
+
+                nursery.start_soon(run)
+                if self._replay_owed:
+                    failure = await self._replay(session)
+                    if failure is not None:
+                        outcome = failure
+                        nursery.cancel_scope.cancel()
+                        return outcome
+                self._go_online(session)
+        finally:
+            self._serving = None
         return outcome
 
     def _go_online(self, session: Session) -> None:
         self._session = session
+        if not self._opened_probing:
+            self._grant_settled.set()
         # Resend in original submission order; new requests queue behind.
         resent = 0
         for txn in self._table:
@@ -484,6 +537,7 @@ class RemoteNode(Node):
         flight with EIO at once and stop (no resending loop)."""
         pending = [txn for txn in self._table if not txn.done]
         self.fenced = str(exc).removeprefix(f"{self}: ")
+        self._grant_settled.set()
         self._set_state(NodeState.OFFLINE)
         log.error(
             "%s: fenced, another client holds the export's write grant (%s); "

@@ -105,15 +105,12 @@ class HelloFlag(enum.IntFlag):
     #: `dstfuse check`: READY reports the grant a mount would get, but this
     #: connection is served read-only and takes no write grant
     PROBE = 4
-    #: the client orders its writers itself (a mirror's holder lease): it
-    #: writes without taking the write grant, refused only while a client
-    #: holds the grant
-    COORDINATED = 8
+    # 8 is reserved: COORDINATED (write without the grant) in earlier
+    # builds. Masked off like any unknown bit, so a client still sending it
+    # claims the grant like every writer (docs/protocol.md, HELLO_FLAGS).
 
 
-ALL_HELLO_FLAGS = (
-    HelloFlag.READ_ONLY | HelloFlag.TAKE_OVER | HelloFlag.PROBE | HelloFlag.COORDINATED
-)
+ALL_HELLO_FLAGS = HelloFlag.READ_ONLY | HelloFlag.TAKE_OVER | HelloFlag.PROBE
 ALL_FEATURES = Feature.FLUSH | Feature.FUA | Feature.TRIM | Feature.WRITE_ZEROES | Feature.CHECKSUM
 ALL_PERMISSIONS = Permission.READ | Permission.WRITE
 

@@ -131,6 +131,15 @@ class OnlineVerify:
         mirror = self._mirror
         what = "repair" if self.repair else "verify"
         log.info("storage %s: %s started", mirror.storage_name, what)
+        for leg in self._legs():
+            if not leg.node.checksums_on_node:
+                log.info(
+                    "storage %s: leg %s has no node-side checksums (NBD): %s reads its "
+                    "data over the network and digests it here",
+                    mirror.storage_name,
+                    leg,
+                    what,
+                )
         try:
             for region in range(self.total_regions):
                 start, end = mirror.region_bounds(region)

@@ -205,3 +205,67 @@ def overlapping_in_flight(log: Path) -> list[str]:
             conn, _, ident = end_match.groups()
             active.pop((conn, ident), None)
     return found
+
+
+def make_pki(directory: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate
+    (openssl), laid out as nbdkit's --tls-certificates wants them:
+    ca-cert.pem, server-cert.pem, server-key.pem (+ client-cert/key.pem)."""
+    require("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(
+            ["openssl", *args], check=True, capture_output=True, timeout=60, cwd=directory
+        )
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-subj",
+        "/CN=dstfuse test CA",
+    )
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (directory / f"{name}.ext").write_text(extension)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}-key.pem",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}-cert.pem",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return directory

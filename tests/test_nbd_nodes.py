@@ -21,13 +21,13 @@ import pytest
 import trio
 import xxhash
 
-from dstfuse.config import Timeouts
+from dstfuse.config import Timeouts, TlsFiles
 from dstfuse.errors import NodeError, NodeRefused, NodeUnavailable
 from dstfuse.nodes.base import NodeState
 from dstfuse.nodes.nbd import NbdNode
 from dstfuse.protocol.nbd.uri import parse_nbd_uri
 
-from .nbdpeers import nbdkit, overlapping_in_flight, qcow2_image, qemu_nbd
+from .nbdpeers import make_pki, nbdkit, overlapping_in_flight, qcow2_image, qemu_nbd
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +53,10 @@ async def nbd_node(uri: str, timeouts: Timeouts = FAST, **kwargs):
             nursery.cancel_scope.cancel()
 
 
-async def start_error(uri: str) -> NodeError:
+async def start_error(uri: str, tls: TlsFiles | None = None) -> NodeError:
     """The error starting a node for `uri` raises (it must raise one)."""
     async with trio.open_nursery() as nursery:
-        node = NbdNode(parse_nbd_uri(uri), timeouts=FAST)
+        node = NbdNode(parse_nbd_uri(uri), timeouts=FAST, tls=tls)
         try:
             await node.start(nursery)
         except NodeError as exc:
@@ -306,3 +306,29 @@ async def test_server_gone_for_good_fails_with_eio_after_the_budget(tmp_path, ca
             assert caught.value.errno == errno.EIO
             assert trio.current_time() - started < 3
             assert node.state is NodeState.OFFLINE
+
+
+# --------------------------------------------------------------------- TLS
+
+
+async def test_nbds_with_certificates_and_tls_required(tmp_path):
+    """nbdkit --tls=require --tls-verify-peer: nbds:// with our CA and a
+    client certificate works; nbd:// is refused (TLS required), and so is
+    a CA that did not sign the server's certificate, or no client
+    certificate."""
+    pki = make_pki(tmp_path / "pki")
+    other = make_pki(tmp_path / "other")
+    tls = ["--tls=require", f"--tls-certificates={pki}", "--tls-verify-peer"]
+    with nbdkit(tmp_path, ["memory", "1M"], args=tls) as server:
+        secure = server.uri.replace("nbd://", "nbds://")
+        files = TlsFiles(pki / "ca-cert.pem", pki / "client-cert.pem", pki / "client-key.pem")
+        async with nbd_node(secure, tls=files) as node:
+            await node.write(0, b"over tls")
+            assert await node.read(0, 8) == b"over tls"
+        error = await start_error(server.uri)
+        assert isinstance(error, NodeRefused) and "requires TLS" in str(error)
+        error = await start_error(secure, TlsFiles(other / "ca-cert.pem"))
+        assert isinstance(error, NodeRefused) and "does not verify" in str(error)
+        error = await start_error(secure, TlsFiles(pki / "ca-cert.pem"))
+        assert isinstance(error, NodeError), error  # no client certificate
+        assert "client certificate" in str(error)

@@ -252,6 +252,7 @@ async def _handshake(
 ) -> tuple[trio.abc.Stream, Ready]:
     """Run the option haggling; the stream returned is the TLS one after
     STARTTLS."""
+    secured = False
     while True:
         try:
             event = client.next_event()
@@ -262,14 +263,23 @@ async def _handshake(
         except ProtocolError as exc:
             raise NodeUnavailable(name, f"bad handshake from the server: {exc}") from None
         if event is NEED_DATA:
-            await _send(name, stream, client.data_to_send())
             try:
+                outgoing = client.data_to_send()
+                if outgoing:
+                    await stream.send_all(outgoing)
                 data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, OSError) as exc:
-                raise NodeUnavailable(name, f"connection lost in handshake: {exc}") from None
+                hint = ""
+                if secured:
+                    # TLS 1.3 servers refuse a client certificate only after
+                    # the handshake, by closing the connection.
+                    hint = " (after TLS started: does the server want a client certificate? "
+                    hint += "set tls_cert and tls_key)"
+                raise NodeUnavailable(name, f"connection lost in handshake: {exc}{hint}") from None
             client.receive_data(data)
         elif isinstance(event, StartTls):
             stream = await _start_tls(name, stream, uri, tls)
+            secured = True
             client.tls_started()
         elif isinstance(event, Ready):
             await _send(name, stream, client.data_to_send())

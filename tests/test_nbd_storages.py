@@ -201,3 +201,26 @@ def test_nbdkit_killed_and_restarted_under_a_writer_loses_nothing(tmp_path):
                 os.close(fd)
             assert mount.umount().returncode == 0
     assert disk.read_bytes() == expected
+
+
+def test_qemu_img_convert_onto_a_storage_file_needs_n(tmp_path):
+    """docs/operations.md, "dstfuse for VMs": the storage file cannot be
+    recreated, so convert writes into it with -n; compare agrees."""
+    source = qcow2_image(tmp_path / "source.qcow2", "16M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0x17 9M 64k", source)
+    with nbdkit(tmp_path, ["memory", "size=32M"]) as server:
+        config = write_config(
+            tmp_path / "storage.yaml",
+            {"vol0": {"algorithm": "linear", "nodes": [{"nbd": server.uri}]}},
+        )
+        with mounted(config, tmp_path / "mnt") as mount:
+            target = mount.file("vol0")
+            refused = run("qemu-img", "convert", "-O", "raw", source, target, check=False)
+            assert refused.returncode != 0
+            run("qemu-img", "convert", "-n", "-O", "raw", "-t", "none", source, target)
+            # the storage is larger than the image: compare the image's part
+            compared = run(
+                "qemu-img", "compare", "-f", "qcow2", "-F", "raw", source, target, check=False
+            )
+            assert compared.returncode == 0, compared.stdout + compared.stderr
+            assert mount.umount().returncode == 0

@@ -293,6 +293,22 @@ async def test_kill_and_restart_of_nbdkit_resends_in_order_and_replays(tmp_path,
     assert overlapping_in_flight(requests) == []
 
 
+async def test_a_cancelled_write_is_not_overtaken_by_a_later_overlapping_one(tmp_path):
+    """The server may still run a write whose caller gave up waiting: the
+    next write to the same range goes out only once the first has ended."""
+    disk = make_file(tmp_path / "disk.img")
+    requests = tmp_path / "requests.log"
+    plugin = ["file", str(disk), f"logfile={requests}", "delay-write=600ms"]
+    with nbdkit(tmp_path, plugin, filters=["log", "delay"]) as server:
+        async with nbd_node(server.uri) as node:
+            with trio.move_on_after(0.1):  # gives up while the server holds it
+                await node.write(0, b"a" * 4096)
+            await node.write(0, b"b" * 4096)
+            assert await node.read(0, 4096) == b"b" * 4096
+    assert overlapping_in_flight(requests) == []
+    assert disk.read_bytes()[:4096] == b"b" * 4096
+
+
 async def test_server_gone_for_good_fails_with_eio_after_the_budget(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     timeouts = Timeouts(resend=0.25, max_resends=3, keepalive=1.0, connect=0.5)  # 1 s budget

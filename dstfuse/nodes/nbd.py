@@ -202,9 +202,12 @@ class NbdNode(Node):
         self.writable = not ready.read_only and not self._read_only
 
     async def aclose(self) -> None:
-        """Stop reconnecting and drop the connection; callers flush first."""
+        """Stop reconnecting and drop the connection; callers flush first.
+        Requests still waiting fail (NodeUnavailable) at once."""
         self._set_state(NodeState.OFFLINE)
         self._cancel.cancel()
+        for txn in self._table:
+            self._table.give_up(txn)
 
     async def _connect(self) -> NbdConnection:
         tls = None
@@ -531,13 +534,21 @@ class NbdNode(Node):
         try:
             if self._conn is not None:
                 self._send(self._conn, txn)
-            await txn.wait_done()
+            if command in WRITE_COMMANDS:
+                # A write the server may hold must not be overtaken by a
+                # later overlapping one, so a cancelled caller still waits
+                # for its end before its range is released; bounded, since
+                # the timer gives up on it at its deadline (aclose at once).
+                with trio.CancelScope(deadline=deadline + 1, shield=True):
+                    await txn.wait_done()
+            else:
+                await txn.wait_done()
         finally:
             self._table.end(txn)
             self.counters.in_flight = len(self._table)
         if txn.resplit:
             return None
-        if txn.reply is None:  # the deadline passed
+        if txn.reply is None:  # the deadline passed, or the node was closed
             raise NodeUnavailable(str(self), f"{txn}: no success within {self._budget:g}s")
         return txn.reply
 

@@ -143,6 +143,26 @@ async def test_missing_fua_and_write_zeroes_are_emulated(tmp_path):
     assert disk.read_bytes() == image
 
 
+async def test_a_server_without_flush_is_used_and_said_to_promise_no_durability(tmp_path, caplog):
+    """nbdkit's eval plugin with only pread/pwrite: no FLUSH, no FUA."""
+    disk = make_file(tmp_path / "disk.img")
+    methods = [
+        f"get_size=echo {SIZE}",
+        f"pread=dd if={disk} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+        f"pwrite=dd of={disk} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+    ]
+    with nbdkit(tmp_path, ["eval", *methods]) as server:
+        async with nbd_node(server.uri) as node:
+            from dstfuse.protocol.nbd.constants import TransmissionFlag as T
+
+            assert not node.flags & (T.SEND_FLUSH | T.SEND_FUA)
+            await node.write(0, b"durable?" * 512, fua=True)
+            await node.flush()
+            assert await node.read(0, 8) == b"durable?"
+    assert "does not support FLUSH: it cannot promise" in caplog.text
+    assert disk.read_bytes()[:8] == b"durable?"
+
+
 async def test_qemu_nbd_serving_qcow2_round_trips(tmp_path):
     image_path = qcow2_image(tmp_path / "disk.qcow2", "8M")
     with qemu_nbd(tmp_path, image_path) as server:

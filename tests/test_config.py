@@ -1063,3 +1063,23 @@ def test_export_ciphers_restrict_the_node_and_need_a_key(in_tmp):
         in_tmp, "key_file: k\nciphers: [rot13]\nexports:\n  - {name: d, path: /d}\n"
     )
     assert "export.yaml:2" in message and "rot13" in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "address", "export", "tls"),
+    [
+        ("nbd://h", "h:10809", "", False),
+        ("nbd://h:1234/", "h:1234", "", False),
+        ("nbds://[::1]:99/a%20b", "[::1]:99", "a b", True),
+        ("nbd+unix:///disk?socket=/run/n.sock", "unix:/run/n.sock", "disk", False),
+        ("nbds+unix:///?socket=/run/n.sock", "unix:/run/n.sock", "", True),
+    ],
+)
+def test_nbd_uris_parse_as_libnbd_does(uri, address, export, tls):
+    parsed = parse_nbd_uri(uri)
+    assert (str(parsed.address), parsed.export, parsed.tls, str(parsed)) == (
+        address,
+        export,
+        tls,
+        uri,
+    )

@@ -17,6 +17,7 @@ import pytest
 
 from .mounts import (
     ext4_mounted,
+    free_tcp_port,
     loop_device,
     mounted,
     require_loop,
@@ -32,7 +33,9 @@ from .test_mirror_e2e import (
     leg_exports,
     pread_direct,
     pwrite_direct,
+    status,
     storage_size,
+    wait_state,
 )
 
 pytestmark = pytest.mark.slow
@@ -224,3 +227,33 @@ def test_qemu_img_convert_onto_a_storage_file_needs_n(tmp_path):
             )
             assert compared.returncode == 0, compared.stdout + compared.stderr
             assert mount.umount().returncode == 0
+
+
+def test_a_mirror_whose_nbd_leg_is_down_mounts_degraded_and_resyncs_it(tmp_path):
+    """The NBD leg may start offline like a remote one: mounted with
+    -o force while nbdkit is down, written, then nbdkit comes up on the
+    configured port and the leg is resynced."""
+    size = 64 * MiB
+    nbd_disk = make_file(tmp_path / "nbdleg.img", size)
+    port = free_tcp_port()
+    uri = f"nbd://127.0.0.1:{port}/"
+    with leg_exports(tmp_path, count=1, size=size) as legs:
+        storage = {"algorithm": "mirror", "nodes": [{"remote": legs[0].listen}, {"nbd": uri}]}
+        config = write_config(tmp_path / "storage.yaml", {"vol0": storage}, timeouts=FAST_TIMEOUTS)
+        with nbdkit(tmp_path, ["file", str(nbd_disk)], port=port):
+            with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
+                data_size = storage_size(mount)
+                assert mount.umount().returncode == 0
+        with mounted(config, tmp_path / "mnt", options=["force"]) as mount:
+            degraded = status(mount)
+            assert degraded["state"] == "degraded"
+            assert degraded["nodes"][1]["state"] == "offline"
+            payload = os.urandom(3 * MiB)
+            with open(mount.file("vol0"), "r+b", buffering=0) as f:
+                f.write(payload)
+            with nbdkit(tmp_path, ["file", str(nbd_disk)], port=port):
+                clean = wait_state(mount, "clean")
+                assert clean["nodes"][1]["resync_total"] > 0
+                assert mount.umount().returncode == 0
+    assert data_area(legs[0], data_size) == nbd_disk.read_bytes()[:data_size]
+    assert nbd_disk.read_bytes()[: len(payload)] == payload

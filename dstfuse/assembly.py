@@ -20,8 +20,8 @@ exposed as files in the mount: writing to an inner storage behind the back
 of the storage that uses it would corrupt it. Every storage gets a control
 directory.
 
-RemoteNode and LocalNode are imported when first needed, so a config that
-uses only one kind never imports the other.
+RemoteNode, LocalNode and NbdNode are imported when first needed, so a
+config that uses only one kind never imports the others.
 """
 
 from __future__ import annotations
@@ -171,7 +171,18 @@ class _Builder:
 
             return LocalNode(spec.target, read_only=self.read_only)
         if spec.kind == "nbd":
-            raise UserError("nbd nodes are not supported yet")
+            from .nodes.nbd import NbdNode
+
+            assert spec.nbd is not None
+            return NbdNode(
+                spec.nbd,
+                timeouts=self.config.timeouts,
+                tls=spec.tls,
+                max_in_flight=self.config.max_in_flight,
+                storage=storage,
+                unflushed=self.config.unflushed,
+                read_only=self.read_only,
+            )
         raise AssertionError(f"no builder for {spec.kind} nodes")
 
     def _redundant(self, storage: str) -> bool:
@@ -193,7 +204,7 @@ class _Builder:
             raise _node_error(storage, described, spec, exc) from exc
         try:
             with trio.fail_after(self._start_timeout()):
-                if spec.kind == "remote" and self._redundant(storage):
+                if spec.kind in ("remote", "nbd") and self._redundant(storage):
                     # A mirror can serve without this leg and resync it
                     # later: an unreachable leg must not stop the mount.
                     await node.start(self.nursery, may_start_offline=True)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -38,6 +37,7 @@ from .address import DEFAULT_PORT, Address, parse_address
 from .algorithms import NAMES as ALGORITHM_NAMES
 from .algorithms import algorithm_class
 from .errors import ConfigError, UserError
+from .protocol.nbd.uri import NbdUri, parse_nbd_uri
 from .units import parse_duration, parse_size
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,22 @@ class Unflushed:
     policy: str = "flush"
 
 
+#: Node keys of nbd: nodes with TLS (nbds://): PEM files, relative paths
+#: taken from the config's directory.
+NBD_TLS_KEYS = ("tls_ca", "tls_cert", "tls_key")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files an `nbds://` node uses: `ca` the certificates it trusts
+    for the server (None: the system's trust store), `cert` and `key` its
+    own client certificate (both or neither)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     """One entry of a storage's `nodes:` list.
@@ -103,8 +119,9 @@ class NodeSpec:
     `kind` is one of NODE_KINDS. `target` is: for "remote" the address text as
     written (`address` holds it parsed); for "local" an absolute path; for
     "storage" the name of another storage in the same config; for "nbd" the
-    URI. `export` is set only for remote nodes; `size` (bytes, > 0) limits how
-    much of the node is used. `line` is where the node is in the file.
+    URI (`nbd` holds it parsed, `tls` its TLS files for nbds://). `export` is
+    set only for remote nodes; `size` (bytes, > 0) limits how much of the node
+    is used. `line` is where the node is in the file.
     """
 
     kind: str
@@ -113,6 +130,8 @@ class NodeSpec:
     size: int | None = None
     line: int = 0
     address: Address | None = None
+    nbd: NbdUri | None = None
+    tls: TlsFiles | None = None
 
 
 @dataclass(frozen=True)
@@ -743,7 +762,7 @@ def _check_storage_keys(fields: _Mapping) -> None:
 
 def _node(source: _Source, item: _Item) -> tuple[NodeSpec, _Item]:
     """The node `item` describes, and the item of its kind key (`remote:`...)."""
-    fields = _Mapping(item, (*NODE_KINDS, "export", "size"))
+    fields = _Mapping(item, (*NODE_KINDS, "export", "size", *NBD_TLS_KEYS))
     kinds = [kind for kind in NODE_KINDS if kind in fields]
     if not kinds:
         raise item.error(f"node needs one of {', '.join(k + ':' for k in NODE_KINDS)}")
@@ -755,6 +774,7 @@ def _node(source: _Source, item: _Item) -> tuple[NodeSpec, _Item]:
     kind = kinds[0]
     target_item = fields[kind]
     address = None
+    nbd = None
     if kind == "remote":
         address = _address(target_item, DEFAULT_PORT)
         target = _text(target_item)
@@ -763,7 +783,9 @@ def _node(source: _Source, item: _Item) -> tuple[NodeSpec, _Item]:
     elif kind == "storage":
         target = _text(target_item)
     else:
-        target = _nbd_uri(target_item)
+        nbd = _nbd_uri(target_item)
+        target = nbd.text
+    tls = _tls_files(source, fields, nbd)
     export = None
     if "export" in fields:
         if kind != "remote":
@@ -775,30 +797,37 @@ def _node(source: _Source, item: _Item) -> tuple[NodeSpec, _Item]:
         if size == 0:
             raise fields["size"].error("must be greater than zero")
     spec = NodeSpec(
-        kind=kind, target=target, export=export, size=size, line=item.line, address=address
+        kind=kind,
+        target=target,
+        export=export,
+        size=size,
+        line=item.line,
+        address=address,
+        nbd=nbd,
+        tls=tls,
     )
     return spec, target_item
 
 
-def _nbd_uri(item: _Item) -> str:
-    uri = _text(item)
-    parts = urlsplit(uri)
-    if parts.scheme == "nbd":
-        try:
-            port_ok = parts.port != 0  # .port raises ValueError outside 0..65535
-        except ValueError:
-            port_ok = False
-        if not parts.hostname or not port_ok:
-            raise item.error(f"bad NBD URI '{uri}' (expected nbd://HOST[:PORT][/EXPORT])")
-    elif parts.scheme == "nbd+unix":
-        if not parse_qs(parts.query).get("socket"):
-            raise item.error(f"bad NBD URI '{uri}' (expected nbd+unix:///EXPORT?socket=/PATH)")
-    else:
-        raise item.error(
-            f"bad NBD URI '{uri}' (use nbd://HOST[:PORT][/EXPORT] or "
-            "nbd+unix:///EXPORT?socket=/PATH)"
-        )
-    return uri
+def _nbd_uri(item: _Item) -> NbdUri:
+    try:
+        return parse_nbd_uri(_text(item))
+    except ValueError as exc:
+        raise item.error(str(exc)) from None
+
+
+def _tls_files(source: _Source, fields: _Mapping, nbd: NbdUri | None) -> TlsFiles | None:
+    """The node's tls_* keys: only on nbds:// nodes, cert and key together."""
+    given = [key for key in NBD_TLS_KEYS if key in fields]
+    if nbd is None or not nbd.tls:
+        if given:
+            raise fields[given[0]].error(f"'{given[0]}' is only for nbds:// and nbds+unix:// nodes")
+        return None
+    if ("tls_cert" in fields) != ("tls_key" in fields):
+        present = "tls_cert" if "tls_cert" in fields else "tls_key"
+        raise fields[present].error("give tls_cert and tls_key together (a client certificate)")
+    paths = {key: source.path_value(fields[key]) for key in given}
+    return TlsFiles(paths.get("tls_ca"), paths.get("tls_cert"), paths.get("tls_key"))
 
 
 def _check_references(references: list[_Reference], names: set[str]) -> dict[str, list[str]]:

@@ -17,7 +17,8 @@ Layout (all files are text ending in a newline)::
                    nodes            one line per node:
                                     "n-<start>-<cookie> <start> <size> <type line>"
                    <algorithm.controls()>
-                   n-<start>-<cookie>/type        "R: host:port", "L: /path", "S: name"
+                   n-<start>-<cookie>/type        "R: host:port", "L: /path", "S: name",
+                                                  "N: nbd://host:port/export"
                                       start, size bytes
                                       state       sync | notsync
                                       status      clean | dirty | resyncing | offline

@@ -12,7 +12,7 @@ STAMP="$VENV/.dstfuse-installed"
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc fuse3 libfuse3-dev pkg-config
     e2fsprogs xfsprogs util-linux iproute2 fio nbdkit libnbd-bin python3-libnbd
-    qemu-utils systemd
+    qemu-utils openssl systemd
     procps psmisc
 )
 

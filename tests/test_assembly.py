@@ -137,16 +137,20 @@ async def test_missing_local_file_names_storage_node_and_line(tmp_path):
             pass
 
 
-async def test_nbd_nodes_are_refused_with_a_clear_message(tmp_path, memory_nodes):
+async def test_unreachable_nbd_node_names_storage_node_and_line(tmp_path, memory_nodes):
     built, _ = memory_nodes
+    port = free_tcp_port()
     config = config_file(
         tmp_path,
+        "timeouts: {connect: 1s}\n"
         "storages:\n  vol0:\n    algorithm: linear\n    nodes:\n"
-        "      - local: a\n      - nbd: nbd://127.0.0.1:10809/x\n",
+        f"      - local: a\n      - nbd: nbd://127.0.0.1:{port}/x\n",
     )
-    with pytest.raises(UserError, match="nbd nodes are not supported yet"):
+    with pytest.raises(UserError) as caught:
         async with open_assembly(config):
             pass
+    assert str(caught.value).startswith(f"storage vol0: node N: nbd://127.0.0.1:{port}/x: ")
+    assert "connection refused" in str(caught.value) and "(line 7)" in str(caught.value)
     assert built["a"].closed
 
 

@@ -18,12 +18,14 @@ from dstfuse.config import (
     NodeSpec,
     StorageSpec,
     Timeouts,
+    TlsFiles,
     Unflushed,
     load_export_config,
     load_mount_config,
     parse_acl_rule,
 )
 from dstfuse.errors import ConfigError, UserError
+from dstfuse.protocol.nbd.uri import parse_nbd_uri
 
 M, G = 1 << 20, 1 << 30
 
@@ -131,7 +133,12 @@ def test_design_example_loads_into_the_expected_dataclasses(in_tmp):
                 address=Address("tcp", "node3", 1025),
             ),
             NodeSpec(kind="storage", target="vol0", line=23),
-            NodeSpec(kind="nbd", target="nbd://nbdhost:10809/export", line=24),
+            NodeSpec(
+                kind="nbd",
+                target="nbd://nbdhost:10809/export",
+                line=24,
+                nbd=parse_nbd_uri("nbd://nbdhost:10809/export"),
+            ),
         ),
         options={},
         line=18,
@@ -300,6 +307,41 @@ def test_nbd_uris_are_kept_as_written(in_tmp):
     write(in_tmp, ONE_STORAGE + "".join(f"      - nbd: {uri}\n" for uri in uris))
     nodes = load_mount_config("storage.yaml").storages["vol0"].nodes[1:]
     assert [(n.kind, n.target, n.address) for n in nodes] == [("nbd", u, None) for u in uris]
+    assert [(str(n.nbd.address), n.nbd.export, n.nbd.tls) for n in nodes] == [
+        ("nbdhost:10809", "", False),
+        ("[fd00::7]:10809", "disk", False),
+        ("unix:/run/nbd.sock", "disk", False),
+    ]
+
+
+def test_nbds_nodes_take_tls_files_relative_to_the_config(in_tmp):
+    write(
+        in_tmp,
+        ONE_STORAGE
+        + "      - nbd: nbds://nbdhost/disk\n"
+        + "        tls_ca: pki/ca.pem\n        tls_cert: /c.pem\n        tls_key: /k.pem\n",
+    )
+    node = load_mount_config("storage.yaml").storages["vol0"].nodes[1]
+    assert node.nbd.tls and node.tls == TlsFiles(
+        in_tmp / "pki/ca.pem", Path("/c.pem"), Path("/k.pem")
+    )
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ("nbd: nbd://h/x\n        tls_ca: /ca.pem", "'tls_ca' is only for nbds://"),
+        ("nbd: nbds://h/x\n        tls_cert: /c.pem", "give tls_cert and tls_key together"),
+        ("nbd: nbds://h/x?tls-verify-peer=false", "unsupported parameter 'tls-verify-peer'"),
+        ("nbd: nbd+unix:///x", "expected nbd+unix:///EXPORT?socket=/PATH"),
+        ("nbd: nbd://h/x?socket=/s", "socket= is only for nbd+unix://"),
+    ],
+)
+def test_bad_nbd_nodes_are_one_line_errors(in_tmp, node, message):
+    write(in_tmp, ONE_STORAGE + f"      - {node}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_mount_config("storage.yaml")
+    assert message in str(caught.value)
 
 
 def test_unflushed_limit_and_policy_are_read(in_tmp):
@@ -330,7 +372,8 @@ def test_cipher_none_is_allowed_with_a_key(in_tmp):
         pytest.param(
             ONE_STORAGE + "        zzz: 1\n",
             "storage.yaml:6: storages.vol0.nodes[0].zzz: unknown key 'zzz' "
-            "(expected one of: export, local, nbd, remote, size, storage)",
+            "(expected one of: export, local, nbd, remote, size, storage, tls_ca, tls_cert, "
+            "tls_key)",
             id="unknown-node-key-lists-allowed-keys",
         ),
         pytest.param(
@@ -532,7 +575,7 @@ def test_cipher_none_is_allowed_with_a_key(in_tmp):
                   - nbd: http://host/x
             """,
             "storage.yaml:5: storages.vol0.nodes[0].nbd: bad NBD URI 'http://host/x' "
-            "(use nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=/PATH)",
+            "(use nbd[s]://HOST[:PORT][/EXPORT] or nbd[s]+unix:///EXPORT?socket=/PATH)",
             id="bad-nbd-scheme",
         ),
         pytest.param(
@@ -1020,3 +1063,23 @@ def test_export_ciphers_restrict_the_node_and_need_a_key(in_tmp):
         in_tmp, "key_file: k\nciphers: [rot13]\nexports:\n  - {name: d, path: /d}\n"
     )
     assert "export.yaml:2" in message and "rot13" in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "address", "export", "tls"),
+    [
+        ("nbd://h", "h:10809", "", False),
+        ("nbd://h:1234/", "h:1234", "", False),
+        ("nbds://[::1]:99/a%20b", "[::1]:99", "a b", True),
+        ("nbd+unix:///disk?socket=/run/n.sock", "unix:/run/n.sock", "disk", False),
+        ("nbds+unix:///?socket=/run/n.sock", "unix:/run/n.sock", "", True),
+    ],
+)
+def test_nbd_uris_parse_as_libnbd_does(uri, address, export, tls):
+    parsed = parse_nbd_uri(uri)
+    assert (str(parsed.address), parsed.export, parsed.tls, str(parsed)) == (
+        address,
+        export,
+        tls,
+        uri,
+    )

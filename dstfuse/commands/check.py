@@ -1,10 +1,11 @@
 """`dstfuse check CONFIG`: validate a mount config and try every node.
 
 Loads the config, opens every node the way a mount would (remote nodes
-connect and negotiate with the configured key and cipher, local nodes open
-their file), prints what each node offers (size, access, cipher) and each
-storage's size as its algorithm finds it (an existing mirror's recorded
-size is read from its legs' headers), then closes everything. It mounts
+connect and negotiate with the configured key and cipher, nbd nodes run
+the NBD handshake, local nodes open their file), prints what each node
+offers (size, access, cipher) and each storage's size as its algorithm
+finds it (an existing mirror's recorded size is read from its legs'
+headers), then closes everything. It mounts
 nothing and writes nothing: no algorithm is started. Exit 0 when every
 node answered; otherwise one line per failing node on stderr
 (``vol0: R: 10.0.0.5:1025: refused by the node: ...``) and exit 1.
@@ -29,6 +30,7 @@ from ..fanout import gather
 from ..keys import load_key
 from ..nodes.base import Node
 from ..nodes.local import LocalNode
+from ..nodes.nbd import NbdNode
 from ..nodes.remote import RemoteNode
 from ..protocol import offered_modes
 from ..statusview import format_table
@@ -137,8 +139,17 @@ async def check_mount_config(
             elif spec.kind == "local":
                 pending.append((node_report, LocalNode(spec.target)))
             elif spec.kind == "nbd":
-                # dstfuse.assembly cannot build them either.
-                node_report.error = f"{node_report.description}: nbd nodes are not supported yet"
+                assert spec.nbd is not None
+                nbd_node = NbdNode(
+                    spec.nbd,
+                    timeouts=config.timeouts,
+                    tls=spec.tls,
+                    max_in_flight=config.max_in_flight,
+                    storage=storage.name,
+                    # An NBD server has no write grant to take: connecting
+                    # while the storage is mounted changes nothing.
+                )
+                pending.append((node_report, nbd_node))
         reports.append(report)
 
     modes = offered_modes(key is not None, config.cipher)
@@ -189,6 +200,8 @@ def _record(report: NodeReport, node: Node, modes: list[str]) -> None:
         # The client offers exactly one mode per key setting, so a node that
         # completed the handshake uses that one.
         report.cipher = modes[0] if len(modes) == 1 else "negotiated"
+    elif report.spec.kind == "nbd":
+        report.cipher = "tls" if report.spec.nbd and report.spec.nbd.tls else "plain"
     else:
         report.cipher = "local"
     log.debug("%s: size %d, %s", report.description, node.size, "rw" if node.writable else "ro")

@@ -4,7 +4,9 @@ Starts an online verify (or repair) of a mounted mirror by writing `verify`
 or `repair` to `MOUNTPOINT/.dst/STORAGE/verify`, polls that file until the
 pass is done, and prints the differing ranges (`<offset> <length>` in
 bytes, one per line). The checksums are computed on the nodes, so an equal
-mirror moves no data.
+mirror moves no data; a leg on an NBD server (`N:` in the control tree) has
+no checksums, its data is read over the network, and the command says so
+on stderr.
 
 Exit status: 0 when the legs are equal; 1 when they differ — also after
 --repair repaired every range, so scripts notice that the legs had diverged
@@ -16,6 +18,7 @@ a degraded mirror). This command never touches the storage's data itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
 import time
@@ -103,8 +106,26 @@ def wait_done(path: Path, timeout: float | None) -> str:
         time.sleep(POLL_INTERVAL)
 
 
+def read_over_network(directory: Path) -> list[str]:
+    """The `type` lines of the storage's legs that cannot checksum on the
+    node (NBD servers, `N: ...`): verify reads their data to compare."""
+    legs = []
+    for node in sorted(directory.glob("n-*/type")):
+        with contextlib.suppress(OSError):
+            kind = node.read_text().strip()
+            if kind.startswith("N:"):
+                legs.append(kind)
+    return legs
+
+
 def run(args: argparse.Namespace) -> int:
     path = verify_file(args.mountpoint, args.storage)
+    for leg in read_over_network(path.parent):
+        print(
+            f"note: leg {leg} is an NBD server, which has no checksums: its data is read "
+            "over the network to compare",
+            file=sys.stderr,
+        )
     start(path, args.storage, args.repair)
     text = wait_done(path, args.timeout)
     lines = text.splitlines()

@@ -154,6 +154,15 @@ class OnlineVerify:
     async def _run(self) -> None:
         what = "repair" if self.repair else "verify"
         log.info("storage %s: %s started", self.storage_name, what)
+        for leg in self._legs():
+            if not leg.node.checksums_on_node:
+                log.info(
+                    "storage %s: leg %s has no node-side checksums (NBD): %s reads its "
+                    "data over the network and digests it here",
+                    self.storage_name,
+                    leg,
+                    what,
+                )
         try:
             for region in range(self.total_regions):
                 start, end = self._geometry.region_bounds(region)

@@ -58,6 +58,9 @@ class Node(abc.ABC):
     """
 
     kind: str = "?"
+    #: False when `checksum` reads the data over the network and digests it
+    #: on the client (an NBD node: NBD has no checksum command).
+    checksums_on_node: bool = True
 
     def __init__(self, address: str) -> None:
         self.address = address

@@ -66,17 +66,13 @@ from ..protocol import (
     offered_modes,
 )
 from ..ranges import WriteOrder
+from .backoff import BACKOFF_FACTOR, BACKOFF_MAX, BACKOFF_START
 from .base import Node, NodeState
 from .session import Connector, Session, open_stream
 from .transactions import Transaction, TransactionTable
 from .unflushed import KeptWrite, Loss, UnflushedWrites
 
 log = logging.getLogger(__name__)
-
-#: Reconnect backoff: first retry delay, growth factor and cap (seconds).
-BACKOFF_START = 0.05
-BACKOFF_FACTOR = 2.0
-BACKOFF_MAX = 2.0
 
 _FEATURE_OF = {
     Command.TRIM: Feature.TRIM,

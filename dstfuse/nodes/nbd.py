@@ -1,0 +1,778 @@
+"""A node served by any NBD server (nbdkit, qemu-nbd, nbd-server, ...).
+
+`NbdNode` gives an NBD export the guarantees of a remote node
+(docs/protocol.md, "NBD client (nbd: nodes)"):
+
+- at most `max_in_flight` requests outstanding (`TransactionTable`); a
+  write, trim or write-zeroes waits for every earlier overlapping one
+  (`WriteOrder`, over the whole block-aligned range), so nothing resent
+  can overwrite newer data;
+- a broken connection is reconnected with backoff; everything in flight
+  is resent on the new one in its original order, and requests made
+  meanwhile wait (the node is OFFLINE) instead of failing;
+- an error the server returns that may pass (EIO, ENOMEM, ESHUTDOWN) is
+  retried with backoff; only when a request has had no success for its
+  whole budget, `resend * (max_resends + 1)` seconds from when it was
+  made, does the caller get EIO. Other errors (EPERM, ENOSPC, EINVAL, ...)
+  reach the caller at once;
+- a dead peer is found by the connection (TCP keepalive and user
+  timeout); a request still unanswered at the end of its budget fails,
+  and the connection it was sent on is dropped;
+- writes the server acknowledged but did not flush are kept
+  (`UnflushedWrites`, up to `unflushed.limit`). An NBD server has no
+  instance identity, so after ANY reconnect we cannot know whether its
+  cache survived: the kept writes are resent in their original order, and
+  acknowledged, before anything else, and writes that were no longer kept
+  count as lost (the next flush fails once with EIO).
+
+What the node asks of the server, and what it does where the server does
+not offer it (fixed for a connection; re-read on every reconnect):
+
+- READ/WRITE are split at the server's maximum block size (and at most
+  MAX_REQUEST); ranges not aligned to its minimum block size are widened
+  (reads) or read-modify-written under the write order (writes);
+- FUA without SEND_FUA is WRITE then FLUSH; FLUSH without SEND_FLUSH is
+  nothing (as in qemu's NBD client): the server makes no promise, this is
+  logged when the node starts, and acknowledged writes are treated as
+  durable (none are kept for replay);
+- trim must leave zeroes (the node interface), which NBD_CMD_TRIM does not
+  promise: it is sent as WRITE_ZEROES without NO_HOLE, which lets the
+  server punch a hole; WRITE_ZEROES without SEND_WRITE_ZEROES is a WRITE
+  of zeroes;
+- `checksum` has no NBD command: the node reads the range and digests it
+  here (`checksums_on_node` is False, so `dstfuse verify` says so).
+
+Invariants:
+- a transaction is encoded at most once per connection, so the codec never
+  sees a cookie twice; a reply completes only its own transaction;
+- after a reconnect nothing but the replay goes out until every replayed
+  write is acknowledged; a replay cut short is done again in full; two
+  overlapping replayed writes are never in flight together (an NBD server
+  may reorder what it has in flight);
+- a FLUSH never returns success over writes a lost cache destroyed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import trio
+import xxhash
+
+from ..config import Timeouts, TlsFiles, Unflushed
+from ..errors import NodeError, NodeRefused, NodeUnavailable, NodeWritesLost
+from ..fanout import gather_or_raise
+from ..protocol import WRITE_COMMANDS, Command, Flag, Reply
+from ..protocol.nbd.constants import TransmissionFlag
+from ..protocol.nbd.uri import NbdUri
+from ..ranges import WriteOrder
+from .backoff import BACKOFF_MAX, BACKOFF_START, next_delay
+from .base import Node, NodeState
+from .nbd_connection import Connector, NbdConnection, open_nbd_stream, tls_context
+from .transactions import Transaction, TransactionTable
+from .unflushed import KeptWrite, Loss, UnflushedWrites
+
+log = logging.getLogger(__name__)
+
+#: The largest READ/WRITE we send, whatever the server allows.
+MAX_REQUEST = 4 << 20
+#: Payload-less requests (WRITE_ZEROES) are split at this many bytes.
+MAX_RANGED = 1 << 30
+#: Server errors that may pass: retried until the request's budget ends.
+RETRIED_ERRORS = frozenset({errno.EIO, errno.ENOMEM, errno.ESHUTDOWN})
+#: Replayed writes use handles from this space, disjoint from requests'.
+REPLAY_HANDLE_BASE = 1 << 62
+#: Bytes read per step of a checksum.
+CHECKSUM_STEP = 8 << 20
+
+
+def _overlap(txn: Transaction, offset: int, length: int) -> bool:
+    return txn.offset < offset + length and offset < txn.offset + txn.length
+
+
+class NbdNode(Node):
+    kind = "N"
+    #: `checksum` reads the data over the network and digests it here.
+    checksums_on_node = False
+
+    def __init__(
+        self,
+        uri: NbdUri,
+        *,
+        timeouts: Timeouts,
+        tls: TlsFiles | None = None,
+        max_in_flight: int = 64,
+        storage: str = "",
+        unflushed: Unflushed | None = None,
+        read_only: bool = False,
+        connector: Connector = open_nbd_stream,
+    ) -> None:
+        """`tls` names the PEM files of an nbds:// node; `connector` opens
+        the transport (tests pass their own); `storage` names the storage
+        in log lines; `read_only` (a read-only mount) never writes."""
+        super().__init__(uri.text)
+        self._label = f"storage {storage}, node {self}" if storage else f"node {self}"
+        self._uri = uri
+        self._timeouts = timeouts
+        self._tls_files = tls
+        self._connector = connector
+        self._read_only = read_only
+        self._table = TransactionTable(max_in_flight)
+        self._replay_table = TransactionTable(max_in_flight, first_handle=REPLAY_HANDLE_BASE)
+        unflushed = unflushed or Unflushed()
+        self._unflushed = UnflushedWrites(unflushed.limit)
+        self._flush_at_limit = unflushed.limit > 0 and unflushed.policy == "flush"
+        self._limit_lock = trio.Lock()
+        self._replay_owed = False
+        self._loss: Loss | None = None
+        self._write_order = WriteOrder()
+        self._conn: NbdConnection | None = None
+        self._connected_once = False
+        self._cancel = trio.CancelScope()
+        self.flags = TransmissionFlag(0)
+        self.minimum = 1
+        self.max_request = MAX_REQUEST
+
+    @property
+    def _budget(self) -> float:
+        return self._timeouts.resend * (self._timeouts.max_resends + 1)
+
+    # -- lifecycle ------------------------------------------------------
+    async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
+        """Connect and negotiate within `timeouts.connect`, then keep the
+        connection up in the background. Raises NodeRefused (no such
+        export, TLS, policy) or NodeUnavailable (unreachable); with
+        `may_start_offline` (a mirror leg) an unreachable server starts
+        OFFLINE with size 0 and keeps being tried."""
+        try:
+            conn: NbdConnection | None = await self._connect()
+        except NodeUnavailable as exc:
+            if not may_start_offline:
+                raise
+            log.warning("%s: starting offline (%s); will keep trying", self._label, exc)
+            self.offline_reason = str(exc).removeprefix(f"{self.description}: ")
+            conn = None
+        if conn is not None:
+            self._adopt(conn)
+        await nursery.start(self._keep_connected, conn)
+
+    def _adopt(self, conn: NbdConnection) -> None:
+        """Take the export's parameters from its first connection."""
+        ready = conn.ready
+        self.size = ready.size - ready.size % ready.minimum
+        self._take_limits(conn)
+        self._connected_once = True
+        log.info(
+            "%s: connected, export %r, %d bytes, %s, block sizes %d/%d/%d, %s%s",
+            self._label,
+            ready.export,
+            self.size,
+            "rw" if self.writable else "ro",
+            ready.minimum,
+            ready.preferred,
+            ready.maximum,
+            "structured replies" if ready.structured else "simple replies",
+            ", TLS" if self._uri.tls else "",
+        )
+        if self.size != ready.size:
+            log.warning(
+                "%s: the export's last %d bytes are not a whole block of %d; not used",
+                self._label,
+                ready.size - self.size,
+                ready.minimum,
+            )
+        if self.writable and not self.flags & TransmissionFlag.SEND_FLUSH:
+            log.warning(
+                "%s: the server does not support FLUSH: it cannot promise that written data "
+                "is durable; flushes succeed without it (as with qemu's NBD client)",
+                self._label,
+            )
+
+    def _take_limits(self, conn: NbdConnection) -> None:
+        ready = conn.ready
+        self.flags = ready.flags
+        self.minimum = ready.minimum
+        self.max_request = min(ready.maximum, MAX_REQUEST)
+        self.max_request -= self.max_request % ready.minimum
+        self.writable = not ready.read_only and not self._read_only
+
+    async def aclose(self) -> None:
+        """Stop reconnecting and drop the connection; callers flush first.
+        Requests still waiting fail (NodeUnavailable) at once."""
+        self._set_state(NodeState.OFFLINE)
+        self._cancel.cancel()
+        for txn in self._table:
+            self._table.give_up(txn)
+
+    async def _connect(self) -> NbdConnection:
+        tls = None
+        if self._uri.tls:
+            try:
+                tls = tls_context(self._tls_files, check_hostname=self._uri.address.kind == "tcp")
+            except (OSError, ValueError) as exc:
+                raise NodeRefused(str(self), f"cannot load the TLS files: {exc}") from None
+        with trio.move_on_after(self._timeouts.connect) as scope:
+            conn = await NbdConnection.establish(
+                str(self),
+                self._uri,
+                tls=tls,
+                keepalive=self._timeouts.keepalive,
+                max_payload=MAX_REQUEST,
+                connector=self._connector,
+            )
+        if scope.cancelled_caught:
+            raise NodeUnavailable(
+                str(self), f"no answer within {self._timeouts.connect:g}s (connect timeout)"
+            )
+        return conn
+
+    async def _keep_connected(
+        self, conn: NbdConnection | None, *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the connection; when it ends, reconnect with backoff, replay
+        and resend, until aclose or cancellation."""
+        with self._cancel:
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_overdue)
+                if conn is None:
+                    conn = await self._reconnect()
+                pause = BACKOFF_START
+                while True:
+                    opened = trio.current_time()
+                    reason = await self._serve(conn)
+                    self._conn = None
+                    self._set_state(NodeState.OFFLINE)
+                    log.warning(
+                        "%s: connection lost (%s); %d requests in flight, reconnecting",
+                        self._label,
+                        reason,
+                        len(self._table),
+                    )
+                    if trio.current_time() - opened < BACKOFF_MAX:
+                        await trio.sleep(pause)
+                        pause = next_delay(pause)
+                    else:
+                        pause = BACKOFF_START
+                    conn = await self._reconnect()
+                    self.counters.reconnects += 1
+
+    async def _serve(self, conn: NbdConnection) -> str:
+        """Run `conn` until it ends and return why; a replay owed goes
+        first, and only then does the node go online."""
+        outcome = "cancelled"
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                nonlocal outcome
+                outcome = await conn.run(self._on_reply)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            if self._replay_owed:
+                failure = await self._replay(conn)
+                if failure is not None:
+                    conn.abort(failure)
+                    return failure
+            self._go_online(conn)
+        return outcome
+
+    def _go_online(self, conn: NbdConnection) -> None:
+        self._conn = conn
+        resent = 0
+        for txn in self._table:  # in submission order; new requests queue behind
+            if not txn.done:
+                if txn.sends:
+                    resent += 1
+                    self.counters.resends += 1
+                self._send(conn, txn)
+        if resent:
+            log.info("%s: resent %d requests after reconnect", self._label, resent)
+        self._set_state(NodeState.ONLINE)
+
+    def _send(self, conn: NbdConnection, txn: Transaction) -> None:
+        """Transmit `txn`, unless it is larger than the server takes now
+        (it came back with a smaller maximum): then its caller splits it."""
+        if txn.command in (Command.READ, Command.WRITE) and txn.length > self.max_request:
+            txn.resplit = True
+            txn.finish(None)
+            return
+        conn.transmit(txn)
+
+    async def _reconnect(self) -> NbdConnection:
+        delay = BACKOFF_START
+        attempt = 0
+        while True:
+            attempt += 1
+            level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
+            try:
+                conn = await self._connect()
+            except NodeError as exc:
+                log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
+            else:
+                if not self._connected_once:  # started offline: first contact
+                    self._adopt(conn)
+                    return conn
+                usable = conn.ready.size - conn.ready.size % conn.ready.minimum
+                if usable == self.size:
+                    self._renegotiate(conn)
+                    log.info("%s: reconnected after %d attempts", self._label, attempt)
+                    return conn
+                log.log(
+                    logging.ERROR if level == logging.WARNING else level,
+                    "%s: the export now has %d bytes instead of %d; refusing to use it "
+                    "until it has %d again (attempt %d)",
+                    self._label,
+                    conn.ready.size,
+                    self.size,
+                    self.size,
+                    attempt,
+                )
+                await conn.close()
+            await trio.sleep(delay)
+            delay = next_delay(delay)
+
+    def _renegotiate(self, conn: NbdConnection) -> None:
+        """Take the limits of the new connection, and owe the server the
+        kept writes: with no instance identity in NBD, any reconnect may
+        have met a server whose cache is gone."""
+        before = (self.flags, self.minimum, self.max_request, self.writable)
+        self._take_limits(conn)
+        if (self.flags, self.minimum, self.max_request, self.writable) != before:
+            log.warning(
+                "%s: the server now offers %s, block sizes %d..%d, %s (was %s, %d..%d, %s)",
+                self._label,
+                self.flags,
+                self.minimum,
+                self.max_request,
+                "rw" if self.writable else "ro",
+                before[0],
+                before[1],
+                before[2],
+                "rw" if before[3] else "ro",
+            )
+        loss = self._unflushed.lose_unprotected()
+        if loss is not None:
+            self._loss = loss if self._loss is None else self._loss + loss
+            log.error(
+                "%s: reconnected; %d acknowledged, unflushed writes (%d bytes) were no longer "
+                "kept and may have been lost with the server's cache; the next flush fails "
+                "with EIO",
+                self._label,
+                loss.writes,
+                loss.bytes,
+            )
+        if len(self._unflushed):
+            self._replay_owed = True
+            log.warning(
+                "%s: reconnected; resending %d unflushed writes (%d bytes) before anything "
+                "else, since an NBD server cannot tell whether its cache survived",
+                self._label,
+                len(self._unflushed),
+                self._unflushed.size,
+            )
+
+    # -- replay after a reconnect -------------------------------------------
+    async def _replay(self, conn: NbdConnection) -> str | None:
+        """Resend every kept write in order on `conn` (a window of
+        max_in_flight at a time) and wait until all are acknowledged; None
+        when done, else why it gave up (the connection is then dropped and
+        the replay starts over on the next one)."""
+        window: deque[tuple[Transaction, KeptWrite]] = deque()
+        writes = 0
+        with trio.move_on_after(self._budget) as scope:
+            try:
+                for entry in self._unflushed:
+                    writes += 1
+                    for command, offset, length, data in self._replay_parts(entry):
+                        # An NBD server may run the requests it has in any
+                        # order: an overlapping one waits until the earlier
+                        # ones are acknowledged (our export orders them itself).
+                        while window and (
+                            len(window) == self._replay_table.capacity
+                            or any(_overlap(txn, offset, length) for txn, _ in window)
+                        ):
+                            await self._settle_replayed(*window.popleft())
+                        txn = await self._replay_table.begin(
+                            command, offset, length, flags=entry.flags & Flag.FUA, data=data
+                        )
+                        if not self.flags & TransmissionFlag.SEND_FUA:
+                            txn.flags = Flag.NONE  # durability is not the replay's promise
+                        window.append((txn, entry))
+                        conn.transmit(txn)
+                while window:
+                    await self._settle_replayed(*window.popleft())
+            finally:
+                for txn, _ in window:
+                    self._replay_table.end(txn)
+        if scope.cancelled_caught:
+            return f"resent unflushed writes not acknowledged within {self._budget:g}s"
+        self._replay_owed = False
+        log.info("%s: resent %d unflushed writes", self._label, writes)
+        return None
+
+    def _replay_parts(self, entry: KeptWrite) -> list[tuple[Command, int, int, bytes | memoryview]]:
+        """`entry` as requests the server takes now: WRITEs split at its
+        current maximum, WRITE_ZEROES as zeroes written when it no longer
+        offers them."""
+        if entry.command is Command.WRITE_ZEROES:
+            if self.flags & TransmissionFlag.SEND_WRITE_ZEROES:
+                return [(Command.WRITE_ZEROES, o, n, b"") for o, n in self._ranges(entry)]
+            zeroes = memoryview(bytes(min(entry.length, self.max_request)))
+            return [
+                (Command.WRITE, o, n, zeroes[:n])
+                for o, n in self._chunks(entry.offset, entry.length)
+            ]
+        view = memoryview(entry.data)
+        return [
+            (Command.WRITE, o, n, view[o - entry.offset : o - entry.offset + n])
+            for o, n in self._chunks(entry.offset, entry.length)
+        ]
+
+    def _ranges(self, entry: KeptWrite) -> list[tuple[int, int]]:
+        end = entry.offset + entry.length
+        return [(o, min(MAX_RANGED, end - o)) for o in range(entry.offset, end, MAX_RANGED)]
+
+    async def _settle_replayed(self, txn: Transaction, entry: KeptWrite) -> None:
+        """Wait for a replayed write's reply; one the server fails is lost."""
+        try:
+            await txn.wait_done()
+        finally:
+            self._replay_table.end(txn)
+        assert txn.reply is not None  # replays are never given up on
+        if txn.reply.status:
+            loss = Loss(txn.length, 1, ((txn.offset, txn.length),))
+            self._loss = loss if self._loss is None else self._loss + loss
+            self.counters.errors += 1
+            log.error(
+                "%s: resent unflushed %s failed (%s); the next flush fails with EIO",
+                self._label,
+                txn,
+                os.strerror(txn.reply.status),
+            )
+
+    # -- transactions ---------------------------------------------------
+    def _on_reply(self, reply: Reply) -> None:
+        txn = self._table.complete(reply)
+        if txn is None:
+            if self._replay_table.complete(reply) is None:
+                log.debug("%s: dropped reply for finished request %d", self._label, reply.handle)
+            return
+        if not reply.status and txn.command in WRITE_COMMANDS and self._keeps_writes:
+            # Kept from the moment the server acknowledged it: a reconnect
+            # can never come between the acknowledgement and the record.
+            self._unflushed.record(txn.command, txn.offset, txn.length, txn.flags, txn.data)
+            if not self._flush_at_limit:
+                self._unflushed.make_room()
+
+    @property
+    def _keeps_writes(self) -> bool:
+        """Without FLUSH nothing could ever release a kept write: the
+        server's acknowledgement is all the durability there is."""
+        return bool(self.flags & TransmissionFlag.SEND_FLUSH)
+
+    async def _run(
+        self,
+        command: Command,
+        offset: int = 0,
+        length: int = 0,
+        flags: Flag = Flag.NONE,
+        data: bytes | memoryview = b"",
+    ) -> Reply:
+        """One request (split if the server's maximum shrank under it) to
+        success, retrying errors that may pass until its budget ends; the
+        caller holds the write-order ticket of the range."""
+        deadline = trio.current_time() + self._budget
+        delay = BACKOFF_START
+        while True:
+            reply = await self._attempt(command, offset, length, flags, data, deadline)
+            if reply is None:
+                return await self._run_split(command, offset, length, flags, data)
+            if not reply.status:
+                return reply
+            if reply.status in RETRIED_ERRORS and trio.current_time() + delay < deadline:
+                log.info(
+                    "%s: %s [%d, +%d) failed on the server (%s); retrying in %gs",
+                    self._label,
+                    command.name,
+                    offset,
+                    length,
+                    os.strerror(reply.status),
+                    delay,
+                )
+                self.counters.resends += 1
+                await trio.sleep(delay)
+                delay = min(next_delay(delay), self._timeouts.resend)
+                continue
+            self.counters.errors += 1
+            raise NodeError(
+                str(self),
+                f"{command.name} [{offset}, +{length}) failed on the server: "
+                f"{os.strerror(reply.status)}",
+                errno=reply.status,
+            )
+
+    async def _attempt(
+        self,
+        command: Command,
+        offset: int,
+        length: int,
+        flags: Flag,
+        data: bytes | memoryview,
+        deadline: float,
+    ) -> Reply | None:
+        """One transaction to its reply; None when it must be split."""
+        txn = await self._table.begin(command, offset, length, flags=flags, data=data)
+        txn.deadline = deadline
+        self.counters.requests += 1
+        self.counters.in_flight = len(self._table)
+        try:
+            if self._conn is not None:
+                self._send(self._conn, txn)
+            if command in WRITE_COMMANDS:
+                # A write the server may hold must not be overtaken by a
+                # later overlapping one, so a cancelled caller still waits
+                # for its end before its range is released; bounded, since
+                # the timer gives up on it at its deadline (aclose at once).
+                with trio.CancelScope(deadline=deadline + 1, shield=True):
+                    await txn.wait_done()
+            else:
+                await txn.wait_done()
+        finally:
+            self._table.end(txn)
+            self.counters.in_flight = len(self._table)
+        if txn.resplit:
+            return None
+        if txn.reply is None:  # the deadline passed, or the node was closed
+            raise NodeUnavailable(str(self), f"{txn}: no success within {self._budget:g}s")
+        return txn.reply
+
+    async def _run_split(
+        self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
+    ) -> Reply:
+        log.info(
+            "%s: %s [%d, +%d) is larger than the server's maximum of %d bytes; splitting it",
+            self._label,
+            command.name,
+            offset,
+            length,
+            self.max_request,
+        )
+        view = memoryview(data) if command is Command.WRITE else None
+        replies = await gather_or_raise(
+            [
+                lambda o=o, n=n: self._run(
+                    command, o, n, flags, view[o - offset : o - offset + n] if view else b""
+                )
+                for o, n in self._chunks(offset, length)
+            ]
+        )
+        return Reply(command, 0, 0, offset, length, b"".join(bytes(r.data) for r in replies))
+
+    async def _expire_overdue(self) -> None:
+        """The node's one timer: a request still unanswered when its budget
+        ends fails, and the connection it went out on is dropped (a server
+        that holds a request that long is not one to send more to)."""
+        while True:
+            now = trio.current_time()
+            wake = math.inf
+            stuck = False
+            for txn in self._table:
+                if txn.done:
+                    continue
+                if txn.deadline <= now:
+                    self.counters.errors += 1
+                    log.error(
+                        "%s: %s failed: no success within %gs", self._label, txn, self._budget
+                    )
+                    stuck = stuck or txn.sends > 0
+                    self._table.give_up(txn)
+                else:
+                    wake = min(wake, txn.deadline)
+            if stuck and self._conn is not None:
+                self._conn.abort(f"a request went unanswered for {self._budget:g}s")
+            await trio.sleep_until(min(wake, now + self._timeouts.resend))
+
+    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = self.max_request
+        return [
+            (at, min(step, offset + length - at)) for at in range(offset, offset + length, step)
+        ]
+
+    def _aligned(self, offset: int, length: int) -> tuple[int, int]:
+        """The smallest range of whole minimum blocks around the range."""
+        start = offset - offset % self.minimum
+        end = -(-(offset + length) // self.minimum) * self.minimum
+        return start, end
+
+    async def _ordered(self, offset: int, length: int, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` holding the write-order ticket of the aligned range."""
+        start, end = self._aligned(offset, length)
+        ticket = await self._write_order.admit(start, end - start)
+        try:
+            await work()
+        finally:
+            self._write_order.release(ticket)
+        await self._keep_within_limit()
+
+    # -- Node interface -------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        self.check_range(offset, length)
+        if length == 0:
+            return b""
+        start, end = self._aligned(offset, length)
+        data = await self._read_aligned(start, end - start)
+        self.counters.bytes_read += length
+        return data[offset - start : offset - start + length]
+
+    async def _read_aligned(self, offset: int, length: int) -> bytes:
+        parts = await gather_or_raise(
+            [lambda o=o, n=n: self._read_chunk(o, n) for o, n in self._chunks(offset, length)]
+        )
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_chunk(self, offset: int, length: int) -> bytes:
+        reply = await self._run(Command.READ, offset, length)
+        if len(reply.data) != length:
+            self.counters.errors += 1
+            raise NodeError(
+                str(self), f"READ [{offset}, +{length}) returned {len(reply.data)} bytes"
+            )
+        return bytes(reply.data)
+
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        self.check_writable()
+        self.check_range(offset, len(data))
+        if not data:
+            return
+
+        async def work() -> None:
+            start, end = self._aligned(offset, len(data))
+            if (start, end) == (offset, offset + len(data)):
+                await self._write_aligned(offset, data, fua)
+                return
+            # read-modify-write of the partial blocks at either end
+            buffer = bytearray(end - start)
+            head, tail = offset - start, end - offset - len(data)
+            if head:
+                buffer[: self.minimum] = await self._read_aligned(start, self.minimum)
+            if tail and (not head or end - start > self.minimum):
+                buffer[-self.minimum :] = await self._read_aligned(end - self.minimum, self.minimum)
+            buffer[head : head + len(data)] = data
+            await self._write_aligned(start, memoryview(buffer), fua)
+
+        await self._ordered(offset, len(data), work)
+        self.counters.bytes_written += len(data)
+
+    async def _write_aligned(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        native_fua = fua and bool(self.flags & TransmissionFlag.SEND_FUA)
+        flags = Flag.FUA if native_fua else Flag.NONE
+        view = memoryview(data)
+        await gather_or_raise(
+            [
+                lambda o=o, n=n: self._run(
+                    Command.WRITE, o, n, flags, view[o - offset : o - offset + n]
+                )
+                for o, n in self._chunks(offset, len(view))
+            ]
+        )
+        if fua and not native_fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """FLUSH, then release the kept writes it covers. Raises
+        NodeWritesLost (EIO) once after writes a reconnect may have lost:
+        the flush itself still ran, later ones succeed again."""
+        if self.flags & TransmissionFlag.SEND_FLUSH:
+            mark = self._unflushed.mark()
+            await self._run(Command.FLUSH)
+            self._unflushed.release(mark)
+        loss, self._loss = self._loss, None
+        if loss is not None:
+            raise NodeWritesLost(
+                str(self),
+                f"{loss.writes} acknowledged writes ({loss.bytes} bytes) may have been lost "
+                "when the connection to the NBD server broke before they were flushed",
+                regions=loss.regions,
+                lost_bytes=loss.bytes,
+            )
+
+    async def _keep_within_limit(self) -> None:
+        """Policy flush: past the unflushed limit, one writer flushes (the
+        others wait for it) until the kept data is back under it. A FLUSH
+        that fails stops protecting the oldest writes instead."""
+        kept = self._unflushed
+        while self._flush_at_limit and kept.size > kept.limit:
+            async with self._limit_lock:
+                if kept.size <= kept.limit:
+                    return
+                try:
+                    mark = kept.mark()
+                    await self._run(Command.FLUSH)
+                    kept.release(mark)
+                except NodeError as exc:
+                    log.warning(
+                        "%s: FLUSH to stay within unflushed_limit failed (%s); the oldest "
+                        "unflushed writes are no longer kept for replay",
+                        self._label,
+                        exc,
+                    )
+                    kept.make_room()
+
+    async def trim(self, offset: int, length: int) -> None:
+        """Later reads return zeroes: WRITE_ZEROES without NO_HOLE (the
+        server may punch a hole), since NBD_CMD_TRIM promises no zeroes."""
+        await self.write_zeroes(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.check_writable()
+        self.check_range(offset, length)
+        if length == 0:
+            return
+        start, end = self._aligned(offset, length)
+        inner_start = start if start == offset else start + self.minimum
+        inner_end = end if end == offset + length else end - self.minimum
+        if not self.flags & TransmissionFlag.SEND_WRITE_ZEROES or inner_end <= inner_start:
+            await self._write_zero_bytes(offset, length, fua)
+            return
+        if inner_start > offset:  # the partial blocks at the ends as data
+            await self.write(offset, bytes(inner_start - offset), fua=fua)
+        if inner_end < offset + length:
+            await self.write(inner_end, bytes(offset + length - inner_end), fua=fua)
+        native_fua = fua and bool(self.flags & TransmissionFlag.SEND_FUA)
+
+        async def work() -> None:
+            flags = Flag.FUA if native_fua else Flag.NONE
+            await gather_or_raise(
+                [
+                    lambda o=o: self._run(
+                        Command.WRITE_ZEROES, o, min(MAX_RANGED, inner_end - o), flags
+                    )
+                    for o in range(inner_start, inner_end, MAX_RANGED)
+                ]
+            )
+
+        await self._ordered(inner_start, inner_end - inner_start, work)
+        if fua and not native_fua:
+            await self.flush()
+
+    async def _write_zero_bytes(self, offset: int, length: int, fua: bool) -> None:
+        step = min(length, self.max_request)
+        zeroes = bytes(step)
+        for at in range(offset, offset + length, step):
+            await self.write(at, zeroes[: min(step, offset + length - at)], fua=fua)
+
+    async def checksum(self, offset: int, length: int) -> bytes:
+        """xxh3-128 of the range, read over the network and digested here
+        (NBD has no checksum command); each step is hashed between awaits,
+        a few milliseconds of CPU at most."""
+        self.check_range(offset, length)
+        hasher = xxhash.xxh3_128()
+        for at in range(offset, offset + length, CHECKSUM_STEP):
+            hasher.update(await self.read(at, min(CHECKSUM_STEP, offset + length - at)))
+        return hasher.digest()

@@ -25,7 +25,7 @@ import trio.testing
 from hypothesis import HealthCheck, Phase, given, note, seed, settings
 from hypothesis import strategies as st
 
-from dstfuse.errors import NodeError, NodeUnavailable
+from dstfuse.errors import NodeError, NodeFenced, NodeUnavailable
 
 from .mirror_sim.disks import BLOCK, GARBAGE, ZERO, SimDisk, SimNode, decode, payload
 from .mirror_sim.harness import Simulation, Violation
@@ -202,12 +202,6 @@ def test_sim_a_leg_left_behind_is_not_the_source_while_the_newer_leg_is_frozen()
     ])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Violation,
-    reason="issue 9 item 2, open: the old holder's background metadata writes in flight at "
-    "the stall, and a forced takeover fences it at its next lease check, not its next write",
-)
 def test_sim_a_stalled_holder_does_not_write_after_a_takeover():
     run([
         Mount(BOTH), Settle(), Write(0, 4), Flush(),
@@ -216,12 +210,6 @@ def test_sim_a_stalled_holder_does_not_write_after_a_takeover():
     ])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Violation,
-    reason="issue 9 item 2, open: the old holder's background metadata writes in flight at "
-    "the stall, and a forced takeover fences it at its next lease check, not its next write",
-)
 def test_sim_a_forced_takeover_fences_the_old_holder():
     run([
         Mount(BOTH), Settle(), Write(0, 4),
@@ -391,10 +379,11 @@ async def test_sim_node_of_a_stalled_client_lands_only_what_it_sends_in_its_budg
     autojump_clock,
 ):
     disk = SimDisk("d0", 64 * KiB)
-    disk.set_owner("c2")
     node = SimNode(disk, "c1", budget=3.0)
     async with trio.open_nursery() as nursery:
         await node.start(nursery)
+        await node.take_write_grant()
+        disk.set_owner("c2")
         node.stall()
         with pytest.raises(NodeUnavailable):
             await node.write(0, payload(1, 0, 1))
@@ -403,6 +392,56 @@ async def test_sim_node_of_a_stalled_client_lands_only_what_it_sends_in_its_budg
         node.unstall()
     assert decode(disk.current, 2) == [ZERO, 2]
     assert [str(w) for w in disk.late_writes] == ["c1 write [4096, +4096) on d0"]
+
+
+async def test_sim_node_taking_the_grant_over_fences_the_holders_stalled_writes(autojump_clock):
+    """The simulated node enforces the export's write grant as the real one
+    does: once another client took it over, nothing of the old holder's
+    lands, not even a write that was waiting in its stall."""
+    disk = SimDisk("d0", 64 * KiB)
+    old, new = SimNode(disk, "c1", budget=30.0), SimNode(disk, "c2", budget=30.0)
+    async with trio.open_nursery() as nursery:
+        await old.start(nursery)
+        await new.start(nursery)
+        await old.take_write_grant()
+        await old.write(0, payload(1, 0, 1))
+        old.stall()
+        failures = []
+
+        async def stalled_write() -> None:
+            try:
+                await old.write(BLOCK, payload(2, 1, 1))
+            except NodeFenced as exc:
+                failures.append(exc)
+
+        nursery.start_soon(stalled_write)
+        await trio.sleep(1)
+        await new.take_write_grant()
+        await new.write(2 * BLOCK, payload(3, 2, 1))
+        old.unstall()
+    assert failures and old.fenced is not None
+    assert decode(disk.current, 3) == [1, ZERO, 3]
+    assert disk.late_writes == []
+    with pytest.raises(NodeFenced):
+        await old.read(0, BLOCK)
+
+
+async def test_sim_node_restart_forgets_the_grant_and_a_probe_write_is_late(autojump_clock):
+    disk = SimDisk("d0", 64 * KiB)
+    node = SimNode(disk, "c1", budget=3.0)
+    async with trio.open_nursery() as nursery:
+        await node.start(nursery)
+    await node.write(0, payload(1, 0, 1))  # never claimed: the mirror skipped the claim
+    assert [str(w) for w in disk.late_writes] == [
+        "c1 (before taking the grant) write [0, +4096) on d0"
+    ]
+    await node.take_write_grant()
+    assert disk.grant_holder == "c1"
+    disk.die()
+    disk.revive()
+    assert disk.grant_holder is None
+    await node.write(0, payload(2, 0, 1))  # the next request claims the free grant again
+    assert disk.grant_holder == "c1"
 
 
 async def test_sim_disk_failed_flush_drops_its_cache_and_corruption_is_garbage(autojump_clock):

@@ -22,12 +22,20 @@ Its own `stall` models the client's side of the wire going silent (a frozen
 daemon, a partition): its requests hang and fail NodeUnavailable after the
 budget without landing; those still waiting at the thaw land then.
 
+Each disk has an export's write grant (dstfuse/export/grant.py), as the
+real node does: a connection starts as a probe (it may read), and
+`take_write_grant` makes its client the disk's one writer, taking the grant
+over from whoever held it; the holder's connections are fenced at once (every
+later request of theirs, including those still waiting in a stall, fails
+NodeFenced and lands nothing). A connection that could not reach the disk
+claims at its first request that does; a node restart (`revive`) forgets the
+grant, and the next claimant gets it. A client's clean close releases it.
+
 Every write that lands is checked against the disk's `owner` (the client
-that holds the storage, set by the simulator): one from another client is
-recorded in `late_writes`, which the simulator's invariants require to stay
-empty. After a forced takeover (`owner_forced`), a write the old holder
-issued before it can land afterwards (nothing can stop a request already
-sent), so only those issued after the takeover count. Nothing here draws random numbers.
+that holds the storage: the last one that took the grant over, or set by
+the simulator): one from another client, or one written before its client
+took the grant, is recorded in `late_writes`, which the simulator's
+invariants require to stay empty. Nothing here draws random numbers.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from dataclasses import dataclass
 import trio
 import xxhash
 
-from dstfuse.errors import NodeError, NodeUnavailable
+from dstfuse.errors import NodeError, NodeFenced, NodeUnavailable
 from dstfuse.nodes.base import Node, NodeState
 
 BLOCK = 4096
@@ -112,8 +120,8 @@ class SimDisk:
         #: block -> when a failed FLUSH dropped its cached bytes
         self.dropped: dict[int, float] = {}
         self.owner: str | None = None
-        self.owner_forced = False
-        self.owner_since = 0.0
+        #: the client holding the export's write grant (None: free)
+        self.grant_holder: str | None = None
         self.late_writes: list[LateWrite] = []
         self._connections: list[SimNode] = []
 
@@ -147,6 +155,7 @@ class SimDisk:
 
     def revive(self) -> None:
         self.alive = True
+        self.grant_holder = None  # a restarted node forgets its grant
         for connection in self._connections:
             connection.host_changed()
 
@@ -213,19 +222,21 @@ class SimDisk:
         start = block * BLOCK
         self.durable[start : start + BLOCK] = self.current[start : start + BLOCK]
 
-    def set_owner(self, client: str | None, *, forced: bool = False) -> None:
+    def set_owner(self, client: str | None) -> None:
         self.owner = client
-        self.owner_forced = forced
-        self.owner_since = trio.current_time()
 
-    def apply(
-        self, client: str, op: str, offset: int, data: bytes, fua: bool, issued: float
-    ) -> None:
-        if (
-            self.owner is not None
-            and client != self.owner
-            and not (self.owner_forced and issued < self.owner_since)
-        ):
+    def take_grant(self, client: str) -> None:
+        """`client` takes the write grant over: the holder's connections are
+        fenced, and `client` is the storage's owner from now on."""
+        if self.grant_holder is not None and self.grant_holder != client:
+            for connection in self._connections:
+                if connection.client == self.grant_holder and connection.fenced is None:
+                    connection.fenced = f"{client} took the write grant of {self.name} over"
+        self.grant_holder = client
+        self.owner = client
+
+    def apply(self, client: str, op: str, offset: int, data: bytes, fua: bool) -> None:
+        if self.owner is not None and client != self.owner:
             self.late_writes.append(LateWrite(self.name, client, op, offset, len(data)))
         self.current[offset : offset + len(data)] = data
         blocks = range(offset // BLOCK, (offset + max(len(data), 1) - 1) // BLOCK + 1)
@@ -266,6 +277,10 @@ class SimNode(Node):
         #: blocks this client wrote that the disk lost in a power loss; the
         #: next FLUSH fails (as a RemoteNode's does when it cannot replay them)
         self.lost: set[int] = set()
+        #: `take_write_grant` was called: this connection writes, holding the grant
+        self._claimed = False
+        #: the take-over is still to be done at the next request that reaches the disk
+        self._take_over_owed = False
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -274,8 +289,36 @@ class SimNode(Node):
         self.disk._connections.append(self)
         self.host_changed()
 
+    async def take_write_grant(self) -> None:
+        """Like RemoteNode's: take the grant over now if the disk can be
+        reached, else at the first request that reaches it."""
+        if self._claimed:
+            return
+        self._claimed = True
+        self._take_over_owed = True
+        if self.disk.alive and not self.disk.frozen and self._stall is None:
+            self._claim()
+
+    def _claim(self) -> None:
+        """At a request that reached the disk: refused if fenced; the owed
+        take-over, or a plain claim of a free grant (after a node restart)."""
+        if self.fenced is not None:
+            raise NodeFenced(str(self), self.fenced)
+        if not self._claimed:
+            return
+        if self._take_over_owed:
+            self._take_over_owed = False
+            self.disk.take_grant(self.client)
+        elif self.disk.grant_holder is None:
+            self.disk.grant_holder = self.client
+        elif self.disk.grant_holder != self.client:
+            self.fenced = f"{self.disk.grant_holder} holds the write grant of {self.disk.name}"
+            raise NodeFenced(str(self), self.fenced)
+
     async def aclose(self) -> None:
         self._closed = True
+        if self._claimed and self.disk.grant_holder == self.client:
+            self.disk.grant_holder = None  # a clean close releases the grant
         if self in self.disk._connections:
             self.disk._connections.remove(self)
         self._set_state(NodeState.OFFLINE)
@@ -339,6 +382,7 @@ class SimNode(Node):
                     raise self._unavailable(op, "no answer (the node is frozen)")
             if not self.disk.alive:
                 raise self._unavailable(op, "connection lost")
+            self._claim()
             if self.disk.fails(op, offset):
                 self.counters.errors += 1
                 if op == "flush":
@@ -360,11 +404,16 @@ class SimNode(Node):
     async def _mutate(self, op: str, offset: int, data: bytes, fua: bool) -> None:
         self.check_writable()
         self.check_range(offset, len(data))
-        issued = trio.current_time()
-        await self._reach(
-            op, offset, lambda: self.disk.apply(self.client, op, offset, data, fua, issued)
-        )
+        await self._reach(op, offset, lambda: self._land(op, offset, data, fua))
         self.counters.bytes_written += len(data)
+
+    def _land(self, op: str, offset: int, data: bytes, fua: bool) -> None:
+        if not self._claimed:  # a probe writing: the mirror skipped the claim
+            self.disk.late_writes.append(
+                LateWrite(self.disk.name, f"{self.client} (before taking the grant)", op,
+                          offset, len(data))
+            )
+        self.disk.apply(self.client, op, offset, data, fua)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         await self._mutate("write", offset, bytes(data), fua)

@@ -228,9 +228,9 @@ class Simulation:
         mount.tasks.cancel_scope.cancel()
         await mount.ended.wait()
 
-    def set_owner(self, client: str | None, *, forced: bool = False) -> None:
+    def set_owner(self, client: str | None) -> None:
         for disk in self.disks:
-            disk.set_owner(client, forced=forced)
+            disk.set_owner(client)
 
     # -- health -------------------------------------------------------------------
     def leg_healthy(self, mount: Mount, index: int) -> bool:

@@ -169,7 +169,9 @@ def test_nbd_tls_is_required_with_client_certificates(tmp_path):
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
         assert hashlib.sha256(mount.file("vol0").read_bytes()).hexdigest() == digest
         creds = f"tls-creds-x509,id=tls0,dir={certificates.client},endpoint=client"
-        image = f"driver=nbd,host=127.0.0.1,port={port},export=vol0,tls-creds=tls0"
+        # As docs/operations.md spells it for qemu's -drive.
+        image = (f"driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},"
+                 "file.export=vol0,file.tls-creds=tls0")
         qemu = json.loads(run("qemu-img", "info", "--output=json", "--object", creds,
                               "--image-opts", image).stdout)
         assert qemu["virtual-size"] == SIZE

@@ -116,6 +116,8 @@ def test_an_unreadable_nbd_tls_file_fails_the_mount_with_one_line(tmp_path, fore
     assert line == f"dstfuse mount: nbd_tls: cannot read {tmp_path}/missing.pem: " \
                    "No such file or directory", line
     assert not os.path.ismount(mountpoint)
+    checked = run_dstfuse("check", config)
+    assert checked.returncode == 1 and "nbd_tls: cannot read" in checked.stderr, checked.stderr
 
 
 def test_nbd_allow_admits_by_source_address_and_ro_entries_refuse_writes(tmp_path):

@@ -184,9 +184,9 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class NbdTls:
-    """`nbd_tls:` of export.yaml and storage.yaml: the server's certificate chain and key
-    (PEM files), and `ca`, when given, the CA bundle that client
-    certificates must chain to (then every NBD client needs one)."""
+    """`nbd_tls:` of export.yaml and storage.yaml: the server's certificate
+    chain and key (PEM files), and `ca`, when given, the CA bundle that
+    client certificates must chain to (then every NBD client needs one)."""
 
     cert: Path
     key: Path

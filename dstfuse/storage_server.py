@@ -63,14 +63,14 @@ class StorageTarget:
         self.name = name
         self.storage = storage
         self.write_order = WriteOrder()
-        self.acl = ExportAcl(allow, read_only=not storage.writable)
+        self._acl = ExportAcl(allow, read_only=not storage.writable)
 
     @property
     def size(self) -> int:
         return self.storage.size
 
     def permission(self, peer: IPAddress | None) -> Permission | None:
-        return self.acl.permission(peer)
+        return self._acl.permission(peer)
 
     def writer_free(self) -> bool:
         return True

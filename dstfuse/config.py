@@ -170,6 +170,11 @@ class MountConfig:
     unflushed: Unflushed = Unflushed()
     #: serve the top-level storages over NBD here too
     nbd_listen: tuple[Address, ...] = ()
+    #: who may connect over TCP to `nbd_listen` (as export.yaml's `allow:`;
+    #: empty: loopback only; unix sockets: the socket file's permissions)
+    nbd_allow: tuple[AclRule, ...] = ()
+    #: TLS for `nbd_listen` (required there when set), as in export.yaml
+    nbd_tls: NbdTls | None = None
 
 
 @dataclass(frozen=True)
@@ -198,9 +203,9 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class NbdTls:
-    """`nbd_tls:` of export.yaml: the server's certificate chain and key
-    (PEM files), and `ca`, when given, the CA bundle that client
-    certificates must chain to (then every NBD client needs one)."""
+    """`nbd_tls:` of export.yaml and storage.yaml: the server's certificate
+    chain and key (PEM files), and `ca`, when given, the CA bundle that
+    client certificates must chain to (then every NBD client needs one)."""
 
     cert: Path
     key: Path
@@ -301,6 +306,8 @@ def load_mount_config(path: str | Path) -> MountConfig:
             "unflushed_policy",
             "storages",
             "nbd_listen",
+            "nbd_allow",
+            "nbd_tls",
         ),
     )
     key_file = fields.read("key_file", source.path_value, None)
@@ -332,9 +339,26 @@ def load_mount_config(path: str | Path) -> MountConfig:
         nbd_listen=fields.read(
             "nbd_listen", partial(_addresses, default_port=NBD_DEFAULT_PORT), ()
         ),
+        nbd_allow=fields.read("nbd_allow", _allow, ()),
+        nbd_tls=fields.read("nbd_tls", partial(_nbd_tls, source), None),
     )
+    _check_nbd_listener(fields, config)
     log.debug("%s: storages %s", source.name, ", ".join(config.storages))
     return config
+
+
+def _check_nbd_listener(fields: _Mapping, config: MountConfig) -> None:
+    """`nbd_allow:` and `nbd_tls:` only with an `nbd_listen:` they apply
+    to; `nbd_allow:` only with a TCP address (a unix socket is guarded by
+    its file's permissions, not by addresses)."""
+    for key in ("nbd_allow", "nbd_tls"):
+        if key in fields and not config.nbd_listen:
+            raise fields[key].error(f"{key} needs nbd_listen (it is for the mount's NBD listener)")
+    if "nbd_allow" in fields and all(a.kind == "unix" for a in config.nbd_listen):
+        raise fields["nbd_allow"].error(
+            "nbd_allow applies to TCP addresses only, and nbd_listen has none "
+            "(a unix socket is guarded by its file's permissions)"
+        )
 
 
 def load_export_config(path: str | Path) -> ExportConfig:

@@ -9,7 +9,7 @@ unless the final flush succeeded: that flush is what `dstfuse umount`'s
 
 Life of a mount::
 
-    check mount point -> load config -> PR_SET_IO_FLUSHER
+    check mount point -> load config (and nbd_tls's PEM files) -> PR_SET_IO_FLUSHER
     -> open_assembly (nodes, algorithms, storages; all closed on failure)
     -> pyfuse3.init (the mount exists) -> NBD listeners (`nbd_listen:`) -> serve
     -> probe: stat every storage file through the mount -> READY
@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import signal
+import ssl
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -50,6 +51,7 @@ from .assembly import Assembly, open_assembly
 from .config import MountConfig, load_mount_config, parse_mount_options
 from .control import DAEMON_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
+from .export.nbd_tls import server_context
 from .fanout import gather
 from .storage import Storage
 from .storage_server import StorageNbdServer
@@ -266,8 +268,10 @@ class MountDaemon:
         readiness: Readiness,
         *,
         result_path: Path | None,
+        nbd_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
+        self.nbd_tls = nbd_tls
         self.mountpoint = mountpoint
         self.options = dict(options)
         self.readiness = readiness
@@ -382,7 +386,10 @@ class MountDaemon:
         nbd_done = trio.Event()
         async with trio.open_nursery() as nursery:
             if self.config.nbd_listen:
-                nbd = StorageNbdServer(assembly.exposed, self.config.nbd_listen)
+                nbd = StorageNbdServer(
+                    assembly.exposed, self.config.nbd_listen,
+                    allow=self.config.nbd_allow, tls=self.nbd_tls,
+                )
                 await nursery.start(self._serve_nbd, nbd, nbd_done)
             nursery.start_soon(self._announce_when_live, session, assembly, failure)
             try:
@@ -488,6 +495,7 @@ def run_mount(
         path = check_mountpoint(mountpoint)
         config = load_mount_config(config_path)
         mount_options = parse_mount_options(options, config)
+        nbd_tls = server_context(config.nbd_tls)
         if mount_options.get("debug"):
             logging.getLogger("dstfuse").setLevel(logging.DEBUG)
         result_path = runtime_file(path, ".result")
@@ -498,7 +506,9 @@ def run_mount(
                 pass
         set_io_flusher()
         keep_io_buffers()
-        daemon = MountDaemon(config, path, mount_options, readiness, result_path=result_path)
+        daemon = MountDaemon(
+            config, path, mount_options, readiness, result_path=result_path, nbd_tls=nbd_tls
+        )
         log.info("mounting %s at %s (pid %d)", config.path, path, os.getpid())
         return trio.run(daemon.run)
     except UserError as exc:

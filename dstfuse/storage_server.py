@@ -6,9 +6,13 @@ same NBD session as the export node (dstfuse/export/nbd_session.py), so
 that a VM or qemu-img uses a storage without FUSE and a loop device. The
 I/O goes through `Storage`, i.e. the storage's algorithm, as FUSE's does.
 
-Access: unix-socket peers may do what the storage allows (the socket
-file's permissions guard it, as for the export node); TCP peers only from
-loopback (there is no `allow:` for mounts). No TLS here. Writes: the
+Access, as on the export node and with its code: `nbd_allow:` rules
+(`ExportAcl`, checked at accept by `AcceptGate`; without rules only
+loopback TCP peers get in), capped by the storage's writability, so an
+`ro` rule gives READ_ONLY and EPERM on writes; unix-socket peers may do
+what the storage allows (the socket file's permissions guard them). With
+`nbd_tls:` (a server-side SSLContext from dstfuse/export/nbd_tls.py) every
+client must STARTTLS first (FORCEDTLS, ERR_TLS_REQD). Writes: the
 mount itself is the storage's one writer toward its nodes; its FUSE file
 and its NBD clients are openers of that one device, like two programs
 that open the same disk, so there is no write grant between them.
@@ -27,12 +31,14 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import ssl
 from collections.abc import Mapping, Sequence
 
 import trio
 
 from .address import Address
-from .export.acl import ExportAcl, IPAddress
+from .export.acl import AclRuleLike, ExportAcl, IPAddress
+from .export.admission import AcceptGate
 from .export.listeners import BoundListener, ListenAddress, open_listeners
 from .export.nbd_session import NbdExportSession
 from .export.server import peer_of
@@ -48,15 +54,16 @@ Buffer = bytes | bytearray | memoryview
 
 
 class StorageTarget:
-    """A storage as an NBD target (see the module doc)."""
+    """A storage as an NBD target (see the module doc); `allow` are the
+    mount's `nbd_allow:` rules."""
 
     can_fast_zero = False
 
-    def __init__(self, name: str, storage: Storage) -> None:
+    def __init__(self, name: str, storage: Storage, allow: Sequence[AclRuleLike] = ()) -> None:
         self.name = name
         self.storage = storage
         self.write_order = WriteOrder()
-        self._acl = ExportAcl(read_only=not storage.writable)
+        self._acl = ExportAcl(allow, read_only=not storage.writable)
 
     @property
     def size(self) -> int:
@@ -103,20 +110,30 @@ class StorageTarget:
 
 class StorageNbdServer:
     """Serves `storages` (name -> Storage) over NBD on every address in
-    `listen` until `shutdown()`."""
+    `listen` until `shutdown()`, to the TCP peers `allow` admits (empty:
+    loopback only), over TLS only when `tls` is given."""
 
     def __init__(
         self,
         storages: Mapping[str, Storage],
         listen: Sequence[ListenAddress],
         *,
+        allow: Sequence[AclRuleLike] = (),
+        tls: ssl.SSLContext | None = None,
         limits: SessionLimits | None = None,
         max_connections: int = 64,
         max_handshakes: int = 32,
         drain_timeout: float = 30.0,
     ) -> None:
-        self.targets = [StorageTarget(name, storage) for name, storage in storages.items()]
+        self.targets = [
+            StorageTarget(name, storage, allow) for name, storage in storages.items()
+        ]
         self.listen = tuple(listen)
+        self.tls = tls
+        self._gate = AcceptGate(
+            self.targets, owner=f"storages {self._names()}",
+            acl_name=f"the mount's nbd_allow ({ExportAcl(allow)})",
+        )
         self.limits = limits or SessionLimits()
         self.drain_timeout = drain_timeout
         self.addresses: list[Address] = []
@@ -167,13 +184,11 @@ class StorageNbdServer:
         if peer is None or self._shutdown.is_set():
             await trio.aclose_forcefully(stream)
             return
-        if peer.ip is not None and all(t.permission(peer.ip) is None for t in self.targets):
-            log.warning("storages %s: refused NBD peer %s: only loopback may connect over TCP",
-                        self._names(), peer)
+        if self._gate.refusal(peer) is not None:
             await trio.aclose_forcefully(stream)
             return
         session = NbdExportSession(stream, peer, self.targets, limits=self.limits,
-                                   slots=self._slots)
+                                   slots=self._slots, tls=self.tls)
         if not self._slots.begin_handshake(session):
             log.warning("storages %s: closing NBD connection from %s: too many handshakes",
                         self._names(), peer)

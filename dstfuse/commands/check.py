@@ -1,11 +1,11 @@
 """`dstfuse check CONFIG`: validate a mount config and try every node.
 
-Loads the config, opens every node the way a mount would (remote nodes
-connect and negotiate with the configured key and cipher, nbd nodes run
-the NBD handshake, local nodes open their file), prints what each node
-offers (size, access, cipher) and each storage's size as its algorithm
-finds it (an existing mirror's recorded size is read from its legs'
-headers), then closes everything. It mounts
+Loads the config (and `nbd_tls:`'s PEM files), opens every node the way a
+mount would (remote nodes connect and negotiate with the configured key and
+cipher, nbd nodes run the NBD handshake, local nodes open their file),
+prints what each node offers (size, access, cipher) and each storage's size
+as its algorithm finds it (an existing mirror's recorded size is read from
+its legs' headers), then closes everything. It mounts
 nothing and writes nothing: no algorithm is started. Exit 0 when every
 node answered; otherwise one line per failing node on stderr
 (``vol0: R: 10.0.0.5:1025: refused by the node: ...``) and exit 1.
@@ -26,6 +26,7 @@ import trio
 from ..algorithms import algorithm_class
 from ..config import MountConfig, NodeSpec, StorageSpec, load_mount_config
 from ..errors import DstError, NodeError
+from ..export.nbd_tls import server_context
 from ..fanout import gather
 from ..keys import load_key
 from ..nodes.base import Node
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_mount_config(args.config)
+    server_context(config.nbd_tls)  # unreadable or unusable PEM files: one line, as mount
     key = load_key(config.key_file) if config.key_file else None
     client_name = f"{socket.gethostname()}:{os.getpid()} check"
     reports = trio.run(check_mount_config, config, key, client_name)

@@ -36,6 +36,7 @@ import dstfuse
 from ..config import load_mount_config, parse_mount_options
 from ..daemon import LIVE_TIMEOUT, check_mountpoint, run_mount, runtime_file
 from ..errors import UserError
+from ..export.nbd_tls import server_context
 
 HELP = "mount the storages of CONFIG at MOUNTPOINT, one file per storage"
 LOG_LEVEL = logging.INFO
@@ -142,6 +143,7 @@ def start_daemon(args: argparse.Namespace) -> int:
     # Check what can be checked here, so the common mistakes fail at once.
     config = load_mount_config(args.config)
     parse_mount_options(args.options, config)
+    server_context(config.nbd_tls)  # unreadable or unusable PEM files
     mountpoint = check_mountpoint(args.mountpoint)
     log_path = runtime_file(mountpoint, ".log")
     read_end, write_end = os.pipe()

@@ -1,4 +1,5 @@
-"""The TLS context of the export server's NBD addresses (`nbd_tls:`).
+"""The TLS context of NBD addresses (`nbd_tls:`): the export server's
+(export.yaml) and the mount daemon's (storage.yaml), built the same way.
 
 Owns turning the configured PEM files into a server-side `ssl.SSLContext`:
 TLS 1.2 at least (the NBD spec's floor), the server's certificate chain and

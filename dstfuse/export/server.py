@@ -3,7 +3,8 @@ clients and (on the `nbd_listen` addresses) to NBD clients.
 
 The server owns the listeners, the exports' backends (it closes them), the
 connection caps, and shutdown. An accepted connection whose address no
-export's ACL admits is refused at once (a REFUSED frame if the socket takes
+export's ACL admits (`AcceptGate`, dstfuse/export/admission.py) is
+refused at once (a REFUSED frame if the socket takes
 it without waiting, then closed), before it takes any slot; the others take
 a handshake slot and become an `ExportSession` (dstfuse/export/session.py),
 which does the handshake, trades it for a session slot (`ConnectionSlots`:
@@ -25,7 +26,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import math
 import os
 import socket
 import ssl
@@ -39,6 +39,7 @@ from ..address import Address
 from ..errors import UserError
 from ..protocol import Connection, Role, mode_of_cipher
 from .acl import ExportAcl, peer_ip
+from .admission import AcceptGate
 from .backend import Backend
 from .grant import WriteGrant
 from .listeners import BoundListener, ListenAddress, open_listeners
@@ -58,10 +59,6 @@ DEFAULT_MAX_REQUEST = 4 << 20
 # TCP keepalive: a client that vanished without a FIN is noticed in minutes,
 # not hours, so its session and connection slot are freed.
 _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
-#: Addresses refused at accept are logged once per this many seconds each,
-#: and about this many addresses are remembered for that (then forgotten).
-_REFUSAL_LOG_INTERVAL = 60.0
-_REFUSAL_LOG_ADDRESSES = 1024
 
 
 class ExportServer:
@@ -122,8 +119,8 @@ class ExportServer:
         self._slots = ConnectionSlots[ExportSession | NbdExportSession](
             max_handshakes=max_handshakes, max_sessions=max_connections
         )
-        #: address -> (trio time of its last refusal logged, refusals since)
-        self._refusals: dict[str, tuple[float, int]] = {}
+        self._gate = AcceptGate(self.exports, owner=f"exports {self._names()}",
+                                acl_name=self._acl_name())
         self._shutdown = trio.Event()
 
     @classmethod
@@ -268,8 +265,9 @@ class ExportServer:
         if self._shutdown.is_set():
             await trio.aclose_forcefully(stream)
             return
-        if peer.ip is not None and all(e.permission(peer.ip) is None for e in self.exports):
-            await self._refuse_address(stream, peer)
+        refusal = self._gate.refusal(peer)
+        if refusal is not None:
+            await self._refuse_address(stream, refusal)
             return
         session = ExportSession(
             stream,
@@ -306,8 +304,7 @@ class ExportServer:
         if peer is None or self._shutdown.is_set():
             await trio.aclose_forcefully(stream)
             return
-        if peer.ip is not None and all(e.permission(peer.ip) is None for e in self.exports):
-            self._log_refusal(peer, f"address {peer.ip} is not allowed by {self._acl_name()}")
+        if self._gate.refusal(peer) is not None:
             await trio.aclose_forcefully(stream)
             return
         session = NbdExportSession(
@@ -335,34 +332,17 @@ class ExportServer:
             return f"export {self.exports[0].name}'s ACL"
         return "the ACL of any export on this node"
 
-    async def _refuse_address(self, stream: trio.SocketStream, peer: Peer) -> None:
-        """Refuse a peer no export admits, holding nothing: one non-blocking
-        write of a REFUSED frame (the client shows its message; whatever the
-        socket does not take at once is dropped), then close."""
-        message = f"address {peer.ip} is not allowed by {self._acl_name()}"
-        self._log_refusal(peer, message)
+    async def _refuse_address(self, stream: trio.SocketStream, message: str) -> None:
+        """Refuse a peer no export admits (`message`: the gate's reason,
+        already logged), holding nothing: one non-blocking write of a
+        REFUSED frame (the client shows its message; whatever the socket
+        does not take at once is dropped), then close."""
         try:
             os.write(stream.socket.fileno(), Connection(Role.SERVER).refuse(errno.EACCES, message))
             stream.socket.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # full or gone: the peer sees a closed connection instead
         await trio.aclose_forcefully(stream)
-
-    def _log_refusal(self, peer: Peer, message: str) -> None:
-        """Warn about a refused address at most once a minute, with how many
-        connections from it were refused meanwhile: a peer that keeps
-        reconnecting cannot flood the log."""
-        key = str(peer.ip)
-        now = trio.current_time()
-        last, count = self._refusals.get(key, (-math.inf, 0))
-        if now - last < _REFUSAL_LOG_INTERVAL:
-            self._refusals[key] = (last, count + 1)
-            return
-        if len(self._refusals) >= _REFUSAL_LOG_ADDRESSES:
-            self._refusals.clear()
-        self._refusals[key] = (now, 0)
-        more = f" ({count} more refused since the last report)" if count else ""
-        log.warning("exports %s: refused %s: %s%s", self._names(), peer, message, more)
 
 
 def _open_backend(name: str, path: Path, *, read_only: bool) -> Backend:

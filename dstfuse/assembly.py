@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -62,6 +62,35 @@ class Assembly:
     nodes: list[Node] = field(default_factory=list)
     client_name: str = ""
     client_id: bytes = b""
+    #: builds the nodes a reload adds, as the mount built its own
+    builder: _Builder | None = field(default=None, repr=False)
+
+    async def start_nodes(
+        self, config: MountConfig, wanted: Mapping[str, Sequence[NodeSpec]]
+    ) -> dict[str, list[tuple[Node, int | None]]]:
+        """Start the leaf nodes `wanted` (storage name -> node specs of
+        `config`) at once, for a reload; storage name -> (node, size limit).
+        All or none: if one fails, those started are closed again and the
+        first failure is raised (a UserError naming storage and node).
+        Started nodes are closed with the mount."""
+        assert self.builder is not None, "only an assembly from open_assembly grows"
+        builder = self.builder.for_config(config)
+        mark = builder.opened.mark()
+        wanted_nodes = [(name, spec) for name, specs in wanted.items() for spec in specs]
+        outcomes = await gather(
+            [lambda n=name, s=spec: builder.start_sized_node(n, s) for name, spec in wanted_nodes]
+        )
+        errors = [error for _, error in outcomes if error is not None]
+        if errors:
+            for error in errors[1:]:
+                log.error("%s", error)
+            await builder.opened.close_all(since=mark)
+            raise errors[0]
+        started: dict[str, list[tuple[Node, int | None]]] = {name: [] for name in wanted}
+        for (name, spec), (node, _) in zip(wanted_nodes, outcomes, strict=True):
+            started[name].append((node, spec.size))
+            self.nodes.append(node)
+        return started
 
 
 def describe_spec(spec: NodeSpec) -> str:
@@ -84,8 +113,13 @@ class _Opened:
     def add(self, what: str, close: Callable[[], Awaitable[None]]) -> None:
         self._closers.append((what, close))
 
-    async def close_all(self) -> None:
-        while self._closers:
+    def mark(self) -> int:
+        """A point to close back to (`close_since`)."""
+        return len(self._closers)
+
+    async def close_all(self, since: int = 0) -> None:
+        """Close what was opened after `since` (everything by default)."""
+        while len(self._closers) > since:
             what, close = self._closers.pop()
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -121,6 +155,20 @@ class _Builder:
         self.client_id = client_id
         self._key: bytes | None = None
         self.nodes: list[Node] = []
+
+    def for_config(self, config: MountConfig) -> _Builder:
+        """A builder of the same mount for nodes of `config` (a reload's)."""
+        builder = _Builder(
+            config,
+            self.nursery,
+            self.opened,
+            mount_options=self.mount_options,
+            force=self.force,
+            client_name=self.client_name,
+            client_id=self.client_id,
+        )
+        builder._key = self._key if config.key_file == self.config.key_file else None
+        return builder
 
     # -- nodes ----------------------------------------------------------
     def _key_bytes(self) -> bytes | None:
@@ -250,6 +298,12 @@ class _Builder:
             for (name, index, _), (node, _) in zip(wanted, outcomes, strict=True)
         }
 
+    async def start_sized_node(self, storage: str, spec: NodeSpec) -> Node:
+        """`_start_node`, then the check that the node holds its `size:`."""
+        node = await self._start_node(storage, spec)
+        _check_size_limit(storage, node, spec)
+        return node
+
     # -- storages -------------------------------------------------------
     async def build_storage(
         self, spec: StorageSpec, leaves: dict[tuple[str, int], Node], built: dict[str, Storage]
@@ -264,14 +318,7 @@ class _Builder:
                 self.nodes.append(node)
             else:
                 node = leaves[(spec.name, index)]
-            if node.state is NodeState.ONLINE and node_spec.size is not None and (
-                node_spec.size > node.size
-            ):
-                raise UserError(
-                    f"storage {spec.name}: node {node} (line {node_spec.line}): size "
-                    f"{format_size(node_spec.size)} is larger than the node "
-                    f"({format_size(node.size)})"
-                )
+            _check_size_limit(spec.name, node, node_spec)
             nodes.append((node, node_spec.size))
         options = dict(spec.options)
         options.update(
@@ -307,6 +354,14 @@ class _Builder:
             storage.state,
         )
         return storage
+
+
+def _check_size_limit(storage: str, node: Node, spec: NodeSpec) -> None:
+    if node.state is NodeState.ONLINE and spec.size is not None and spec.size > node.size:
+        raise UserError(
+            f"storage {storage}: node {node} (line {spec.line}): size "
+            f"{format_size(spec.size)} is larger than the node ({format_size(node.size)})"
+        )
 
 
 def _node_error(storage: str, described: str, spec: NodeSpec, exc: Exception) -> UserError:
@@ -388,6 +443,7 @@ async def open_assembly(
                 nodes=list(builder.nodes),
                 client_name=builder.client_name,
                 client_id=builder.client_id,
+                builder=builder,
             )
             try:
                 yield assembly

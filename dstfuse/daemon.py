@@ -48,9 +48,10 @@ from .algorithms import ControlFile
 from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
 from .config import MountConfig, load_mount_config, parse_mount_options
-from .control import DAEMON_FILE, ControlTree, DaemonInfo
+from .control import DAEMON_FILE, RELOAD_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
 from .fanout import gather
+from .live_reload import LiveReload
 from .storage import Storage
 from .units import format_size
 
@@ -332,7 +333,14 @@ class MountDaemon:
                 result=self.result_path,
             )
             text = info.render()
-            tree = ControlTree(assembly.storages, {DAEMON_FILE: ControlFile(read=lambda: text)})
+            reloads = LiveReload(self.config, assembly, self._storage_resized)
+            tree = ControlTree(
+                assembly.storages,
+                {
+                    DAEMON_FILE: ControlFile(read=lambda: text),
+                    RELOAD_FILE: reloads.control_file(),
+                },
+            )
             filesystem = StorageFilesystem(assembly.exposed, tree)
             session = FuseSession(filesystem, str(self.mountpoint), options=self.fuse_options())
             failure: str | None = None
@@ -359,6 +367,22 @@ class MountDaemon:
         _write_result(self.result_path, "ok\n")
         log.info("%s: every storage flushed; exiting", self.mountpoint)
         return 0
+
+    async def _storage_resized(self, storage: Storage) -> None:
+        """A reload grew `storage`: make the kernel take its file's new
+        size now (invalidate, then stat through the mount from a thread,
+        which the filesystem answers), so `losetup -c` finds it."""
+        session = self._session
+        if session is None:
+            return
+        session.filesystem.storage_resized(storage.name)
+        path = self.mountpoint / storage.name
+        try:
+            size = (await trio.to_thread.run_sync(os.stat, path)).st_size
+        except OSError as exc:
+            log.warning("storage %s: cannot stat %s after it grew: %s", storage.name, path, exc)
+            return
+        log.info("storage %s: %s now shows %d bytes", storage.name, path, size)
 
     def _not_assembled(self, error: BaseException) -> None:
         """Report a mistake that stopped the assembly at once, before the

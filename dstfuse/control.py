@@ -10,6 +10,7 @@ shows the current state.
 Layout (all files are text ending in a newline)::
 
     .dst/.daemon                    pid, config, mountpoint, result (DaemonInfo)
+    .dst/.reload                    the last reload (ReloadOutcome); write `reload`
     .dst/<storage>/alg              algorithm name
                    name             storage name
                    size             bytes

@@ -13,6 +13,8 @@ Life of a mount::
     -> open_assembly (nodes, algorithms, storages; all closed on failure)
     -> pyfuse3.init (the mount exists) -> serve
     -> probe: stat every storage file through the mount -> READY
+    ... `reload` written to .dst/.reload: re-read the config, apply the
+        difference all or nothing (live_reload.py), refresh grown files
     ... unmount (fusermount3 -u) or SIGTERM/SIGINT (the daemon unmounts)
     -> requests in progress finish -> session closed (mount gone)
     -> flush every storage -> close storages, then nodes

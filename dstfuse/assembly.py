@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -65,32 +65,73 @@ class Assembly:
     #: builds the nodes a reload adds, as the mount built its own
     builder: _Builder | None = field(default=None, repr=False)
 
-    async def start_nodes(
-        self, config: MountConfig, wanted: Mapping[str, Sequence[NodeSpec]]
-    ) -> dict[str, list[tuple[Node, int | None]]]:
-        """Start the leaf nodes `wanted` (storage name -> node specs of
-        `config`) at once, for a reload; storage name -> (node, size limit).
-        All or none: if one fails, those started are closed again and the
-        first failure is raised (a UserError naming storage and node).
-        Started nodes are closed with the mount."""
-        assert self.builder is not None, "only an assembly from open_assembly grows"
+    async def extend(
+        self, config: MountConfig, appended: Mapping[str, Sequence[NodeSpec]], added: Sequence[str]
+    ) -> Extension:
+        """For a reload: start the nodes `appended` (storage name -> node
+        specs of `config`, to go at the end of that running storage) and
+        build the new storages `added` (names in `config`, in its order),
+        all at once and as a mount builds its own. All or none: if any part
+        fails, whatever was opened for it is closed again and the error is
+        raised (a UserError naming storage and node). What is returned is
+        closed with the mount; it is in `storages`/`nodes` only once the
+        caller `commit`s it."""
+        assert self.builder is not None, "only an assembly from open_assembly extends"
         builder = self.builder.for_config(config)
         mark = builder.opened.mark()
-        wanted_nodes = [(name, spec) for name, specs in wanted.items() for spec in specs]
-        outcomes = await gather(
-            [lambda n=name, s=spec: builder.start_sized_node(n, s) for name, spec in wanted_nodes]
-        )
-        errors = [error for _, error in outcomes if error is not None]
-        if errors:
-            for error in errors[1:]:
-                log.error("%s", error)
+        leaves = [
+            (name, index)
+            for name, specs in appended.items()
+            for index, spec in enumerate(config.storages[name].nodes)
+            if any(spec is wanted for wanted in specs)
+        ]
+        leaves += [
+            (name, index)
+            for name in added
+            for index, spec in enumerate(config.storages[name].nodes)
+            if spec.kind != "storage"
+        ]
+        try:
+            started = await builder.start_nodes(leaves)
+            nodes: dict[str, list[tuple[Node, int | None]]] = {name: [] for name in appended}
+            for name, index in leaves:
+                if name in appended:
+                    spec = config.storages[name].nodes[index]
+                    _check_size_limit(name, started[(name, index)], spec)
+                    nodes[name].append((started[(name, index)], spec.size))
+            built = dict(self.storages)
+            for name in added:
+                built[name] = await builder.build_storage(config.storages[name], started, built)
+        except BaseException:
             await builder.opened.close_all(since=mark)
-            raise errors[0]
-        started: dict[str, list[tuple[Node, int | None]]] = {name: [] for name in wanted}
-        for (name, spec), (node, _) in zip(wanted_nodes, outcomes, strict=True):
-            started[name].append((node, spec.size))
-            self.nodes.append(node)
-        return started
+            raise
+        storages = {name: built[name] for name in added}
+        return Extension(
+            appended=nodes,
+            storages=storages,
+            exposed=top_level_storages(config, storages),
+            nodes=builder.nodes,
+        )
+
+    def commit(self, extension: Extension) -> None:
+        """Count what `extend` built as part of the mount (the storages it
+        added are flushed at unmount with the others); the appended nodes
+        are the caller's to place."""
+        self.storages.update(extension.storages)
+        self.exposed.update(extension.exposed)
+        self.nodes.extend(extension.nodes)
+
+
+@dataclass
+class Extension:
+    """What `Assembly.extend` started: `appended` maps a running storage to
+    its new (node, size limit) pairs, in order; `storages` the new storages,
+    `exposed` those of them that become files; `nodes` every node started."""
+
+    appended: dict[str, list[tuple[Node, int | None]]]
+    storages: dict[str, Storage]
+    exposed: dict[str, Storage]
+    nodes: list[Node]
 
 
 def describe_spec(spec: NodeSpec) -> str:
@@ -278,14 +319,22 @@ class _Builder:
                         f"-o ro: storage {name} is a mirror, which writes its metadata "
                         "when mounted; mount it without ro"
                     )
-        wanted = [
-            (name, index, spec)
+        return await self.start_nodes(
+            (name, index)
             for name, storage in self.config.storages.items()
             for index, spec in enumerate(storage.nodes)
             if spec.kind != "storage"
-        ]
+        )
+
+    async def start_nodes(self, wanted: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Node]:
+        """Start the leaf nodes `wanted` ((storage name, node index) in the
+        config) at once, as `start_leaf_nodes` does for all of them."""
+        keys = list(wanted)
         outcomes = await gather(
-            [lambda n=name, s=spec: self._start_node(n, s) for name, _, spec in wanted]
+            [
+                lambda n=name, s=self.config.storages[name].nodes[index]: self._start_node(n, s)
+                for name, index in keys
+            ]
         )
         errors = [error for _, error in outcomes if error is not None]
         for error in errors[1:]:
@@ -293,16 +342,7 @@ class _Builder:
         if errors:
             raise errors[0]
         self.nodes.extend(node for node, _ in outcomes)
-        return {
-            (name, index): node
-            for (name, index, _), (node, _) in zip(wanted, outcomes, strict=True)
-        }
-
-    async def start_sized_node(self, storage: str, spec: NodeSpec) -> Node:
-        """`_start_node`, then the check that the node holds its `size:`."""
-        node = await self._start_node(storage, spec)
-        _check_size_limit(storage, node, spec)
-        return node
+        return {key: node for key, (node, _) in zip(keys, outcomes, strict=True)}
 
     # -- storages -------------------------------------------------------
     async def build_storage(

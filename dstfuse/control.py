@@ -233,12 +233,20 @@ class ControlTree:
         for name in hidden:
             if not name.startswith("."):
                 raise ValueError(f"control file {name!r} must start with '.'")
-        for name in storages:
-            if name.startswith("."):
-                raise ValueError(f"storage name {name!r} must not start with '.'")
-        self._directories = {name: storage_directory(s) for name, s in storages.items()}
+        self._directories: dict[str, ControlDirectory] = {}
+        for name, storage in storages.items():
+            self._add(name, storage)
         self._hidden = hidden
         self.root = ControlDirectory(lambda: {**self._hidden, **self._directories})
+
+    def add_storage(self, storage: Storage) -> None:
+        """Give `storage` its directory, when a reload adds it."""
+        self._add(storage.name, storage)
+
+    def _add(self, name: str, storage: Storage) -> None:
+        if name.startswith("."):
+            raise ValueError(f"storage name {name!r} must not start with '.'")
+        self._directories[name] = storage_directory(storage)
 
     def resolve(self, path: Sequence[str]) -> ControlEntry | None:
         """The entry at `path` (names below `.dst/`), or None if there is none."""

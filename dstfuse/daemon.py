@@ -275,6 +275,7 @@ class MountDaemon:
         self.readiness = readiness
         self.result_path = result_path
         self._session = None
+        self._tree: ControlTree | None = None
         self._serving = False
         self._stopping = False
         self._interrupted: str | None = None
@@ -335,8 +336,8 @@ class MountDaemon:
                 result=self.result_path,
             )
             text = info.render()
-            reloads = LiveReload(self.config, assembly, self._storage_resized)
-            tree = ControlTree(
+            reloads = LiveReload(self.config, assembly, self)
+            tree = self._tree = ControlTree(
                 assembly.storages,
                 {
                     DAEMON_FILE: ControlFile(read=lambda: text),
@@ -370,7 +371,19 @@ class MountDaemon:
         log.info("%s: every storage flushed; exiting", self.mountpoint)
         return 0
 
-    async def _storage_resized(self, storage: Storage) -> None:
+    def storages_added(
+        self, storages: Mapping[str, Storage], exposed: Mapping[str, Storage]
+    ) -> None:
+        """A reload added `storages` (LiveMount): a control directory each,
+        and a file for each of the `exposed` ones."""
+        assert self._tree is not None, "reloads run only while mounted"
+        for storage in storages.values():
+            self._tree.add_storage(storage)
+        if self._session is not None:
+            for storage in exposed.values():
+                self._session.filesystem.add_storage(storage)
+
+    async def storage_resized(self, storage: Storage) -> None:
         """A reload grew `storage`: make the kernel take its file's new
         size now (invalidate, then stat through the mount from a thread,
         which the filesystem answers), so `losetup -c` finds it."""

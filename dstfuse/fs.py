@@ -158,10 +158,7 @@ class StorageFilesystem(pyfuse3.Operations):
 
     def __init__(self, storages: Mapping[str, Storage], control: ControlTree) -> None:
         super().__init__()
-        for name in storages:
-            if name.startswith(".") or "/" in name or not name:
-                raise ValueError(f"bad storage file name {name!r}")
-        self._storages = dict(storages)
+        self._storages: dict[str, Storage] = {}
         self._control = control
         self._inodes: dict[TreePath, int] = {(): pyfuse3.ROOT_INODE}
         self._paths: dict[int, TreePath] = {pyfuse3.ROOT_INODE: ()}
@@ -171,10 +168,21 @@ class StorageFilesystem(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._time_ns = time.time_ns()
-        # Fixed inodes for the storage files and .dst, in a stable order.
-        for name in self._storages:
-            self._inode((name,))
+        # Inodes for the storage files and .dst, in a stable order.
+        for name, storage in storages.items():
+            self._add(name, storage)
         self._inode((CONTROL_DIRECTORY,))
+
+    def add_storage(self, storage: Storage) -> None:
+        """Show `storage` as the file `/<name>` when a reload adds it (a
+        lookup that failed before is not cached: it appears at once)."""
+        self._add(storage.name, storage)
+
+    def _add(self, name: str, storage: Storage) -> None:
+        if name.startswith(".") or "/" in name or not name:
+            raise ValueError(f"bad storage file name {name!r}")
+        self._storages[name] = storage
+        self._inode((name,))
 
     # -- the namespace ----------------------------------------------------
     def _inode(self, path: TreePath) -> int:

@@ -13,14 +13,16 @@ Order of a reload (reloads run one at a time):
    are refused with the same message `dstfuse mount` prints);
 2. `plan_reload` decides, without touching anything, whether every change
    can be made online; any that cannot refuses the whole reload;
-3. the appended nodes are started, all at once, as the mount starts nodes
-   (`Assembly.start_nodes`); one that does not start closes the others and
-   refuses the reload;
+3. the appended nodes are started and the new storages built, all at
+   once, as the mount builds its own (`Assembly.extend`); a part that does
+   not start closes the others again and refuses the reload;
 4. only then, with no await until the last step, is anything changed: the
-   new timeouts go to every node, the grown storages get their nodes, and
-   the new config becomes the running one;
+   new timeouts go to every node, the new storages join the mount (control
+   directories, files), the grown storages get their nodes, and the new
+   config becomes the running one;
 5. each grown storage file's size is refreshed in the kernel
-   (`on_resized`), so `losetup -c` sees it when the command returns.
+   (`LiveMount.storage_resized`), so `losetup -c` sees it when the command
+   returns.
 
 Nothing here formats FUSE replies or knows pyfuse3: the daemon passes in
 what a resize must tell the filesystem.
@@ -30,7 +32,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
+from typing import Protocol
 
 import trio
 
@@ -49,19 +52,26 @@ log = logging.getLogger(__name__)
 RELOAD_WORD = "reload"
 
 
+class LiveMount(Protocol):
+    """What a reload changes in the mount beyond its storages: the files."""
+
+    def storages_added(
+        self, storages: Mapping[str, Storage], exposed: Mapping[str, Storage]
+    ) -> None:
+        """New `storages` get control directories, the `exposed` ones files."""
+
+    async def storage_resized(self, storage: Storage) -> None:
+        """`storage` grew: its file must show the new size when this returns."""
+
+
 class LiveReload:
     """Reloads of one mount (see the module doc). `config` is what the
-    mount runs; `on_resized(storage)` is awaited after a storage grew."""
+    mount runs; `mount` is told what appeared and what grew."""
 
-    def __init__(
-        self,
-        config: MountConfig,
-        assembly: Assembly,
-        on_resized: Callable[[Storage], Awaitable[None]],
-    ) -> None:
+    def __init__(self, config: MountConfig, assembly: Assembly, mount: LiveMount) -> None:
         self.config = config
         self._assembly = assembly
-        self._on_resized = on_resized
+        self._mount = mount
         self._lock = trio.Lock()
         self.last: ReloadOutcome | None = None
 
@@ -103,16 +113,23 @@ class LiveReload:
             self.config = plan.config  # the same, with the file's new line numbers
             return f"nothing to change: {plan.config.path} is what the mount runs"
         running_nodes = list(self._assembly.nodes)
-        started = (
-            await self._assembly.start_nodes(plan.config, plan.appended) if plan.appended else {}
-        )
+        extension = await self._assembly.extend(plan.config, plan.appended, plan.added)
         # From here on nothing fails and nothing awaits until every change is made.
         if plan.timeouts is not None:
             for node in running_nodes:
                 node.set_timeouts(plan.timeouts)
         done = list(plan.changes)
+        self._assembly.commit(extension)
+        if extension.storages:
+            self._mount.storages_added(extension.storages, extension.exposed)
+        for name, storage in extension.storages.items():
+            shown = "a new file" if name in extension.exposed else "a node of another storage"
+            done.append(
+                f"storage {name} added ({storage.algorithm.name}, {format_size(storage.size)}, "
+                f"{shown})"
+            )
         grown: list[Storage] = []
-        for name, nodes in started.items():
+        for name, nodes in extension.appended.items():
             storage = self._assembly.storages[name]
             before = storage.size
             storage.append_nodes(nodes)
@@ -131,5 +148,5 @@ class LiveReload:
             )
         self.config = plan.config
         for storage in grown:
-            await self._on_resized(storage)
+            await self._mount.storage_resized(storage)
         return "; ".join(done)

@@ -14,13 +14,16 @@ What may change online in this release:
 - a linear storage may get nodes (remote or local) appended at the end,
   unless it is itself a node of another storage (that storage's map would
   have to move). Its existing nodes may not change, move or go: that would
-  move or drop data.
+  move or drop data;
+- a new storage may be added (a new file appears), built from leaf nodes
+  and other new storages only.
 
 Everything else is refused with one line naming the key or the storage:
 the other global keys, `timeouts.keepalive` (running connections ping at
 the interval they were opened with), an algorithm or an algorithm option,
 any change of a mirror's legs (needs a remount in this release), and
-storages added or removed.
+removing a storage (needs a remount in this release: its file may be in
+use, and a storage is flushed and closed only with the mount).
 """
 
 from __future__ import annotations
@@ -59,18 +62,20 @@ class ReloadRefused(UserError):
 @dataclass(frozen=True)
 class ReloadPlan:
     """What a reload applies. `appended` maps a linear storage to the node
-    specs to append at its end, in order; `timeouts` is the new timing when
+    specs to append at its end, in order; `added` names the new storages
+    in the config's (dependency) order; `timeouts` is the new timing when
     it changed (None otherwise), and `changes` says each timing change in
     one phrase (growth is described once applied, with the new size)."""
 
     config: MountConfig
     appended: dict[str, tuple[NodeSpec, ...]] = field(default_factory=dict)
+    added: tuple[str, ...] = ()
     timeouts: Timeouts | None = None
     changes: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.changes and not self.appended
+        return not self.changes and not self.appended and not self.added
 
 
 def describe_node(spec: NodeSpec) -> str:
@@ -99,6 +104,7 @@ def plan_reload(running: MountConfig, wanted: MountConfig) -> ReloadPlan:
             refusals.append(f"{key} cannot change online")
     timeouts = _timeouts(running.timeouts, wanted.timeouts, changes, refusals)
     appended: dict[str, tuple[NodeSpec, ...]] = {}
+    added: list[str] = []
     nested = _nested_storages(running)
     for name in running.storages:
         if name not in wanted.storages:
@@ -109,16 +115,24 @@ def plan_reload(running: MountConfig, wanted: MountConfig) -> ReloadPlan:
     for name, spec in wanted.storages.items():
         old = running.storages.get(name)
         if old is None:
-            refusals.append(
-                f"storage {name} is new: adding a storage needs a remount in this release"
-            )
+            refusal = _new_storage_refusal(spec, running)
+            if refusal is None:
+                added.append(name)
+            else:
+                refusals.append(refusal)
             continue
         grown = _storage(old, spec, name in nested, refusals)
         if grown:
             appended[name] = grown
     if refusals:
         raise ReloadRefused("; ".join(refusals))
-    return ReloadPlan(config=wanted, appended=appended, timeouts=timeouts, changes=tuple(changes))
+    return ReloadPlan(
+        config=wanted,
+        appended=appended,
+        added=tuple(added),
+        timeouts=timeouts,
+        changes=tuple(changes),
+    )
 
 
 def _timeouts(
@@ -138,6 +152,19 @@ def _timeouts(
         changed = True
         changes.append(f"timeouts.{item.name} {before:g} -> {after:g}")
     return new if changed else None
+
+
+def _new_storage_refusal(spec: StorageSpec, running: MountConfig) -> str | None:
+    """Why the new storage `spec` cannot be added online, or None. It may
+    use only leaf nodes and other new storages: a running storage used as
+    its node would stop being a file of the mount while in use."""
+    for node in spec.nodes:
+        if node.kind == "storage" and node.target in running.storages:
+            return (
+                f"storage {spec.name} is new and uses storage {node.target}, which runs now: "
+                "a running storage cannot become a node online"
+            )
+    return None
 
 
 def _nested_storages(config: MountConfig) -> dict[str, str]:

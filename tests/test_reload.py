@@ -51,6 +51,15 @@ def checksums(directory: Path) -> dict[str, str]:
     }
 
 
+def open_files(pid: int) -> set[str]:
+    """The paths process `pid` has open."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
 def df_size(directory: Path) -> int:
     """The filesystem's size in bytes, as `df` shows it."""
     return int(run("df", "-B1", "--output=size", directory).stdout.split()[-1])
@@ -389,6 +398,47 @@ def test_a_reloaded_timeout_is_what_the_running_node_waits(tmp_path):
                 os.kill(export.process.pid, signal.SIGCONT)
             done = mount.umount()
             assert done.returncode == 0, done.stderr
+
+
+def test_a_storage_added_by_reload_appears_as_a_file_and_takes_writes(tmp_path):
+    a, b, c = (image(tmp_path / f"{name}.img", 4 * MiB) for name in "abc")
+    vol = {"algorithm": "linear", "nodes": [{"local": str(a)}]}
+    config = write_config(tmp_path / "storage.yaml", {"vol": vol})
+    mountpoint = tmp_path / "mnt"
+    with mounted(config, mountpoint) as mount:
+        # A node that cannot be opened: nothing of the new storage stays,
+        # not even its node that did open.
+        missing = {
+            "algorithm": "linear",
+            "nodes": [{"local": str(b)}, {"local": str(tmp_path / "missing.img")}],
+        }
+        write_config(config, {"vol": vol, "more": missing})
+        done = reload(mountpoint)
+        assert done.returncode == 1
+        assert "storage more: node L: " in done.stderr and "nothing applied" in done.stderr
+        assert str(a) in open_files(mount.pid)
+        assert str(b) not in open_files(mount.pid)
+        assert sorted(os.listdir(mountpoint)) == [".dst", "vol"]
+        assert sorted(os.listdir(mountpoint / ".dst")) == [".daemon", ".reload", "vol"]
+
+        more = {"algorithm": "linear", "nodes": [{"local": str(b)}, {"local": str(c)}]}
+        write_config(config, {"vol": vol, "more": more})
+        done = reload(mountpoint)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "applied: storage more added (linear, 8.0 MiB, a new file)\n"
+        assert os.stat(mount.file("more")).st_size == 8 * MiB
+        assert mount.control("more", "size") == f"{8 * MiB}\n"
+        assert [n["type"] for n in status_json(mountpoint)["storages"]["more"]["nodes"]] == [
+            f"L: {b}",
+            f"L: {c}",
+        ]
+        data = os.urandom(MiB)
+        with open(mount.file("more"), "r+b", buffering=0) as file:
+            file.seek(4 * MiB - 4096)  # across the two nodes
+            file.write(data)
+        done = mount.umount()
+        assert done.returncode == 0, done.stderr
+    assert b.read_bytes()[-4096:] + c.read_bytes()[: MiB - 4096] == data
 
 
 def test_reload_of_a_directory_that_is_no_dstfuse_mount_says_so_in_one_line(tmp_path):

@@ -52,6 +52,20 @@ def test_nodes_appended_at_the_end_of_a_linear_storage_are_planned_in_order(tmp_
     assert [node.target for node in result.appended["vol"]] == ["/b", "/c"]
 
 
+def test_new_storages_are_added_in_dependency_order(tmp_path):
+    result = plan(
+        tmp_path,
+        {"vol": linear("/a")},
+        {
+            "vol": linear("/a"),
+            "outer": {"algorithm": "linear", "nodes": [{"storage": "inner"}, {"local": "/c"}]},
+            "inner": mirror("/b", "/d"),
+        },
+    )
+    assert result.added == ("inner", "outer")
+    assert result.appended == {} and not result.empty
+
+
 def test_online_timeouts_apply_and_keepalive_is_refused(tmp_path):
     result = plan(
         tmp_path,
@@ -127,8 +141,9 @@ def test_online_timeouts_apply_and_keepalive_is_refused(tmp_path):
         ),
         (
             {"vol": linear("/a")},
-            {"vol": linear("/a"), "more": linear("/b")},
-            "storage more is new: adding a storage needs a remount in this release",
+            {"vol": linear("/a"), "more": {"algorithm": "linear", "nodes": [{"storage": "vol"}]}},
+            "storage more is new and uses storage vol, which runs now: a running storage "
+            "cannot become a node online",
         ),
         (
             {"vol": linear("/a"), "more": linear("/b")},

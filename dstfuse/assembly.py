@@ -78,6 +78,7 @@ class Assembly:
         caller `commit`s it."""
         assert self.builder is not None, "only an assembly from open_assembly extends"
         builder = self.builder.for_config(config)
+        builder.check_read_only(added)
         mark = builder.opened.mark()
         leaves = [
             (name, index)
@@ -155,7 +156,7 @@ class _Opened:
         self._closers.append((what, close))
 
     def mark(self) -> int:
-        """A point to close back to (`close_since`)."""
+        """A point to close back to (`close_all(since=...)`)."""
         return len(self._closers)
 
     async def close_all(self, since: int = 0) -> None:
@@ -312,19 +313,24 @@ class _Builder:
         once; (storage name, node index) -> node. The first failure in
         config order is raised after every start has ended; the nodes that
         did start are already registered for closing."""
-        if self.read_only:
-            for name in self.config.storages:
-                if self._redundant(name):
-                    raise UserError(
-                        f"-o ro: storage {name} is a mirror, which writes its metadata "
-                        "when mounted; mount it without ro"
-                    )
+        self.check_read_only(self.config.storages)
         return await self.start_nodes(
             (name, index)
             for name, storage in self.config.storages.items()
             for index, spec in enumerate(storage.nodes)
             if spec.kind != "storage"
         )
+
+    def check_read_only(self, names: Iterable[str]) -> None:
+        """Under `-o ro`, refuse the storages `names` that write metadata."""
+        if not self.read_only:
+            return
+        for name in names:
+            if self._redundant(name):
+                raise UserError(
+                    f"-o ro: storage {name} is a mirror, which writes its metadata "
+                    "when mounted; mount it without ro"
+                )
 
     async def start_nodes(self, wanted: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Node]:
         """Start the leaf nodes `wanted` ((storage name, node index) in the

@@ -97,9 +97,14 @@ class Assembly:
             nodes: dict[str, list[tuple[Node, int | None]]] = {name: [] for name in appended}
             for name, index in leaves:
                 if name in appended:
-                    spec = config.storages[name].nodes[index]
-                    _check_size_limit(name, started[(name, index)], spec)
-                    nodes[name].append((started[(name, index)], spec.size))
+                    node, spec = started[(name, index)], config.storages[name].nodes[index]
+                    _check_size_limit(name, node, spec)
+                    if self.storages[name].writable and not node.writable:
+                        raise UserError(
+                            f"storage {name}: node {node} (line {spec.line}) is read-only; "
+                            "appending it would make the whole storage read-only"
+                        )
+                    nodes[name].append((node, spec.size))
             built = dict(self.storages)
             for name in added:
                 built[name] = await builder.build_storage(config.storages[name], started, built)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -439,6 +440,33 @@ def test_a_storage_added_by_reload_appears_as_a_file_and_takes_writes(tmp_path):
         done = mount.umount()
         assert done.returncode == 0, done.stderr
     assert b.read_bytes()[-4096:] + c.read_bytes()[: MiB - 4096] == data
+
+
+def test_an_appended_read_only_node_is_refused_and_closed_again(tmp_path):
+    disk = image(tmp_path / "disk.img", 4 * MiB)
+    first = image(tmp_path / "first.img", 4 * MiB)
+    with exported(disk, tmp_path, args=["--read-only"]) as export:
+        vol = {"algorithm": "linear", "nodes": [{"local": str(first)}]}
+        config = write_config(tmp_path / "storage.yaml", {"vol": vol})
+        mountpoint = tmp_path / "mnt"
+        with mounted(config, mountpoint) as mount:
+            grown = {"algorithm": "linear", "nodes": [*vol["nodes"], {"remote": export.address}]}
+            write_config(config, {"vol": grown})
+            done = reload(mountpoint)
+            assert done.returncode == 1
+            assert done.stderr.startswith(f"dstfuse reload: storage vol: node R: {export.address}")
+            assert done.stderr.endswith(
+                ") is read-only; appending it would make the whole storage read-only; "
+                "nothing applied\n"
+            )
+            assert os.stat(mount.file("vol")).st_size == 4 * MiB
+            assert os.access(mount.file("vol"), os.W_OK)
+            # The node that did start was closed again.
+            deadline = time.monotonic() + 10
+            while "client closed the connection" not in export.log_tail(20):
+                assert time.monotonic() < deadline, export.log_tail(20)
+                time.sleep(0.1)
+            assert mount.umount().returncode == 0
 
 
 def test_reload_of_a_directory_that_is_no_dstfuse_mount_says_so_in_one_line(tmp_path):

@@ -514,8 +514,18 @@ class StorageFilesystem(pyfuse3.Operations):
         Only the attributes: storage files are direct_io, nothing else is
         cached, so this never waits on writeback."""
         inode = self._inodes.get((name,))
-        if inode is not None:
+        if inode is None:
+            return
+        try:
             pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return  # the kernel forgot the inode: it caches nothing of it
+            log.warning(
+                "storage %s: the kernel may show the old size until its cache times out: %s",
+                name,
+                exc,
+            )
 
     def open_handles(self) -> dict[str, int]:
         """Storage name -> number of open handles (for shutdown messages)."""

@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -62,6 +62,82 @@ class Assembly:
     nodes: list[Node] = field(default_factory=list)
     client_name: str = ""
     client_id: bytes = b""
+    #: builds the nodes a reload adds, as the mount built its own
+    builder: _Builder | None = field(default=None, repr=False)
+
+    async def extend(
+        self, config: MountConfig, appended: Mapping[str, Sequence[NodeSpec]], added: Sequence[str]
+    ) -> Extension:
+        """For a reload: start the nodes `appended` (storage name -> node
+        specs of `config`, to go at the end of that running storage) and
+        build the new storages `added` (names in `config`, in its order),
+        all at once and as a mount builds its own. All or none: if any part
+        fails, whatever was opened for it is closed again and the error is
+        raised (a UserError naming storage and node). What is returned is
+        closed with the mount; it is in `storages`/`nodes` only once the
+        caller `commit`s it."""
+        assert self.builder is not None, "only an assembly from open_assembly extends"
+        builder = self.builder.for_config(config)
+        builder.check_read_only(added)
+        mark = builder.opened.mark()
+        leaves = [
+            (name, index)
+            for name, specs in appended.items()
+            for index, spec in enumerate(config.storages[name].nodes)
+            if any(spec is wanted for wanted in specs)
+        ]
+        leaves += [
+            (name, index)
+            for name in added
+            for index, spec in enumerate(config.storages[name].nodes)
+            if spec.kind != "storage"
+        ]
+        try:
+            started = await builder.start_nodes(leaves)
+            nodes: dict[str, list[tuple[Node, int | None]]] = {name: [] for name in appended}
+            for name, index in leaves:
+                if name in appended:
+                    node, spec = started[(name, index)], config.storages[name].nodes[index]
+                    _check_size_limit(name, node, spec)
+                    if self.storages[name].writable and not node.writable:
+                        raise UserError(
+                            f"storage {name}: node {node} (line {spec.line}) is read-only; "
+                            "appending it would make the whole storage read-only"
+                        )
+                    nodes[name].append((node, spec.size))
+            built = dict(self.storages)
+            for name in added:
+                built[name] = await builder.build_storage(config.storages[name], started, built)
+        except BaseException:
+            await builder.opened.close_all(since=mark)
+            raise
+        storages = {name: built[name] for name in added}
+        return Extension(
+            appended=nodes,
+            storages=storages,
+            exposed=top_level_storages(config, storages),
+            nodes=builder.nodes,
+        )
+
+    def commit(self, extension: Extension) -> None:
+        """Count what `extend` built as part of the mount (the storages it
+        added are flushed at unmount with the others); the appended nodes
+        are the caller's to place."""
+        self.storages.update(extension.storages)
+        self.exposed.update(extension.exposed)
+        self.nodes.extend(extension.nodes)
+
+
+@dataclass
+class Extension:
+    """What `Assembly.extend` started: `appended` maps a running storage to
+    its new (node, size limit) pairs, in order; `storages` the new storages,
+    `exposed` those of them that become files; `nodes` every node started."""
+
+    appended: dict[str, list[tuple[Node, int | None]]]
+    storages: dict[str, Storage]
+    exposed: dict[str, Storage]
+    nodes: list[Node]
 
 
 def describe_spec(spec: NodeSpec) -> str:
@@ -84,8 +160,13 @@ class _Opened:
     def add(self, what: str, close: Callable[[], Awaitable[None]]) -> None:
         self._closers.append((what, close))
 
-    async def close_all(self) -> None:
-        while self._closers:
+    def mark(self) -> int:
+        """A point to close back to (`close_all(since=...)`)."""
+        return len(self._closers)
+
+    async def close_all(self, since: int = 0) -> None:
+        """Close what was opened after `since` (everything by default)."""
+        while len(self._closers) > since:
             what, close = self._closers.pop()
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -121,6 +202,20 @@ class _Builder:
         self.client_id = client_id
         self._key: bytes | None = None
         self.nodes: list[Node] = []
+
+    def for_config(self, config: MountConfig) -> _Builder:
+        """A builder of the same mount for nodes of `config` (a reload's)."""
+        builder = _Builder(
+            config,
+            self.nursery,
+            self.opened,
+            mount_options=self.mount_options,
+            force=self.force,
+            client_name=self.client_name,
+            client_id=self.client_id,
+        )
+        builder._key = self._key if config.key_file == self.config.key_file else None
+        return builder
 
     # -- nodes ----------------------------------------------------------
     def _key_bytes(self) -> bytes | None:
@@ -237,21 +332,35 @@ class _Builder:
         once; (storage name, node index) -> node. The first failure in
         config order is raised after every start has ended; the nodes that
         did start are already registered for closing."""
-        if self.read_only:
-            for name, storage in self.config.storages.items():
-                if algorithm_class(storage.algorithm).writes_metadata:
-                    raise UserError(
-                        f"-o ro: storage {name} is a {storage.algorithm}, which writes its "
-                        "metadata when mounted; mount it without ro"
-                    )
-        wanted = [
-            (name, index, spec)
+        self.check_read_only(self.config.storages)
+        return await self.start_nodes(
+            (name, index)
             for name, storage in self.config.storages.items()
             for index, spec in enumerate(storage.nodes)
             if spec.kind != "storage"
-        ]
+        )
+
+    def check_read_only(self, names: Iterable[str]) -> None:
+        """Under `-o ro`, refuse the storages `names` that write metadata."""
+        if not self.read_only:
+            return
+        for name in names:
+            algorithm = self.config.storages[name].algorithm
+            if algorithm_class(algorithm).writes_metadata:
+                raise UserError(
+                    f"-o ro: storage {name} is a {algorithm}, which writes its metadata "
+                    "when mounted; mount it without ro"
+                )
+
+    async def start_nodes(self, wanted: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Node]:
+        """Start the leaf nodes `wanted` ((storage name, node index) in the
+        config) at once, as `start_leaf_nodes` does for all of them."""
+        keys = list(wanted)
         outcomes = await gather(
-            [lambda n=name, s=spec: self._start_node(n, s) for name, _, spec in wanted]
+            [
+                lambda n=name, s=self.config.storages[name].nodes[index]: self._start_node(n, s)
+                for name, index in keys
+            ]
         )
         errors = [error for _, error in outcomes if error is not None]
         for error in errors[1:]:
@@ -259,10 +368,7 @@ class _Builder:
         if errors:
             raise errors[0]
         self.nodes.extend(node for node, _ in outcomes)
-        return {
-            (name, index): node
-            for (name, index, _), (node, _) in zip(wanted, outcomes, strict=True)
-        }
+        return {key: node for key, (node, _) in zip(keys, outcomes, strict=True)}
 
     # -- storages -------------------------------------------------------
     async def build_storage(
@@ -278,14 +384,7 @@ class _Builder:
                 self.nodes.append(node)
             else:
                 node = leaves[(spec.name, index)]
-            if node.state is NodeState.ONLINE and node_spec.size is not None and (
-                node_spec.size > node.size
-            ):
-                raise UserError(
-                    f"storage {spec.name}: node {node} (line {node_spec.line}): size "
-                    f"{format_size(node_spec.size)} is larger than the node "
-                    f"({format_size(node.size)})"
-                )
+            _check_size_limit(spec.name, node, node_spec)
             nodes.append((node, node_spec.size))
         options = dict(spec.options)
         options.update(
@@ -321,6 +420,14 @@ class _Builder:
             storage.state,
         )
         return storage
+
+
+def _check_size_limit(storage: str, node: Node, spec: NodeSpec) -> None:
+    if node.state is NodeState.ONLINE and spec.size is not None and spec.size > node.size:
+        raise UserError(
+            f"storage {storage}: node {node} (line {spec.line}): size "
+            f"{format_size(spec.size)} is larger than the node ({format_size(node.size)})"
+        )
 
 
 def _node_error(storage: str, described: str, spec: NodeSpec, exc: Exception) -> UserError:
@@ -402,6 +509,7 @@ async def open_assembly(
                 nodes=list(builder.nodes),
                 client_name=builder.client_name,
                 client_id=builder.client_id,
+                builder=builder,
             )
             try:
                 yield assembly

@@ -19,7 +19,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ("export", "mount", "umount", "status", "check", "verify", "keygen")
+COMMANDS = ("export", "mount", "umount", "reload", "status", "check", "verify", "keygen")
 
 
 def _command_module(name: str):

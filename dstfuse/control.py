@@ -10,6 +10,7 @@ shows the current state.
 Layout (all files are text ending in a newline)::
 
     .dst/.daemon                    pid, config, mountpoint, result (DaemonInfo)
+    .dst/.reload                    the last reload (ReloadOutcome); write `reload`
     .dst/<storage>/alg              algorithm name
                    name             storage name
                    size             bytes
@@ -37,10 +38,12 @@ same name (a clash is logged once per render). Writing a file calls its
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .algorithms import ControlFile, Placement
 from .nodes.base import NodeState
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 CONTROL_DIRECTORY = ".dst"
 #: Name of the daemon file inside `.dst/`.
 DAEMON_FILE = ".daemon"
+#: Name of the reload file inside `.dst/` (`dstfuse.live_reload`).
+RELOAD_FILE = ".reload"
 
 COUNTER_FILES = (
     "requests",
@@ -119,6 +124,38 @@ class DaemonInfo:
             )
         except (KeyError, ValueError) as exc:
             raise ValueError(f"not a dstfuse daemon file ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """The last reload, as `.dst/.reload` shows it in one line:
+    `<outcome> <UTC time>: <message>`, outcome `applied`, `unchanged` or
+    `refused`; the file says `none` before the first reload."""
+
+    OUTCOMES: ClassVar[tuple[str, ...]] = ("applied", "unchanged", "refused")
+
+    outcome: str
+    time: datetime.datetime
+    message: str
+
+    @property
+    def stamp(self) -> str:
+        return self.time.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def render(self) -> str:
+        return f"{self.outcome} {self.stamp}: {' '.join(self.message.split())}\n"
+
+    @classmethod
+    def parse(cls, text: str) -> ReloadOutcome | None:
+        """The inverse of `render` (None for `none`); ValueError otherwise."""
+        if text.strip() == "none":
+            return None
+        head, colon, message = text.strip().partition(": ")
+        words = head.split()
+        if not colon or len(words) != 2 or words[0] not in cls.OUTCOMES:
+            raise ValueError(f"not a reload result: {text.strip()!r}")
+        stamp = datetime.datetime.strptime(words[1], "%Y-%m-%dT%H:%M:%SZ")
+        return cls(words[0], stamp.replace(tzinfo=datetime.UTC), message.strip())
 
 
 def _merge(standard: dict[str, ControlEntry], extra: Mapping[str, ControlFile], where: str) -> None:
@@ -197,12 +234,20 @@ class ControlTree:
         for name in hidden:
             if not name.startswith("."):
                 raise ValueError(f"control file {name!r} must start with '.'")
-        for name in storages:
-            if name.startswith("."):
-                raise ValueError(f"storage name {name!r} must not start with '.'")
-        self._directories = {name: storage_directory(s) for name, s in storages.items()}
+        self._directories: dict[str, ControlDirectory] = {}
+        for name, storage in storages.items():
+            self._add(name, storage)
         self._hidden = hidden
         self.root = ControlDirectory(lambda: {**self._hidden, **self._directories})
+
+    def add_storage(self, storage: Storage) -> None:
+        """Give `storage` its directory, when a reload adds it."""
+        self._add(storage.name, storage)
+
+    def _add(self, name: str, storage: Storage) -> None:
+        if name.startswith("."):
+            raise ValueError(f"storage name {name!r} must not start with '.'")
+        self._directories[name] = storage_directory(storage)
 
     def resolve(self, path: Sequence[str]) -> ControlEntry | None:
         """The entry at `path` (names below `.dst/`), or None if there is none."""

@@ -13,6 +13,8 @@ Life of a mount::
     -> open_assembly (nodes, algorithms, storages; all closed on failure)
     -> pyfuse3.init (the mount exists) -> NBD listeners (`nbd_listen:`) -> serve
     -> probe: stat every storage file through the mount -> READY
+    ... `reload` written to .dst/.reload: re-read the config, apply the
+        difference all or nothing (live_reload.py), refresh grown files
     ... unmount (fusermount3 -u) or SIGTERM/SIGINT (the daemon unmounts)
     -> NBD sessions drained -> requests in progress finish -> session closed (mount gone)
     -> flush every storage -> close storages, then nodes
@@ -49,10 +51,11 @@ from .algorithms import ControlFile
 from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
 from .config import MountConfig, load_mount_config, parse_mount_options
-from .control import DAEMON_FILE, ControlTree, DaemonInfo
+from .control import DAEMON_FILE, RELOAD_FILE, ControlTree, DaemonInfo
 from .errors import DstError, UserError
 from .export.nbd_tls import server_context
 from .fanout import gather
+from .live_reload import LiveReload
 from .storage import Storage
 from .storage_server import StorageNbdServer
 from .units import format_size
@@ -277,6 +280,7 @@ class MountDaemon:
         self.readiness = readiness
         self.result_path = result_path
         self._session = None
+        self._tree: ControlTree | None = None
         self._serving = False
         self._stopping = False
         self._interrupted: str | None = None
@@ -337,7 +341,14 @@ class MountDaemon:
                 result=self.result_path,
             )
             text = info.render()
-            tree = ControlTree(assembly.storages, {DAEMON_FILE: ControlFile(read=lambda: text)})
+            reloads = LiveReload(self.config, assembly, self)
+            tree = self._tree = ControlTree(
+                assembly.storages,
+                {
+                    DAEMON_FILE: ControlFile(read=lambda: text),
+                    RELOAD_FILE: reloads.control_file(),
+                },
+            )
             filesystem = StorageFilesystem(assembly.exposed, tree)
             session = FuseSession(filesystem, str(self.mountpoint), options=self.fuse_options())
             failure: str | None = None
@@ -364,6 +375,34 @@ class MountDaemon:
         _write_result(self.result_path, "ok\n")
         log.info("%s: every storage flushed; exiting", self.mountpoint)
         return 0
+
+    def storages_added(
+        self, storages: Mapping[str, Storage], exposed: Mapping[str, Storage]
+    ) -> None:
+        """A reload added `storages` (LiveMount): a control directory each,
+        and a file for each of the `exposed` ones."""
+        assert self._tree is not None, "reloads run only while mounted"
+        for storage in storages.values():
+            self._tree.add_storage(storage)
+        if self._session is not None:
+            for storage in exposed.values():
+                self._session.filesystem.add_storage(storage)
+
+    async def storage_resized(self, storage: Storage) -> None:
+        """A reload grew `storage`: make the kernel take its file's new
+        size now (invalidate, then stat through the mount from a thread,
+        which the filesystem answers), so `losetup -c` finds it."""
+        session = self._session
+        if session is None:
+            return
+        session.filesystem.storage_resized(storage.name)
+        path = self.mountpoint / storage.name
+        try:
+            size = (await trio.to_thread.run_sync(os.stat, path)).st_size
+        except OSError as exc:
+            log.warning("storage %s: cannot stat %s after it grew: %s", storage.name, path, exc)
+            return
+        log.info("storage %s: %s now shows %d bytes", storage.name, path, size)
 
     def _not_assembled(self, error: BaseException) -> None:
         """Report a mistake that stopped the assembly at once, before the

@@ -48,6 +48,7 @@ Semantics that users and the loop driver rely on:
 from __future__ import annotations
 
 import errno
+import inspect
 import itertools
 import logging
 import os
@@ -157,10 +158,7 @@ class StorageFilesystem(pyfuse3.Operations):
 
     def __init__(self, storages: Mapping[str, Storage], control: ControlTree) -> None:
         super().__init__()
-        for name in storages:
-            if name.startswith(".") or "/" in name or not name:
-                raise ValueError(f"bad storage file name {name!r}")
-        self._storages = dict(storages)
+        self._storages: dict[str, Storage] = {}
         self._control = control
         self._inodes: dict[TreePath, int] = {(): pyfuse3.ROOT_INODE}
         self._paths: dict[int, TreePath] = {pyfuse3.ROOT_INODE: ()}
@@ -170,10 +168,21 @@ class StorageFilesystem(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._time_ns = time.time_ns()
-        # Fixed inodes for the storage files and .dst, in a stable order.
-        for name in self._storages:
-            self._inode((name,))
+        # Inodes for the storage files and .dst, in a stable order.
+        for name, storage in storages.items():
+            self._add(name, storage)
         self._inode((CONTROL_DIRECTORY,))
+
+    def add_storage(self, storage: Storage) -> None:
+        """Show `storage` as the file `/<name>` when a reload adds it (a
+        lookup that failed before is not cached: it appears at once)."""
+        self._add(storage.name, storage)
+
+    def _add(self, name: str, storage: Storage) -> None:
+        if name.startswith(".") or "/" in name or not name:
+            raise ValueError(f"bad storage file name {name!r}")
+        self._storages[name] = storage
+        self._inode((name,))
 
     # -- the namespace ----------------------------------------------------
     def _inode(self, path: TreePath) -> int:
@@ -222,7 +231,8 @@ class StorageFilesystem(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = entry.size
             attr.st_blocks = (entry.size + 511) // 512
-            # The size of a storage never changes while mounted.
+            # The size changes only by a reload, which invalidates it
+            # (`storage_resized`).
             attr.entry_timeout = attr.attr_timeout = 60
         elif isinstance(entry, ControlDirectory):
             attr.st_mode = stat.S_IFDIR | 0o755
@@ -385,7 +395,7 @@ class StorageFilesystem(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         handle = self._file_handle(fh)
         if isinstance(handle, _ControlHandle):
-            return self._write_control(handle, buf)
+            return await self._write_control(handle, buf)
         storage = handle.storage
         with _Request("storage %s: write %d bytes at %d", storage.name, len(buf), off):
             room = storage.size - off
@@ -404,7 +414,24 @@ class StorageFilesystem(pyfuse3.Operations):
             await storage.write(off, data, fua=handle.fua)
             return len(data)
 
-    def _write_control(self, handle: _ControlHandle, buf: bytes) -> int:
+    async def _write_control(self, handle: _ControlHandle, buf: bytes) -> int:
+        """Hand one write to the control file; a file whose `write` is a
+        coroutine (`.dst/.reload`) answers only once it is done. Afterwards
+        the handle shows the file as it is now, so a writer that opened it
+        read-write reads its own outcome back at offset 0."""
+        try:
+            return await self._write_control_value(handle, buf)
+        finally:
+            handle.snapshot = self._render_after_write(handle)
+
+    def _render_after_write(self, handle: _ControlHandle) -> bytes:
+        try:
+            return handle.file.read().encode()
+        except Exception:  # noqa: BLE001 - a later read reports it
+            log.debug("%s: cannot render after a write", "/".join(handle.path), exc_info=True)
+            return handle.snapshot
+
+    async def _write_control_value(self, handle: _ControlHandle, buf: bytes) -> int:
         name = "/".join(handle.path)  # the path starts with CONTROL_DIRECTORY
         with _Request("control file %s: write %r", name, bytes(buf[:64])):
             if handle.file.write is None:
@@ -415,7 +442,9 @@ class StorageFilesystem(pyfuse3.Operations):
                 log.warning("control file %s: write is not UTF-8 text", name)
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
             try:
-                handle.file.write(text)
+                outcome = handle.file.write(text)
+                if inspect.isawaitable(outcome):
+                    await outcome
             except UserError as exc:
                 log.warning("control file %s: %s", name, exc)
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
@@ -478,6 +507,25 @@ class StorageFilesystem(pyfuse3.Operations):
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
+
+    def storage_resized(self, name: str) -> None:
+        """Make the kernel forget the cached attributes of storage `name`'s
+        file, so the next stat (and then `losetup -c`) sees its new size.
+        Only the attributes: storage files are direct_io, nothing else is
+        cached, so this never waits on writeback."""
+        inode = self._inodes.get((name,))
+        if inode is None:
+            return
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return  # the kernel forgot the inode: it caches nothing of it
+            log.warning(
+                "storage %s: the kernel may show the old size until its cache times out: %s",
+                name,
+                exc,
+            )
 
     def open_handles(self) -> dict[str, int]:
         """Storage name -> number of open handles (for shutdown messages)."""

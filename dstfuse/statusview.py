@@ -9,7 +9,8 @@ directory stands in for a mount in tests. `status_json`, `render_status` and
 
 Invariants:
 - a read never changes the tree: only files are read, the writable trigger
-  files (`clean`, `dirty`) are never opened;
+  files (`clean`, `dirty`) are never opened (`.reload` is read, which only
+  shows the last reload);
 - a mount whose daemon is gone (ENOTCONN) and a directory that is not a
   dstfuse mount both become one-line `UserError`s that say what to do;
 - a node directory that disappears while it is being read (the mount is
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .control import RELOAD_FILE, ReloadOutcome
 from .errors import UserError
 from .units import format_size, parse_size
 
@@ -86,8 +88,12 @@ class StorageStatus:
 
 @dataclass(frozen=True)
 class MountStatus:
+    """`reload` is the last `dstfuse reload` (None before the first one,
+    or from a daemon without `.dst/.reload`)."""
+
     mountpoint: str
     storages: dict[str, StorageStatus]
+    reload: ReloadOutcome | None = None
 
 
 # ---------------------------------------------------------------- reading
@@ -193,7 +199,21 @@ def read_mount_status(mountpoint: str | os.PathLike[str]) -> MountStatus:
         storage = _read_storage(reader, control / name, name)
         if storage is not None:
             storages[name] = storage
-    return MountStatus(mountpoint=reader.mountpoint, storages=storages)
+    return MountStatus(
+        mountpoint=reader.mountpoint,
+        storages=storages,
+        reload=_read_reload(reader, control / RELOAD_FILE),
+    )
+
+
+def _read_reload(reader: _TreeReader, path: Path) -> ReloadOutcome | None:
+    text = reader.text(path)
+    if text is None:
+        return None
+    try:
+        return ReloadOutcome.parse(text)
+    except ValueError:
+        return None
 
 
 def read_mount_status_within(mountpoint: str | os.PathLike[str], timeout: float) -> MountStatus:
@@ -368,8 +388,9 @@ def _rate_from_file(value: int | str | None) -> float | None:
 
 
 def status_json(status: MountStatus) -> dict:
-    """The `status --json` object (DESIGN.md section 2)."""
-    return {
+    """The `status --json` object (DESIGN.md section 2), with `reload`
+    (outcome, time, message) once the mount has been reloaded."""
+    result: dict = {
         "storages": {
             name: {
                 "state": storage.state,
@@ -380,6 +401,13 @@ def status_json(status: MountStatus) -> dict:
             for name, storage in status.storages.items()
         }
     }
+    if status.reload is not None:
+        result["reload"] = {
+            "outcome": status.reload.outcome,
+            "time": status.reload.stamp,
+            "message": status.reload.message,
+        }
+    return result
 
 
 def _node_json(node: NodeStatus) -> dict:
@@ -438,6 +466,8 @@ def render_status(status: MountStatus, sampler: ResyncSampler | None = None) -> 
     if not status.storages:
         return f"{status.mountpoint}: no storages\n"
     blocks = [_render_storage(storage, sampler) for storage in status.storages.values()]
+    if status.reload is not None:
+        blocks.append(f"last reload: {status.reload.render()}")
     return "\n".join(blocks)
 
 

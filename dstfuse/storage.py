@@ -16,6 +16,7 @@ import trio
 
 from .algorithms import Algorithm, Placement
 from .errors import DstError, RequestOutOfRange
+from .nodes.base import Node
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class Storage:
 
     def placements(self) -> list[Placement]:
         return self.algorithm.placements()
+
+    def append_nodes(self, nodes: list[tuple[Node, int | None]]) -> None:
+        """Grow by started `nodes` placed after the last byte (a reload);
+        the algorithm must be one that `grows_by_appending`."""
+        self.algorithm.append(nodes)
 
     async def start(self, nursery: trio.Nursery) -> None:
         await self.algorithm.start(nursery)

@@ -96,7 +96,7 @@ def test_control_tree_reads_with_cat(backing, tmp_path):
     config, a, b = backing
     with mounted(config, tmp_path / "mnt") as mount:
         control = mount.mountpoint / ".dst"
-        assert sorted(os.listdir(control)) == [".daemon", "vol0"]
+        assert sorted(os.listdir(control)) == [".daemon", ".reload", "vol0"]
 
         def cat(*parts: str) -> str:
             return run("cat", control.joinpath(*parts)).stdout
@@ -297,7 +297,12 @@ def test_stacked_storage_exposes_only_the_outer_file(tmp_path):
     )
     with mounted(config, tmp_path / "mnt") as mount:
         assert sorted(os.listdir(mount.mountpoint)) == [".dst", "big"]
-        assert sorted(os.listdir(mount.mountpoint / ".dst")) == [".daemon", "big", "inner"]
+        assert sorted(os.listdir(mount.mountpoint / ".dst")) == [
+            ".daemon",
+            ".reload",
+            "big",
+            "inner",
+        ]
         assert os.stat(mount.file("big")).st_size == 4 * MiB
         assert mount.control("big", f"n-{2 * MiB}-1", "type") == "S: inner\n"
         with open(mount.file("big"), "r+b") as file:

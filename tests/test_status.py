@@ -879,3 +879,31 @@ def test_status_of_a_real_mirror_shows_a_resync_with_measured_rate(tmp_path):
         rate = float(match.group(2)) * (MiB if match.group(3) == "M" else 1024)
         assert 0 < rate <= 4 * MiB
         assert mount.umount().returncode == 0
+
+
+# ------------------------------------------------------------ last reload
+
+
+def test_the_last_reload_is_in_json_and_ends_the_human_report(tmp_path):
+    mountpoint = make_mount(tmp_path, lin=clean_linear())
+    assert "reload" not in status_json(read_mount_status(mountpoint))
+    line = (
+        "refused 2026-12-01T12:30:05Z: storage lin: algorithm cannot change online; "
+        "nothing applied\n"
+    )
+    (mountpoint / ".dst" / ".reload").write_text(line)
+    status = read_mount_status(mountpoint)
+    assert status_json(status)["reload"] == {
+        "outcome": "refused",
+        "time": "2026-12-01T12:30:05Z",
+        "message": "storage lin: algorithm cannot change online; nothing applied",
+    }
+    assert render_status(status).endswith(f"\nlast reload: {line}")
+    assert status.reload is not None and status.reload.render() == line
+
+
+def test_a_reload_file_saying_none_or_garbage_shows_no_reload(tmp_path):
+    mountpoint = make_mount(tmp_path, lin=clean_linear())
+    for text in ("none\n", "half a line\n"):
+        (mountpoint / ".dst" / ".reload").write_text(text)
+        assert read_mount_status(mountpoint).reload is None

@@ -166,6 +166,22 @@ def test_mount_unit_runs_the_foreground_mount_with_notify():
     assert one(unit, "Install.WantedBy") == "multi-user.target"
 
 
+def test_mount_unit_reloads_through_dstfuse_reload_of_its_own_mountpoint():
+    from dstfuse.cli import build_parser
+    from dstfuse.commands import reload
+
+    unit = "dstfuse@.service"
+    command = one(unit, "Service.ExecReload")
+    assert command == f"{INSTALLED_DSTFUSE} reload /mnt/dst/%i"
+    mountpoint = one(unit, "Service.ExecStart").split()[-1]
+    assert command.split()[-1] == mountpoint == one(unit, "Service.ExecStop").split()[-1]
+    args = build_parser().parse_args(command.split()[1:])
+    assert args.command == "reload" and args.mountpoint == mountpoint
+    # systemd bounds ExecReload by TimeoutStartSec: the command gives up first
+    # and says why.
+    assert args.timeout == reload.DEFAULT_TIMEOUT < int(one(unit, "Service.TimeoutStartSec"))
+
+
 def test_export_unit_serves_the_instance_config_and_always_restarts():
     unit = "dstfuse-export@.service"
     assert one(unit, "Service.ExecStart") == (

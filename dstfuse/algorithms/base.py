@@ -14,7 +14,7 @@ resync there). It must never reach around a node's interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -27,10 +27,11 @@ from ..nodes.base import Node
 class ControlFile:
     """One file of a node's control directory: `read()` gives its text;
     `write(text)` is present only for writable files and raises
-    `UserError` for bad input."""
+    `UserError` for bad input. A `write` may be a coroutine function: the
+    writer's write(2) then returns once it is done."""
 
     read: Callable[[], str]
-    write: Callable[[str], None] | None = None
+    write: Callable[[str], Awaitable[None] | None] | None = None
 
 
 @dataclass
@@ -93,6 +94,9 @@ class Algorithm(abc.ABC):
     #: True when a mount writes the algorithm's own metadata to the nodes,
     #: so the storage cannot be mounted read-only (`-o ro`).
     writes_metadata: ClassVar[bool] = False
+    #: True when a running storage can take nodes appended at the end of
+    #: its map (`append`), growing without moving any byte.
+    grows_by_appending: ClassVar[bool] = False
 
     @classmethod
     async def find_size(
@@ -143,6 +147,11 @@ class Algorithm(abc.ABC):
     def controls(self) -> dict[str, ControlFile]:
         """Extra storage-level control files (e.g. a mirror's `verify`)."""
         return {}
+
+    def append(self, nodes: list[tuple[Node, int | None]]) -> None:
+        """Place started `nodes` (with their size limits) after the last
+        byte of the storage; only for `grows_by_appending` algorithms."""
+        raise NotImplementedError(f"{type(self).__name__} does not grow online")
 
     def resync_progress(self, placement: Placement) -> tuple[int, int]:
         """(bytes done, bytes total) of the node's current resync."""

@@ -18,6 +18,7 @@ from .base import Algorithm, Placement, SizeFinding
 
 class Linear(Algorithm):
     name = "linear"
+    grows_by_appending = True
 
     def __init__(
         self, storage_name: str, nodes: list[tuple[Node, int | None]], options: dict
@@ -26,12 +27,21 @@ class Linear(Algorithm):
         if not nodes:
             raise ValueError(f"storage {storage_name}: linear needs at least one node")
         self._placements: list[Placement] = []
-        start = 0
-        for cookie, (node, limit) in enumerate(nodes):
+        self._starts: list[int] = []
+        self._size = 0
+        self.append(nodes)
+
+    def append(self, nodes: list[tuple[Node, int | None]]) -> None:
+        """Place `nodes` after the current end (a reload grows the storage
+        so). Existing placements never move; the size grows last, so a
+        request checked against the new size always finds its node placed."""
+        start = self._size
+        for node, limit in nodes:
             size = node.size if limit is None else min(limit, node.size)
+            cookie = len(self._placements)
             self._placements.append(Placement(node=node, start=start, size=size, cookie=cookie))
+            self._starts.append(start)
             start += size
-        self._starts = [p.start for p in self._placements]
         self._size = start
 
     @classmethod

@@ -20,10 +20,14 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import NodeError, RequestOutOfRange
+
+if TYPE_CHECKING:
+    from ..config import Timeouts
 
 #: Digest size of `Node.checksum`: xxh3-128 over the range's bytes.
 CHECKSUM_SIZE = 16
@@ -135,6 +139,10 @@ class Node(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release the node. Callers flush first if they want durability."""
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:  # noqa: B027 - optional hook
+        """Take new transaction timing (a reload); nodes without resend
+        timers or connections (local files, stacked storages) have none."""
 
     # -- I/O ------------------------------------------------------------
     @abc.abstractmethod

@@ -194,6 +194,23 @@ class RemoteNode(Node):
             ready.instance or "instance unknown (a reboot cannot be detected)",
         )
 
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Use `timeouts` from now on: `resend` and `max_resends` for every
+        transaction the resend timer looks at next (the timer may sleep out
+        one old `resend` interval first), `connect` for the next connection
+        attempt. `keepalive` is fixed per connection (reload refuses it)."""
+        old, self._timeouts = self._timeouts, timeouts
+        log.info(
+            "%s: timeouts now resend %gs, max_resends %d, connect %gs (were %gs, %d, %gs)",
+            self._label,
+            timeouts.resend,
+            timeouts.max_resends,
+            timeouts.connect,
+            old.resend,
+            old.max_resends,
+            old.connect,
+        )
+
     async def aclose(self) -> None:
         """Stop reconnecting and drop the connection; callers flush first."""
         self._set_state(NodeState.OFFLINE)
@@ -660,8 +677,9 @@ class RemoteNode(Node):
         more wait, it fails. Transactions only ever get deadlines at least
         `resend` after the moment they are armed, so sleeping until the
         earliest deadline seen here (or `resend` from now) misses none."""
-        resend, max_resends = self._timeouts.resend, self._timeouts.max_resends
         while True:
+            # Read every round: a reload may have changed them.
+            resend, max_resends = self._timeouts.resend, self._timeouts.max_resends
             now = trio.current_time()
             wake = now + resend
             for txn in self._table:

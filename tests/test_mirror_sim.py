@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from dstfuse.errors import NodeError, NodeFenced, NodeUnavailable
 
 from .mirror_sim.disks import BLOCK, GARBAGE, ZERO, SimDisk, SimNode, decode, payload
-from .mirror_sim.harness import Simulation, Violation
+from .mirror_sim.harness import BITMAP_IDLE, Simulation, Violation
 from .mirror_sim.run import fixed, simulate
 from .mirror_sim.steps import (
     KINDS,
@@ -214,6 +214,22 @@ def test_sim_a_forced_takeover_fences_the_old_holder():
     run([
         Mount(BOTH), Settle(), Write(0, 4),
         Takeover(stall=False, force=True, thaw_after=0.0, probe_block=20),
+        ReadAll(),
+    ])
+
+
+def test_sim_a_background_flush_failing_on_every_leg_fails_the_next_flush():
+    """The bitmap's lazy clearing flushes every leg; when that FLUSH fails
+    on all of them, the writes since the last good flush may be gone from
+    every leg (a failed fdatasync drops the dirty pages), and the user's
+    next flush must say so (EIO), as Linux reports a writeback error to the
+    next fsync: it must not return success over the loss. (Found by a
+    campaign: DSTFUSE_SIM_SEED=980879878.)"""
+    run([
+        Mount(BOTH), Settle(), Sleep(30.0),  # every start-up mark cleared
+        FlakyFlush(0), FlakyFlush(1), Write(152, 3),
+        Sleep(BITMAP_IDLE * 2),  # the clearing's flush fails on both legs
+        Flush(),
         ReadAll(),
     ])
 

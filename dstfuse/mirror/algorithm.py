@@ -322,6 +322,7 @@ class Mirror(Algorithm):
         answers = list(zip(legs, outcomes, strict=True))
         took = any(error is None and leg.in_sync for leg, (_, error) in answers)
         errors = [(leg, error) for leg, (_, error) in answers if error]
+        lost, live.cleaner.lost_flush = live.cleaner.lost_flush, None
         if not took:
             # Any write since the last flush may be lost on the in-sync legs
             # and kept on a resyncing one: those copy every marked region again.
@@ -337,6 +338,13 @@ class Mirror(Algorithm):
         for leg, error in errors:
             live.states.leg_failed(leg, error)
         await live.states.ensure_durable()
+        if lost is not None:
+            raise NodeError(
+                f"storage {self.storage_name}",
+                f"an earlier flush (the bitmap's clearing) failed on every in-sync leg: "
+                f"writes acknowledged before it may be lost ({lost})",
+                errno=errno.EIO,
+            )
 
     # -- shutdown --------------------------------------------------------
     async def aclose(self) -> None:

@@ -6,7 +6,10 @@
 in sync and online, the region is idle, and its data and check pages are
 flushed on every leg (`clear_idle`); a leg that fails that flush (or
 anything else) meanwhile keeps the region marked for its resync. A fenced
-mount clears nothing.
+mount clears nothing. A clearing FLUSH that no in-sync leg completed may
+have lost writes on every leg (a failed fdatasync drops the dirty pages):
+it is kept as `lost_flush` until the user's next flush reports it (EIO),
+as Linux reports a writeback error to the next fsync.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class BitmapCleaner:
         self._lease = lease
         self._membership = membership
         self._bitmap_idle = bitmap_idle
+        #: a clearing FLUSH that failed on every in-sync leg, not yet reported
+        self.lost_flush: NodeError | None = None
 
     async def run(self) -> None:
         while not self._lease.fenced:  # a fenced mount writes nothing more
@@ -74,7 +79,14 @@ class BitmapCleaner:
             if self._checks is not None:
                 await self._checks.forget_untrusted(regions)
                 await self._checks.write_back(self._checks.pages_of_regions(regions))
-            await self._flush_every_leg()
+            try:
+                await self._membership.on_every_target(
+                    lambda leg: leg.node.flush(), "the flush"
+                )
+            except NodeError as exc:
+                self.lost_flush = exc
+                raise
+            await self._membership.ensure_durable()
         except NodeError:
             bitmap.abort_clear(regions)
             self.distrust_unflushed()
@@ -87,13 +99,6 @@ class BitmapCleaner:
         await bitmap.finish_clear(regions)
         self._activity.forget(regions)
         return len(regions)
-
-    async def _flush_every_leg(self) -> None:
-        """FLUSH every leg taking writes; a leg that fails it is marked dirty
-        (its regions resync later), so the flush fails only if no in-sync
-        leg completed it."""
-        await self._membership.on_every_target(lambda leg: leg.node.flush(), "the flush")
-        await self._membership.ensure_durable()
 
     def distrust_unflushed(self) -> None:
         """A FLUSH failed on every in-sync leg: a write since the last flush

@@ -119,6 +119,9 @@ class SimDisk:
         self._ghosts: list[Callable[[], None]] = []
         #: block -> when a failed FLUSH dropped its cached bytes
         self.dropped: dict[int, float] = {}
+        #: every failed FLUSH: (when, the blocks whose cached bytes it dropped);
+        #: unlike `dropped`, a later write (a resync's copy) does not erase it
+        self.flush_failures: list[tuple[float, frozenset[int]]] = []
         self.owner: str | None = None
         #: the client holding the export's write grant (None: free)
         self.grant_holder: str | None = None
@@ -387,8 +390,10 @@ class SimNode(Node):
                 self.counters.errors += 1
                 if op == "flush":
                     now = trio.current_time()
-                    for block in self.disk.lose_cache():
+                    lost = self.disk.lose_cache()
+                    for block in lost:
                         self.disk.dropped[block] = now
+                    self.disk.flush_failures.append((now, frozenset(lost)))
                 raise NodeError(str(self), f"{op} failed (injected EIO)", errno=errno.EIO)
             if apply is not None:
                 apply()

@@ -151,6 +151,11 @@ class Simulation:
         self.rotted: set[int] = set()
         #: ... and, until a FLUSH or FUA makes their rewrite durable, on the media
         self.rot_on_media: set[int] = set()
+        #: data block -> when the user last wrote it (acknowledged or failed)
+        self.written_at: dict[int, float] = {}
+        #: a FLUSH the user did not send (the bitmap's clearing) lost
+        #: acknowledged writes on every in-sync leg: the next flush must fail
+        self.loss_owed = False
         self.history: list[str] = []
         self.stats = Stats()
 
@@ -227,6 +232,8 @@ class Simulation:
         """Kill the client (no flush, no shutdown record)."""
         mount.tasks.cancel_scope.cancel()
         await mount.ended.wait()
+        self.loss_owed = False  # owed by that mount's flushes; the session is over
+        self._losses_reported()
 
     def set_owner(self, client: str | None) -> None:
         for disk in self.disks:
@@ -263,6 +270,7 @@ class Simulation:
         except NodeError as exc:
             self.stats.writes_failed += 1
             model.failed(first, count, write_id)
+            self._written(first, count)
             self.note(f"    -> {op} failed: {exc}")
             if expected_ok:
                 raise self.violation(
@@ -275,6 +283,7 @@ class Simulation:
         if fua and op != "trim":
             self.rot_on_media.difference_update(range(first, first + count))
         model.acknowledged(first, count, write_id, fua=fua and op != "trim")
+        self._written(first, count)
         if op == "write":
             self.note(f"    -> write id {write_id} acknowledged")
 
@@ -310,11 +319,13 @@ class Simulation:
     async def flush(self) -> None:
         mount, model = self.holder, self.model
         assert mount is not None and model is not None
-        expected_ok = self.healthy_in_sync_leg(mount) and not mount.may_be_fenced
+        owed, self.loss_owed = self.loss_owed, False
+        expected_ok = self.healthy_in_sync_leg(mount) and not mount.may_be_fenced and not owed
         self.stats.flushes += 1
         try:
             await mount.mirror.flush()
         except NodeError as exc:
+            self._losses_reported()
             model.volatile_lost()
             self.note(f"    -> flush failed: {exc}")
             if expected_ok:
@@ -322,8 +333,24 @@ class Simulation:
                     f"flush failed although an in-sync leg was healthy: {exc}"
                 ) from None
             return
+        self._losses_reported()
+        if owed:
+            raise self.violation(
+                "a flush succeeded although a flush the mirror sent itself had failed on "
+                "every in-sync leg since the last one, losing acknowledged writes there"
+            )
         model.flushed()
         self.rot_on_media &= self.rotted
+
+    def _written(self, first: int, count: int) -> None:
+        now = trio.current_time()
+        for block in range(first, first + count):
+            self.written_at[block] = now
+
+    def _losses_reported(self) -> None:
+        """A user FLUSH answered: failed flushes before it are its business."""
+        for disk in self.disks:
+            disk.flush_failures.clear()
 
     # -- invariants ---------------------------------------------------------------------
     def check(self) -> None:
@@ -407,6 +434,13 @@ class Simulation:
         assert self.model is not None
         now = trio.current_time()
         in_sync = [leg for leg in mount.mirror.legs if leg.in_sync]
+        lost = self._lost_on_every_in_sync_leg(mount, in_sync)
+        if lost:
+            # Nothing holds them any more (a leg copied from one that lost
+            # them holds the old bytes too): reads may return what was
+            # durable, and the mirror owes the user an EIO at the next flush.
+            self.model.forget(lost)
+            self.loss_owed = True
         exempt: dict[int, set[int]] = {}
         for leg in mount.mirror.legs:
             disk = mount.nodes[leg.index].disk
@@ -423,6 +457,22 @@ class Simulation:
                     block for block, when in disk.dropped.items() if now - when < DROP_GRACE
                 }
         return exempt
+
+    def _lost_on_every_in_sync_leg(self, mount: Mount, in_sync: list) -> set[int]:
+        """Data blocks that a failed FLUSH since the user's last write of
+        them dropped on the disk of every leg in sync now."""
+        if not in_sync:
+            return set()
+        per_leg = []
+        for leg in in_sync:
+            disk = mount.nodes[leg.index].disk
+            per_leg.append({
+                block
+                for when, dropped in disk.flush_failures
+                for block in dropped
+                if block < self.blocks and when >= self.written_at.get(block, -1.0)
+            })
+        return set.intersection(*per_leg)
 
     def session_end(self, mount: Mount, clean: bool) -> SessionEnd:
         return SessionEnd(

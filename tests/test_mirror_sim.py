@@ -142,11 +142,6 @@ def test_mirror_keeps_acknowledged_data_under_random_faults_without_takeovers(da
     random_simulation(data, SIM_STEPS, REPLAY, frozenset({"takeover"}))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 9 item 2, open: a forced takeover fences the old holder at its next lease "
-    "check, not at its next write (non-strict: a seed may not reach it)",
-)
 @seed(SIM_SEED)
 @SIM_SETTINGS
 @given(st.data())

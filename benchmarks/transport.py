@@ -79,10 +79,12 @@ async def _run_jobs(port: int, node_pid: int, scale: float) -> dict[str, dict[st
     import trio
 
     from dstfuse.address import parse_address
+    from dstfuse.allocator import keep_io_buffers
     from dstfuse.nodes.session import Session
     from dstfuse.nodes.transactions import Transaction
     from dstfuse.protocol import Command
 
+    keep_io_buffers()  # as the mount daemon does
     session = await Session.establish(
         "bench",
         parse_address(f"127.0.0.1:{port}"),
@@ -106,20 +108,18 @@ async def _run_jobs(port: int, node_pid: int, scale: float) -> dict[str, dict[st
         for name, (command_name, block, depth, count) in JOBS.items():
             command = Command[command_name]
             count = max(depth * 4, int(count * scale))
-            data = os.urandom(block)
-            left = count
-            slots = SIZE // block
+            payload = os.urandom(block) if command is Command.WRITE else b""
+            left = [count]
 
-            async def worker(index: int) -> None:
-                nonlocal left
+            async def worker(
+                index: int, command: Command, block: int, payload: bytes, left: list[int]
+            ) -> None:
                 position = index * 7919
-                while left > 0:
-                    left -= 1
+                slots = SIZE // block
+                while left[0] > 0:
+                    left[0] -= 1
                     position = (position * 1103515245 + 12345) % slots
-                    txn = Transaction(
-                        command, next(handles), position * block, block,
-                        data=data if command is Command.WRITE else b"",
-                    )
+                    txn = Transaction(command, next(handles), position * block, block, data=payload)
                     waiting[txn.handle] = txn
                     session.transmit(txn)
                     await txn.wait_done()
@@ -128,7 +128,7 @@ async def _run_jobs(port: int, node_pid: int, scale: float) -> dict[str, dict[st
             cpu, node_cpu, start = time.process_time(), _cpu_of(node_pid), time.perf_counter()
             async with trio.open_nursery() as workers:
                 for index in range(depth):
-                    workers.start_soon(worker, index)
+                    workers.start_soon(worker, index, command, block, payload, left)
             wall = time.perf_counter() - start
             results[name] = {
                 "us_per_request": wall / count * 1e6,

@@ -16,10 +16,13 @@ callback at the moment they go out, so that sequence numbers follow the
 wire order; `on_written` learns which items are done with (on the wire,
 skipped or discarded), once each.
 
-Reading: `receive` reads the descriptor itself and yields exactly once per
-call: waiting for data, or - when data was waiting - right after reading
-it, so a peer that keeps sending cannot starve the other tasks (trio's
-`receive_some` yields twice after a wait). A frame with a large part
+Reading: `receive` reads the descriptor itself. After a read that left the
+socket empty it waits until readable, then reads (one pass of the run loop
+where trio's `receive_some` takes two); after a read that filled its
+buffer it reads again at once, without a pass, but yields every
+READS_PER_YIELD such reads anyway, so a peer that keeps sending cannot
+starve the other tasks and connections. A cancelled reader reads nothing.
+A frame with a large part
 missing is read straight into its own buffer, sized from its header
 (`Connection.receive_buffer`), not joined from chunks.
 
@@ -59,6 +62,8 @@ BATCH_ITEMS = 256
 BATCH_BYTES = 256 << 10
 #: Buffers one writev takes at most (Linux's IOV_MAX).
 IOV_MAX = 1024
+#: Reads in a row that found data waiting before `receive` yields anyway.
+READS_PER_YIELD = 8
 
 #: What a broken or closed stream raises from `receive` and `run_sender`.
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -120,7 +125,8 @@ class FrameTransport(Generic[T]):
         self._closed = False  # no more items: the sender ends once the queue is empty
         self.broken = False
         self._sender_lot = trio.lowlevel.ParkingLot()
-        self._data_waiting = True  # the last read did not have to wait
+        self._data_waiting = True  # the last read filled its buffer: more may wait
+        self._reads_without_yield = 0
         #: writes made by `put` itself, and by the sender (for tests and benchmarks)
         self.direct_writes = 0
         self.sender_writes = 0
@@ -281,8 +287,12 @@ class FrameTransport(Generic[T]):
             except BlockingIOError:
                 self._data_waiting = False
             else:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._reads_without_yield += 1
+                if self._reads_without_yield >= READS_PER_YIELD:
+                    self._reads_without_yield = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return size > 0
+        self._reads_without_yield = 0
         while True:
             await trio.lowlevel.wait_readable(fd)
             fd = self._fd

@@ -13,10 +13,11 @@ import pytest
 import trio
 import trio.testing
 
+from dstfuse import transport as transport_module
 from dstfuse.protocol import Command, Connection, RemoteProtocolError, Request
 from dstfuse.protocol.connection import NEED_DATA
 from dstfuse.protocol.testing import open_pair
-from dstfuse.transport import IOV_MAX, FrameTransport, unsent
+from dstfuse.transport import IOV_MAX, READS_PER_YIELD, FrameTransport, unsent
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -323,15 +324,15 @@ async def test_a_connection_cut_in_the_middle_of_a_large_frame_is_an_error(readi
     assert server.buffered == 300 * KiB
 
 
-async def test_reading_yields_once_per_call_and_honours_cancellation(reading):
-    """`receive` yields once per call whether or not data was waiting (so
-    a peer that keeps sending cannot starve the other tasks), and a
-    cancelled reader reads nothing."""
+async def test_reading_waits_only_when_the_socket_was_empty_and_honours_cancellation(reading):
+    """After a read that found the socket empty, `receive` waits (one
+    pass); reads that keep finding data go on without a pass but yield
+    every READS_PER_YIELD reads, so a peer that keeps sending cannot starve
+    the other tasks; a cancelled reader reads nothing."""
     transport, peer, client, server = reading
     ping = [client.send(Request(Command.PING, i)) for i in range(3)]
     await peer.send_all(ping[0])
-    with trio.testing.assert_checkpoints():
-        assert await transport.receive(server)  # tried first: data was waiting
+    assert await transport.receive(server)  # a short read: the socket is empty now
     assert server.next_event().handle == 0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(transport.receive, server)  # nothing waiting: waits
@@ -345,8 +346,92 @@ async def test_reading_yields_once_per_call_and_honours_cancellation(reading):
         await transport.receive(server)
     assert scope.cancelled_caught
     assert server.next_event() is NEED_DATA  # nothing was read
-    with trio.testing.assert_checkpoints():
-        assert await transport.receive(server)  # still there
+    assert await transport.receive(server)  # still there
     assert server.next_event().handle == 2
     await peer.aclose()
     assert not await transport.receive(server)
+
+
+async def test_a_peer_that_keeps_sending_cannot_starve_other_tasks(reading, monkeypatch):
+    """Reads of 4 KiB (smaller than what the socket holds), so every one
+    finds more data waiting: the other task still runs at least every
+    READS_PER_YIELD reads."""
+    monkeypatch.setattr(transport_module, "RECEIVE_SIZE", 4 * KiB)
+    transport, peer, client, server = reading
+    data = b"".join(
+        client.send(Request(Command.WRITE, i, 0, 16 * KiB, data=frame(i, 16 * KiB)))
+        for i in range(64)
+    )
+    reads = 0
+    others_ran = []
+
+    async def other() -> None:
+        while True:
+            others_ran.append(reads)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.send_all, data)
+        await trio.testing.wait_all_tasks_blocked()  # the socket is full
+        nursery.start_soon(other)
+        await trio.sleep(0)
+        others_ran.clear()
+        with trio.fail_after(10):
+            for _ in range(4 * READS_PER_YIELD):  # data keeps waiting throughout
+                await transport.receive(server)
+                reads += 1
+                while server.next_event() is not NEED_DATA:
+                    pass
+        nursery.cancel_scope.cancel()
+    # The reader yielded every READS_PER_YIELD reads; the other task ran
+    # in each run-loop batch, before or after the reader's turn.
+    points = sorted({0, *others_ran, reads})
+    assert max(b - a for a, b in zip(points, points[1:], strict=False)) <= 2 * READS_PER_YIELD
+
+
+async def test_a_slow_peer_gets_every_sealed_frame_whole_and_in_sequence():
+    """Real protocol frames (each one's check covers its sequence number,
+    so a frame out of order or cut into fails to open) put from a task
+    that keeps going while the peer reads 16 KiB at a time: direct
+    writes, partial writes and the sender all take turns."""
+    ours, theirs = trio.socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
+    client, server = open_pair(max_payload=MiB)
+    transport: FrameTransport[Request] = FrameTransport(
+        trio.SocketStream(ours), seal=client.send_parts, weight=lambda r: len(r.data)
+    )
+    sizes = [4 * KiB, 300 * KiB, 512, 64 * KiB, 0]
+    requests = [
+        Request(Command.WRITE, i, 0, size, data=frame(i, size)) if size
+        else Request(Command.PING, i)
+        for i, size in enumerate(sizes * 12)
+    ]
+    received: list[Request] = []
+
+    async def slow_peer() -> None:
+        while len(received) < len(requests):
+            data = await theirs.recv(16 * KiB)
+            assert data
+            server.receive_data(data)
+            while (event := server.next_event()) is not NEED_DATA:
+                received.append(event)
+            await trio.sleep(0.0002)
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transport.run_sender)
+                nursery.start_soon(slow_peer)
+                for index, request in enumerate(requests):
+                    transport.put([request])
+                    if index % 3 == 0:
+                        await trio.sleep(0.0005)
+                while len(received) < len(requests):
+                    await trio.sleep(0.01)
+                transport.close()
+    finally:
+        await transport.aclose()
+        theirs.close()
+    assert [r.handle for r in received] == [r.handle for r in requests]
+    assert all(bytes(r.data) == bytes(q.data) for r, q in zip(received, requests, strict=True))
+    assert transport.direct_writes > 1 and transport.sender_writes > 1

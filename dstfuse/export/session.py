@@ -31,10 +31,10 @@ Invariants:
   replies go out in one write). Whatever the socket does not take is queued
   for the sender, first in line. This saves the sender's wakeup and a pass
   of the run loop per request;
-- the reader reads the socket's descriptor itself (the transport) and
-  yields once per read, as trio's receive_some does, so a peer that keeps
-  sending cannot starve the other tasks and connections; but not a second
-  time after a wait for data, as receive_some would. The transport forgets
+- the reader reads the socket's descriptor itself (the transport): it
+  waits only when the socket was empty, and yields at least every few
+  reads, so a peer that keeps sending cannot starve the other tasks and
+  connections (see dstfuse.transport). The transport forgets
   the descriptor before the stream closes, so nothing ever reads or writes
   a stale descriptor number;
 - takeover: when a connection with the same client id completes its
@@ -286,8 +286,7 @@ class ExportSession:
     # -- receiving ------------------------------------------------------
     async def _receive(self) -> bool:
         """Read the next bytes from the peer into the connection (its end of
-        stream too); False when the connection is lost (logged here). The
-        transport yields once per call (see dstfuse.transport)."""
+        stream too); False when the connection is lost (logged here)."""
         try:
             await self._transport.receive(self._conn)
             return True

@@ -77,9 +77,10 @@ _Entry = tuple[list[T], list[Buffer] | None]
 
 def unsent(parts: Sequence[Buffer], sent: int) -> list[Buffer]:
     """What is left of `parts` (one after the other) once `sent` bytes of
-    them are on the wire, as views: nothing is copied."""
+    them are on the wire, as views: nothing is copied. Parts are byte
+    buffers (len is their size: events hold memoryviews cast to bytes)."""
     for index, part in enumerate(parts):
-        size = memoryview(part).nbytes
+        size = len(part)
         if sent < size:
             return [memoryview(part)[sent:], *parts[index + 1 :]]
         sent -= size
@@ -94,7 +95,7 @@ def _write(fd: int, parts: Sequence[Buffer]) -> int:
 
 
 def _size(parts: Sequence[Buffer]) -> int:
-    return sum(memoryview(part).nbytes for part in parts)
+    return sum(map(len, parts))
 
 
 class FrameTransport(Generic[T]):
@@ -160,11 +161,10 @@ class FrameTransport(Generic[T]):
         except OSError:  # full (EAGAIN) or broken: the sender finds out which
             sent = 0
         self.direct_writes += 1
-        tail = unsent(parts, sent)
-        if not tail:
+        if sent == _size(parts):
             self._written(items)
             return
-        self._queue.append((items, tail))
+        self._queue.append((items, unsent(parts, sent)))
         self._sender_lot.unpark()
 
     def queue(self, items: list[T]) -> None:

@@ -92,7 +92,7 @@ from ..protocol import (
 )
 from ..protocol.constants import ALL_FEATURES
 from ..protocol.sealing import Buffer
-from ..transport import BATCH_BYTES, BATCH_ITEMS, STREAM_ERRORS, FrameTransport
+from ..transport import BATCH_BYTES, BATCH_ITEMS, RECEIVE_SIZE, STREAM_ERRORS, FrameTransport
 from .acl import IPAddress
 from .backend import INLINE_MAX, READ_INLINE_MAX
 from .grant import WriteHolder
@@ -101,7 +101,6 @@ from .slots import ConnectionSlots
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 1 << 18
 BLOCK_SIZE = 4096
 #: How long a refusal may take to reach the peer before the socket is closed.
 _REFUSE_LINGER = 1.0

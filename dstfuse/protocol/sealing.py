@@ -104,7 +104,8 @@ class _ChecksumSealer(Sealer):
         return b"".join((payload, self._tag(self._next_seq(), header, payload)))
 
     def frame_parts(self, header: bytes, payload: Buffer) -> list[Buffer]:
-        return [header, payload, self._tag(self._next_seq(), header, payload)]
+        tag = self._tag(self._next_seq(), header, payload)
+        return [header, payload, tag] if len(payload) else [header, tag]
 
     def open(self, header: Buffer, body: Buffer, tag: Buffer) -> Buffer:
         if not _compare_digest(self._tag(self._next_seq(), header, body), tag):
@@ -130,6 +131,8 @@ class Xxh3Sealer(_ChecksumSealer):
             raise LocalProtocolError("sequence numbers exhausted; reconnect")
         self._seq = seq + 1
         digest = _xxh3_128(header, seed=seq)
+        if not len(payload):  # READ and FLUSH requests, most replies: no empty part
+            return [header, digest.digest()]
         digest.update(payload)
         return [header, payload, digest.digest()]
 

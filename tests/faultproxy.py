@@ -2,9 +2,9 @@
 
 Tests put it in front of a real export server (in-process or a separate
 process) and point the client at it. It can record both directions, flip a
-bit in the next chunk going one way, cut every relayed connection, or stop
-forwarding for a while (a partition). Bounded: it relays only on loopback
-and only while its nursery lives.
+bit in the next chunk going one way, cut every relayed connection, stop
+forwarding for a while (a partition), or trickle (a slow link: `slow`).
+Bounded: it relays only on loopback and only while its nursery lives.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class FaultProxy:
     corrupt: dict[str, int] = field(default_factory=lambda: {TO_NODE: 0, TO_CLIENT: 0})
     corrupted: int = 0
     connections: int = 0
+    #: (bytes, seconds): forward at most that many bytes, then pause (a slow link)
+    slow: tuple[int, float] | None = None
     _open: set[trio.CancelScope] = field(default_factory=set)
     _flowing: trio.Event = field(default_factory=trio.Event)
 
@@ -90,7 +92,13 @@ class FaultProxy:
                     changed = bytearray(data)
                     changed[len(changed) // 2] ^= 0x10
                     data = bytes(changed)
-                await sink.send_all(data)
+                if self.slow is None:
+                    await sink.send_all(data)
+                    continue
+                step, pause = self.slow
+                for start in range(0, len(data), step):
+                    await sink.send_all(data[start : start + step])
+                    await trio.sleep(pause)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         done.cancel()

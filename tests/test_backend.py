@@ -74,6 +74,39 @@ async def test_small_reads_not_served_from_the_page_cache_go_to_a_thread(image, 
         await backend.aclose()
 
 
+async def test_large_writes_go_to_the_page_cache_inline_and_fua_writes_to_a_thread(
+    image, monkeypatch
+):
+    """A plain write of up to INLINE_MAX bytes (512 KiB and 1 MiB frames
+    included) is a pwrite in the event loop; FUA (fdatasync) and larger
+    writes are calls that may block long, so they go to a thread."""
+    backend = Backend(image)
+    threads = []
+    run = backend._run
+
+    async def counted(function, *args):
+        threads.append(function.__name__)
+        return await run(function, *args)
+
+    monkeypatch.setattr(backend, "_run", counted)
+    try:
+        assert backend_module.INLINE_MAX >= MiB
+        data = os.urandom(MiB)
+        await backend.write(0, data)
+        await backend.write(MiB, memoryview(data)[: 512 << 10])
+        assert threads == []
+        await backend.write(2 * MiB, data, fua=True)
+        assert threads == ["_pwrite"]
+        monkeypatch.setattr(backend_module, "INLINE_MAX", 512 << 10)
+        await backend.write(3 * MiB, data)
+        assert threads == ["_pwrite", "_pwrite"]
+        assert await backend.read(0, SIZE) == data + data[: 512 << 10] + bytes(
+            image.read_bytes()[MiB + (512 << 10) : 2 * MiB]
+        ) + data + data
+    finally:
+        await backend.aclose()
+
+
 async def test_cached_reads_up_to_read_inline_max_skip_the_thread(image, monkeypatch):
     backend = Backend(image)
     threads = []

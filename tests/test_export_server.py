@@ -495,19 +495,20 @@ async def test_overlapping_writes_from_two_connections_land_in_arrival_order(ima
     assert image.read_bytes()[:12288] == b"1" * 4096 + b"2" * 8192
 
 
-class LargeWritesGatedBackend(GatedBackend):
-    """Small writes complete at once (the page cache); large ones wait."""
+class DurableWritesGatedBackend(GatedBackend):
+    """Plain writes complete at once (the page cache, in the reader); FUA
+    ones, which go to a request task and a thread, wait at the gate."""
 
     def write_cached(self, offset, data):
         return Backend.write_cached(self, offset, data)
 
 
 async def test_a_small_write_overlapping_one_in_progress_is_not_served_at_once(image, nursery):
-    backend = LargeWritesGatedBackend(image)
+    backend = DurableWritesGatedBackend(image)
     before = image.read_bytes()
     _, (address,) = await start(nursery, export(image, backend=backend))
     async with await RawClient.connect(address) as client:
-        large = await client.send(Command.WRITE, 0, data=b"L" * (128 * KiB))
+        large = await client.send(Command.WRITE, 0, data=b"L" * (128 * KiB), flags=Flag.FUA)
         await wait_until(lambda: backend.waiting == 1)
         apart = await client.send(Command.WRITE, 1 * MiB, data=b"A" * 4096)
         assert (await client.reply(apart)).status == 0  # overlaps nothing: served at once

@@ -16,9 +16,9 @@ import pytest
 import trio
 import trio.testing
 
+from dstfuse import transport as transport_module
 from dstfuse.export import Backend, ExportAcl, ServedExport
-from dstfuse.export import session as session_module
-from dstfuse.export.session import ExportSession, Peer, SessionLimits, _unsent
+from dstfuse.export.session import ExportSession, Peer, SessionLimits
 from dstfuse.protocol import Command, HelloFlag, Permission, Request
 
 from .rawclient import RawClient
@@ -36,23 +36,17 @@ def image(tmp_path):
 
 
 class SessionUnderTest:
-    """A session serving `image` to a raw client over `transport`, with
-    spies on its two ways of writing replies."""
+    """A session serving `image` to a raw client over `transport`."""
 
     def __init__(self, session: ExportSession, client: RawClient, served: ServedExport):
         self.session = session
         self.client = client
         self.served = served
-        self.sender_writes = 0  # writes by the sender task (after READY)
 
-    def spy_on_the_sender(self) -> None:
-        send_frame = self.session._send_frame
-
-        async def counted(frame):
-            self.sender_writes += 1
-            return await send_frame(frame)
-
-        self.session._send_frame = counted  # type: ignore[method-assign]
+    @property
+    def sender_writes(self) -> int:
+        """Writes by the transport's sender task (after READY)."""
+        return self.session._transport.sender_writes
 
 
 @contextlib.asynccontextmanager
@@ -92,14 +86,14 @@ async def send_together(client: RawClient, requests: list[Request]) -> None:
 async def settled(session: ExportSession) -> None:
     """Wait until the sender is idle; then nothing may be held any more."""
     with trio.fail_after(5):
-        while session._queued or session._sending:
+        while not session._transport.idle:
             await trio.sleep(0.01)
     assert session._allowance.used == 0
     assert session._allowance.requests_left == SessionLimits().max_in_flight
 
 
 class ShortWrites:
-    """Stands in for `os` in the session module: the next `times` direct
+    """Stands in for `os` in the transport module: the next `times` direct
     writes take at most `limit` bytes (a socket with little room left), or
     raise EAGAIN when `limit` is 0 (a full one)."""
 
@@ -138,9 +132,8 @@ async def test_replies_to_frames_received_together_go_out_in_one_direct_write(
 ):
     content = image.read_bytes()
     writes = ShortWrites(limit=0, times=0)  # counts only
-    monkeypatch.setattr(session_module, "os", writes)
+    monkeypatch.setattr(transport_module, "os", writes)
     async with open_session(image) as t:
-        t.spy_on_the_sender()
         requests = [Request(Command.READ, 100 + i, i * 8 * KiB, 4 * KiB) for i in range(16)]
         await send_together(t.client, requests)
         for i, request in enumerate(requests):
@@ -162,7 +155,6 @@ async def test_session_over_a_stream_without_a_socket(image):
     """In-memory streams (no descriptor) go through receive_some and the
     sender's send_all."""
     async with open_session(image, transport="memory") as t:
-        t.spy_on_the_sender()
         data = os.urandom(8 * KiB)
         requests = [
             Request(Command.WRITE, 1, 0, len(data), data=data),
@@ -190,9 +182,8 @@ async def test_a_short_direct_write_leaves_the_rest_to_the_sender_in_order(
     four, which the reader queues behind it."""
     content = image.read_bytes()
     writes = ShortWrites(limit=limit)
-    monkeypatch.setattr(session_module, "os", writes)
+    monkeypatch.setattr(transport_module, "os", writes)
     async with open_session(image) as t:
-        t.spy_on_the_sender()
         requests = [Request(Command.READ, 10 + i, i * 64 * KiB, 64 * KiB) for i in range(8)]
         await send_together(t.client, requests)
         for i, request in enumerate(requests):
@@ -200,7 +191,7 @@ async def test_a_short_direct_write_leaves_the_rest_to_the_sender_in_order(
             assert reply.status == 0
             assert bytes(reply.data) == content[i * 64 * KiB : (i + 1) * 64 * KiB]
         # The first (short) write was the reader's, and the only direct one.
-        assert len(writes.calls) == 1 and writes.calls[0][1] == limit
+        assert t.session._transport.direct_writes == 1 and writes.calls[0][1] == limit
         assert writes.calls[0][0] > 4 * 64 * KiB
         assert t.sender_writes >= 1
         # Once the sender is done, replies go out directly again.
@@ -208,7 +199,7 @@ async def test_a_short_direct_write_leaves_the_rest_to_the_sender_in_order(
         assert (await t.client.ping()).status == 0
         assert bytes((await t.client.read(0, 4 * KiB)).data) == content[: 4 * KiB]
         assert t.sender_writes == before  # PING's task was the only one: direct too
-        assert len(writes.calls) == 3
+        assert t.session._transport.direct_writes == 3
 
 
 async def test_no_direct_write_while_the_sender_holds_sealed_replies(image, monkeypatch):
@@ -216,25 +207,26 @@ async def test_no_direct_write_while_the_sender_holds_sealed_replies(image, monk
     queue) but is still writing it: a reply the reader produces meanwhile
     must wait for it, or it would overtake frames sealed before it."""
     content = image.read_bytes()
-    monkeypatch.setattr(session_module, "os", ShortWrites(limit=0))  # first write: EAGAIN
+    monkeypatch.setattr(transport_module, "os", ShortWrites(limit=0))  # first write: EAGAIN
     async with open_session(image) as t:
         session = t.session
-        send_frame = session._send_frame
+        transport = session._transport
+        send = transport._send
         gate = trio.Event()
 
-        async def slow_send(frame):
+        async def slow_send(parts):
             await gate.wait()
-            return await send_frame(frame)
+            return await send(parts)
 
-        session._send_frame = slow_send  # type: ignore[method-assign]
+        transport._send = slow_send  # type: ignore[method-assign]
         first = await t.client.send(Command.READ, 0, 4 * KiB)
         with trio.fail_after(5):
-            while not session._sending:
+            while not transport._sending:
                 await trio.sleep(0.01)
-        assert session._queued == 0
+        assert not transport._queue
         second = await t.client.send(Command.READ, 4 * KiB, 4 * KiB)
         with trio.fail_after(5):
-            while not session._queued:  # the reader queued it behind
+            while not transport._queue:  # the reader queued it behind
                 await trio.sleep(0.01)
         gate.set()
         assert bytes((await t.client.reply(second)).data) == content[4 * KiB : 8 * KiB]
@@ -248,13 +240,12 @@ async def test_a_full_socket_holds_replies_back_in_order(image):
     waits in the sender; then everything arrives, intact and in order."""
     content = bytearray(image.read_bytes())
     async with open_session(image) as t:
-        t.spy_on_the_sender()
         requests: list[Request] = []
         for i in range(64):
             requests.append(Request(Command.READ, 1000 + i, i * 64 * KiB, 64 * KiB))
         await send_together(t.client, requests)
         await trio.sleep(0.2)
-        assert t.session._queued or t.session._sending  # the socket is full
+        assert not t.session._transport.idle  # the socket is full
         more: list[Request] = []
         for i in range(16):
             data = bytes([i]) * 4 * KiB
@@ -275,7 +266,7 @@ async def test_a_full_socket_holds_replies_back_in_order(image):
 
 
 class ShortBigWrites:
-    """Stands in for `os` in the session module: a direct write of more than
+    """Stands in for `os` in the transport module: a direct write of more than
     `threshold` bytes takes only `limit` of them (a socket that just filled
     up); smaller ones go through whole."""
 
@@ -321,7 +312,7 @@ async def test_a_tail_queued_behind_a_full_socket_is_never_overtaken_by_a_direct
     which task trio runs first varies."""
     content = image.read_bytes()
     writes = ShortBigWrites(threshold=128 * KiB, limit=1000)
-    monkeypatch.setattr(session_module, "os", writes)
+    monkeypatch.setattr(transport_module, "os", writes)
     backend = GatedFlushes(image)
     handle = 1
     async with open_session(image, backend=backend) as t:
@@ -427,58 +418,3 @@ async def test_a_small_write_on_a_read_only_grant_is_refused_in_the_inline_path(
         assert bytes(replies[2].data) == before[: 4 * KiB]
         assert (await t.client.write(8 * KiB, b"y" * 4 * KiB)).status == errno.EPERM
     assert image.read_bytes() == before
-
-
-# -- reading the socket ---------------------------------------------------------
-
-
-async def test_reading_the_socket_yields_once_and_honours_cancellation(image):
-    """`_receive` reads the descriptor itself: it yields once per call
-    whether or not data was waiting (so a peer that keeps sending cannot
-    starve the other tasks), and a cancelled reader reads nothing."""
-    left, right = trio.socket.socketpair()
-    served = ServedExport("disk1", Backend(image))
-    session = ExportSession(
-        trio.SocketStream(right), Peer("test", None), [served], key=None, limits=SessionLimits()
-    )
-    peer = trio.SocketStream(left)
-    try:
-        await peer.send_all(b"first")
-        with trio.testing.assert_checkpoints():
-            assert await session._receive() == b"first"  # tried first: data was waiting
-        async with trio.open_nursery() as nursery:
-            received = []
-
-            async def receive():
-                received.append(await session._receive())  # nothing waiting: waits
-
-            nursery.start_soon(receive)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not received
-            await peer.send_all(b"second")
-        assert received == [b"second"]
-        await peer.send_all(b"third")
-        with trio.CancelScope() as scope:
-            scope.cancel()
-            await session._receive()
-        assert scope.cancelled_caught
-        with trio.testing.assert_checkpoints():
-            assert await session._receive() == b"third"  # still there
-        await peer.aclose()
-        assert await session._receive() == b""
-    finally:
-        await peer.aclose()
-        await session.stream.aclose()
-        await served.backend.aclose()
-
-
-# -- helpers -----------------------------------------------------------------
-
-
-def test_unsent_tail_of_frames():
-    frames = [b"aaaa", b"bbb", b"cc"]
-    assert bytes(_unsent(frames, 0)) == b"aaaabbbcc"
-    assert bytes(_unsent(frames, 3)) == b"abbbcc"
-    assert bytes(_unsent(frames, 4)) == b"bbbcc"
-    assert bytes(_unsent(frames, 8)) == b"c"
-    assert bytes(_unsent([b"abcdef"], 2)) == b"cdef"

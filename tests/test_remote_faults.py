@@ -99,6 +99,35 @@ async def test_writes_survive_connections_cut_repeatedly(tmp_path):
     assert disk.read_bytes() == bytes(expected)
 
 
+async def test_large_frames_over_a_slow_link_with_cuts_arrive_whole(tmp_path):
+    """1 MiB writes and reads at QD4 over a link that trickles 16 KiB at a
+    time: frames leave in parts (the socket fills, the sender takes the
+    tails) and arrive in pieces (read in place, sized from the header),
+    and the connection is cut twice in the middle of such frames."""
+    disk = make_disk(tmp_path / "disk.img")
+    expected = bytearray(SIZE)
+    block = 1 << 20
+    async with served(disk) as proxy, remote_node(proxy.port, FAST) as node:
+        proxy.slow = (16 << 10, 0.001)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(write_blocks, node, expected, 4, block)
+                for _ in range(2):
+                    await trio.sleep(0.3)
+                    proxy.cut()
+            await node.flush()
+
+            async def read_back(offset: int) -> None:
+                assert await node.read(offset, block) == bytes(expected[offset : offset + block])
+
+            async with trio.open_nursery() as nursery:
+                for offset in range(0, SIZE, block):
+                    nursery.start_soon(read_back, offset)
+        assert node.counters.reconnects >= 1
+    assert disk.read_bytes() == bytes(expected)
+
+
 @pytest.mark.parametrize("direction", [TO_NODE, TO_CLIENT])
 async def test_flipped_bit_is_detected_and_the_transaction_resent(tmp_path, direction):
     disk = make_disk(tmp_path / "disk.img")

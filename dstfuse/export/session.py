@@ -21,22 +21,22 @@ Invariants:
   included: while full, the reader stops reading the socket (back-pressure);
 - one writer at a time, and frames go on the wire in the order they were
   sealed (each takes the next sequence number). Handshake frames and READY
-  are sent before any reply exists. After that, replies go out either
-  through the sender task, which seals what is queued in queue order and
-  coalesces replies that complete together into one write, or - only while
-  the sender has nothing queued and is not sending - straight from the task
-  that produced them: sealed and written to the socket at once without
-  blocking (the reader does this once per batch of frames it received
-  together, so their replies go out in one write). Whatever the socket does
-  not take is queued for the sender, first in line. This saves the sender's
-  wakeup and a pass of the run loop per request;
-- the reader reads the socket's descriptor itself and yields once per
-  read, as trio's receive_some does, so a peer that keeps sending cannot
-  starve the other tasks and connections; but not a second time after a
-  wait for data, as receive_some would. The stream is closed only once the
-  reader and the request tasks are done, so the descriptor they read and
-  write directly is never a stale one (the sender, which may still run
-  after `retire` closed the stream, only uses the stream's own methods);
+  are sent before any reply exists. After that, replies go out through the
+  shared socket fast path (`dstfuse.transport`): either through its sender
+  task, which seals what is queued in queue order and coalesces replies
+  that complete together into one write, or - only while the sender has
+  nothing queued and is not sending - straight from the task that produced
+  them: sealed and written to the socket at once without blocking (the
+  reader does this once per batch of frames it received together, so their
+  replies go out in one write). Whatever the socket does not take is queued
+  for the sender, first in line. This saves the sender's wakeup and a pass
+  of the run loop per request;
+- the reader reads the socket's descriptor itself (the transport): it
+  waits only when the socket was empty, and yields at least every few
+  reads, so a peer that keeps sending cannot starve the other tasks and
+  connections (see dstfuse.transport). The transport forgets
+  the descriptor before the stream closes, so nothing ever reads or writes
+  a stale descriptor number;
 - takeover: when a connection with the same client id completes its
   handshake on the same export, this session stops reading, its started
   requests finish their disk work, it closes, and only then does the new
@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,6 +91,8 @@ from ..protocol import (
     State,
 )
 from ..protocol.constants import ALL_FEATURES
+from ..protocol.sealing import Buffer
+from ..transport import BATCH_BYTES, BATCH_ITEMS, RECEIVE_SIZE, STREAM_ERRORS, FrameTransport
 from .acl import IPAddress
 from .backend import INLINE_MAX, READ_INLINE_MAX
 from .grant import WriteHolder
@@ -100,25 +101,19 @@ from .slots import ConnectionSlots
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 1 << 18
 BLOCK_SIZE = 4096
 #: How long a refusal may take to reach the peer before the socket is closed.
 _REFUSE_LINGER = 1.0
 _CLIENT_NAME_LIMIT = 100
-#: Replies queued together are sent in one write up to about this many bytes.
-_BATCH_BYTES = 256 << 10
-#: Replies the reader holds back to write together, at most (well below IOV_MAX).
-_BATCH_FRAMES = 256
 
 # Looked up once: attribute access on an enum class costs more than the test.
 _READ = Command.READ
 _WRITE = Command.WRITE
 _FUA = int(Flag.FUA)
 
-#: What the sender queue holds: a reply to seal, or the unsent tail of frames
-#: already sealed (and written in part) by `_put_out`; with the bytes of
-#: request/reply data and the number of requests it holds on the allowance.
-_Outgoing = tuple[Reply | bytes | memoryview, int, int]
+#: A reply on its way out, with the bytes of request/reply data and the
+#: number of requests it holds on the allowance until it is on the wire.
+_Outgoing = tuple[Reply, int, int]
 
 
 @dataclass(frozen=True)
@@ -175,27 +170,6 @@ class RequestAllowance:
             self._lot.unpark_all()
 
 
-def _socket_fd(stream: trio.abc.Stream) -> int | None:
-    """The non-blocking socket under a trio SocketStream; None for other
-    streams (in-memory ones in tests), which go through receive_some and
-    send_all."""
-    if isinstance(stream, trio.SocketStream):
-        return stream.socket.fileno()
-    return None
-
-
-def _unsent(frames: list[bytes], sent: int) -> bytes | memoryview:
-    """What is left of `frames` (one after the other) once `sent` bytes of
-    them are on the wire."""
-    if len(frames) == 1:
-        return memoryview(frames[0])[sent:]
-    for index, frame in enumerate(frames):
-        if sent < len(frame):
-            return b"".join([memoryview(frame)[sent:], *frames[index + 1 :]])
-        sent -= len(frame)
-    return b""
-
-
 class ExportSession:
     """One accepted connection serving one of `exports` (chosen by HELLO)."""
 
@@ -229,14 +203,16 @@ class ExportSession:
         self._conn = Connection(
             Role.SERVER, key=key, modes=list(modes) or None, max_payload=limits.max_request
         )
-        self._fd = _socket_fd(stream)
-        self._data_waiting = True  # the last read did not have to wait
+        self._transport: FrameTransport[_Outgoing] = FrameTransport(
+            stream,
+            seal=self._seal,
+            weight=_payload_size,
+            on_written=self._on_written,
+            coalesce=self._replies_may_follow,
+        )
         self._handshake_scope = trio.CancelScope()
         self._reading_scope = trio.CancelScope()
-        self._send_broken = False
-        self._outbox: trio.MemorySendChannel[_Outgoing] | None = None
-        self._queued = 0  # items in the outbox the sender has not taken yet
-        self._sending = False  # the sender holds a batch: sealing or sending it
+        self._send_broken = False  # a handshake frame could not be sent
         self._allowance = RequestAllowance(limits.max_in_flight, limits.max_buffered)
         # Set once the export is chosen: what the inline path's quick test needs.
         self._size = 0
@@ -264,7 +240,7 @@ class ExportSession:
         finally:
             self._reader_done.set()
             try:
-                await trio.aclose_forcefully(self.stream)
+                await self._transport.aclose()
                 await self.wait_drained()
             finally:
                 self._predecessor = None  # drained (or cancelled): free the chain
@@ -289,7 +265,7 @@ class ExportSession:
         self._reading_scope.cancel()
         await self._reader_done.wait()
         await self._work_done.wait()
-        await trio.aclose_forcefully(self.stream)
+        await self._transport.aclose()
         await self.wait_drained()
         # Drained, and so is everything before it: nothing is left to wait
         # for, so the chain of superseded sessions ends here (it is freed).
@@ -307,43 +283,17 @@ class ExportSession:
             session = session._predecessor
 
     # -- receiving ------------------------------------------------------
-    async def _receive(self) -> bytes | bytearray | None:
-        """The next bytes from the peer (b"" once it closed its side), or
-        None when the connection is lost (logged here).
-
-        On a socket this reads the descriptor itself and yields exactly
-        once per call: either waiting for data, or - when data was waiting
-        - right after reading it, as trio's receive_some does, so the other
-        tasks and connections get their turn while this peer keeps sending.
-        trio's receive_some yields a second time after a wait. A read is
-        tried before waiting only when the last one found data waiting: a
-        peer that waits for each reply (QD1) has sent nothing new yet."""
-        fd = self._fd
+    async def _receive(self) -> bool:
+        """Read the next bytes from the peer into the connection (its end of
+        stream too); False when the connection is lost (logged here)."""
         try:
-            if fd is None:
-                return await self.stream.receive_some(RECEIVE_SIZE)
-            if self._data_waiting:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    data = os.read(fd, RECEIVE_SIZE)
-                except BlockingIOError:
-                    self._data_waiting = False
-                else:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    return data
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                try:
-                    data = os.read(fd, RECEIVE_SIZE)
-                except BlockingIOError:
-                    continue
-                self._data_waiting = len(data) == RECEIVE_SIZE
-                return data
+            await self._transport.receive(self._conn)
+            return True
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("%s: connection lost: %s", self, exc.__cause__ or exc)
         except OSError as exc:
             log.info("%s: connection lost: %s", self, exc)
-        return None
+        return False
 
     async def _next_event(self) -> Event | None:
         """The next protocol event; None when the connection is over (the
@@ -360,10 +310,8 @@ class ExportSession:
                 return None
             if event is not NEED_DATA:
                 return event  # type: ignore[return-value]
-            data = await self._receive()
-            if data is None:
+            if not await self._receive():
                 return None
-            self._conn.receive_data(data)
 
     # -- handshake ------------------------------------------------------
     async def _handshake(self) -> bool:
@@ -545,10 +493,8 @@ class ExportSession:
         self._may_read = bool(self.permission & Permission.READ)
         self._may_write = bool(self.permission & Permission.WRITE)
         previous = export.claim(self.client_id, self)
-        outbox, replies = trio.open_memory_channel[_Outgoing](math.inf)
-        self._outbox = outbox
         async with trio.open_nursery() as sending:
-            sending.start_soon(self._send_replies, replies)
+            sending.start_soon(self._send_replies)
             try:
                 async with trio.open_nursery() as requests:
                     with self._reading_scope:
@@ -581,7 +527,7 @@ class ExportSession:
                         await self._read_requests(requests)
                     self._reader_done.set()
             finally:
-                outbox.close()  # the sender sends what is queued, then ends
+                self._transport.close()  # the sender sends what is queued, then ends
 
     async def _read_requests(self, requests: trio.Nursery) -> None:
         """Turn frames into requests until the connection ends. Replies the
@@ -606,10 +552,8 @@ class ExportSession:
                         self._put_out(held)
                         held = []
                         held_bytes = 0
-                    data = await self._receive()
-                    if data is None:
+                    if not await self._receive():
                         return
-                    conn.receive_data(data)
                     continue
                 if not isinstance(event, Request):
                     if isinstance(event, ConnectionClosed):
@@ -642,7 +586,7 @@ class ExportSession:
                     # Allowance is given back once the reply is on the wire.
                     held.append((reply, cost, 1))
                     held_bytes += len(reply.data)
-                    if held_bytes >= _BATCH_BYTES or len(held) >= _BATCH_FRAMES:
+                    if held_bytes >= BATCH_BYTES or len(held) >= BATCH_ITEMS:
                         self._put_out(held)
                         held = []
                         held_bytes = 0
@@ -675,7 +619,7 @@ class ExportSession:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         export = self.export
-        assert export is not None and self._outbox is not None
+        assert export is not None
         reply: Reply | None = None
         try:
             status = self._check(export, request)
@@ -698,10 +642,9 @@ class ExportSession:
         if self._working:
             # Other requests are still running: the sender may coalesce
             # this reply with theirs into one write.
-            self._outbox.send_nowait((reply, cost, 1))
-            self._queued += 1
+            self._transport.queue([(reply, cost, 1)])
         else:
-            self._put_out([(reply, cost, 1)])
+            self._transport.put([(reply, cost, 1)])
 
     def _serve_at_once(self, request: Request) -> Reply | None:
         """Serve a small READ or WRITE here in the reader when it needs no
@@ -810,93 +753,50 @@ class ExportSession:
                 export.write_order.release(ticket)
 
     # -- sending --------------------------------------------------------
-    # One writer at a time: handshake frames and READY are sent before the
-    # sender task has anything to send; afterwards the sender writes, and
-    # `_put_out` only while the sender holds nothing (see the module doc).
+    # One writer at a time: handshake frames and READY are sent (by
+    # `_send_frame`) before any reply exists; afterwards only the transport
+    # writes (see the module doc).
     def _put_out(self, replies: list[_Outgoing]) -> None:
-        """Send `replies` (in this order) after everything put out before.
-        When the sender has nothing queued and is not sending, they are
-        sealed and written to the socket at once, in one write, without
-        blocking; what the socket does not take is queued for the sender,
-        first in line. Otherwise they are queued for the sender to seal."""
-        fd = self._fd
-        if fd is not None and not self._queued and not self._sending:
-            conn = self._conn
-            if self._send_broken or conn.state is not State.OPEN:
-                # As in the sender: replies to a connection that is over are
-                # discarded (the client resends what it misses).
-                self._allowance.give_back(
-                    sum(item[2] for item in replies), sum(item[1] for item in replies)
-                )
-                return
-            # Sealed here, in wire order: sequence numbers must match it.
-            if len(replies) == 1:
-                reply, cost, requests = replies[0]
-                frames = [conn.send(reply)]  # type: ignore[arg-type]
-                size = len(frames[0])
-            else:
-                frames = [conn.send(reply) for reply, _, _ in replies]  # type: ignore[arg-type]
-                size = sum(map(len, frames))
-                cost = sum(item[1] for item in replies)
-                requests = sum(item[2] for item in replies)
-            try:
-                sent = os.write(fd, frames[0]) if len(frames) == 1 else os.writev(fd, frames)
-            except OSError:  # full (EAGAIN) or broken: the sender finds out which
-                sent = 0
-            if sent == size:
-                self._allowance.give_back(requests, cost)
-                return
-            replies = [(_unsent(frames, sent), cost, requests)]
-        assert self._outbox is not None
-        for item in replies:
-            self._outbox.send_nowait(item)
-        self._queued += len(replies)
+        """Send `replies` (in this order) after everything put out before:
+        at once, in one write, when the transport is idle."""
+        self._transport.put(replies)
 
-    async def _send_replies(self, replies: trio.MemoryReceiveChannel[_Outgoing]) -> None:
-        """Seal and send what is queued in queue order, coalescing what is
-        ready together into one write (one syscall, one wakeup)."""
-        conn = self._conn
-        async with replies:
-            async for first in replies:
-                self._queued -= 1
-                self._sending = True
-                batch = [first]
-                try:
-                    if self._working:
-                        # Requests still running may complete in this same
-                        # step: let them queue their replies first, so they go
-                        # out in the same write. Nothing else can (the reader
-                        # puts its replies out together), so with none running
-                        # this pass is saved.
-                        await trio.lowlevel.checkpoint()
-                    size = _size(first)
-                    while size < _BATCH_BYTES:
-                        try:
-                            item = replies.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        self._queued -= 1
-                        batch.append(item)
-                        size += _size(item)
-                    # After a protocol error from the peer the connection is
-                    # in ERROR and the stream is being dropped: replies to it
-                    # are discarded (the client resends what it misses).
-                    if not self._send_broken and conn.state is State.OPEN:
-                        # Sealed here, in wire order: sequence numbers must
-                        # match it. Tails from _put_out were sealed before
-                        # anything queued after them.
-                        frames = [
-                            conn.send(payload) if isinstance(payload, Reply) else payload
-                            for payload, _, _ in batch
-                        ]
-                        await self._send_frame(frames[0] if len(frames) == 1 else b"".join(frames))
-                finally:
-                    self._sending = False
-                    self._allowance.give_back(
-                        sum(item[2] for item in batch), sum(item[1] for item in batch)
-                    )
+    def _seal(self, item: _Outgoing) -> list[Buffer] | None:
+        """The frame of a reply, sealed now (in wire order: sequence numbers
+        must match it); None once the connection is over: after a protocol
+        error from the peer it is in ERROR and the stream is being dropped,
+        so replies to it are discarded (the client resends what it misses)."""
+        if self._conn.state is not State.OPEN:
+            return None
+        return self._conn.send_parts(item[0])
+
+    def _on_written(self, items: list[_Outgoing]) -> None:
+        """Replies on the wire (or discarded) hold no allowance any more."""
+        if len(items) == 1:
+            _, cost, requests = items[0]
+            self._allowance.give_back(requests, cost)
+        else:
+            self._allowance.give_back(sum(i[2] for i in items), sum(i[1] for i in items))
+
+    def _replies_may_follow(self) -> bool:
+        """Requests still running may complete in the sender's step: it lets
+        them queue their replies first, so they go out in the same write.
+        Nothing else can (the reader puts its replies out together), so
+        with none running that pass is saved."""
+        return self._working > 0
+
+    async def _send_replies(self) -> None:
+        """The transport's sender, until the transport is closed and empty;
+        a failed write ends the reading too."""
+        try:
+            await self._transport.run_sender()
+        except STREAM_ERRORS as exc:
+            log.info("%s: cannot send (%s); closing the connection", self, exc.__cause__ or exc)
+            self._reading_scope.cancel()
 
     async def _send_frame(self, frame: bytes | memoryview) -> bool:
+        """Send a handshake frame or READY (nothing else is being sent then);
+        False, logged, when the connection is lost."""
         if self._send_broken:
             return False
         try:
@@ -913,7 +813,6 @@ class ExportSession:
             raise
 
 
-def _size(item: _Outgoing) -> int:
-    """Payload bytes of a queued reply, or bytes of a sealed tail."""
-    payload = item[0]
-    return len(payload.data) if isinstance(payload, Reply) else len(payload)
+def _payload_size(item: _Outgoing) -> int:
+    """Payload bytes of a queued reply, for the sender's batches."""
+    return len(item[0].data)

@@ -6,12 +6,13 @@ breaks: a sender, a receiver that hands replies to the transaction table,
 and a keepalive that pings when idle and declares the peer dead after three
 silent intervals.
 
-Frames leave in the order they are sealed. `transmit` seals a frame and,
-when nothing is queued or being sent, writes it to the socket at once
-without blocking (a write never waits, so a cancelled caller can never
-leave half a frame on the wire); whatever the socket does not take, and
-every frame transmitted while the sender holds something, goes to the
-sender task, which sends all it finds queued in one write.
+Frames leave in the order they are sealed, through the shared socket
+fast path (`dstfuse.transport`): `transmit` seals a frame and, when
+nothing is queued or being sent, writes it to the socket at once without
+blocking (a write never waits, so a cancelled caller can never leave half
+a frame on the wire); whatever the socket does not take, and every frame
+transmitted while the sender holds something, goes to the sender task,
+which seals and sends all it finds queued in one scatter-gather write.
 
 A session never retries: when anything fails it ends, and the `RemoteNode`
 that owns it decides what to do (reconnect, resend). It must never complete
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
-import os
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -47,13 +46,12 @@ from ..protocol import (
     Role,
     State,
 )
+from ..protocol.sealing import Buffer
+from ..transport import RECEIVE_SIZE, STREAM_ERRORS, FrameTransport
 from .transactions import Transaction
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 1 << 18
-#: Full reads in a row before the receiver yields to other tasks anyway.
-_READS_WITHOUT_WAIT = 8
 #: Keepalive pings use handles from this space, disjoint from transactions'.
 PING_HANDLE_BASE = 1 << 63
 
@@ -93,14 +91,9 @@ class Session:
         self.ready = ready
         self._stream = stream
         self._conn = connection
-        self._outbox_send, self._outbox = trio.open_memory_channel[Transaction | int | memoryview](
-            math.inf
+        self._transport: FrameTransport[Transaction | int] = FrameTransport(
+            stream, seal=self._frame, weight=_payload_size
         )
-        self._queued = 0  # items in the outbox the sender has not taken yet
-        self._sending = False  # the sender is inside send_all
-        self._fd = _socket_fd(stream)
-        self._drained = True  # the last read left the socket empty
-        self._reads_without_wait = 0
         self._last_heard = trio.current_time()
         self._pings = 0  # keepalive pings sent, also their handle suffix
 
@@ -180,11 +173,9 @@ class Session:
         return self._conn.mode or "?"
 
     async def close(self) -> None:
-        # Forget the descriptor first: once closed its number may be reused
-        # by another connection, which must never see our frames.
-        self._fd = None
-        self._outbox_send.close()
-        await trio.aclose_forcefully(self._stream)
+        # The transport forgets the descriptor first: once closed its number
+        # may be reused by another connection, which must never see our frames.
+        await self._transport.aclose()
 
     # -- running --------------------------------------------------------
     def transmit(self, item: Transaction | int) -> None:
@@ -194,35 +185,19 @@ class Session:
         less per request); what the socket does not take goes to the sender
         task, first in line. On a session that has ended this does nothing:
         whatever is still in flight is resent by the next session."""
-        queued: Transaction | int | memoryview = item
-        if self._fd is not None and not self._queued and not self._sending:
-            frame = self._frame(item)
-            if frame is None:
-                return
-            try:
-                sent = os.write(self._fd, frame)
-            except OSError:  # full (EAGAIN) or broken: the sender finds out which
-                sent = 0
-            if sent == len(frame):
-                return
-            queued = memoryview(frame)[sent:]
-        try:
-            self._outbox_send.send_nowait(queued)
-            self._queued += 1
-        except trio.ClosedResourceError:
-            pass
+        self._transport.put([item])
 
-    def _frame(self, item: Transaction | int) -> bytes | None:
+    def _frame(self, item: Transaction | int) -> list[Buffer] | None:
         """Seal the frame for `item` (the next sequence number: frames must
         go out in the order they are sealed); None if it needs no sending."""
         if self._conn.state is not State.OPEN:
             return None  # the receiver saw the end; it ends the session
         if isinstance(item, int):
-            return self._conn.send(Request(Command.PING, item))
+            return self._conn.send_parts(Request(Command.PING, item))
         if item.done:
             return None
         item.sends += 1
-        return self._conn.send(item.request())
+        return self._conn.send_parts(item.request())
 
     async def run(
         self,
@@ -248,63 +223,24 @@ class Session:
         return reason
 
     async def _send_loop(self, finish: Callable[[str], None]) -> None:
-        """Send what `transmit` could not: everything queued by the time the
-        sender runs goes out in one write, in queue order."""
-        outbox = self._outbox
-        async for item in outbox:
-            batch = [item]
-            while True:
-                try:
-                    batch.append(outbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            self._queued -= len(batch)
-            if self._conn.state is not State.OPEN:
-                return  # the receiver saw the end; it ends the session
-            # A memoryview is the unsent tail of a frame sealed by transmit.
-            frames = [
-                frame
-                for frame in (i if isinstance(i, memoryview) else self._frame(i) for i in batch)
-                if frame is not None
-            ]
-            if not frames:
-                continue
-            self._sending = True
-            try:
-                await self._send(frames[0] if len(frames) == 1 else b"".join(frames))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                finish(f"send failed: {exc}")
-                return
-            finally:
-                self._sending = False
-
-    async def _send(self, data: bytes | memoryview) -> None:
-        """Write all of `data`; on a socket, wait only while it is full."""
-        fd = self._fd
-        if fd is None:
-            await self._stream.send_all(data)
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                sent = os.write(fd, view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
-                continue
-            view = view[sent:]
+        """Send what `transmit` could not, batched, in queue order."""
+        try:
+            await self._transport.run_sender()
+        except STREAM_ERRORS as exc:
+            finish(f"send failed: {exc}")
 
     async def _receive_loop(
         self, on_reply: Callable[[Reply], None], finish: Callable[[str], None]
     ) -> None:
         conn = self._conn
+        transport = self._transport
         while True:
             try:
-                data = await self._receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                await transport.receive(conn)
+            except STREAM_ERRORS as exc:
                 finish(f"receive failed: {exc}")
                 return
             self._last_heard = trio.current_time()
-            conn.receive_data(data)
             while True:
                 try:
                     event = conn.next_event()
@@ -324,30 +260,6 @@ class Session:
                 else:
                     finish(f"unexpected {type(event).__name__} from node")
                     return
-
-    async def _receive(self) -> bytes:
-        """The next bytes from the node (b"" at its end). On a socket this
-        costs one pass through the scheduler per wakeup, where the stream's
-        receive_some takes two: after a short read (the socket was drained)
-        it waits until readable, then reads; after a full read it reads at
-        once, but still yields every few reads so a busy stream cannot keep
-        the other tasks (or a cancellation) waiting."""
-        fd = self._fd
-        if fd is None:
-            return await self._stream.receive_some(RECEIVE_SIZE)
-        if self._drained or self._reads_without_wait >= _READS_WITHOUT_WAIT:
-            self._reads_without_wait = 0
-            await trio.lowlevel.wait_readable(fd)
-        else:
-            self._reads_without_wait += 1
-        while True:
-            try:
-                data = os.read(fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            self._drained = len(data) < RECEIVE_SIZE
-            return data
 
     async def _keepalive_loop(self, interval: float, finish: Callable[[str], None]) -> None:
         """Ping whenever nothing was heard for an interval; a peer that stays
@@ -391,12 +303,9 @@ def connect_failure(exc: OSError) -> str:
     return "; ".join(reasons)
 
 
-def _socket_fd(stream: trio.abc.Stream) -> int | None:
-    """The non-blocking socket under a trio SocketStream; None for other
-    streams (in-memory ones in tests), which always go through send_all."""
-    if isinstance(stream, trio.SocketStream):
-        return stream.socket.fileno()
-    return None
+def _payload_size(item: Transaction | int) -> int:
+    """Bytes of payload a queued item sends, for the sender's batches."""
+    return 0 if isinstance(item, int) else len(item.data)
 
 
 async def _tell_peer(stream: trio.abc.Stream, conn: Connection, exc: HandshakeFailed) -> None:

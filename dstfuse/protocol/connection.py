@@ -22,6 +22,10 @@ out of the chunk it lies in; only a frame that straddles chunks is joined
 from its pieces, once (small chunks are merged as they arrive, so a
 trickling peer cannot make the queue of chunks cost more than the bytes
 it holds). A chunk is dropped as soon as its last frame is returned.
+A frame with a large part still missing can instead be read straight into
+the one buffer it will be returned from (`receive_buffer`, sized from its
+header, then `received_into`): the part already received is copied there
+once, the rest arrives in place, and the payload is a view of that buffer.
 Frames of the open state (requests, replies) take a fast path: one header
 unpack, commands and flags looked up in tables instead of enum calls, and
 events built without re-running the checks their constructors do for
@@ -170,6 +174,10 @@ _WRITE = Command.WRITE
 _FRAME_SIZE = HEADER_SIZE + TAG_SIZE
 #: Received chunks shorter than this are merged while a frame is pending.
 _SMALL_CHUNK = 4096
+#: A frame missing at least this many bytes gets a buffer of its own to be
+#: read into (`receive_buffer`); below, the copy saved is worth less than
+#: the extra read it takes.
+ASSEMBLE_MIN = 64 << 10
 _REPLY = int(Flag.REPLY)
 _FUA = int(Flag.FUA)
 _UNKNOWN_FLAGS = 0xFFFF & ~int(KNOWN_FLAGS)
@@ -222,10 +230,15 @@ class Connection:
         self._recv_sealer: Sealer = Xxh3Sealer()
         # Received bytes not yet returned as events: _buffer[_start:], then
         # the chunks in _queue (_queued bytes in all; see receive_data).
-        self._buffer = b""
+        self._buffer: bytes | memoryview = b""
         self._start = 0
         self._queue: deque[bytes | bytearray] = deque()
         self._queued = 0
+        # Size of the frame next_event last found incomplete (its header
+        # checked), and the buffer it is being read into (receive_buffer).
+        self._pending = 0
+        self._assembly: bytearray | None = None
+        self._filled = 0
         self._eof = False
         self._opened = False  # reached OPEN once: REFUSED is no longer possible
         self._nonce = os.urandom(NONCE_SIZE)
@@ -399,9 +412,16 @@ class Connection:
     # ------------------------------------------------------------------
     # requests and replies
     def send(self, event: Request | Reply) -> bytes:
-        """Frame a request (client) or reply (server) on an open connection.
-        Frames must go out in the order `send` returned them: each one's
-        check covers its sequence number."""
+        """Frame a request (client) or reply (server) on an open connection,
+        as one joined buffer (see `send_parts`)."""
+        return b"".join(self.send_parts(event))
+
+    def send_parts(self, event: Request | Reply) -> list[Buffer]:
+        """Frame a request (client) or reply (server) on an open connection:
+        the buffers to write one after the other (header, payload, tag; the
+        event's data itself, not a copy, in the checksum modes), for one
+        scatter-gather write. Frames must go out in the order they were
+        framed: each one's check covers its sequence number."""
         if self.state is not _OPEN:
             self._expect(State.OPEN)
         if isinstance(event, Request):
@@ -426,7 +446,7 @@ class Connection:
             MAGIC, VERSION, event.command, flags, event.handle, event.offset, event.length,
             status, size, 0,
         )
-        return self._send_sealer.frame(header, data)
+        return self._send_sealer.frame_parts(header, data)
 
     # ------------------------------------------------------------------
     # receiving
@@ -440,6 +460,8 @@ class Connection:
             return
         if self._eof:
             raise LocalProtocolError("data after end of stream")
+        if self._assembly is not None:
+            raise LocalProtocolError("data passed outside the frame's receive buffer")
         if type(data) is not bytes:
             data = bytes(memoryview(data))  # a copy of any buffer, and only of a buffer
         if self._start == len(self._buffer):  # then the queue is empty too
@@ -458,12 +480,58 @@ class Connection:
             queue.append(bytearray(data))
         self._queued += len(data)
 
+    def receive_buffer(self) -> memoryview | None:
+        """Where to read the next bytes into, when that saves a copy: after
+        `next_event` returned NEED_DATA with a frame's header buffered and
+        at least ASSEMBLE_MIN bytes of that frame still missing, a writable
+        view of exactly the missing bytes, in place in one buffer of the
+        frame's size (what was received of it is copied there, once). The
+        transport reads into it and reports each read with `received_into`;
+        meanwhile `receive_data` takes only the end of stream (b""). Once
+        the view is filled, `next_event` returns the frame, its payload a
+        view of that buffer. None: read a chunk and pass it to
+        `receive_data`. The size was checked against the payload limit
+        when `next_event` read the header."""
+        assembly = self._assembly
+        if assembly is None:
+            total = self._pending
+            if not total or self._eof:
+                return None
+            have = self.buffered
+            if total - have < ASSEMBLE_MIN:
+                return None
+            # The frame is the first thing buffered (all before it were
+            # returned) and incomplete, so it is all that is buffered.
+            assembly = bytearray(total)
+            view = memoryview(assembly)
+            first = len(self._buffer) - self._start
+            view[:first] = memoryview(self._buffer)[self._start :]
+            filled = first
+            for chunk in self._queue:
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+            self._queue.clear()
+            self._queued = 0
+            self._buffer, self._start = b"", 0
+            self._assembly, self._filled = assembly, filled
+        return memoryview(assembly)[self._filled :]
+
+    def received_into(self, size: int) -> None:
+        """`size` more bytes were read into the view `receive_buffer` gave."""
+        assembly = self._assembly
+        if assembly is None or not 0 <= size <= len(assembly) - self._filled:
+            raise LocalProtocolError("received_into without a receive buffer to fill")
+        self._filled += size
+        if self._filled == len(assembly):
+            self._buffer, self._start = memoryview(assembly).toreadonly(), 0
+            self._assembly, self._filled = None, 0
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as events."""
-        return len(self._buffer) - self._start + self._queued
+        return len(self._buffer) - self._start + self._queued + self._filled
 
-    def _take(self, size: int) -> bytes:
+    def _take(self, size: int) -> Buffer:
         """Remove the next `size` bytes from what is buffered and return
         them: a slice of the current chunk if they lie in it (the chunk
         itself if they are all of it), else the pieces joined, so a frame
@@ -518,6 +586,8 @@ class Connection:
         the connection is in ERROR."""
         if self.state is _ERROR:
             raise LocalProtocolError("connection is in the error state")
+        if self._assembly is not None:  # the frame being read in place is incomplete
+            return self._at_end_of_data()
         try:
             buffer, start = self._buffer, self._start
             available = len(buffer) - start  # contiguous, in the current chunk
@@ -554,7 +624,9 @@ class Connection:
                 header = self._take(HEADER_SIZE)
                 payload = self._recv_sealer.open(header, self._take(size), self._take(TAG_SIZE))
             else:
+                self._pending = total
                 return self._at_end_of_data()
+            self._pending = 0
             request_command = _REQUEST_AT[command]
             if request_command is None or self.state is not _OPEN:
                 return self._dispatch(_Header._make(fields), payload)
@@ -587,7 +659,7 @@ class Connection:
 
     def _peek_header(self) -> tuple[Any, ...]:
         """The fields of a header that straddles chunks (it stays buffered)."""
-        head = self._buffer[self._start :]
+        head = bytes(self._buffer[self._start :])
         for chunk in self._queue:
             head += chunk[:HEADER_SIZE]
             if len(head) >= HEADER_SIZE:
@@ -622,9 +694,10 @@ class Connection:
             )
         raise AssertionError(f"header {fields} is valid")
 
-    def _dispatch(self, fields: _Header, payload: bytes) -> Event:
+    def _dispatch(self, fields: _Header, body: Buffer) -> Event:
         """Every frame but a request or reply on an open connection (those
         take next_event's fast path)."""
+        payload = bytes(body)  # small: a handshake frame's, or a bad frame's
         command = Command(fields.command)
         if self.state is State.CLOSED:
             raise RemoteProtocolError(f"{command.name} after the handshake was refused")

@@ -274,7 +274,7 @@ class Reply:
 
 
 def parsed_request(
-    command: Command, handle: int, offset: int, length: int, flags: Flag, data: bytes
+    command: Command, handle: int, offset: int, length: int, flags: Flag, data: Buffer
 ) -> Request:
     """A Request from a frame the parser checked (a request command, u64
     handle and offset, u32 length, flags 0 or FUA, data of `length` bytes
@@ -285,7 +285,7 @@ def parsed_request(
 
 
 def parsed_reply(
-    command: Command, handle: int, status: int, offset: int, length: int, data: bytes
+    command: Command, handle: int, status: int, offset: int, length: int, data: Buffer
 ) -> Reply:
     """A Reply from a frame the parser checked (a request command, u64
     handle and offset, u32 status and length, data shorter than 2**32),

@@ -46,9 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import MiB
+from bench.chart import ChartUnavailable, require_plotting, write_chart
 from bench.jobs import FILL, JOBS, KEY_JOBS, Results, measure
 from bench.peers import Peer, Tools, start_peers
-from bench.plan import make_plan
+from bench.plan import Plan, make_plan
 from bench.processes import (
     BenchmarkError,
     Deadline,
@@ -147,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all results here")
     parser.add_argument(
+        "--chart",
+        type=Path,
+        metavar="FILE",
+        help="draw every job's ratio with its range over the rounds into this PNG "
+        "(default with --json: FILE.png beside it; with --replay: only when given); "
+        "needs matplotlib",
+    )
+    parser.add_argument(
         "--replay",
         type=Path,
         metavar="FILE",
@@ -200,9 +209,10 @@ def check_environment(args: argparse.Namespace) -> None:
             )
 
 
-def replay(path: Path) -> int:
+def replay(path: Path, chart: Path | None) -> int:
     """Print the report of a run saved with `--json` again (e.g. after the
-    report changed); measures nothing."""
+    report changed), and draw its chart when `chart` is given; measures
+    nothing."""
     data = load_json(path)
     results: Results = data["results"]
     labels = {peer.label for peer in data["peers"]}
@@ -226,7 +236,27 @@ def replay(path: Path) -> int:
     report(
         plan, peers, results, data["failures"], data["profiles"], data.get("elapsed", 0), before_run
     )
+    if chart is not None:
+        try:
+            write_chart(chart, plan, results, _chart_subtitle(plan, data.get("cpus")))
+        except ChartUnavailable as exc:
+            raise SystemExit(f"run.py: {exc}") from None
+        print(f"chart: {chart}", file=sys.stderr)
     return 1 if data["failures"] else 0
+
+
+def _chart_subtitle(plan: Plan, cpus: int | None) -> str:
+    return (
+        f"{plan.size / MiB:.0f} MiB files, {plan.ramp} s ramp + {plan.runtime} s per job, "
+        f"{plan.repeat} round{'s' if plan.repeat > 1 else ''}, {cpus or os.cpu_count()} CPUs"
+    )
+
+
+def _chart_path(args: argparse.Namespace) -> Path | None:
+    """--chart, else FILE.png beside --json FILE, else None."""
+    if args.chart is not None:
+        return args.chart
+    return args.json.with_suffix(".png") if args.json is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     every peer ran and the tear-down was clean."""
     args = build_parser().parse_args(argv)
     if args.replay:
-        return replay(args.replay)
+        return replay(args.replay, args.chart)
     plan = make_plan(args)
     check_environment(args)
+    chart = _chart_path(args)
+    if args.chart is not None:
+        # Asked for by name: say now, not after the run, that it cannot be.
+        try:
+            require_plotting()
+        except ChartUnavailable as exc:
+            raise SystemExit(f"run.py: {exc}") from None
     py_spy = None
     if args.profile:
         py_spy = find_py_spy(args.python)
@@ -314,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     report(plan, peers, results, failures, profiles, elapsed, before_run)
     if args.json:
         write_json(args.json, plan, peers, results, failures, profiles, before_run, elapsed)
+    if chart is not None and results.all():
+        try:
+            write_chart(chart, plan, results, _chart_subtitle(plan, os.cpu_count()))
+            log(f"chart: {chart}")
+        except ChartUnavailable as exc:
+            log(f"no chart: {exc}")
     return 1 if failures else 0
 
 

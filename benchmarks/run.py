@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             write_chart(chart, plan, results, _chart_subtitle(plan, os.cpu_count()))
             log(f"chart: {chart}")
-        except ChartUnavailable as exc:
+        except (ChartUnavailable, OSError) as exc:
             log(f"no chart: {exc}")
     return 1 if failures else 0
 

@@ -164,6 +164,8 @@ class Process:
             return
         self.popen.send_signal(signal.SIGTERM)
         stop_pid(self.pid, self.popen, grace)
+        if self.alive():
+            raise BenchmarkError(f"{self.name} (pid {self.pid}) survived SIGKILL")
 
 
 def pid_alive(pid: int) -> bool:

@@ -155,7 +155,8 @@ def wait_pid(pid: int, timeout: float) -> bool:
 
 def stop_pid(pid: int, process: subprocess.Popen | None, timeout: float = 60.0) -> None:
     """Wait up to `timeout` for `pid` to exit by itself, then SIGTERM (half
-    that again), then SIGKILL; reaps it when it is our child (`process`)."""
+    that again), then SIGKILL (10 s more at most); reaps it when it is our
+    child (`process`). The caller checks `pid_exited` if it must know."""
     if process is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
@@ -165,7 +166,9 @@ def stop_pid(pid: int, process: subprocess.Popen | None, timeout: float = 60.0) 
                 process.wait(timeout / 2)
         if process.poll() is None:
             process.kill()
-            process.wait()
+            # Bounded: a child in uninterruptible sleep is left, not waited for.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
         return
     if wait_pid(pid, timeout):
         return

@@ -217,14 +217,16 @@ def replay(path: Path, chart: Path | None) -> int:
     results: Results = data["results"]
     labels = {peer.label for peer in data["peers"]}
     known = {job.name for job in JOBS}
-    names = {result.job for result in results.all()} & known
+    # The jobs in the order the run took them (its --jobs order): results
+    # are saved in the order taken.
+    names = [name for name in dict.fromkeys(r.job for r in results.all()) if name in known]
     args = build_parser().parse_args(
         [
             "--size", str(data["size"]),
             "--runtime", str(data["runtime"]),
             "--ramp", str(data["ramp"]),
             "--repeat", str(data.get("repeat", 1)),
-            "--jobs", ",".join(job.name for job in JOBS if job.name in names),
+            "--jobs", ",".join(names),
         ]
         + (["--mirror"] if "dstfuse-mirror" in labels else [])
         + (["--key"] if "dstfuse-aes" in labels else [])

@@ -129,6 +129,8 @@ def test_replay_prints_the_report_and_the_disturbed_round(tmp_path):
     assert "dstfuse vs nbdfuse (ratio = dstfuse / nbdfuse, higher is better)" in done.stdout
     assert "fill pass: nbdfuse 500 MiB/s, dstfuse 250 MiB/s" in done.stdout
     assert "dstfuse seq-read (round 2): disturbed by other load" in done.stdout
+    # In the order the run took them (its --jobs), not the default order.
+    assert done.stdout.index("rand read 4 KiB QD1") < done.stdout.index("seq read 1 MiB QD4")
     assert not list(tmp_path.glob("*.png")), "replay draws a chart only when asked"
 
 

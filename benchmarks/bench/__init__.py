@@ -4,7 +4,8 @@ One module per concern: `system` (mount table, pids, loop devices, ports:
 shared with tests/mounts.py), `processes` (commands, children, probes,
 mounts and the tear-down), `sampling` (CPU time, RSS, machine load),
 `peers` (the stacks under test), `jobs` (fio jobs, results, the measured
-rounds), `profiling` (py-spy), `report` (the text report and --json),
+rounds, the ratios), `plan` (what a run does, from its arguments),
+`profiling` (py-spy), `report` (the text report and --json),
 `chart` (the PNG of the ratios). Importing this package imports none of
 them, so tests/mounts.py can use `system` alone.
 

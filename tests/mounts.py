@@ -28,6 +28,9 @@ Guarantees (the cleanup order when the block is left, by exception or not):
 - `loop_device`: `losetup -d`, retried while the device is busy.
 - `ext4_mounted`: `umount`, then `umount -l`.
 
+The mount-table, pid, unmount-order and loop-device helpers are shared with
+the benchmark (`benchmarks/bench/system.py`): both tear down the same way.
+
 Processes are started as `python -m dstfuse` from this checkout, so no
 install is needed. Requirements are checked with `require_fuse()`,
 `require_loop()` and `require_root()`, which skip with the reason.
@@ -38,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +52,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from benchmarks.bench.system import (
+    detach_loop,
+    force_unmount,
+    free_tcp_port,
+    is_mounted,
+    pid_exited,
+    stop_pid,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DSTFUSE = [sys.executable, "-m", "dstfuse"]
@@ -139,13 +150,6 @@ def write_config(path: Path, storages: Mapping[str, object], **settings: object)
     return path
 
 
-def free_tcp_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def tail(path: Path | None, lines: int = 30) -> str:
     if path is None:
         return "(no log)"
@@ -154,91 +158,6 @@ def tail(path: Path | None, lines: int = 30) -> str:
     except OSError as exc:
         return f"(cannot read {path}: {exc.strerror})"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def is_mounted(path: Path) -> bool:
-    """True if `path` is a mount point in /proc/self/mounts (also when the
-    mount is dead and stat() on it would fail with ENOTCONN)."""
-    target = os.path.abspath(path)
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 1 and _unescape_mount_path(fields[1]) == target:
-                return True
-    return False
-
-
-def _unescape_mount_path(text: str) -> str:
-    # /proc/mounts writes space, tab, newline and backslash as \ooo.
-    return (
-        text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
-
-
-def pid_exited(pid: int) -> bool:
-    """True if `pid` is gone or a zombie (an exited daemon whose new parent
-    has not reaped it yet still answers kill(pid, 0))."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            # the state follows the parenthesised command name
-            return file.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-
-
-def _wait_pid(pid: int, timeout: float) -> bool:
-    """True once `pid` has exited (zombies count as exited)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        import select
-
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
-    finally:
-        os.close(pidfd)
-
-
-def stop_pid(pid: int, process: subprocess.Popen | None, timeout: float = STOP_TIMEOUT) -> None:
-    """Wait for `pid` to exit by itself, then SIGTERM, then SIGKILL; reaps it
-    when it is our child (`process`)."""
-    if process is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
-        if process.poll() is None:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout / 2)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        return
-    if _wait_pid(pid, timeout):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if _wait_pid(pid, timeout / 2):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    _wait_pid(pid, 10)
-
-
-def force_unmount(path: Path) -> None:
-    """Remove the mount at `path` by any means; never raises."""
-    for command in (
-        ["fusermount3", "-u", str(path)],
-        ["fusermount3", "-uz", str(path)],
-        ["umount", "-l", str(path)],
-    ):
-        if not is_mounted(path):
-            return
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(command, capture_output=True, timeout=30, check=False)
 
 
 # -------------------------------------------------------------------- mount
@@ -498,21 +417,6 @@ def loop_device(file: Path, *, direct_io: bool = True) -> Iterator[str]:
         yield device
     finally:
         detach_loop(device)
-
-
-def detach_loop(device: str, timeout: float = 30.0) -> None:
-    """`losetup -d DEVICE`, retried while the device is busy; never raises."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            done = subprocess.run(
-                ["losetup", "-d", device], capture_output=True, text=True, timeout=30, check=False
-            )
-            if done.returncode == 0 or "No such device" in done.stderr:
-                return
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.2)
 
 
 @contextlib.contextmanager

@@ -53,6 +53,11 @@ from .sizing import find_mirror_size
 
 log = logging.getLogger(__name__)
 
+#: A write starting at a region's first byte within this many seconds of a
+#: write to the region before it continues a stream: the bitmap marks ahead
+#: (bitmap.py).
+STREAM_WINDOW = 1.0
+
 
 class Mirror(Algorithm):
     """Replicated storage over 1 to MAX_LEGS legs (see the module doc)."""
@@ -258,7 +263,16 @@ class Mirror(Algorithm):
                     except NodeError as exc:
                         log.warning("storage %s: %s; range not checked", self.storage_name, exc)
                         checks.distrust(regions)
-                await bitmap.mark(regions)
+                # a write that starts a region just after a write to the
+                # region before it continues a sequential stream
+                stream = (
+                    regions.start > 0
+                    and offset == regions.start * live.geometry.region_size
+                    and activity.written_since(
+                        regions.start - 1, trio.current_time() - STREAM_WINDOW
+                    )
+                )
+                activity.touch(await bitmap.mark(regions, stream=stream))
                 await self.lease.ensure()
                 targets = [leg for leg in self.legs if leg.takes_writes]
                 try:

@@ -150,7 +150,9 @@ async def run_job(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="simulated seconds per job")
-    parser.add_argument("--writes", type=int, default=20000, help="at most this many writes per job")
+    parser.add_argument(
+        "--writes", type=int, default=20000, help="at most this many writes per job"
+    )
     args = parser.parse_args()
     jobs = [
         ("rand-write-qd1", GiB, 4096),

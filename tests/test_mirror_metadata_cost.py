@@ -91,3 +91,95 @@ async def test_random_writes_do_not_mark_ahead(autojump_clock):
         await mirror.aclose()
         nursery.cancel_scope.cancel()
 
+
+# -- block checks off the write path ---------------------------------------
+BIG_LEG = 64 * MiB  # 32 check pages, four times the smallest cache
+
+
+def check_writes_held(mirror, index: int, pages: int = 1 << 30):
+    """Hold writes of the first `pages` check pages."""
+    layout = mirror.legs[index].layout
+
+    def held(op: str, offset: int, length: int) -> bool:
+        return op == "write" and layout.checks_offset <= offset < min(
+            layout.bitmap_offset, layout.checks_offset + pages * 4096
+        )
+
+    return held
+
+
+def unmarked_regions_have_true_or_zero_checks(mirror, node) -> list[int]:
+    """Regions the on-disk bitmap does not mark whose on-disk entries are
+    neither zero nor the digest of the on-disk data (checks.py's crash rule)."""
+    from dstfuse.mirror.bitmap import RegionBits
+    from dstfuse.mirror.checks import block_digest
+    from dstfuse.mirror.metadata import unpack_bitmap_block
+
+    layout = mirror.legs[0].layout
+    geometry = mirror.runtime.geometry
+    raw = bytes(node.data[layout.bitmap_offset : layout.bitmap_offset + 4096])
+    bits = unpack_bitmap_block(mirror.membership.storage_id, 0, raw)
+    marked = RegionBits(geometry.regions)
+    marked.set_block_bytes(0, bits)
+    wrong = []
+    for region in range(geometry.regions):
+        if region in marked:
+            continue
+        start, end = geometry.region_bounds(region)
+        for block in range(start // 4096, end // 4096):
+            at = layout.checks_offset + block * 8
+            entry = int.from_bytes(node.data[at : at + 8], "little")
+            data = node.data[block * 4096 : (block + 1) * 4096]
+            if entry not in (0, block_digest(data)):
+                wrong.append(region)
+                break
+    return wrong
+
+
+async def test_a_data_write_never_waits_for_an_evicted_check_page(autojump_clock):
+    nodes = make_nodes(2, BIG_LEG)
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, assume_clean=True, check_cache_pages=8)
+        for index, node in enumerate(nodes):
+            node.hold = trio.Event()
+            node.hold_when = check_writes_held(mirror, index)
+        with trio.fail_after(10):
+            # one write in each of 14 check pages: the cache holds 8, the
+            # writer's queue 8 more
+            for page in range(14):
+                await mirror.write(page * 2 * MiB, b"f" * 4096)
+        for node in nodes:
+            node.hold.set()
+            node.hold = None
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_region_is_cleared_only_after_its_evicted_check_page_landed(autojump_clock):
+    nodes = make_nodes(2, BIG_LEG)
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(
+            nursery, nodes, assume_clean=True, check_cache_pages=8, region_size=2 * MiB
+        )
+        for page in range(14):
+            await mirror.write(page * 2 * MiB, b"old" * 1365 + b"o")
+        await trio.sleep(30)  # cleared: the old bytes' entries are on disk
+        assert not mirror.runtime.bitmap.desired
+        for index, node in enumerate(nodes):
+            node.hold = trio.Event()
+            node.hold_when = check_writes_held(mirror, index, pages=6)  # the evicted ones
+        with trio.fail_after(10):
+            for page in range(14):
+                await mirror.write(page * 2 * MiB, bytes([page + 1]) * 4096)
+        await trio.sleep(30)  # the lazy clearing runs while the page writes hang
+        for node in nodes:
+            assert unmarked_regions_have_true_or_zero_checks(mirror, node) == []
+        for node in nodes:
+            node.hold.set()
+            node.hold = None
+        await trio.sleep(30)
+        assert not mirror.runtime.bitmap.desired  # cleared once the pages landed
+        for node in nodes:
+            assert unmarked_regions_have_true_or_zero_checks(mirror, node) == []
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()

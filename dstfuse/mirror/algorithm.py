@@ -200,6 +200,8 @@ class Mirror(Algorithm):
                 tasks.start_soon(live.resync.run)
                 tasks.start_soon(self.lease.heartbeat, tasks)
                 tasks.start_soon(live.cleaner.run)
+                if live.checks is not None:
+                    tasks.start_soon(live.checks.run_writer)
                 for leg in self.legs:
                     tasks.start_soon(live.watch.watch, leg)
                 task_status.started(live)

@@ -32,8 +32,8 @@ def test_a_new_8_tib_mirror_and_mkfs_allocate_little_on_its_legs(tmp_path):
             config = mirror_config(work, legs)
             with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
                 with loop_device(mount.file("vol0")) as device:
-                    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1", "-J", "size=64",
-                        device, timeout=600)
+                    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1",
+                        "-J", "size=64", device, timeout=600)
                 assert mount.umount().returncode == 0
             sizes = [allocated(leg.path) for leg in legs]
     finally:

@@ -119,11 +119,12 @@ async def run_job(
 
         async def worker(stream: int, depth: int) -> None:
             nonlocal writes
-            position = stream * (mirror.size // depth)
+            span = mirror.size // depth // MiB * MiB
+            position = stream * span
             while trio.current_time() < deadline and writes < limit:
                 if job.startswith("seq"):
                     await mirror.write(position, bytes(MiB))
-                    position = (position + MiB) % (mirror.size - MiB)
+                    position = (position + MiB) % (span * depth)
                 else:
                     await mirror.write(rng.randrange(blocks) * 4096, bytes(4096))
                 writes += 1

@@ -183,3 +183,18 @@ async def test_a_region_is_cleared_only_after_its_evicted_check_page_landed(auto
             assert unmarked_regions_have_true_or_zero_checks(mirror, node) == []
         await mirror.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_not_aligned_to_regions_marks_ahead_too(autojump_clock):
+    nodes = make_nodes(2)
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, assume_clean=True)
+        for node in nodes:
+            node.ops.clear()
+        regions = 36
+        for offset in range(4 * KiB, regions * REGION, 24 * KiB):
+            await mirror.write(offset, b"g" * 24 * KiB)
+        for index, node in enumerate(nodes):
+            assert bitmap_writes(mirror, index, node) <= regions // (MARK_AHEAD + 1) + 2
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()

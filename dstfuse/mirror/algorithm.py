@@ -53,9 +53,9 @@ from .sizing import find_mirror_size
 
 log = logging.getLogger(__name__)
 
-#: A write starting at a region's first byte within this many seconds of a
-#: write to the region before it continues a stream: the bitmap marks ahead
-#: (bitmap.py).
+#: A write reaching a region's first byte within this many seconds of a
+#: write to the region before its own first region continues a stream: the
+#: bitmap marks ahead (bitmap.py).
 STREAM_WINDOW = 1.0
 
 
@@ -265,11 +265,12 @@ class Mirror(Algorithm):
                     except NodeError as exc:
                         log.warning("storage %s: %s; range not checked", self.storage_name, exc)
                         checks.distrust(regions)
-                # a write that starts a region just after a write to the
-                # region before it continues a sequential stream
+                # a write that reaches a region's first byte just after a
+                # write to the region before its own first one continues a
+                # sequential stream
                 stream = (
                     regions.start > 0
-                    and offset == regions.start * live.geometry.region_size
+                    and (len(regions) > 1 or offset % live.geometry.region_size == 0)
                     and activity.written_since(
                         regions.start - 1, trio.current_time() - STREAM_WINDOW
                     )

@@ -319,10 +319,12 @@ class RegionActivity:
 
     def touch(self, regions: Iterable[int]) -> None:
         """Regions marked ahead of a stream count as written now for the
-        lazy clearing (no serial: read checks are not affected)."""
+        lazy clearing; their serial is kept (0 when they have none), so
+        read checks see no write there."""
         now = trio.current_time()
         for region in regions:
-            self._last.setdefault(region, (self.serial, now))
+            previous = self._last.get(region)
+            self._last[region] = (previous[0] if previous is not None else 0, now)
 
     def written_since(self, region: int, since: float) -> bool:
         """A write was in flight or ended in `region` after `since`."""

@@ -53,6 +53,11 @@ from .sizing import find_mirror_size
 
 log = logging.getLogger(__name__)
 
+#: A write reaching a region's first byte within this many seconds of a
+#: write to the region before its own first region continues a stream: the
+#: bitmap marks ahead (bitmap.py).
+STREAM_WINDOW = 1.0
+
 
 class Mirror(Algorithm):
     """Replicated storage over 1 to MAX_LEGS legs (see the module doc)."""
@@ -195,6 +200,8 @@ class Mirror(Algorithm):
                 tasks.start_soon(live.resync.run)
                 tasks.start_soon(self.lease.heartbeat, tasks)
                 tasks.start_soon(live.cleaner.run)
+                if live.checks is not None:
+                    tasks.start_soon(live.checks.run_writer)
                 for leg in self.legs:
                     tasks.start_soon(live.watch.watch, leg)
                 task_status.started(live)
@@ -258,7 +265,17 @@ class Mirror(Algorithm):
                     except NodeError as exc:
                         log.warning("storage %s: %s; range not checked", self.storage_name, exc)
                         checks.distrust(regions)
-                await bitmap.mark(regions)
+                # a write that reaches a region's first byte just after a
+                # write to the region before its own first one continues a
+                # sequential stream
+                stream = (
+                    regions.start > 0
+                    and (len(regions) > 1 or offset % live.geometry.region_size == 0)
+                    and activity.written_since(
+                        regions.start - 1, trio.current_time() - STREAM_WINDOW
+                    )
+                )
+                activity.touch(await bitmap.mark(regions, stream=stream))
                 await self.lease.ensure()
                 targets = [leg for leg in self.legs if leg.takes_writes]
                 try:

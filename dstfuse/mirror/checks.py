@@ -8,13 +8,18 @@ blocks are never checked.
 
 Memory is bounded: entries live in 4 KiB pages (512 entries, 2 MiB of data
 each) in an LRU cache of `cache_pages` pages; a page is loaded from an
-in-sync leg on first use and written back lazily (with the bitmap's lazy
-clearing, on eviction, and at shutdown).
+in-sync leg on first use and written back lazily: with the bitmap's lazy
+clearing, at shutdown, and after eviction by a background writer
+(`run_writer`), so a data write never waits for a check page write.
 
 Crash rule (see docs/mirror-metadata.md): a region's entries on disk are
 correct or zero whenever the region is not marked in the write-intent
 bitmap, because the bitmap is cleared only after the pages covering a region
-were written. After an unclean shutdown the regions marked then are
+were written: `write_back` of a region's pages also writes (or waits for)
+their evicted versions still queued or on the wire, and a page's writes land
+in the order of its versions. A page written early (evicted) while its
+region is marked is always allowed: marked regions' entries may be anything.
+After an unclean shutdown the regions marked then are
 `untrusted` until resync rewrites their entries; untrusted entries are never
 checked and are zeroed before the region's bit is cleared.
 
@@ -113,7 +118,16 @@ class BlockChecks:
         self._dirty: set[int] = set()
         self._pins: dict[int, int] = {}
         self._loading: dict[int, trio.Event] = {}
+        #: evicted dirty pages not yet written: page -> its newest bytes
         self._writing: dict[int, bytes] = {}
+        #: pages with a write on the wire (one at a time per page)
+        self._inflight: set[int] = set()
+        #: pages whose evicted bytes could not be written: their regions are
+        #: untrusted, and `write_back` fails for them until they are written
+        self._lost: set[int] = set()
+        self._written = trio.Event()
+        self._queued = trio.Event()
+        self._backlog = max(8, self._cache_pages // 4)
 
     # -- geometry --------------------------------------------------------
     def pages_of(self, first_block: int, count: int) -> range:
@@ -185,6 +199,10 @@ class BlockChecks:
         await self._evict()
 
     async def _evict(self) -> None:
+        """Keep the cache at its bound. A dirty victim's bytes go to the
+        background writer (`run_writer`): the request that evicted it does
+        not wait for a check page write, unless the writer is `_backlog`
+        pages behind (memory stays bounded)."""
         while len(self._cache) > self._cache_pages:
             victim = next((p for p in self._cache if p not in self._pins), None)
             if victim is None:
@@ -194,15 +212,71 @@ class BlockChecks:
                 continue
             self._dirty.discard(victim)
             self._writing[victim] = data
-            try:
-                await self._write_page(victim, data)
-            except NodeError as exc:
-                log.warning("check page %d could not be written (%s); its regions are no "
-                            "longer checked", victim, exc)
-                for region in self.regions_of_page(victim):
-                    self.untrusted.add(region)
-            finally:
-                del self._writing[victim]
+            self._queued.set()
+        while len(self._writing) > self._backlog:
+            await self._write_queued(next(iter(self._writing)))
+
+    async def run_writer(self, workers: int = 4) -> None:
+        """Write evicted pages in the background (the mirror's task), up to
+        `workers` at once."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(self._writer)
+
+    async def _writer(self) -> None:
+        while True:
+            page = next((p for p in self._writing if p not in self._inflight), None)
+            if page is None:
+                await self._queued.wait()
+                self._queued = trio.Event()
+                continue
+            await self._write_queued(page)
+
+    async def _write_queued(self, page: int) -> None:
+        try:
+            await self._write_now(page)
+        except NodeError as exc:
+            log.warning("check page %d could not be written (%s); its regions are no "
+                        "longer checked", page, exc)
+            self._writing.pop(page, None)
+            self._lost.add(page)
+            for region in self.regions_of_page(page):
+                self.untrusted.add(region)
+
+    async def _write_now(self, page: int) -> None:
+        """Write the page's newest bytes (the cached dirty page, else the
+        evicted ones), after any write of it still on the wire: writes of a
+        page land in the order of its versions. Raises NodeError if no leg
+        took it; a cached page stays dirty then."""
+        while page in self._inflight:
+            await self._written.wait()
+        if page in self._dirty and page in self._cache:
+            data = bytes(self._cache[page])
+            self._dirty.discard(page)
+            self._writing.pop(page, None)  # older than the cached bytes
+            cached = True
+        elif page in self._writing:
+            data = self._writing[page]
+            cached = False
+        else:
+            return
+        self._inflight.add(page)
+        try:
+            await self._write_page(page, data)
+        except BaseException:
+            if cached:
+                self._dirty.add(page)
+                if page not in self._cache:  # evicted meanwhile: keep its bytes
+                    self._writing.setdefault(page, data)
+            raise
+        else:
+            if not cached and self._writing.get(page) is data:
+                del self._writing[page]
+            self._lost.discard(page)
+        finally:
+            self._inflight.discard(page)
+            self._written.set()
+            self._written = trio.Event()
 
     def page_bytes(self, page: int) -> bytes:
         """The bytes of a pinned page."""
@@ -295,16 +369,20 @@ class BlockChecks:
                 self.unpin(pinned)
 
     async def write_back(self, pages: Iterable[int] | None = None) -> None:
-        """Write dirty pages (all, or those among `pages`) to the legs.
-        Raises NodeError if a page could not be written anywhere; the page
-        stays dirty then."""
-        wanted = sorted(self._dirty if pages is None else self._dirty.intersection(pages))
-        for page in wanted:
-            if page not in self._dirty or page not in self._cache:
-                continue
-            self._dirty.discard(page)
-            try:
-                await self._write_page(page, bytes(self._cache[page]))
-            except BaseException:
-                self._dirty.add(page)
-                raise
+        """Write dirty pages (all, or those among `pages`) to the legs, the
+        evicted ones the background writer has not written yet included,
+        and wait for writes of them already on the wire: when it returns,
+        every change made to those pages before the call was sent and
+        acknowledged (the lazy clearing then flushes and clears). Raises
+        NodeError if a page could not be written anywhere; it stays dirty."""
+        chosen = None if pages is None else set(pages)
+        waiting = self._dirty | set(self._writing) | self._inflight
+        for page in sorted(waiting if chosen is None else waiting & chosen):
+            await self._write_now(page)
+            while page in self._inflight:
+                await self._written.wait()
+        lost = self._lost if chosen is None else self._lost & chosen
+        if lost:
+            raise NodeError(
+                "check array", f"check page {min(lost)} was lost; its regions stay marked"
+            )

@@ -219,5 +219,9 @@ class MirrorLeg:
         await self.node.write(self._layout().checks_page_offset(page), data)
 
     async def zero_checks(self, pages: int) -> None:
+        """Set the check array to all unknown (zero). A trim, which reads
+        back as zeroes (`Node.trim`) and frees the space: an export node
+        punches a hole, where a write-zeroes allocates the whole array
+        (4 GiB at 2 TiB of data)."""
         layout = self._layout()
-        await self.node.write_zeroes(layout.checks_offset, pages * BLOCK)
+        await self.node.trim(layout.checks_offset, pages * BLOCK)

@@ -21,7 +21,7 @@ tested as a table. The rules (docs/mirror-metadata.md, "Deciding at mount"):
   marked in the union of the legs' bitmaps (the bitmap keeps every region
   written while any leg was stale), or everything when its history is
   unknown (no metadata, another storage's metadata, an unfinished full
-  resync).
+  resync, or a leg the source's member table has no row for).
 """
 
 from __future__ import annotations
@@ -319,7 +319,11 @@ def _role(
     header, src = finding.header, source.header
     assert header is not None and src is not None
     record = src.member(finding.index)
-    if header.self_record.full_resync or (record is not None and record.full_resync):
+    if record is None:
+        # The source never counted this leg a member (added online, or by a
+        # longer config): which regions it missed is unknown.
+        return FULL
+    if header.self_record.full_resync or record.full_resync:
         return FULL
     if (
         primary is None

@@ -18,8 +18,9 @@ Order of a reload (reloads run one at a time):
    not start closes the others again and refuses the reload;
 4. only then, with no await until the last step, is anything changed: the
    new timeouts go to every node, the new storages join the mount (control
-   directories, files), the grown storages get their nodes, and the new
-   config becomes the running one;
+   directories, files), the grown storages get their nodes (a mirror gets
+   new legs, which it records and copies in the background, see
+   mirror/adding.py), and the new config becomes the running one;
 5. each grown storage file's size is refreshed in the kernel
    (`LiveMount.storage_resized`), so `losetup -c` sees it when the command
    returns.
@@ -133,6 +134,14 @@ class LiveReload:
             storage = self._assembly.storages[name]
             before = storage.size
             storage.append_nodes(nodes)
+            if storage.algorithm.adds_legs:
+                first = len(storage.placements()) - len(nodes)
+                for position, spec in enumerate(plan.appended[name], start=first):
+                    done.append(
+                        f"storage {name}: leg {position} ({describe_node(spec)}) added, "
+                        "not up to date: copied in the background (dstfuse status shows it)"
+                    )
+                continue
             grown.append(storage)
             appended = ", ".join(describe_node(spec) for spec in plan.appended[name])
             done.append(

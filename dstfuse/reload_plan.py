@@ -16,12 +16,16 @@ What may change online in this release:
   have to move). Its existing nodes may not change, move or go: that would
   move or drop data;
 - a new storage may be added (a new file appears), built from leaf nodes
-  and other new storages only.
+  and other new storages only;
+- a mirror may get legs (remote or local nodes) added at the end of its
+  node list: each is recorded in the legs' metadata as not up to date and
+  copied in full in the background (mirror/adding.py).
 
 Everything else is refused with one line naming the key or the storage:
 the other global keys, `timeouts.keepalive` (running connections ping at
 the interval they were opened with), an algorithm or an algorithm option,
-any change of a mirror's legs (needs a remount in this release), and
+any other change of a mirror's legs (removing, reordering or changing a
+leg needs a remount in this release), and
 removing a storage (needs a remount in this release: its file may be in
 use, and a storage is flushed and closed only with the mount).
 """
@@ -195,6 +199,12 @@ def _storage(
     if before == after:
         return ()
     cls = algorithm_class(new.algorithm)
+    if cls.adds_legs:
+        refusal = _leg_refusal(old, before, after)
+        if refusal is not None:
+            refusals.append(f"storage {name}: {refusal}")
+            return ()
+        return _appendable(name, new.nodes[len(old.nodes) :], refusals)
     if cls.serves_without_a_node:
         # A redundant storage's nodes are its legs.
         refusals.append(f"storage {name}: leg changes need a remount in this release")
@@ -213,6 +223,12 @@ def _storage(
             "(the other storage's map would move)"
         )
         return ()
+    return _appendable(name, grown, refusals)
+
+
+def _appendable(
+    name: str, grown: tuple[NodeSpec, ...], refusals: list[str]
+) -> tuple[NodeSpec, ...]:
     for node in grown:
         if node.kind not in _APPENDABLE_KINDS:
             refusals.append(
@@ -221,6 +237,23 @@ def _storage(
             )
             return ()
     return grown
+
+
+def _leg_refusal(old: StorageSpec, before: list[tuple], after: list[tuple]) -> str | None:
+    """Why a mirror's new leg list is not its old one with legs added at
+    the end, or None. A leg's position is its identity in the legs'
+    metadata, so legs can only be added at the end."""
+    if after[: len(before)] == before:
+        return None
+    present = set(after)
+    removed = [node for node, key in zip(old.nodes, before, strict=True) if key not in present]
+    if removed:
+        gone = ", ".join(describe_node(node) for node in removed)
+        return f"leg(s) removed ({gone}): removing a mirror leg needs a remount in this release"
+    return (
+        "legs reordered or changed: a mirror's legs can only be added at the end of its "
+        "node list (a leg's position is recorded in the metadata of every leg)"
+    )
 
 
 def _linear_refusal(

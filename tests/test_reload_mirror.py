@@ -115,6 +115,14 @@ def wait_copying(mount, leg: int, timeout: float = 60.0) -> dict:
         time.sleep(0.1)
 
 
+def wait_nodes(mount, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(status(mount)["nodes"]) != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {count} nodes: {status(mount)}\n{mount.log_tail()}")
+        time.sleep(0.1)
+
+
 def single_line_refusal(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 1, done.stdout
     lines = done.stderr.splitlines()
@@ -123,7 +131,7 @@ def single_line_refusal(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_a_leg_added_under_fio_load_is_brought_up_to_date(tmp_path):
+def test_a_leg_added_under_fio_load_is_brought_up_to_date_then_removed(tmp_path):
     require_loop()
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
@@ -149,20 +157,33 @@ def test_a_leg_added_under_fio_load_is_brought_up_to_date(tmp_path):
                     segments = load.segments
                     while load.segments < segments + 1 and not load.failures:
                         time.sleep(0.2)  # one whole segment on three legs
-                    # Removing a leg is refused with one line, nothing applied.
+                    # Only the last legs can go online: leg 0 is refused, one line.
                     legs_config(tmp_path, legs[1:], resync_rate="24M")
                     line = single_line_refusal(reload(mountpoint))
-                    assert "removing a mirror leg needs a remount" in line, line
+                    assert "only the last legs of a mirror can be removed online" in line, line
                     assert len(status(mount)["nodes"]) == 3
+                    # The added leg goes again, under the same load.
+                    legs_config(tmp_path, legs[:2], resync_rate="24M")
+                    done = reload(mountpoint)
+                    assert done.returncode == 0, done.stderr
+                    assert "leg 2 (" in done.stdout and "removed" in done.stdout
+                    wait_nodes(mount, 2)
+                    assert wait_state(mount, "clean")["state"] == "clean"
+                    segments = load.segments
+                    while load.segments < segments + 1 and not load.failures:
+                        time.sleep(0.2)  # one whole segment on two legs
                 assert load.failures == [], load.failures
                 assert load.segments >= 2
                 run("fsck.ext4", "-f", "-n", device)
             log = mount.log_tail(400)
             assert "vol0 leg 2" in log and "added at generation" in log
+            assert "removed at generation" in log
             assert mount.umount().returncode == 0
         first = data_area(legs[0], size)
         assert data_area(legs[1], size) == first
-        assert data_area(legs[2], size) == first
+        # The removed leg says it is not up to date; the others forgot it.
+        assert not _header(legs[2]).self_record.in_sync
+        assert _header(legs[0]).member(2) is None and _header(legs[1]).member(2) is None
 
 
 def _header(leg: LegExport):
@@ -238,3 +259,21 @@ def test_a_leg_holding_another_storage_is_refused_and_nothing_is_applied(tmp_pat
             assert mount.umount().returncode == 0
         assert _header(legs[2]).storage_id == foreign
         assert _header(legs[0]).member(2) is None
+
+
+def test_the_last_up_to_date_leg_cannot_be_removed(tmp_path):
+    with leg_exports(tmp_path, count=3, size=64 * MiB) as legs:
+        config = legs_config(tmp_path, legs, resync_rate="1M")
+        mountpoint = tmp_path / "mnt"
+        with mounted(config, mountpoint, options=["assume_clean"]) as mount:
+            for leg in (0, 1):
+                (mountpoint / ".dst" / "vol0" / f"n-0-{leg}" / "dirty").write_text("1\n")
+            wait_copying(mount, 0)
+            assert [node["state"] for node in status(mount)["nodes"]][2] == "clean"
+            legs_config(tmp_path, legs[:2], resync_rate="1M")
+            line = single_line_refusal(reload(mountpoint))
+            assert "cannot remove leg(s) 2: no remaining leg is up to date" in line, line
+            assert len(status(mount)["nodes"]) == 3
+            assert mount.control("vol0", "n-0-2", "disk").strip() == "up_to_date"
+            assert mount.control(".reload").startswith("refused ")
+            assert "removal started" not in mount.log_tail(400)

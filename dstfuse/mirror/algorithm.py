@@ -48,6 +48,7 @@ from .membership import Membership
 from .metadata import BLOCK, MAX_LEGS
 from .opening import Opened, open_mirror
 from .options import CONFIG_OPTIONS, MOUNT_OPTIONS, MirrorOptions
+from .removing import begin_removal, refuse_unsafe_removal, retire_legs
 from .routing import ReadRouter
 from .runtime import MirrorRuntime
 from .sizing import find_mirror_size
@@ -180,6 +181,25 @@ class Mirror(Algorithm):
                 )
             )
         self.membership.kick()
+
+    def check_removal(self, count: int) -> None:
+        """UserError (one line) unless the last `count` legs can be removed
+        now (removing.refuse_unsafe_removal)."""
+        if self._runtime is None:
+            raise UserError(f"storage {self.storage_name} is not started")
+        refuse_unsafe_removal(self.storage_name, self.legs, count)
+
+    def remove_last(self, count: int) -> list[MirrorLeg]:
+        """Remove the last `count` legs (checked by `check_removal` with no
+        await since): they stop at once, and `retire_legs` records the new
+        membership and closes their nodes in the background. The legs."""
+        gone = self.legs[len(self.legs) - count :]
+        for leg in gone:
+            begin_removal(leg, self.membership)
+        self.runtime.tasks.start_soon(
+            retire_legs, gone, self.membership, self.legs, self._placements
+        )
+        return gone
 
     def _placement(self, leg: MirrorLeg) -> Placement:
         live = self.runtime

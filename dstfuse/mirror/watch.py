@@ -88,7 +88,7 @@ class LegWatch:
     async def watch(self, leg: MirrorLeg) -> None:
         legs = self._legs
         attempts = 0
-        while True:
+        while leg in legs:  # a leg removed by a reload is watched no more
             seen = leg.node.state
             if leg.in_sync:
                 attempts = 0

@@ -26,6 +26,7 @@ from .test_mirror_e2e import (
     mirror_config,
     status,
     storage_size,
+    wait_marked,
     wait_state,
 )
 
@@ -277,3 +278,40 @@ def test_the_last_up_to_date_leg_cannot_be_removed(tmp_path):
             assert mount.control("vol0", "n-0-2", "disk").strip() == "up_to_date"
             assert mount.control(".reload").startswith("refused ")
             assert "removal started" not in mount.log_tail(400)
+
+
+def test_a_removed_leg_is_never_taken_as_up_to_date_by_the_old_config(tmp_path):
+    """The last leg is removed, the storage written without it, the client
+    killed: a mount of the old config (with the leg) copies it back in full
+    and ends with three identical legs holding the new data."""
+    with leg_exports(tmp_path, count=3, size=64 * MiB) as legs:
+        old = legs_config(tmp_path, legs)
+        mountpoint = tmp_path / "mnt"
+        with mounted(old, mountpoint, options=["assume_clean"]) as mount:
+            size = storage_size(mount)
+            legs_config(tmp_path, legs[:2])
+            done = reload(mountpoint)
+            assert done.returncode == 0, done.stderr
+            wait_nodes(mount, 2)
+            payload = os.urandom(MiB)
+            fd = os.open(mount.file("vol0"), os.O_WRONLY)
+            try:
+                for offset in range(0, 32 * MiB, 2 * MiB):
+                    os.pwrite(fd, payload, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # The two legs went on: the bitmap no longer says what leg 2 missed.
+            wait_marked(mount, 0)
+            os.kill(mount.pid, signal.SIGKILL)
+            mount.process.wait(30)
+        assert not _header(legs[2]).self_record.in_sync
+        old = legs_config(tmp_path, legs)
+        with mounted(old, mountpoint) as mount:
+            clean = wait_state(mount, "clean", timeout=120)
+            assert clean["nodes"][2]["resync_total"] >= size
+            assert mount.umount().returncode == 0
+        first = data_area(legs[0], size)
+        assert first[2 * MiB : 3 * MiB] == payload
+        assert data_area(legs[1], size) == first
+        assert data_area(legs[2], size) == first

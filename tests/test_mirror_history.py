@@ -185,3 +185,21 @@ def test_a_leg_of_this_storage_the_source_has_no_row_for_is_copied_in_full():
         ],
     )
     assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: FULL}
+
+
+def test_an_unreachable_leg_the_source_has_no_row_for_is_copied_in_full_when_back():
+    plan = plan_start(
+        "vol0",
+        [
+            found(0, 9, [SYNC, SYNC]),
+            found(1, 9, [SYNC, SYNC]),
+            LegFinding(2, reachable=False, problem="offline"),
+        ],
+        force=True,
+    )
+    assert plan.roles[2] == OFFLINE and plan.unknown_history == {2}
+    known = plan_start(
+        "vol0",
+        [found(0, 9, [SYNC, stale(8)]), LegFinding(1, reachable=False, problem="offline")],
+    )
+    assert known.unknown_history == set()

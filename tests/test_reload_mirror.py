@@ -315,3 +315,37 @@ def test_a_removed_leg_is_never_taken_as_up_to_date_by_the_old_config(tmp_path):
         assert first[2 * MiB : 3 * MiB] == payload
         assert data_area(legs[1], size) == first
         assert data_area(legs[2], size) == first
+
+
+def test_a_leg_back_in_a_longer_config_while_offline_is_copied_in_full(tmp_path):
+    """A leg left out of the config, the storage written without it (the
+    bitmap cleared), then a config with it again mounted with -o force
+    while it is unreachable: when it comes online it is copied in full,
+    although its own header still says in sync."""
+    with leg_exports(tmp_path, count=3, size=64 * MiB) as legs:
+        mountpoint = tmp_path / "mnt"
+        with mounted(legs_config(tmp_path, legs), mountpoint, options=["assume_clean"]) as mount:
+            size = storage_size(mount)
+            assert mount.umount().returncode == 0
+        with mounted(legs_config(tmp_path, legs[:2]), mountpoint) as mount:
+            payload = os.urandom(MiB)
+            fd = os.open(mount.file("vol0"), os.O_WRONLY)
+            try:
+                for offset in range(0, 32 * MiB, 2 * MiB):
+                    os.pwrite(fd, payload, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            wait_marked(mount, 0)
+            assert mount.umount().returncode == 0
+        assert _header(legs[2]).self_record.in_sync
+        legs[2].stop()
+        config = legs_config(tmp_path, legs)
+        with mounted(config, mountpoint, options=["force"]) as mount:
+            legs[2].start()
+            clean = wait_state(mount, "clean", timeout=120)
+            assert clean["nodes"][2]["resync_total"] >= size
+            assert mount.umount().returncode == 0
+        first = data_area(legs[0], size)
+        assert first[2 * MiB : 3 * MiB] == payload
+        assert data_area(legs[2], size) == first

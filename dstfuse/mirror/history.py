@@ -61,6 +61,10 @@ class StartPlan:
     bitmap_legs: list[int] = field(default_factory=list)
     #: the check arrays were kept by every session (else they are zeroed)
     checks_valid: bool = False
+    #: unreachable legs the source's member table has no row for: when they
+    #: come back their history is unknown (a full resync, whatever their
+    #: own headers say)
+    unknown_history: set[int] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -188,6 +192,8 @@ def plan_start(
     )
     for finding in findings:
         plan.roles[finding.index] = _role(finding, source, members, consistent, claimed, primary)
+        if not finding.reachable and src.member(finding.index) is None:
+            plan.unknown_history.add(finding.index)
         if finding.header is None and finding.reachable:
             plan.notes.append(
                 f"leg {finding.index}: {finding.problem or 'no metadata'}; full resync from "

@@ -190,7 +190,8 @@ class LegWatch:
                 f"{header.generation}); unmount and mount with -o primary=<leg> to choose",
             )
         else:
-            leg.full_resync = header.self_record.full_resync
+            # A full resync decided at mount (history unknown there) stays one.
+            leg.full_resync = leg.full_resync or header.self_record.full_resync
             if not leg.full_resync:
                 await leg.read_bitmap(self._membership.storage_id, extra)
         if leg.full_resync and self._checks:

@@ -48,7 +48,12 @@ from .membership import Membership
 from .metadata import BLOCK, MAX_LEGS
 from .opening import Opened, open_mirror
 from .options import CONFIG_OPTIONS, MOUNT_OPTIONS, MirrorOptions
-from .removing import begin_removal, refuse_unsafe_removal, retire_legs
+from .removing import (
+    begin_removal,
+    refuse_unsafe_removal,
+    refuse_while_removing,
+    retire_legs,
+)
 from .routing import ReadRouter
 from .runtime import MirrorRuntime
 from .sizing import find_mirror_size
@@ -154,6 +159,7 @@ class Mirror(Algorithm):
             raise UserError(f"storage {self.storage_name}: a mirror has at most {MAX_LEGS} legs")
         if self.lease.fenced:
             raise UserError(f"storage {self.storage_name} is fenced: {self.lease.fenced}")
+        refuse_while_removing(self.storage_name, self.legs)
         for position, (node, limit) in enumerate(nodes, start=len(self.legs)):
             await check_new_leg(
                 self._new_leg(position, node, limit), live.geometry, self.membership.storage_id

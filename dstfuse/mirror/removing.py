@@ -40,9 +40,21 @@ log = logging.getLogger(__name__)
 REMOVING = "being removed by a reload"
 
 
+def refuse_while_removing(storage_name: str, legs: list[MirrorLeg]) -> None:
+    """UserError (one line) while an earlier removal is still being
+    recorded: the member list shrinks only at its end, one change at a time."""
+    busy = [str(leg.index) for leg in legs if leg.blocked == REMOVING]
+    if busy:
+        raise UserError(
+            f"storage {storage_name}: the removal of leg(s) {', '.join(busy)} is still being "
+            "recorded; reload again in a moment"
+        )
+
+
 def refuse_unsafe_removal(storage_name: str, legs: list[MirrorLeg], count: int) -> None:
-    """UserError (one line) unless the last `count` legs can go: at least
-    one up-to-date leg must remain."""
+    """UserError (one line) unless the last `count` legs can go: no other
+    removal is under way, and at least one up-to-date leg remains."""
+    refuse_while_removing(storage_name, legs)
     kept, gone = legs[: len(legs) - count], legs[len(legs) - count :]
     if not any(leg.in_sync for leg in kept):
         up_to_date = [str(leg.index) for leg in gone if leg.in_sync]

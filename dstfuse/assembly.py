@@ -105,6 +105,8 @@ class Assembly:
                             "appending it would make the whole storage read-only"
                         )
                     nodes[name].append((node, spec.size))
+            for name, pairs in nodes.items():
+                await self.storages[name].algorithm.check_append(pairs)
             built = dict(self.storages)
             for name in added:
                 built[name] = await builder.build_storage(config.storages[name], started, built)

@@ -18,8 +18,9 @@ Order of a reload (reloads run one at a time):
    not start closes the others again and refuses the reload;
 4. only then, with no await until the last step, is anything changed: the
    new timeouts go to every node, the new storages join the mount (control
-   directories, files), the grown storages get their nodes, and the new
-   config becomes the running one;
+   directories, files), the grown storages get their nodes (a mirror gets
+   new legs, which it records and copies in the background, see
+   mirror/adding.py), and the new config becomes the running one;
 5. each grown storage file's size is refreshed in the kernel
    (`LiveMount.storage_resized`), so `losetup -c` sees it when the command
    returns.
@@ -107,11 +108,31 @@ class LiveReload:
         self.last = ReloadOutcome(outcome, datetime.datetime.now(datetime.UTC), message)
         return self.last
 
+    def _remove_legs(self, plan: ReloadPlan) -> str:
+        """Remove mirror legs (a reload of its own, see reload_plan): every
+        removal is checked, then all are begun, with no await in between,
+        so what was checked is what is applied."""
+        mirrors = {name: self._assembly.storages[name].algorithm for name in plan.removed}
+        for name, count in plan.removed.items():
+            mirrors[name].check_removal(count)
+        done = []
+        for name, count in plan.removed.items():
+            for leg in mirrors[name].remove_last(count):
+                done.append(
+                    f"storage {name}: leg {leg.index} ({leg.node.description}) removed: it "
+                    "takes no more writes; its node is closed once the new membership is "
+                    "recorded"
+                )
+        self.config = plan.config
+        return "; ".join(done)
+
     async def _apply(self, plan: ReloadPlan) -> str:
         """Carry out `plan` (all or nothing, see the module doc); what it did."""
         if plan.empty:
             self.config = plan.config  # the same, with the file's new line numbers
             return f"nothing to change: {plan.config.path} is what the mount runs"
+        if plan.removed:
+            return self._remove_legs(plan)
         running_nodes = list(self._assembly.nodes)
         extension = await self._assembly.extend(plan.config, plan.appended, plan.added)
         # From here on nothing fails and nothing awaits until every change is made.
@@ -133,6 +154,14 @@ class LiveReload:
             storage = self._assembly.storages[name]
             before = storage.size
             storage.append_nodes(nodes)
+            if storage.algorithm.adds_legs:
+                first = len(storage.placements()) - len(nodes)
+                for position, spec in enumerate(plan.appended[name], start=first):
+                    done.append(
+                        f"storage {name}: leg {position} ({describe_node(spec)}) added, "
+                        "not up to date: copied in the background (dstfuse status shows it)"
+                    )
+                continue
             grown.append(storage)
             appended = ", ".join(describe_node(spec) for spec in plan.appended[name])
             done.append(

@@ -16,12 +16,18 @@ What may change online in this release:
   have to move). Its existing nodes may not change, move or go: that would
   move or drop data;
 - a new storage may be added (a new file appears), built from leaf nodes
-  and other new storages only.
+  and other new storages only;
+- a mirror may get legs (remote or local nodes) added at the end of its
+  node list: each is recorded in the legs' metadata as not up to date and
+  copied in full in the background (mirror/adding.py); it may lose legs
+  at the end of its node list, unless that leaves no up-to-date leg
+  (mirror/removing.py), in a reload that changes nothing else.
 
 Everything else is refused with one line naming the key or the storage:
 the other global keys, `timeouts.keepalive` (running connections ping at
 the interval they were opened with), an algorithm or an algorithm option,
-any change of a mirror's legs (needs a remount in this release), and
+any other change of a mirror's legs (removing a leg that is not at the end,
+reordering or changing a leg need a remount in this release), and
 removing a storage (needs a remount in this release: its file may be in
 use, and a storage is flushed and closed only with the mount).
 """
@@ -62,20 +68,23 @@ class ReloadRefused(UserError):
 @dataclass(frozen=True)
 class ReloadPlan:
     """What a reload applies. `appended` maps a linear storage to the node
-    specs to append at its end, in order; `added` names the new storages
+    specs to append at its end, in order (a mirror: its new legs);
+    `removed` a mirror to the number of legs it loses at the end; `added` names the new storages
     in the config's (dependency) order; `timeouts` is the new timing when
     it changed (None otherwise), and `changes` says each timing change in
     one phrase (growth is described once applied, with the new size)."""
 
     config: MountConfig
     appended: dict[str, tuple[NodeSpec, ...]] = field(default_factory=dict)
+    #: mirror storage -> how many legs to remove from the end of its list
+    removed: dict[str, int] = field(default_factory=dict)
     added: tuple[str, ...] = ()
     timeouts: Timeouts | None = None
     changes: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.changes and not self.appended and not self.added
+        return not self.changes and not self.appended and not self.added and not self.removed
 
 
 def describe_node(spec: NodeSpec) -> str:
@@ -104,6 +113,7 @@ def plan_reload(running: MountConfig, wanted: MountConfig) -> ReloadPlan:
             refusals.append(f"{key} cannot change online")
     timeouts = _timeouts(running.timeouts, wanted.timeouts, changes, refusals)
     appended: dict[str, tuple[NodeSpec, ...]] = {}
+    removed: dict[str, int] = {}
     added: list[str] = []
     nested = _nested_storages(running)
     for name in running.storages:
@@ -121,14 +131,26 @@ def plan_reload(running: MountConfig, wanted: MountConfig) -> ReloadPlan:
             else:
                 refusals.append(refusal)
             continue
+        cls = algorithm_class(spec.algorithm)
+        if cls.adds_legs and old.algorithm == spec.algorithm and len(spec.nodes) < len(old.nodes):
+            count = _removed_legs(old, spec, refusals)
+            if count:
+                removed[name] = count
+            continue
         grown = _storage(old, spec, name in nested, refusals)
         if grown:
             appended[name] = grown
+    if removed and (appended or added or changes):
+        refusals.append(
+            "removing mirror legs cannot be combined with other changes: remove them in a "
+            "reload of their own"
+        )
     if refusals:
         raise ReloadRefused("; ".join(refusals))
     return ReloadPlan(
         config=wanted,
         appended=appended,
+        removed=removed,
         added=tuple(added),
         timeouts=timeouts,
         changes=tuple(changes),
@@ -187,14 +209,18 @@ def _storage(
             f"storage {name}: algorithm cannot change online ({old.algorithm} -> {new.algorithm})"
         )
         return ()
-    for option in sorted(set(old.options) | set(new.options)):
-        if old.options.get(option) != new.options.get(option):
-            refusals.append(f"storage {name}: {option} cannot change online in this release")
+    _storage_options(old, new, refusals)
     before = [_identity(node) for node in old.nodes]
     after = [_identity(node) for node in new.nodes]
     if before == after:
         return ()
     cls = algorithm_class(new.algorithm)
+    if cls.adds_legs:
+        refusal = _leg_refusal(old, before, after)
+        if refusal is not None:
+            refusals.append(f"storage {name}: {refusal}")
+            return ()
+        return _appendable(name, new.nodes[len(old.nodes) :], refusals)
     if cls.serves_without_a_node:
         # A redundant storage's nodes are its legs.
         refusals.append(f"storage {name}: leg changes need a remount in this release")
@@ -213,6 +239,18 @@ def _storage(
             "(the other storage's map would move)"
         )
         return ()
+    return _appendable(name, grown, refusals)
+
+
+def _storage_options(old: StorageSpec, new: StorageSpec, refusals: list[str]) -> None:
+    for option in sorted(set(old.options) | set(new.options)):
+        if old.options.get(option) != new.options.get(option):
+            refusals.append(f"storage {new.name}: {option} cannot change online in this release")
+
+
+def _appendable(
+    name: str, grown: tuple[NodeSpec, ...], refusals: list[str]
+) -> tuple[NodeSpec, ...]:
     for node in grown:
         if node.kind not in _APPENDABLE_KINDS:
             refusals.append(
@@ -221,6 +259,45 @@ def _storage(
             )
             return ()
     return grown
+
+
+def _removed_legs(old: StorageSpec, new: StorageSpec, refusals: list[str]) -> int:
+    """How many legs mirror `new` drops from the end of `old`'s list (0
+    with a refusal appended when it is not that). Only the last legs can go
+    online: every other leg would change position, and a leg's position is
+    recorded in the metadata of every leg."""
+    name = new.name
+    _storage_options(old, new, refusals)
+    before = [_identity(node) for node in old.nodes]
+    after = [_identity(node) for node in new.nodes]
+    if before[: len(after)] == after:
+        return len(before) - len(after)
+    present = set(after)
+    removed = [node for node, key in zip(old.nodes, before, strict=True) if key not in present]
+    gone = ", ".join(describe_node(node) for node in removed)
+    refusals.append(
+        f"storage {name}: leg(s) removed ({gone}): only the last legs of a mirror can be "
+        "removed online (the others would change position, which every leg's metadata "
+        "records); removing another leg needs a remount in this release"
+    )
+    return 0
+
+
+def _leg_refusal(old: StorageSpec, before: list[tuple], after: list[tuple]) -> str | None:
+    """Why a mirror's new leg list is not its old one with legs added at
+    the end, or None. A leg's position is its identity in the legs'
+    metadata, so legs can only be added at the end."""
+    if after[: len(before)] == before:
+        return None
+    present = set(after)
+    removed = [node for node, key in zip(old.nodes, before, strict=True) if key not in present]
+    if removed:
+        gone = ", ".join(describe_node(node) for node in removed)
+        return f"leg(s) removed ({gone}): removing a mirror leg needs a remount in this release"
+    return (
+        "legs reordered or changed: a mirror's legs can only be added at the end of its "
+        "node list (a leg's position is recorded in the metadata of every leg)"
+    )
 
 
 def _linear_refusal(

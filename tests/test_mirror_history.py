@@ -168,3 +168,38 @@ def test_the_mount_decision_over_disk_states(findings, options, outcome):
         assert "may hold newer data" in str(refused.value)
     else:
         assert plan_start("vol0", legs, **options).source == outcome
+
+
+def test_a_leg_of_this_storage_the_source_has_no_row_for_is_copied_in_full():
+    """A leg added online (or by a longer config) that already holds this
+    storage's metadata from an earlier time: the source's table has no row
+    for it, so nothing says which regions it missed (the bitmap was cleared
+    while it was not a member). A crash before the add recorded it must not
+    let its own old `in sync` row make it a partial resync."""
+    plan = plan_start(
+        "vol0",
+        [
+            found(0, 9, [SYNC, SYNC], clean=False),
+            found(1, 9, [SYNC, SYNC], clean=False),
+            found(2, 4, [SYNC, SYNC, SYNC], clean=False),
+        ],
+    )
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: FULL}
+
+
+def test_an_unreachable_leg_the_source_has_no_row_for_is_copied_in_full_when_back():
+    plan = plan_start(
+        "vol0",
+        [
+            found(0, 9, [SYNC, SYNC]),
+            found(1, 9, [SYNC, SYNC]),
+            LegFinding(2, reachable=False, problem="offline"),
+        ],
+        force=True,
+    )
+    assert plan.roles[2] == OFFLINE and plan.unknown_history == {2}
+    known = plan_start(
+        "vol0",
+        [found(0, 9, [SYNC, stale(8)]), LegFinding(1, reachable=False, problem="offline")],
+    )
+    assert known.unknown_history == set()

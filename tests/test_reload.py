@@ -331,9 +331,10 @@ def test_a_refused_reload_changes_nothing_and_says_why(tmp_path):
             ),
             "mirror leg": (
                 write_config(
-                    tmp_path / "x.yaml", local_storages(a, b, c, d, mirror_nodes=(c, d, e))
+                    tmp_path / "x.yaml", local_storages(a, b, c, d, mirror_nodes=(c, e))
                 ).read_text(),
-                "storage m: leg changes need a remount in this release",
+                f"storage m: leg(s) removed (L: {d}): removing a mirror leg needs a remount in "
+                "this release",
             ),
         }
         for what, (text, reason) in bad.items():

@@ -52,6 +52,11 @@ def test_nodes_appended_at_the_end_of_a_linear_storage_are_planned_in_order(tmp_
     assert [node.target for node in result.appended["vol"]] == ["/b", "/c"]
 
 
+def test_legs_added_at_the_end_of_a_mirror_are_planned_in_order(tmp_path):
+    result = plan(tmp_path, {"m": mirror("/a", "/b")}, {"m": mirror("/a", "/b", "/c", "/d")})
+    assert [node.target for node in result.appended["m"]] == ["/c", "/d"]
+
+
 def test_new_storages_are_added_in_dependency_order(tmp_path):
     result = plan(
         tmp_path,
@@ -126,13 +131,19 @@ def test_online_timeouts_apply_and_keepalive_is_refused(tmp_path):
         ),
         (
             {"vol": mirror("/a", "/b")},
-            {"vol": mirror("/a", "/b", "/c")},
-            "storage vol: leg changes need a remount in this release",
+            {"vol": mirror("/a", "/c")},
+            "storage vol: leg(s) removed (L: /b): removing a mirror leg needs a remount in this "
+            "release",
         ),
         (
             {"vol": mirror("/a", "/b")},
-            {"vol": mirror("/a", "/c")},
-            "storage vol: leg changes need a remount in this release",
+            {"vol": mirror("/b", "/a")},
+            "storage vol: legs reordered or changed: a mirror's legs can only be added at the end",
+        ),
+        (
+            {"vol": mirror("/a", "/b")},
+            {"vol": mirror("/a", "/x", "/b")},
+            "storage vol: legs reordered or changed",
         ),
         (
             {"vol": mirror("/a", "/b")},
@@ -187,13 +198,14 @@ def test_every_refusal_is_named_and_nothing_is_planned(tmp_path):
     )
     assert message.split("; ")[0] == "max_in_flight cannot change online"
     assert "storage vol: node(s) removed from the end" in message
-    assert "storage m: leg changes need a remount" in message
+    assert "storage m: leg(s) removed (L: /d): removing a mirror leg needs a remount" in message
 
 
 def test_a_refused_change_refuses_the_growth_beside_it(tmp_path):
     message = refusal(
         tmp_path,
         {"vol": linear("/a"), "m": mirror("/c", "/d")},
-        {"vol": linear("/a", "/b"), "m": mirror("/c", "/d", "/e")},
+        {"vol": linear("/a", "/b"), "m": mirror("/d", "/c")},
     )
-    assert message == "storage m: leg changes need a remount in this release"
+    assert message.startswith("storage m: legs reordered or changed")
+    assert ";" not in message

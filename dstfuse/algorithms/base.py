@@ -97,6 +97,9 @@ class Algorithm(abc.ABC):
     #: True when a running storage can take nodes appended at the end of
     #: its map (`append`), growing without moving any byte.
     grows_by_appending: ClassVar[bool] = False
+    #: True when a running storage can take nodes appended at the end of
+    #: its node list as new legs (`append`), keeping its size.
+    adds_legs: ClassVar[bool] = False
 
     @classmethod
     async def find_size(
@@ -150,8 +153,13 @@ class Algorithm(abc.ABC):
 
     def append(self, nodes: list[tuple[Node, int | None]]) -> None:
         """Place started `nodes` (with their size limits) after the last
-        byte of the storage; only for `grows_by_appending` algorithms."""
+        byte of the storage (`grows_by_appending` algorithms), or add them
+        as new legs (`adds_legs` algorithms)."""
         raise NotImplementedError(f"{type(self).__name__} does not grow online")
+
+    async def check_append(self, nodes: list[tuple[Node, int | None]]) -> None:  # noqa: B027
+        """Before a reload appends started `nodes`: UserError (one line)
+        if the algorithm cannot take them. Reads only; nothing is changed."""
 
     def resync_progress(self, placement: Placement) -> tuple[int, int]:
         """(bytes done, bytes total) of the node's current resync."""

@@ -37,6 +37,7 @@ from ..errors import NodeError, UserError
 from ..nodes.base import Node
 from ..ranges import WriteOrder
 from ..units import format_size
+from .adding import admit_leg, check_new_leg
 from .checks import UNKNOWN, ZERO_BLOCK_DIGEST, digests_of, uniform_entries
 from .controls import leg_controls
 from .dispatch import LegDispatch
@@ -47,6 +48,12 @@ from .membership import Membership
 from .metadata import BLOCK, MAX_LEGS
 from .opening import Opened, open_mirror
 from .options import CONFIG_OPTIONS, MOUNT_OPTIONS, MirrorOptions
+from .removing import (
+    begin_removal,
+    refuse_unsafe_removal,
+    refuse_while_removing,
+    retire_legs,
+)
 from .routing import ReadRouter
 from .runtime import MirrorRuntime
 from .sizing import find_mirror_size
@@ -67,6 +74,7 @@ class Mirror(Algorithm):
     config_options = CONFIG_OPTIONS
     minimum_nodes = 2
     serves_without_a_node = True
+    adds_legs = True
     replicated = True
     writes_metadata = True
     find_size = staticmethod(find_mirror_size)
@@ -78,12 +86,7 @@ class Mirror(Algorithm):
         if not 0 < len(nodes) <= MAX_LEGS:
             raise UserError(f"storage {storage_name}: a mirror has 1 to {MAX_LEGS} nodes")
         self.options = settings = MirrorOptions.parse(storage_name, options)
-        self.legs = [
-            MirrorLeg(storage_name, index, node, limit) for index, (node, limit) in enumerate(nodes)
-        ]
-        for leg in self.legs:
-            leg.resync_size = settings.resync_size
-            leg.resync_rate = settings.resync_rate
+        self.legs = [self._new_leg(index, node, limit) for index, (node, limit) in enumerate(nodes)]
         self.write_order = WriteOrder()
         self.dispatch = LegDispatch(storage_name, settings.leg_timeout)
         self.membership = Membership(storage_name, self.legs, settings, self.dispatch)
@@ -146,6 +149,79 @@ class Mirror(Algorithm):
             "bitmap": ControlFile(read=lambda: self.runtime.bitmap_text()),
         }
 
+    def _new_leg(self, index: int, node: Node, limit: int | None) -> MirrorLeg:
+        leg = MirrorLeg(self.storage_name, index, node, limit)
+        leg.resync_size = self.options.resync_size
+        leg.resync_rate = self.options.resync_rate
+        return leg
+
+    # -- adding legs (reload) --------------------------------------------
+    async def check_append(self, nodes: list[tuple[Node, int | None]]) -> None:
+        """UserError (one line) unless every node can be added as a leg
+        (adding.check_new_leg); reads only."""
+        live = self.runtime
+        if len(self.legs) + len(nodes) > MAX_LEGS:
+            raise UserError(f"storage {self.storage_name}: a mirror has at most {MAX_LEGS} legs")
+        if self.lease.fenced:
+            raise UserError(f"storage {self.storage_name} is fenced: {self.lease.fenced}")
+        refuse_while_removing(self.storage_name, self.legs)
+        for position, (node, limit) in enumerate(nodes, start=len(self.legs)):
+            await check_new_leg(
+                self._new_leg(position, node, limit), live.geometry, self.membership.storage_id
+            )
+
+    def append(self, nodes: list[tuple[Node, int | None]]) -> None:
+        """Add `nodes` (checked by `check_append`) as new legs at the end:
+        each joins as a stale leg whose history is unknown (it takes no write
+        and serves no read), and `admit_leg` records it in the legs' headers,
+        then brings it up to date in the background."""
+        live = self.runtime
+        for node, limit in nodes:
+            leg = self._new_leg(len(self.legs), node, limit)
+            leg.full_resync = True
+            self.legs.append(leg)
+            self._placements.append(self._placement(leg))
+            log.info("%s: added by a reload; recording it before it takes writes", leg)
+            live.tasks.start_soon(
+                lambda leg=leg: admit_leg(
+                    leg,
+                    self.membership,
+                    live.geometry,
+                    checks=live.checks is not None,
+                    watch=live.watch.watch,
+                )
+            )
+        self.membership.kick()
+
+    def check_removal(self, count: int) -> None:
+        """UserError (one line) unless the last `count` legs can be removed
+        now (removing.refuse_unsafe_removal)."""
+        if self._runtime is None:
+            raise UserError(f"storage {self.storage_name} is not started")
+        refuse_unsafe_removal(self.storage_name, self.legs, count)
+
+    def remove_last(self, count: int) -> list[MirrorLeg]:
+        """Remove the last `count` legs (checked by `check_removal` with no
+        await since): they stop at once, and `retire_legs` records the new
+        membership and closes their nodes in the background. The legs."""
+        gone = self.legs[len(self.legs) - count :]
+        for leg in gone:
+            begin_removal(leg, self.membership)
+        self.runtime.tasks.start_soon(
+            retire_legs, gone, self.membership, self.legs, self._placements
+        )
+        return gone
+
+    def _placement(self, leg: MirrorLeg) -> Placement:
+        live = self.runtime
+        return Placement(
+            node=leg.node,
+            start=0,
+            size=live.geometry.size,
+            cookie=leg.index,
+            controls=leg_controls(live.states, leg),
+        )
+
     # -- start -----------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
         """Open the storage (opening.py: refuse a held storage or split
@@ -156,17 +232,7 @@ class Mirror(Algorithm):
             self.storage_name, self.legs, self.options, self.membership, self.lease, self.router
         )
         self._runtime = await nursery.start(self._run_background, opened)
-        live = self.runtime
-        self._placements = [
-            Placement(
-                node=leg.node,
-                start=0,
-                size=live.geometry.size,
-                cookie=leg.index,
-                controls=leg_controls(live.states, leg),
-            )
-            for leg in self.legs
-        ]
+        self._placements = [self._placement(leg) for leg in self.legs]
         for leg in self.legs:
             log.info("%s: %s", leg, leg.node_state())
         log.info(

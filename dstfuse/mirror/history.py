@@ -21,7 +21,7 @@ tested as a table. The rules (docs/mirror-metadata.md, "Deciding at mount"):
   marked in the union of the legs' bitmaps (the bitmap keeps every region
   written while any leg was stale), or everything when its history is
   unknown (no metadata, another storage's metadata, an unfinished full
-  resync).
+  resync, or a leg the source's member table has no row for).
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ class StartPlan:
     bitmap_legs: list[int] = field(default_factory=list)
     #: the check arrays were kept by every session (else they are zeroed)
     checks_valid: bool = False
+    #: unreachable legs the source's member table has no row for: when they
+    #: come back their history is unknown (a full resync, whatever their
+    #: own headers say)
+    unknown_history: set[int] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -188,6 +192,8 @@ def plan_start(
     )
     for finding in findings:
         plan.roles[finding.index] = _role(finding, source, members, consistent, claimed, primary)
+        if not finding.reachable and src.member(finding.index) is None:
+            plan.unknown_history.add(finding.index)
         if finding.header is None and finding.reachable:
             plan.notes.append(
                 f"leg {finding.index}: {finding.problem or 'no metadata'}; full resync from "
@@ -319,7 +325,11 @@ def _role(
     header, src = finding.header, source.header
     assert header is not None and src is not None
     record = src.member(finding.index)
-    if header.self_record.full_resync or (record is not None and record.full_resync):
+    if record is None:
+        # The source never counted this leg a member (added online, or by a
+        # longer config): which regions it missed is unknown.
+        return FULL
+    if header.self_record.full_resync or record.full_resync:
         return FULL
     if (
         primary is None

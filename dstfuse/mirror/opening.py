@@ -195,7 +195,7 @@ class _Opening:
         for leg in self.legs:
             role = plan.roles[leg.index]
             leg.role = LegRole.IN_SYNC if role == IN_SYNC else LegRole.STALE
-            leg.full_resync = role == FULL
+            leg.full_resync = role == FULL or leg.index in plan.unknown_history
             if role != IN_SYNC:
                 leg.stale_since = membership.generation + 1
         if any(leg.full_resync and leg.index in reachable for leg in self.legs):

@@ -88,7 +88,7 @@ class LegWatch:
     async def watch(self, leg: MirrorLeg) -> None:
         legs = self._legs
         attempts = 0
-        while True:
+        while leg in legs:  # a leg removed by a reload is watched no more
             seen = leg.node.state
             if leg.in_sync:
                 attempts = 0
@@ -190,7 +190,8 @@ class LegWatch:
                 f"{header.generation}); unmount and mount with -o primary=<leg> to choose",
             )
         else:
-            leg.full_resync = header.self_record.full_resync
+            # A full resync decided at mount (history unknown there) stays one.
+            leg.full_resync = leg.full_resync or header.self_record.full_resync
             if not leg.full_resync:
                 await leg.read_bitmap(self._membership.storage_id, extra)
         if leg.full_resync and self._checks:

@@ -119,9 +119,10 @@ class SimDisk:
         self._ghosts: list[Callable[[], None]] = []
         #: block -> when a failed FLUSH dropped its cached bytes
         self.dropped: dict[int, float] = {}
-        #: every failed FLUSH: (when, the blocks whose cached bytes it dropped);
+        #: every failed FLUSH of a leg in sync at that moment: (when, the
+        #: blocks whose cached bytes it dropped, the legs in sync then);
         #: unlike `dropped`, a later write (a resync's copy) does not erase it
-        self.flush_failures: list[tuple[float, frozenset[int]]] = []
+        self.flush_failures: list[tuple[float, frozenset[int], frozenset[int]]] = []
         self.owner: str | None = None
         #: the client holding the export's write grant (None: free)
         self.grant_holder: str | None = None
@@ -280,6 +281,10 @@ class SimNode(Node):
         #: blocks this client wrote that the disk lost in a power loss; the
         #: next FLUSH fails (as a RemoteNode's does when it cannot replay them)
         self.lost: set[int] = set()
+        #: set by the harness: this node's leg index, and which legs of its
+        #: mirror are in sync right now (for the record of failed flushes)
+        self.leg_index = -1
+        self.legs_in_sync: Callable[[], frozenset[int]] = frozenset
         #: `take_write_grant` was called: this connection writes, holding the grant
         self._claimed = False
         #: the take-over is still to be done at the next request that reaches the disk
@@ -393,7 +398,9 @@ class SimNode(Node):
                     lost = self.disk.lose_cache()
                     for block in lost:
                         self.disk.dropped[block] = now
-                    self.disk.flush_failures.append((now, frozenset(lost)))
+                    in_sync = self.legs_in_sync()
+                    if self.leg_index in in_sync:
+                        self.disk.flush_failures.append((now, frozenset(lost), in_sync))
                 raise NodeError(str(self), f"{op} failed (injected EIO)", errno=errno.EIO)
             if apply is not None:
                 apply()

@@ -199,6 +199,11 @@ class Simulation:
             [(node, None) for node in nodes],
             self._options(client, self.mounts, force, primary),
         )
+        for index, node in enumerate(nodes):
+            node.leg_index = index
+            node.legs_in_sync = lambda: frozenset(
+                leg.index for leg in mirror.legs if leg.in_sync
+            )
         ended = trio.Event()
 
         async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -459,20 +464,25 @@ class Simulation:
         return exempt
 
     def _lost_on_every_in_sync_leg(self, mount: Mount, in_sync: list) -> set[int]:
-        """Data blocks that a failed FLUSH since the user's last write of
-        them dropped on the disk of every leg in sync now."""
-        if not in_sync:
-            return set()
-        per_leg = []
-        for leg in in_sync:
-            disk = mount.nodes[leg.index].disk
-            per_leg.append({
-                block
-                for when, dropped in disk.flush_failures
-                for block in dropped
+        """Data blocks that FLUSHes failing at one moment on every leg in
+        sync then dropped from all of them, since the user's last write of
+        the block (the legs' flushes of one request fail at the same
+        simulated time, before the mirror hears of any)."""
+        by_time: dict[float, list[tuple[int, frozenset[int], frozenset[int]]]] = {}
+        for leg in mount.mirror.legs:
+            for when, dropped, synced in mount.nodes[leg.index].disk.flush_failures:
+                by_time.setdefault(when, []).append((leg.index, dropped, synced))
+        lost: set[int] = set()
+        for when, failures in by_time.items():
+            failed = {index for index, _, _ in failures}
+            if not failures[0][2] <= failed:
+                continue  # another in-sync leg completed that flush
+            common = set.intersection(*(set(dropped) for _, dropped, _ in failures))
+            lost |= {
+                block for block in common
                 if block < self.blocks and when >= self.written_at.get(block, -1.0)
-            })
-        return set.intersection(*per_leg)
+            }
+        return lost
 
     def session_end(self, mount: Mount, clean: bool) -> SessionEnd:
         return SessionEnd(

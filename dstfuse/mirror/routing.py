@@ -1,9 +1,7 @@
 """Which leg a read asks, and how long it waits for one.
 
 `ReadRouter` orders the readable legs by DST's rule (the leg whose previous
-request ended nearest the new one first), except that a leg busier than the
-others by more than BUSY_MARGIN requests goes after them, and asks them in
-turn. A leg that
+request ended nearest the new one first) and asks them in turn. A leg that
 has not answered within `read_timeout` is given up on when another leg could
 still answer (reads are safe to abandon: nothing changes on the node), and
 is asked last for a while, so a silent leg costs the reads one timeout, not
@@ -27,9 +25,6 @@ T = TypeVar("T")
 #: A leg that let a read wait `read_timeout` is asked last for this many
 #: read timeouts (a frozen node costs the reads one timeout, not each one).
 SLOW_LEG_HOLD = 5
-#: A leg with more requests in flight than this beyond the least busy leg
-#: is asked after the others, however near it is.
-BUSY_MARGIN = 1
 
 
 class ReadRouter:
@@ -40,22 +35,17 @@ class ReadRouter:
         self._rotor = 0
 
     def order(self, regions: range, offset: int = 0) -> list[MirrorLeg]:
-        """Readable legs: online ones nearest first (DST), unless a leg has
-        more than BUSY_MARGIN requests in flight beyond the least busy one
-        (then it comes after the others: at depth every leg serves reads,
-        so a mirror reads at least as fast as one node); ties broken by
+        """Readable legs: online ones nearest first (DST), ties broken by
         fewer requests in flight, then in turn; a leg that lately let a read
         wait `read_timeout` after the others; offline ones last."""
         legs = [leg for leg in self._legs if leg.readable(regions)]
         count = len(self._legs)
         self._rotor += 1
         now = trio.current_time()
-        online = [leg for leg in legs if leg.online]
-        least = min((leg.node.counters.in_flight for leg in online), default=0)
-        online.sort(
+        online = sorted(
+            (leg for leg in legs if leg.online),
             key=lambda leg: (
                 leg.slow_until > now,
-                leg.node.counters.in_flight > least + BUSY_MARGIN,
                 abs(leg.position - offset),
                 leg.node.counters.in_flight,
                 (leg.index - self._rotor) % count,

@@ -182,6 +182,18 @@ class Mount:
         """The text of `.dst/<parts...>`."""
         return self.mountpoint.joinpath(".dst", *parts).read_text()
 
+    def wait_state(self, storage: str, state: str, timeout: float = 90.0) -> None:
+        """Until `.dst/<storage>/state` reads `state` (e.g. a new mirror's
+        first resync has ended), failing with the log after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while (current := self.control(storage, "state").strip()) != state:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"storage {storage} is {current}, not {state}, after {timeout:g} s:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.1)
+
     def umount(self, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
         """`dstfuse umount`: returns once the daemon has flushed and exited."""
         return run_dstfuse("umount", self.mountpoint, timeout=timeout)

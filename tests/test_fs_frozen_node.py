@@ -299,6 +299,9 @@ def test_mirror_leg_frozen_with_64_reads_waiting_on_it_blocks_neither_tree_nor_s
     with exported(legs[0], tmp_path) as first_leg, exported(legs[1], tmp_path) as second_leg:
         config = mirror_of_two_legs(tmp_path, first_leg.address, second_leg.address)
         with mounted(config, tmp_path / "mnt") as mount:
+            # A new mirror's first resync copies leg 0 to leg 1; until it
+            # ends only leg 0 holds the data, and a read must wait for it.
+            mount.wait_state("vol", "clean")
             processes = Processes()
             readers = WaitingReads(mount.file("vol"), 0, span)
             try:
@@ -333,6 +336,9 @@ def test_mirror_reads_sent_to_a_frozen_leg_are_served_by_the_other_leg(tmp_path)
     with exported(legs[0], tmp_path) as first_leg, exported(legs[1], tmp_path) as second_leg:
         config = mirror_of_two_legs(tmp_path, first_leg.address, second_leg.address)
         with mounted(config, tmp_path / "mnt") as mount:
+            # A new mirror's first resync copies leg 0 to leg 1; until it
+            # ends only leg 0 holds the data, and a read must wait for it.
+            mount.wait_state("vol", "clean")
             processes = Processes()
             try:
                 write_patterns(processes, mount.file("vol"), [near, far])

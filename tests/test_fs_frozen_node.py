@@ -298,7 +298,9 @@ def test_mirror_leg_frozen_with_64_reads_waiting_on_it_blocks_neither_tree_nor_s
     span = 2 * WAITING * BLOCK
     with exported(legs[0], tmp_path) as first_leg, exported(legs[1], tmp_path) as second_leg:
         config = mirror_of_two_legs(tmp_path, first_leg.address, second_leg.address)
-        with mounted(config, tmp_path / "mnt") as mount:
+        # A read waits read_timeout for a leg before it asks the other: a
+        # long one keeps every reader's read on the frozen leg once sent there.
+        with mounted(config, tmp_path / "mnt", options=["read_timeout=60s"]) as mount:
             # A new mirror's first resync copies leg 0 to leg 1; until it
             # ends only leg 0 holds the data, and a read must wait for it.
             mount.wait_state("vol", "clean")

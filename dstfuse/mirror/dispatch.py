@@ -25,7 +25,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -37,6 +36,9 @@ from .legs import MirrorLeg
 
 log = logging.getLogger(__name__)
 
+#: Idle call runners kept parked for the next requests (more are started
+#: when more calls run at once; beyond this many idle ones end).
+IDLE_RUNNERS = 64
 #: While stragglers of a completed request run, how often their nodes'
 #: states are looked at (a node going offline is given up within this).
 STRAGGLER_POLL = 0.05
@@ -53,29 +55,103 @@ class LegSlow(NodeError):
 
 
 class _Round:
-    """One request's calls: outcomes in leg order, and an event set at each
-    call's end while the request still waits."""
+    """One request's calls: outcomes in leg order, how many still run, and
+    the request's task parked until it has something to look at (a bare
+    park, like `Transaction.wait_done`: no Event, no cancel scope)."""
 
-    def __init__(self, count: int) -> None:
-        self.outcomes: list[Outcome] = [(None, None)] * count
-        self.done = [False] * count
+    __slots__ = ("legs", "outcomes", "done", "running", "returned", "deadline", "_waiter")
+
+    def __init__(self, legs: Sequence[MirrorLeg], deadline: float) -> None:
+        self.legs = legs
+        self.outcomes: list[Outcome] = [(None, None)] * len(legs)
+        self.done = [False] * len(legs)
+        self.running = len(legs)
         self.returned = False
-        self.progress = trio.Event()
+        self.deadline = deadline
+        self._waiter: trio.lowlevel.Task | None = None
+
+    def completed(self) -> bool:
+        """An in-sync leg completed the request: the others may be given up."""
+        for index, done in enumerate(self.done):
+            if done and self.outcomes[index][1] is None and self.legs[index].in_sync:
+                return True
+        return False
+
+    def stragglers(self) -> list[int]:
+        return [i for i, done in enumerate(self.done) if not done]
+
+    async def wait(self) -> None:
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def wake(self) -> None:
+        if self._waiter is not None:
+            trio.lowlevel.reschedule(self._waiter)
+            self._waiter = None
+
+
+_Job = tuple[_Round, int, MirrorLeg, Callable[[MirrorLeg], Awaitable[Any]]]
+
+
+class _Runner:
+    """A task of the dispatcher's that runs one leg call at a time: `park`
+    in the idle list until `hand` gives it the next."""
+
+    __slots__ = ("job", "_task")
+
+    def __init__(self, job: _Job) -> None:
+        self.job: _Job | None = job
+        self._task: trio.lowlevel.Task | None = None
+
+    async def park(self, idle: list[_Runner]) -> None:
+        self._task = trio.lowlevel.current_task()
+        idle.append(self)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            idle.remove(self)
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def hand(self, job: _Job) -> None:
+        assert self._task is not None
+        self.job = job
+        trio.lowlevel.reschedule(self._task)
+        self._task = None
 
 
 class LegDispatch:
     """Runs requests on several legs (see the module doc). Until
-    `run_background` has started, requests wait for every leg (start-up)."""
+    `run_background` has started, requests wait for every leg (start-up).
+
+    Cost per request: one task per leg, and no timer: a request whose legs
+    all answer parks once and is woken by the last answer. Only a request
+    left waiting for a straggler after an in-sync leg completed it is
+    looked at again, by one watcher task every STRAGGLER_POLL for all such
+    requests (a cancel scope per request would cost more than the call)."""
 
     def __init__(self, storage_name: str, leg_timeout: float) -> None:
         self._storage_name = storage_name
         self.leg_timeout = leg_timeout
         self._nursery: trio.Nursery | None = None
+        #: requests completed by an in-sync leg, still waiting for another
+        self._straggling: set[_Round] = set()
+        self._watcher: trio.lowlevel.Task | None = None
+        #: parked runners, each waiting for its next call
+        self._idle: list[_Runner] = []
 
     async def run_background(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the calls given up on until they end (cancelled at close)."""
+        """Hold the calls given up on until they end (cancelled at close),
+        and watch the requests waiting for stragglers."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._watch_stragglers)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -93,45 +169,69 @@ class LegDispatch:
         nursery = self._nursery
         if nursery is None or len(legs) < 2:
             return await gather([lambda leg=leg: call(leg) for leg in legs])
-        state = _Round(len(legs))
+        state = _Round(legs, trio.current_time() + self.leg_timeout)
         for index, leg in enumerate(legs):
             leg.unsettled += 1
-            nursery.start_soon(self._call, state, index, leg, call)
-        deadline = trio.current_time() + self.leg_timeout
+            job = (state, index, leg, call)
+            if self._idle:
+                self._idle.pop().hand(job)
+            else:
+                nursery.start_soon(self._runner, _Runner(job))
         try:
-            while not all(state.done):
-                waiting = self._stragglers(state, legs)
-                if waiting is None:
-                    wake = math.inf  # no in-sync leg completed it yet: wait for all
-                elif all(self._give_up_now(legs[i], deadline) for i in waiting):
-                    for i in waiting:
-                        state.outcomes[i] = (None, self._given_up(legs[i], deadline))
-                    return state.outcomes
-                else:
-                    wake = min(deadline, trio.current_time() + STRAGGLER_POLL)
-                with trio.move_on_at(wake):
-                    await state.progress.wait()
-                state.progress = trio.Event()
+            while state.running:
+                if state.completed():
+                    if self._may_give_up(state, trio.current_time()):
+                        for i in state.stragglers():
+                            state.outcomes[i] = (None, self._given_up(legs[i]))
+                        return state.outcomes
+                    self._watch(state)
+                await state.wait()
             return state.outcomes
         finally:
             state.returned = True
+            self._straggling.discard(state)
+
+    def _watch(self, state: _Round) -> None:
+        self._straggling.add(state)
+        if self._watcher is not None:
+            trio.lowlevel.reschedule(self._watcher)
+            self._watcher = None
+
+    async def _watch_stragglers(self) -> None:
+        """Every STRAGGLER_POLL while requests wait for stragglers, wake
+        those whose stragglers may now be given up (offline, no longer
+        taking writes, or past leg_timeout); they decide for themselves."""
+        while True:
+            if not self._straggling:
+                self._watcher = trio.lowlevel.current_task()
+
+                def abort(_: object) -> trio.lowlevel.Abort:
+                    self._watcher = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                continue
+            await trio.sleep(STRAGGLER_POLL)
+            now = trio.current_time()
+            for state in list(self._straggling):
+                if self._may_give_up(state, now):
+                    self._straggling.discard(state)
+                    state.wake()
 
     @staticmethod
-    def _stragglers(state: _Round, legs: Sequence[MirrorLeg]) -> list[int] | None:
-        """Legs still running, once an in-sync leg completed the request."""
-        completed = any(
-            done and outcome[1] is None and leg.in_sync
-            for done, outcome, leg in zip(state.done, state.outcomes, legs, strict=True)
-        )
-        if not completed:
-            return None
-        return [i for i, done in enumerate(state.done) if not done]
+    def _may_give_up(state: _Round, now: float | None) -> bool:
+        """Every leg still running the request may be given up on: its node
+        is offline, it no longer takes writes, or (`now` given) leg_timeout
+        has passed."""
+        late = now is not None and now >= state.deadline
+        for index, done in enumerate(state.done):
+            if not done:
+                leg = state.legs[index]
+                if leg.online and leg.takes_writes and not late:
+                    return False
+        return True
 
-    @staticmethod
-    def _give_up_now(leg: MirrorLeg, deadline: float) -> bool:
-        return not leg.online or not leg.takes_writes or trio.current_time() >= deadline
-
-    def _given_up(self, leg: MirrorLeg, deadline: float) -> LegGivenUp:
+    def _given_up(self, leg: MirrorLeg) -> LegGivenUp:
         if not leg.online:
             reason = "its node is offline"
         elif not leg.takes_writes:
@@ -140,20 +240,44 @@ class LegDispatch:
             reason = f"no answer within leg_timeout ({self.leg_timeout:g} s)"
         return LegGivenUp(str(leg), f"not waited for: {reason}")
 
-    @staticmethod
+    async def _runner(self, runner: _Runner) -> None:
+        """Run calls one after another, parked in between (a trip through
+        the scheduler instead of a new task per leg per request)."""
+        while runner.job is not None:
+            job, runner.job = runner.job, None
+            await self._call(*job)
+            if len(self._idle) < IDLE_RUNNERS:
+                await runner.park(self._idle)
+
     async def _call(
-        state: _Round, index: int, leg: MirrorLeg, call: Callable[[MirrorLeg], Awaitable[Any]]
+        self, state: _Round, index: int, leg: MirrorLeg, call: Callable[[MirrorLeg], Awaitable[Any]]
     ) -> None:
-        outcome: Outcome = (None, LegGivenUp(str(leg), "cancelled (the mirror is closing)"))
+        outcome: Outcome | None = None
         try:
             outcome = (await call(leg), None)
         except Exception as exc:  # noqa: BLE001 - handed back to the request
             outcome = (None, exc)
         finally:
             leg.settle_one()
+            if outcome is None:  # cancelled: the mirror is closing
+                outcome = (None, LegGivenUp(str(leg), "cancelled (the mirror is closing)"))
             if not state.returned:  # even when cancelled: the request must not wait forever
-                state.outcomes[index] = outcome
-                state.done[index] = True
-                state.progress.set()
+                self._record(state, index, outcome)
         if state.returned and outcome[1] is not None:
             log.info("%s: a request given up on ended: %s", leg, outcome[1])
+
+    def _record(self, state: _Round, index: int, outcome: Outcome) -> None:
+        """One leg's outcome. The request is woken when it has all of them,
+        or when the others may be given up; otherwise, once an in-sync leg
+        completed it, the watcher looks at it from now on."""
+        state.outcomes[index] = outcome
+        state.done[index] = True
+        state.running -= 1
+        if not state.running:
+            state.wake()
+        elif state.completed():
+            # leg_timeout is the watcher's to notice: no clock read per call
+            if self._may_give_up(state, None):
+                state.wake()
+            else:
+                self._watch(state)

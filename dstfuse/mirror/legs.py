@@ -81,7 +81,8 @@ class MirrorLeg:
         self.slow_until = -float("inf")
         #: requests the dispatcher stopped waiting for that still run
         self.unsettled = 0
-        self._settled = trio.Event()
+        #: set when `unsettled` reaches 0; made only while someone waits
+        self._settled: trio.Event | None = None
         self._sequence = 0
         self._header_lock = trio.Lock()
 
@@ -117,13 +118,15 @@ class MirrorLeg:
 
     def settle_one(self) -> None:
         self.unsettled -= 1
-        if self.unsettled == 0:
+        if self.unsettled == 0 and self._settled is not None:
             self._settled.set()
-            self._settled = trio.Event()
+            self._settled = None
 
     async def wait_settled(self) -> None:
         """Until no request sent to the leg is still running."""
         while self.unsettled:
+            if self._settled is None:
+                self._settled = trio.Event()
             await self._settled.wait()
 
     def disk_state(self) -> str:

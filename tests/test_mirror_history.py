@@ -103,6 +103,65 @@ def test_split_brain_is_refused_and_primary_picks_the_winner():
     assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL}
 
 
+def test_an_old_claim_of_a_leg_the_newest_leg_left_behind_is_no_split_brain():
+    """Found by the simulator (seed 3242838667): leg 1, left behind at
+    generation 3 and last written at 2, still records leg 0 stale since 1;
+    leg 0 was resynced from leg 2 since. Legs 0 and 2 (generation 8) hold
+    everything leg 1 held: leg 2 is the source, leg 1 resyncs."""
+    legs = [
+        found(0, 8, [SYNC, stale(3), SYNC]),
+        found(1, 2, [stale(1), SYNC, SYNC]),
+        found(2, 8, [SYNC, stale(3), SYNC]),
+    ]
+    plan = plan_start("vol0", legs)
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: IN_SYNC}
+
+
+def test_a_claim_is_superseded_only_by_a_newer_leg_the_claimant_records_in_sync():
+    # leg 1 records leg 2 stale: it may hold writes leg 2 lacks (a real split)
+    legs = [
+        found(0, 8, [SYNC, stale(3), SYNC]),
+        found(1, 4, [stale(1), SYNC, stale(4)]),
+        found(2, 8, [SYNC, stale(3), SYNC]),
+    ]
+    with pytest.raises(UserError, match="split brain"):
+        plan_start("vol0", legs)
+    # leg 2 is not newer than leg 1: leg 1's claim stands
+    legs = [
+        found(0, 8, [SYNC, stale(3), SYNC]),
+        found(1, 8, [stale(1), SYNC, SYNC]),
+        found(2, 8, [SYNC, stale(3), SYNC]),
+    ]
+    with pytest.raises(UserError, match="split brain"):
+        plan_start("vol0", legs)
+
+
+def synced(at: int) -> MemberRecord:
+    return MemberRecord(MEMBER_IN_SYNC, 0, at)
+
+
+def test_a_claim_older_than_the_claimed_leg_catching_up_is_no_split_brain():
+    """Found by the simulator (seed 3242838667, after the rule above): leg
+    0 failed at first use and its header stayed at generation 1, where legs
+    1 and 2 were still being filled; leg 2 caught up at generation 4 and
+    went on to 7 without leg 0. Leg 2 is the source; leg 0 resyncs."""
+    legs = [
+        found(0, 1, [SYNC, stale(1, full=True), stale(1, full=True)], clean=False),
+        found(1, 7, [stale(7), stale(7), synced(4)], clean=False),  # being copied
+        found(2, 7, [stale(7), stale(7), synced(4)], clean=False),
+    ]
+    plan = plan_start("vol0", legs)
+    assert plan.source == 2 and plan.roles[2] == IN_SYNC and plan.roles[0] != IN_SYNC
+
+
+def test_a_leg_that_never_caught_up_after_the_claim_is_split_brain():
+    # leg 1 was in sync since generation 4, leg 0 went on alone at 5, and
+    # leg 1 was then mounted without leg 0 (-o force) at 6
+    legs = [found(0, 5, [SYNC, stale(5)]), found(1, 6, [stale(6), synced(4)])]
+    with pytest.raises(UserError, match="split brain"):
+        plan_start("vol0", legs)
+
+
 def test_primary_must_be_a_complete_leg_of_this_storage():
     legs = [found(0, 8, [SYNC, stale(7)]), found(1, 8, [SYNC, stale(7)])]
     with pytest.raises(UserError, match="incomplete"):

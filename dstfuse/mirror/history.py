@@ -7,7 +7,12 @@ unclean shutdown, a stale or foreign leg, split brain, `primary=`) is
 tested as a table. The rules (docs/mirror-metadata.md, "Deciding at mount"):
 
 - a leg's data is complete ("consistent") when its own member record says
-  in sync; a leg another consistent leg records as stale missed writes;
+  in sync; a leg another consistent leg records as stale missed writes,
+  unless its own record says it became in sync (`synced_at`) at a
+  generation after that leg's header was written (it caught up since);
+- a consistent leg that records another leg in sync, which a later
+  generation of that other leg records as stale, holds nothing the other
+  lacks: its claims about the rest are superseded and do not vote;
 - two consistent legs that each record the other as stale were both written
   without each other: split brain, refused unless `primary` names the leg
   whose data wins;
@@ -86,12 +91,40 @@ class NewerLegMayBeMissing(UserError):
         self.missing = missing
 
 
+def _dominated(consistent: list[LegFinding]) -> set[int]:
+    """Consistent legs whose data a newer consistent leg holds: leg b
+    records leg c in sync, and c, written at a later generation, records b
+    as stale (c went on without b). Everything b holds reached c, so b's
+    claims about other legs are older than c's and superseded by them (a leg
+    b saw as stale may have been resynced since). Their claims do not vote."""
+    dominated = set()
+    for leg in consistent:
+        assert leg.header is not None
+        for newer in consistent:
+            assert newer.header is not None
+            record = leg.header.member(newer.index)
+            if (
+                newer is not leg
+                and newer.header.generation > leg.header.generation
+                and record is not None
+                and record.in_sync
+                and _claims_stale(newer, leg)
+            ):
+                dominated.add(leg.index)
+    return dominated
+
+
 def _claims_stale(holder: LegFinding, other: LegFinding) -> bool:
     """`holder` records `other` as stale (a leg added after `holder` last
-    wrote its table makes no claim)."""
+    wrote its table makes no claim), and `other` has not caught up since:
+    a complete leg whose own row says it became in sync at a generation
+    after `holder`'s header was written got every write `holder` had."""
     assert holder.header is not None
     record = holder.header.member(other.index)
-    return record is not None and not record.in_sync
+    if record is None or record.in_sync:
+        return False
+    own = other.header.self_record if other.header is not None else None
+    return not (own is not None and own.in_sync and own.synced_at > holder.header.generation)
 
 
 def plan_start(
@@ -139,10 +172,12 @@ def plan_start(
                 "config changed: restore it"
             )
     consistent = [f for f in members if f.header is not None and f.header.self_record.in_sync]
+    dominated = _dominated(consistent)
+    voters = [f for f in consistent if f.index not in dominated]
     claimed = {
         other.index
         for other in members
-        for holder in consistent
+        for holder in voters
         if holder is not other and _claims_stale(holder, other)
     }
     by_index = {f.index: f for f in findings}
@@ -160,8 +195,8 @@ def plan_start(
                 "finished) and cannot be the primary"
             )
     else:
-        _refuse_split_brain(storage_name, consistent)
-        candidates = [f for f in consistent if f.index not in claimed]
+        _refuse_split_brain(storage_name, voters)
+        candidates = [f for f in voters if f.index not in claimed]
         if not candidates:
             raise UserError(
                 f"storage {storage_name}: no leg is known to hold the newest data "

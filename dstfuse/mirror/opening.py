@@ -192,12 +192,17 @@ class _Opening:
             await self.legs[index].read_bitmap(membership.storage_id, bits)
         bitmap.load(bits)
 
+        source_header = None if plan.fresh else findings[plan.source].header
         for leg in self.legs:
             role = plan.roles[leg.index]
             leg.role = LegRole.IN_SYNC if role == IN_SYNC else LegRole.STALE
             leg.full_resync = role == FULL or leg.index in plan.unknown_history
             if role != IN_SYNC:
                 leg.stale_since = membership.generation + 1
+            elif source_header is not None and (row := source_header.member(leg.index)):
+                # kept across mounts: history.py reads it to tell a claim
+                # made before the leg last caught up from a real split
+                leg.synced_at = row.synced_at
         if any(leg.full_resync and leg.index in reachable for leg in self.legs):
             bitmap.desired.set_all()
         if checks is not None and plan.unclean:

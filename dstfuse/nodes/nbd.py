@@ -95,6 +95,7 @@ def _overlap(txn: Transaction, offset: int, length: int) -> bool:
 
 class NbdNode(TransactionNode[NbdConnection]):
     kind = "N"
+    _log = log
     #: `checksum` reads the data over the network and digests it here.
     checksums_on_node = False
     _in_flight_name = "requests"

@@ -83,6 +83,7 @@ _FEATURE_OF = {
 
 class RemoteNode(TransactionNode[Session]):
     kind = "R"
+    _log = log
     _in_flight_name = "transactions"
     _maximum_name = "the node's maximum request"
     _dropped_reply_log = "%s: dropped reply for unknown or finished handle %d"
@@ -394,7 +395,6 @@ class RemoteNode(TransactionNode[Session]):
             (entry.command, at, n, entry.flags, view[at - entry.offset : at - entry.offset + n])
             for at, n in self._chunks(entry.offset, entry.length)
         ]
-
 
     def _fence(self, exc: NodeFenced) -> None:
         """Another client writes to the export now: fail everything in

@@ -49,8 +49,6 @@ from .base import Node, NodeState
 from .transactions import Transaction, TransactionTable
 from .unflushed import KeptWrite, Loss, UnflushedWrites
 
-log = logging.getLogger(__name__)
-
 #: Replayed writes use handles from this space, disjoint from requests'
 #: (and from a remote node's pings).
 REPLAY_HANDLE_BASE = 1 << 62
@@ -78,6 +76,9 @@ class TransactionNode(Node, Generic[LinkT]):
 
     #: The largest READ or WRITE the peer takes now (set by each protocol).
     max_request: int
+
+    #: The protocol module's logger: its lines keep their logger name.
+    _log: logging.Logger
 
     # Words of the log lines, per protocol, so that each reads as it always has.
     #: What is in flight: "transactions", "requests".
@@ -187,8 +188,9 @@ class TransactionNode(Node, Generic[LinkT]):
     def _on_reconnect_failure(self, exc: NodeError) -> None:
         """Judge a failed reconnect; raise to end the keeper for good."""
 
-    def _replay_waits(self, window: deque[tuple[Transaction, KeptWrite]], offset: int,
-                      length: int) -> bool:
+    def _replay_waits(
+        self, window: deque[tuple[Transaction, KeptWrite]], offset: int, length: int
+    ) -> bool:
         """True when the replayed write at [offset, +length) must wait for
         those in `window` to be acknowledged first."""
         return False
@@ -206,7 +208,7 @@ class TransactionNode(Node, Generic[LinkT]):
         except NodeUnavailable as exc:
             if not may_start_offline:
                 raise
-            log.warning("%s: starting offline (%s); will keep trying", self._label, exc)
+            self._log.warning("%s: starting offline (%s); will keep trying", self._label, exc)
             self.offline_reason = str(exc).removeprefix(f"{self.description}: ")
             conn = None
         if conn is not None:
@@ -241,7 +243,7 @@ class TransactionNode(Node, Generic[LinkT]):
             if self._reconnect_at_once():
                 conn = await self._reconnect()
                 continue
-            log.warning(
+            self._log.warning(
                 "%s: connection lost (%s); %d %s in flight, reconnecting",
                 self._label,
                 reason,
@@ -270,7 +272,9 @@ class TransactionNode(Node, Generic[LinkT]):
                 conn = await self._connect()
             except NodeError as exc:
                 self._on_reconnect_failure(exc)
-                log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
+                self._log.log(
+                    level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc
+                )
             else:
                 if not self._connected_once:  # started offline: first contact
                     self._adopt(conn)
@@ -279,9 +283,9 @@ class TransactionNode(Node, Generic[LinkT]):
                 refusal = self._refusal(conn)
                 if refusal is None:
                     self._renegotiate(conn)
-                    log.info("%s: reconnected after %d attempts", self._label, attempt)
+                    self._log.info("%s: reconnected after %d attempts", self._label, attempt)
                     return conn
-                log.log(
+                self._log.log(
                     logging.ERROR if level == logging.WARNING else level,
                     "%s: %s (attempt %d)",
                     self._label,
@@ -303,7 +307,7 @@ class TransactionNode(Node, Generic[LinkT]):
                     self.counters.resends += 1
                 self._send(conn, txn)
         if resent:
-            log.info(
+            self._log.info(
                 "%s: resent %d %s after reconnect", self._label, resent, self._in_flight_name
             )
         self._set_state(NodeState.ONLINE)
@@ -351,7 +355,7 @@ class TransactionNode(Node, Generic[LinkT]):
         if scope.cancelled_caught:
             return self._replay_timeout % budget
         self._replay_owed = False
-        log.info(self._replayed_log, self._label, writes)
+        self._log.info(self._replayed_log, self._label, writes)
         return None
 
     async def _settle_replayed(self, txn: Transaction, entry: KeptWrite) -> None:
@@ -364,7 +368,9 @@ class TransactionNode(Node, Generic[LinkT]):
         if txn.reply.status:
             self._add_loss(Loss(txn.length, 1, ((txn.offset, txn.length),)))
             self.counters.errors += 1
-            log.error(self._replay_failed_log, self._label, txn, os.strerror(txn.reply.status))
+            self._log.error(
+                self._replay_failed_log, self._label, txn, os.strerror(txn.reply.status)
+            )
 
     # -- kept writes and their loss ---------------------------------------
     def _add_loss(self, loss: Loss) -> None:
@@ -386,7 +392,7 @@ class TransactionNode(Node, Generic[LinkT]):
     def _stop_protecting(self, exc: NodeError) -> None:
         """A FLUSH to stay within the limit failed: the oldest kept writes
         beyond the limit are no longer kept (the next user flush fails)."""
-        log.warning(
+        self._log.warning(
             "%s: FLUSH to stay within unflushed_limit failed (%s); the oldest "
             "unflushed writes are no longer kept for replay",
             self._label,
@@ -399,7 +405,7 @@ class TransactionNode(Node, Generic[LinkT]):
         txn = self._table.complete(reply)
         if txn is None:
             if self._replay_table.complete(reply) is None:
-                log.debug(self._dropped_reply_log, self._label, reply.handle)
+                self._log.debug(self._dropped_reply_log, self._label, reply.handle)
             return
         if not reply.status and txn.command in WRITE_COMMANDS and self._keeps_writes:
             # Kept from the moment the peer acknowledged it: a reconnect can
@@ -413,7 +419,7 @@ class TransactionNode(Node, Generic[LinkT]):
     ) -> Reply:
         """Run a request the peer no longer takes whole as parts of its
         current maximum; a READ's parts are joined in order."""
-        log.info(
+        self._log.info(
             "%s: %s [%d, +%d) is larger than %s of %d bytes; splitting it",
             self._label,
             command.name,

@@ -261,26 +261,13 @@ class NbdNode(TransactionNode[NbdConnection]):
                 before[2],
                 "rw" if before[3] else "ro",
             )
-        loss = self._unflushed.lose_unprotected()
-        if loss is not None:
-            self._add_loss(loss)
-            log.error(
-                "%s: reconnected; %d acknowledged, unflushed writes (%d bytes) were no longer "
-                "kept and may have been lost with the server's cache; the next flush fails "
-                "with EIO",
-                self._label,
-                loss.writes,
-                loss.bytes,
-            )
-        if len(self._unflushed):
-            self._replay_owed = True
-            log.warning(
-                "%s: reconnected; resending %d unflushed writes (%d bytes) before anything "
-                "else, since an NBD server cannot tell whether its cache survived",
-                self._label,
-                len(self._unflushed),
-                self._unflushed.size,
-            )
+        self._owe_kept_writes(
+            "%s: reconnected; %d acknowledged, unflushed writes (%d bytes) were no longer "
+            "kept and may have been lost with the server's cache; the next flush fails "
+            "with EIO",
+            "%s: reconnected; resending %d unflushed writes (%d bytes) before anything "
+            "else, since an NBD server cannot tell whether its cache survived",
+        )
 
     # -- replay after a reconnect -------------------------------------------
     def _replay_waits(

@@ -359,30 +359,15 @@ class RemoteNode(TransactionNode[Session]):
                 "%s: node does not report its instance; a reboot would go unnoticed", self._label
             )
         elif verdict is Continuity.NEW:
-            loss = self._unflushed.lose_unprotected()
-            if loss is not None:
-                self._add_loss(loss)
-                log.error(
-                    "%s: node came back as a new instance (%s, was %s): %d acknowledged, "
-                    "unflushed writes (%d bytes) were lost and cannot be resent; "
-                    "the next flush fails with EIO",
-                    self._label,
-                    instance,
-                    previous,
-                    loss.writes,
-                    loss.bytes,
-                )
-            if len(self._unflushed):
-                self._replay_owed = True
-                log.warning(
-                    "%s: node came back as a new instance (%s, was %s): resending %d "
-                    "unflushed writes (%d bytes) before anything else",
-                    self._label,
-                    instance,
-                    previous,
-                    len(self._unflushed),
-                    self._unflushed.size,
-                )
+            self._owe_kept_writes(
+                "%s: node came back as a new instance (%s, was %s): %d acknowledged, "
+                "unflushed writes (%d bytes) were lost and cannot be resent; "
+                "the next flush fails with EIO",
+                "%s: node came back as a new instance (%s, was %s): resending %d "
+                "unflushed writes (%d bytes) before anything else",
+                instance,
+                previous,
+            )
 
     # -- replay after a node reboot ---------------------------------------
     def _replay_parts(self, entry: KeptWrite) -> list[ReplayPart]:

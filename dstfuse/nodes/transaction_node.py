@@ -168,17 +168,10 @@ class TransactionNode(Node, Generic[LinkT]):
         its successful reply; the caller holds its write-order ticket."""
 
     @abc.abstractmethod
-    async def _transact(
-        self,
-        command: Command,
-        offset: int = 0,
-        length: int = 0,
-        *,
-        flags: Flag = Flag.NONE,
-        data: bytes | memoryview = b"",
-    ) -> Reply:
-        """One request as the Node interface issues it, to its successful
-        reply (or the error)."""
+    async def _transact(self, command: Command, offset: int, length: int) -> Reply:
+        """One request as the Node interface issues it (here a READ; the
+        protocols' take flags and data too), to its successful reply or the
+        error."""
 
     def _reconnect_at_once(self) -> bool:
         """True when the connection just ended on purpose and the next one
@@ -376,6 +369,21 @@ class TransactionNode(Node, Generic[LinkT]):
     def _add_loss(self, loss: Loss) -> None:
         """Remember `loss` for the next flush to report."""
         self._loss = loss if self._loss is None else self._loss + loss
+
+    def _owe_kept_writes(self, lost_log: str, owed_log: str, *context: object) -> None:
+        """The peer may have lost what it acknowledged: the writes no longer
+        kept are lost (logged with `lost_log`: label, `context`, writes,
+        bytes; the next flush reports them), the kept ones are owed to it
+        before anything else (`owed_log`, the same arguments)."""
+        loss = self._unflushed.lose_unprotected()
+        if loss is not None:
+            self._add_loss(loss)
+            self._log.error(lost_log, self._label, *context, loss.writes, loss.bytes)
+        if len(self._unflushed):
+            self._replay_owed = True
+            self._log.warning(
+                owed_log, self._label, *context, len(self._unflushed), self._unflushed.size
+            )
 
     def _report_loss(self, how: str) -> None:
         """Raise NodeWritesLost (EIO) once for what was lost since the last

@@ -18,7 +18,8 @@ from dstfuse.address import parse_address
 from dstfuse.config import Timeouts, Unflushed
 from dstfuse.errors import NodeError, NodeWritesLost
 from dstfuse.nodes.base import NodeState
-from dstfuse.nodes.remote import REPLAY_HANDLE_BASE, RemoteNode
+from dstfuse.nodes.remote import RemoteNode
+from dstfuse.nodes.transaction_node import REPLAY_HANDLE_BASE
 from dstfuse.protocol import Command, NodeInstance
 
 from .fake_export import ANSWER, CUT, DROP, LATE, WRONG_HANDLE, FakeExport

@@ -69,6 +69,7 @@ from ..protocol.nbd.server_events import (
     ServerEvent,
     TlsRequested,
 )
+from .accepted import AcceptedSession
 from .nbd_target import NbdTarget
 from .session import Peer, RequestAllowance, SessionLimits
 from .slots import ConnectionSlots
@@ -102,13 +103,15 @@ class _Refusal:
     message: str
 
 
-class NbdExportSession:
+class NbdExportSession(AcceptedSession):
     """One accepted NBD connection serving one of `targets`.
 
     `tls`: the server's TLS context; with it, TLS is required (FORCEDTLS:
     every option but STARTTLS is refused until the TLS handshake is done).
     `slots`: the server's caps; this session holds a handshake slot there.
     """
+
+    _log = log
 
     def __init__(
         self,
@@ -120,6 +123,7 @@ class NbdExportSession:
         slots: ConnectionSlots | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        super().__init__(limits.handshake_timeout)
         self.stream: trio.abc.Stream = stream
         self.peer = peer
         self.export: NbdTarget | None = None
@@ -134,8 +138,6 @@ class NbdExportSession:
         self._codec = NbdServerConnection(
             tls_required=tls is not None, max_payload=max(limits.max_request, 512)
         )
-        self._handshake_scope = trio.CancelScope()
-        self._reading_scope = trio.CancelScope()
         self._send_lock = trio.StrictFIFOLock()
         self._send_broken = False
         self._allowance = RequestAllowance(limits.max_in_flight, limits.max_buffered)
@@ -163,12 +165,6 @@ class NbdExportSession:
                     self.export.release_writer(self)
                 if self._slots is not None:
                     self._slots.release(self)
-
-    def stop(self) -> None:
-        """Stop reading new requests (shutdown, or a take-over of the
-        write grant); started ones finish, then the connection closes."""
-        self._handshake_scope.cancel()
-        self._reading_scope.cancel()
 
     async def wait_drained(self) -> None:
         """Return once this connection is closed and its requests are done."""
@@ -222,19 +218,8 @@ class NbdExportSession:
             codec.receive_data(data)
 
     # -- handshake ------------------------------------------------------
-    async def _handshake(self) -> bool:
-        """True once the client chose an export and was admitted to it."""
-        with trio.move_on_after(self._limits.handshake_timeout) as deadline:
-            with self._handshake_scope:
-                return await self._negotiate()
-        if deadline.cancelled_caught:
-            log.warning(
-                "%s: no handshake within %.1fs; closing the connection",
-                self, self._limits.handshake_timeout,
-            )
-        return False
-
     async def _negotiate(self) -> bool:
+        """True once the client chose an export and was admitted to it."""
         codec = self._codec
         if not await self._send(codec.greeting()):
             return False

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -258,71 +258,74 @@ class ExportServer:
         return ", ".join(export.name for export in self.exports)
 
     async def _handle(self, local: Address, stream: trio.SocketStream) -> None:
+        """A dstfuse connection: an `ExportSession`; a peer no export admits
+        gets a REFUSED frame."""
+        await self._accept(
+            local,
+            stream,
+            "connection",
+            lambda peer: ExportSession(
+                stream,
+                peer,
+                self.exports,
+                key=self._key,
+                modes=self._modes,
+                limits=self.limits,
+                slots=self._slots,
+            ),
+            self._refuse_address,
+        )
+
+    async def _handle_nbd(self, local: Address, stream: trio.SocketStream) -> None:
+        """An NBD connection: an `NbdExportSession`; a peer no export admits
+        is closed (NBD has nothing to refuse with before the handshake)."""
+        await self._accept(
+            local,
+            stream,
+            "NBD connection",
+            lambda peer: NbdExportSession(
+                stream, peer, self._nbd_targets, limits=self.limits, slots=self._slots,
+                tls=self.nbd_tls,
+            ),
+            _close_refused,
+        )
+
+    async def _accept(
+        self,
+        local: Address,
+        stream: trio.SocketStream,
+        what: str,
+        open_session: Callable[[Peer], ExportSession | NbdExportSession],
+        refuse: Callable[[trio.SocketStream, str], Awaitable[None]],
+    ) -> None:
+        """Every accepted connection, whatever its protocol (`what` names it
+        in log lines): the ACL check at accept (`refuse` with the gate's
+        reason), a handshake slot (`max_handshakes`), TCP keepalive, then
+        the session `open_session` makes for the peer, to its end."""
         peer = peer_of(stream, local)
-        if peer is None:
-            await trio.aclose_forcefully(stream)
-            return
-        if self._shutdown.is_set():
+        if peer is None or self._shutdown.is_set():
             await trio.aclose_forcefully(stream)
             return
         refusal = self._gate.refusal(peer)
         if refusal is not None:
-            await self._refuse_address(stream, refusal)
+            await refuse(stream, refusal)
             return
-        session = ExportSession(
-            stream,
-            peer,
-            self.exports,
-            key=self._key,
-            modes=self._modes,
-            limits=self.limits,
-            slots=self._slots,
-        )
+        session = open_session(peer)
         if not self._slots.begin_handshake(session):
             # Closed without a REFUSED frame: the cap is temporary, and a
             # client treats a refusal as final but a dropped connection as
             # something to retry.
             log.warning(
-                "exports %s: closing connection from %s: %d handshakes in progress "
+                "exports %s: closing %s from %s: %d handshakes in progress "
                 "(max_handshakes)",
-                self._names(), peer, self.max_handshakes,
+                self._names(), what, peer, self.max_handshakes,
             )
             await trio.aclose_forcefully(stream)
             return
         try:
             if local.kind == "tcp":
                 _set_keepalive(stream)
-            log.debug("exports %s: connection from %s on %s", self._names(), peer, local)
-            await session.run()
-        finally:
-            self._slots.release(session)
-
-    async def _handle_nbd(self, local: Address, stream: trio.SocketStream) -> None:
-        """An NBD connection: the same ACL check at accept and the same caps
-        as `_handle`, then an `NbdExportSession`."""
-        peer = peer_of(stream, local)
-        if peer is None or self._shutdown.is_set():
-            await trio.aclose_forcefully(stream)
-            return
-        if self._gate.refusal(peer) is not None:
-            await trio.aclose_forcefully(stream)
-            return
-        session = NbdExportSession(
-            stream, peer, self._nbd_targets, limits=self.limits, slots=self._slots,
-            tls=self.nbd_tls,
-        )
-        if not self._slots.begin_handshake(session):
-            log.warning(
-                "exports %s: closing NBD connection from %s: %d handshakes in progress "
-                "(max_handshakes)",
-                self._names(), peer, self.max_handshakes,
-            )
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            if local.kind == "tcp":
-                _set_keepalive(stream)
-            log.debug("exports %s: NBD connection from %s on %s", self._names(), peer, local)
+            log.debug("exports %s: %s from %s on %s", self._names(), what, peer, local)
             await session.run()
         finally:
             self._slots.release(session)
@@ -386,6 +389,12 @@ def peer_of(stream: trio.SocketStream, local: Address) -> Peer | None:
     ip = peer_ip(host)
     text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
     return Peer(text, ip)
+
+
+async def _close_refused(stream: trio.SocketStream, message: str) -> None:
+    """Refuse an NBD peer no export admits (`message`: the gate's reason,
+    already logged): closed, since NBD cannot refuse before the handshake."""
+    await trio.aclose_forcefully(stream)
 
 
 def _set_keepalive(stream: trio.SocketStream) -> None:

@@ -93,6 +93,7 @@ from ..protocol import (
 from ..protocol.constants import ALL_FEATURES
 from ..protocol.sealing import Buffer
 from ..transport import BATCH_BYTES, BATCH_ITEMS, RECEIVE_SIZE, STREAM_ERRORS, FrameTransport
+from .accepted import AcceptedSession
 from .acl import IPAddress
 from .backend import INLINE_MAX, READ_INLINE_MAX
 from .grant import WriteHolder
@@ -170,8 +171,10 @@ class RequestAllowance:
             self._lot.unpark_all()
 
 
-class ExportSession:
+class ExportSession(AcceptedSession):
     """One accepted connection serving one of `exports` (chosen by HELLO)."""
+
+    _log = log
 
     def __init__(
         self,
@@ -187,6 +190,7 @@ class ExportSession:
         """`slots`: the server's connection caps; this session already holds
         a handshake slot there and trades it for a session slot after the
         handshake (None: no caps, for tests)."""
+        super().__init__(limits.handshake_timeout)
         self.stream = stream
         self.peer = peer
         self.export: ServedExport | None = None
@@ -210,8 +214,6 @@ class ExportSession:
             on_written=self._on_written,
             coalesce=self._replies_may_follow,
         )
-        self._handshake_scope = trio.CancelScope()
-        self._reading_scope = trio.CancelScope()
         self._send_broken = False  # a handshake frame could not be sent
         self._allowance = RequestAllowance(limits.max_in_flight, limits.max_buffered)
         # Set once the export is chosen: what the inline path's quick test needs.
@@ -252,11 +254,6 @@ class ExportSession:
                 self._detach_grant(closed_by_client=False)
                 if self._slots is not None:
                     self._slots.release(self)
-
-    def stop(self) -> None:
-        """Stop reading new requests (server shutdown); started ones finish."""
-        self._handshake_scope.cancel()
-        self._reading_scope.cancel()
 
     async def retire(self) -> None:
         """Takeover by a newer connection of the same client: stop reading,
@@ -314,20 +311,8 @@ class ExportSession:
                 return None
 
     # -- handshake ------------------------------------------------------
-    async def _handshake(self) -> bool:
-        """True once the peer was admitted and proved its key (Confirmed)."""
-        with trio.move_on_after(self._limits.handshake_timeout) as deadline:
-            with self._handshake_scope:
-                return await self._negotiate()
-        if deadline.cancelled_caught:
-            log.warning(
-                "%s: no handshake within %.1fs; closing the connection",
-                self,
-                self._limits.handshake_timeout,
-            )
-        return False
-
     async def _negotiate(self) -> bool:
+        """True once the peer was admitted and proved its key (Confirmed)."""
         while True:
             event = await self._next_event()
             if event is None:

@@ -65,17 +65,17 @@ import trio
 import xxhash
 
 from ..config import Timeouts, TlsFiles, Unflushed
-from ..errors import NodeError, NodeRefused, NodeUnavailable, NodeWritesLost
+from ..errors import NodeError, NodeRefused, NodeUnavailable
 from ..fanout import gather_or_raise
 from ..protocol import WRITE_COMMANDS, Command, Flag, Reply
 from ..protocol.nbd.constants import TransmissionFlag
 from ..protocol.nbd.uri import NbdUri
-from ..ranges import WriteOrder
-from .backoff import BACKOFF_MAX, BACKOFF_START, next_delay
-from .base import Node, NodeState
+from .backoff import BACKOFF_START, next_delay
+from .base import NodeState
 from .nbd_connection import Connector, NbdConnection, open_nbd_stream, tls_context
-from .transactions import Transaction, TransactionTable
-from .unflushed import KeptWrite, Loss, UnflushedWrites
+from .transaction_node import ReplayPart, TransactionNode
+from .transactions import Transaction
+from .unflushed import KeptWrite
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,6 @@ MAX_REQUEST = 4 << 20
 MAX_RANGED = 1 << 30
 #: Server errors that may pass: retried until the request's budget ends.
 RETRIED_ERRORS = frozenset({errno.EIO, errno.ENOMEM, errno.ESHUTDOWN})
-#: Replayed writes use handles from this space, disjoint from requests'.
-REPLAY_HANDLE_BASE = 1 << 62
 #: Bytes read per step of a checksum.
 CHECKSUM_STEP = 8 << 20
 
@@ -95,10 +93,17 @@ def _overlap(txn: Transaction, offset: int, length: int) -> bool:
     return txn.offset < offset + length and offset < txn.offset + txn.length
 
 
-class NbdNode(Node):
+class NbdNode(TransactionNode[NbdConnection]):
     kind = "N"
+    _log = log
     #: `checksum` reads the data over the network and digests it here.
     checksums_on_node = False
+    _in_flight_name = "requests"
+    _maximum_name = "the server's maximum"
+    _dropped_reply_log = "%s: dropped reply for finished request %d"
+    _replay_failed_log = "%s: resent unflushed %s failed (%s); the next flush fails with EIO"
+    _replayed_log = "%s: resent %d unflushed writes"
+    _replay_timeout = "resent unflushed writes not acknowledged within %gs"
 
     def __init__(
         self,
@@ -115,58 +120,31 @@ class NbdNode(Node):
         """`tls` names the PEM files of an nbds:// node; `connector` opens
         the transport (tests pass their own); `storage` names the storage
         in log lines; `read_only` (a read-only mount) never writes."""
-        super().__init__(uri.text)
-        self._label = f"storage {storage}, node {self}" if storage else f"node {self}"
+        super().__init__(
+            uri.text,
+            timeouts=timeouts,
+            max_in_flight=max_in_flight,
+            storage=storage,
+            unflushed=unflushed,
+        )
         self._uri = uri
-        self._timeouts = timeouts
         self._tls_files = tls
         self._connector = connector
         self._read_only = read_only
-        self._table = TransactionTable(max_in_flight)
-        self._replay_table = TransactionTable(max_in_flight, first_handle=REPLAY_HANDLE_BASE)
-        unflushed = unflushed or Unflushed()
-        self._unflushed = UnflushedWrites(unflushed.limit)
-        self._flush_at_limit = unflushed.limit > 0 and unflushed.policy == "flush"
         self._limit_lock = trio.Lock()
-        self._replay_owed = False
-        self._loss: Loss | None = None
-        self._write_order = WriteOrder()
-        self._conn: NbdConnection | None = None
-        self._connected_once = False
-        self._cancel = trio.CancelScope()
         self.flags = TransmissionFlag(0)
+        # Without FLUSH nothing could ever release a kept write: the
+        # server's acknowledgement is all the durability there is.
+        self._keeps_writes = False
         self.minimum = 1
         self.max_request = MAX_REQUEST
 
-    @property
-    def _budget(self) -> float:
-        return self._timeouts.resend * (self._timeouts.max_resends + 1)
-
     # -- lifecycle ------------------------------------------------------
-    async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
-        """Connect and negotiate within `timeouts.connect`, then keep the
-        connection up in the background. Raises NodeRefused (no such
-        export, TLS, policy) or NodeUnavailable (unreachable); with
-        `may_start_offline` (a mirror leg) an unreachable server starts
-        OFFLINE with size 0 and keeps being tried."""
-        try:
-            conn: NbdConnection | None = await self._connect()
-        except NodeUnavailable as exc:
-            if not may_start_offline:
-                raise
-            log.warning("%s: starting offline (%s); will keep trying", self._label, exc)
-            self.offline_reason = str(exc).removeprefix(f"{self.description}: ")
-            conn = None
-        if conn is not None:
-            self._adopt(conn)
-        await nursery.start(self._keep_connected, conn)
-
     def _adopt(self, conn: NbdConnection) -> None:
         """Take the export's parameters from its first connection."""
         ready = conn.ready
         self.size = ready.size - ready.size % ready.minimum
         self._take_limits(conn)
-        self._connected_once = True
         log.info(
             "%s: connected, export %r, %d bytes, %s, block sizes %d/%d/%d, %s%s",
             self._label,
@@ -196,6 +174,7 @@ class NbdNode(Node):
     def _take_limits(self, conn: NbdConnection) -> None:
         ready = conn.ready
         self.flags = ready.flags
+        self._keeps_writes = bool(ready.flags & TransmissionFlag.SEND_FLUSH)
         self.minimum = ready.minimum
         self.max_request = min(ready.maximum, MAX_REQUEST)
         self.max_request -= self.max_request % ready.minimum
@@ -231,36 +210,8 @@ class NbdNode(Node):
             )
         return conn
 
-    async def _keep_connected(
-        self, conn: NbdConnection | None, *, task_status=trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Run the connection; when it ends, reconnect with backoff, replay
-        and resend, until aclose or cancellation."""
-        with self._cancel:
-            task_status.started()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._expire_overdue)
-                if conn is None:
-                    conn = await self._reconnect()
-                pause = BACKOFF_START
-                while True:
-                    opened = trio.current_time()
-                    reason = await self._serve(conn)
-                    self._conn = None
-                    self._set_state(NodeState.OFFLINE)
-                    log.warning(
-                        "%s: connection lost (%s); %d requests in flight, reconnecting",
-                        self._label,
-                        reason,
-                        len(self._table),
-                    )
-                    if trio.current_time() - opened < BACKOFF_MAX:
-                        await trio.sleep(pause)
-                        pause = next_delay(pause)
-                    else:
-                        pause = BACKOFF_START
-                    conn = await self._reconnect()
-                    self.counters.reconnects += 1
+    def _timers(self) -> list[Callable[[], Awaitable[None]]]:
+        return [self._expire_overdue]
 
     async def _serve(self, conn: NbdConnection) -> str:
         """Run `conn` until it ends and return why; a replay owed goes
@@ -282,60 +233,14 @@ class NbdNode(Node):
             self._go_online(conn)
         return outcome
 
-    def _go_online(self, conn: NbdConnection) -> None:
-        self._conn = conn
-        resent = 0
-        for txn in self._table:  # in submission order; new requests queue behind
-            if not txn.done:
-                if txn.sends:
-                    resent += 1
-                    self.counters.resends += 1
-                self._send(conn, txn)
-        if resent:
-            log.info("%s: resent %d requests after reconnect", self._label, resent)
-        self._set_state(NodeState.ONLINE)
-
-    def _send(self, conn: NbdConnection, txn: Transaction) -> None:
-        """Transmit `txn`, unless it is larger than the server takes now
-        (it came back with a smaller maximum): then its caller splits it."""
-        if txn.command in (Command.READ, Command.WRITE) and txn.length > self.max_request:
-            txn.resplit = True
-            txn.finish(None)
-            return
-        conn.transmit(txn)
-
-    async def _reconnect(self) -> NbdConnection:
-        delay = BACKOFF_START
-        attempt = 0
-        while True:
-            attempt += 1
-            level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
-            try:
-                conn = await self._connect()
-            except NodeError as exc:
-                log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
-            else:
-                if not self._connected_once:  # started offline: first contact
-                    self._adopt(conn)
-                    return conn
-                usable = conn.ready.size - conn.ready.size % conn.ready.minimum
-                if usable == self.size:
-                    self._renegotiate(conn)
-                    log.info("%s: reconnected after %d attempts", self._label, attempt)
-                    return conn
-                log.log(
-                    logging.ERROR if level == logging.WARNING else level,
-                    "%s: the export now has %d bytes instead of %d; refusing to use it "
-                    "until it has %d again (attempt %d)",
-                    self._label,
-                    conn.ready.size,
-                    self.size,
-                    self.size,
-                    attempt,
-                )
-                await conn.close()
-            await trio.sleep(delay)
-            delay = next_delay(delay)
+    def _refusal(self, conn: NbdConnection) -> str | None:
+        usable = conn.ready.size - conn.ready.size % conn.ready.minimum
+        if usable == self.size:
+            return None
+        return (
+            f"the export now has {conn.ready.size} bytes instead of {self.size}; refusing "
+            f"to use it until it has {self.size} again"
+        )
 
     def _renegotiate(self, conn: NbdConnection) -> None:
         """Take the limits of the new connection, and owe the server the
@@ -356,81 +261,40 @@ class NbdNode(Node):
                 before[2],
                 "rw" if before[3] else "ro",
             )
-        loss = self._unflushed.lose_unprotected()
-        if loss is not None:
-            self._loss = loss if self._loss is None else self._loss + loss
-            log.error(
-                "%s: reconnected; %d acknowledged, unflushed writes (%d bytes) were no longer "
-                "kept and may have been lost with the server's cache; the next flush fails "
-                "with EIO",
-                self._label,
-                loss.writes,
-                loss.bytes,
-            )
-        if len(self._unflushed):
-            self._replay_owed = True
-            log.warning(
-                "%s: reconnected; resending %d unflushed writes (%d bytes) before anything "
-                "else, since an NBD server cannot tell whether its cache survived",
-                self._label,
-                len(self._unflushed),
-                self._unflushed.size,
-            )
+        self._owe_kept_writes(
+            "%s: reconnected; %d acknowledged, unflushed writes (%d bytes) were no longer "
+            "kept and may have been lost with the server's cache; the next flush fails "
+            "with EIO",
+            "%s: reconnected; resending %d unflushed writes (%d bytes) before anything "
+            "else, since an NBD server cannot tell whether its cache survived",
+        )
 
     # -- replay after a reconnect -------------------------------------------
-    async def _replay(self, conn: NbdConnection) -> str | None:
-        """Resend every kept write in order on `conn` (a window of
-        max_in_flight at a time) and wait until all are acknowledged; None
-        when done, else why it gave up (the connection is then dropped and
-        the replay starts over on the next one)."""
-        window: deque[tuple[Transaction, KeptWrite]] = deque()
-        writes = 0
-        with trio.move_on_after(self._budget) as scope:
-            try:
-                for entry in self._unflushed:
-                    writes += 1
-                    for command, offset, length, data in self._replay_parts(entry):
-                        # An NBD server may run the requests it has in any
-                        # order: an overlapping one waits until the earlier
-                        # ones are acknowledged (our export orders them itself).
-                        while window and (
-                            len(window) == self._replay_table.capacity
-                            or any(_overlap(txn, offset, length) for txn, _ in window)
-                        ):
-                            await self._settle_replayed(*window.popleft())
-                        txn = await self._replay_table.begin(
-                            command, offset, length, flags=entry.flags & Flag.FUA, data=data
-                        )
-                        if not self.flags & TransmissionFlag.SEND_FUA:
-                            txn.flags = Flag.NONE  # durability is not the replay's promise
-                        window.append((txn, entry))
-                        conn.transmit(txn)
-                while window:
-                    await self._settle_replayed(*window.popleft())
-            finally:
-                for txn, _ in window:
-                    self._replay_table.end(txn)
-        if scope.cancelled_caught:
-            return f"resent unflushed writes not acknowledged within {self._budget:g}s"
-        self._replay_owed = False
-        log.info("%s: resent %d unflushed writes", self._label, writes)
-        return None
+    def _replay_waits(
+        self, window: deque[tuple[Transaction, KeptWrite]], offset: int, length: int
+    ) -> bool:
+        """An NBD server may run the requests it has in any order: an
+        overlapping one waits until the earlier ones are acknowledged (our
+        export orders them itself)."""
+        return any(_overlap(txn, offset, length) for txn, _ in window)
 
-    def _replay_parts(self, entry: KeptWrite) -> list[tuple[Command, int, int, bytes | memoryview]]:
+    def _replay_parts(self, entry: KeptWrite) -> list[ReplayPart]:
         """`entry` as requests the server takes now: WRITEs split at its
         current maximum, WRITE_ZEROES as zeroes written when it no longer
-        offers them."""
+        offers them; FUA only where the server takes it (durability is not
+        the replay's promise)."""
+        flags = entry.flags & Flag.FUA if self.flags & TransmissionFlag.SEND_FUA else Flag.NONE
         if entry.command is Command.WRITE_ZEROES:
             if self.flags & TransmissionFlag.SEND_WRITE_ZEROES:
-                return [(Command.WRITE_ZEROES, o, n, b"") for o, n in self._ranges(entry)]
+                return [(Command.WRITE_ZEROES, o, n, flags, b"") for o, n in self._ranges(entry)]
             zeroes = memoryview(bytes(min(entry.length, self.max_request)))
             return [
-                (Command.WRITE, o, n, zeroes[:n])
+                (Command.WRITE, o, n, flags, zeroes[:n])
                 for o, n in self._chunks(entry.offset, entry.length)
             ]
         view = memoryview(entry.data)
         return [
-            (Command.WRITE, o, n, view[o - entry.offset : o - entry.offset + n])
+            (Command.WRITE, o, n, flags, view[o - entry.offset : o - entry.offset + n])
             for o, n in self._chunks(entry.offset, entry.length)
         ]
 
@@ -438,44 +302,7 @@ class NbdNode(Node):
         end = entry.offset + entry.length
         return [(o, min(MAX_RANGED, end - o)) for o in range(entry.offset, end, MAX_RANGED)]
 
-    async def _settle_replayed(self, txn: Transaction, entry: KeptWrite) -> None:
-        """Wait for a replayed write's reply; one the server fails is lost."""
-        try:
-            await txn.wait_done()
-        finally:
-            self._replay_table.end(txn)
-        assert txn.reply is not None  # replays are never given up on
-        if txn.reply.status:
-            loss = Loss(txn.length, 1, ((txn.offset, txn.length),))
-            self._loss = loss if self._loss is None else self._loss + loss
-            self.counters.errors += 1
-            log.error(
-                "%s: resent unflushed %s failed (%s); the next flush fails with EIO",
-                self._label,
-                txn,
-                os.strerror(txn.reply.status),
-            )
-
     # -- transactions ---------------------------------------------------
-    def _on_reply(self, reply: Reply) -> None:
-        txn = self._table.complete(reply)
-        if txn is None:
-            if self._replay_table.complete(reply) is None:
-                log.debug("%s: dropped reply for finished request %d", self._label, reply.handle)
-            return
-        if not reply.status and txn.command in WRITE_COMMANDS and self._keeps_writes:
-            # Kept from the moment the server acknowledged it: a reconnect
-            # can never come between the acknowledgement and the record.
-            self._unflushed.record(txn.command, txn.offset, txn.length, txn.flags, txn.data)
-            if not self._flush_at_limit:
-                self._unflushed.make_room()
-
-    @property
-    def _keeps_writes(self) -> bool:
-        """Without FLUSH nothing could ever release a kept write: the
-        server's acknowledgement is all the durability there is."""
-        return bool(self.flags & TransmissionFlag.SEND_FLUSH)
-
     async def _run(
         self,
         command: Command,
@@ -517,6 +344,11 @@ class NbdNode(Node):
                 errno=reply.status,
             )
 
+    #: A request as the Node interface issues it is `_run`: nothing to
+    #: order here (a READ), or the caller took the aligned range's
+    #: write-order ticket (`_ordered`).
+    _transact = _run
+
     async def _attempt(
         self,
         command: Command,
@@ -552,28 +384,6 @@ class NbdNode(Node):
             raise NodeUnavailable(str(self), f"{txn}: no success within {self._budget:g}s")
         return txn.reply
 
-    async def _run_split(
-        self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
-    ) -> Reply:
-        log.info(
-            "%s: %s [%d, +%d) is larger than the server's maximum of %d bytes; splitting it",
-            self._label,
-            command.name,
-            offset,
-            length,
-            self.max_request,
-        )
-        view = memoryview(data) if command is Command.WRITE else None
-        replies = await gather_or_raise(
-            [
-                lambda o=o, n=n: self._run(
-                    command, o, n, flags, view[o - offset : o - offset + n] if view else b""
-                )
-                for o, n in self._chunks(offset, length)
-            ]
-        )
-        return Reply(command, 0, 0, offset, length, b"".join(bytes(r.data) for r in replies))
-
     async def _expire_overdue(self) -> None:
         """The node's one timer: a request still unanswered when its budget
         ends fails, and the connection it went out on is dropped (a server
@@ -597,12 +407,6 @@ class NbdNode(Node):
             if stuck and self._conn is not None:
                 self._conn.abort(f"a request went unanswered for {self._budget:g}s")
             await trio.sleep_until(min(wake, now + self._timeouts.resend))
-
-    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
-        step = self.max_request
-        return [
-            (at, min(step, offset + length - at)) for at in range(offset, offset + length, step)
-        ]
 
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         """The smallest range of whole minimum blocks around the range."""
@@ -635,15 +439,6 @@ class NbdNode(Node):
             [lambda o=o, n=n: self._read_chunk(o, n) for o, n in self._chunks(offset, length)]
         )
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def _read_chunk(self, offset: int, length: int) -> bytes:
-        reply = await self._run(Command.READ, offset, length)
-        if len(reply.data) != length:
-            self.counters.errors += 1
-            raise NodeError(
-                str(self), f"READ [{offset}, +{length}) returned {len(reply.data)} bytes"
-            )
-        return bytes(reply.data)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         self.check_writable()
@@ -692,15 +487,10 @@ class NbdNode(Node):
             mark = self._unflushed.mark()
             await self._run(Command.FLUSH)
             self._unflushed.release(mark)
-        loss, self._loss = self._loss, None
-        if loss is not None:
-            raise NodeWritesLost(
-                str(self),
-                f"{loss.writes} acknowledged writes ({loss.bytes} bytes) may have been lost "
-                "when the connection to the NBD server broke before they were flushed",
-                regions=loss.regions,
-                lost_bytes=loss.bytes,
-            )
+        self._report_loss(
+            "may have been lost when the connection to the NBD server broke before they "
+            "were flushed"
+        )
 
     async def _keep_within_limit(self) -> None:
         """Policy flush: past the unflushed limit, one writer flushes (the
@@ -716,13 +506,7 @@ class NbdNode(Node):
                     await self._run(Command.FLUSH)
                     kept.release(mark)
                 except NodeError as exc:
-                    log.warning(
-                        "%s: FLUSH to stay within unflushed_limit failed (%s); the oldest "
-                        "unflushed writes are no longer kept for replay",
-                        self._label,
-                        exc,
-                    )
-                    kept.make_room()
+                    self._stop_protecting(exc)
 
     async def trim(self, offset: int, length: int) -> None:
         """Later reads return zeroes: WRITE_ZEROES without NO_HOLE (the

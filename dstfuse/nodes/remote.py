@@ -43,13 +43,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import deque
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..address import Address
 from ..config import Timeouts, Unflushed
-from ..errors import NodeError, NodeFenced, NodeRefused, NodeUnavailable, NodeWritesLost
+from ..errors import NodeError, NodeFenced, NodeRefused, NodeUnavailable
 from ..fanout import gather_or_raise
 from ..protocol import (
     CLIENT_ID_SIZE,
@@ -65,12 +65,11 @@ from ..protocol import (
     continuity,
     offered_modes,
 )
-from ..ranges import WriteOrder
-from .backoff import BACKOFF_FACTOR, BACKOFF_MAX, BACKOFF_START
-from .base import Node, NodeState
+from .base import NodeState
 from .session import Connector, Session, open_stream
-from .transactions import Transaction, TransactionTable
-from .unflushed import KeptWrite, Loss, UnflushedWrites
+from .transaction_node import ReplayPart, TransactionNode
+from .transactions import Transaction
+from .unflushed import KeptWrite
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +79,19 @@ _FEATURE_OF = {
     Command.CHECKSUM: Feature.CHECKSUM,
     Command.FLUSH: Feature.FLUSH,
 }
-#: Commands whose length is bounded by the node's max_request.
-_SPLITTABLE = frozenset({Command.READ, Command.WRITE})
-#: Replayed writes use handles from this space, disjoint from requests' and pings'.
-REPLAY_HANDLE_BASE = 1 << 62
 
 
-class RemoteNode(Node):
+class RemoteNode(TransactionNode[Session]):
     kind = "R"
+    _log = log
+    _in_flight_name = "transactions"
+    _maximum_name = "the node's maximum request"
+    _dropped_reply_log = "%s: dropped reply for unknown or finished handle %d"
+    _replay_failed_log = (
+        "%s: resent unflushed %s failed on the new instance (%s); the next flush fails with EIO"
+    )
+    _replayed_log = "%s: resent %d unflushed writes to the new instance"
+    _replay_timeout = "replayed writes not acknowledged within %gs"
 
     def __init__(
         self,
@@ -118,11 +122,15 @@ class RemoteNode(Node):
         the grant a mount would get, reported but not taken (`dstfuse
         check`, and a mirror leg until its storage has decided to write:
         `take_write_grant`)."""
-        super().__init__(str(address) + (f" {export}" if export else ""))
-        self._label = f"storage {storage}, node {self}" if storage else f"node {self}"
+        super().__init__(
+            str(address) + (f" {export}" if export else ""),
+            timeouts=timeouts,
+            max_in_flight=max_in_flight,
+            storage=storage,
+            unflushed=unflushed,
+        )
         self._target = address
         self._export = export
-        self._timeouts = timeouts
         self._key = key
         self._modes = offered_modes(key is not None, cipher)
         # Names this node's connection to the export: the export treats a new
@@ -132,20 +140,10 @@ class RemoteNode(Node):
         self._client_id = os.urandom(CLIENT_ID_SIZE)
         self._client_name = client_name
         self._connector = connector
-        self._table = TransactionTable(max_in_flight)
-        self._replay_table = TransactionTable(max_in_flight, first_handle=REPLAY_HANDLE_BASE)
-        unflushed = unflushed or Unflushed()
-        self._unflushed = UnflushedWrites(unflushed.limit)
-        self._flush_at_limit = unflushed.limit > 0 and unflushed.policy == "flush"
         self._flush_wanted = trio.Event()  # set: the limit flusher should flush
         self._limit_flushed = trio.Event()  # set (and replaced) when it has
         self._instance: NodeInstance | None = None
-        self._replay_owed = False  # a new instance has not had the kept writes yet
-        self._loss: Loss | None = None  # lost to a reboot; the next flush reports it
-        self._write_order = WriteOrder()
-        self._session: Session | None = None
         self._sessions_opened = 0
-        self._cancel = trio.CancelScope()
         self.max_request = 1 << 20
         self.features = Feature.NONE
         self._read_only = read_only
@@ -157,25 +155,6 @@ class RemoteNode(Node):
         self._opened_probing = False  # the last connection was opened probing
 
     # -- lifecycle ------------------------------------------------------
-    async def start(self, nursery: trio.Nursery, *, may_start_offline: bool = False) -> None:
-        """Connect and negotiate within `timeouts.connect`, then keep the
-        connection up in the background. Raises NodeRefused (ACL, export,
-        key: the user must fix something) or NodeUnavailable (unreachable)
-        when the first attempt fails — except that with `may_start_offline`
-        (a mirror leg, which the storage can do without for a while) an
-        unreachable node starts OFFLINE with size 0 and keeps trying."""
-        try:
-            session: Session | None = await self._connect()
-        except NodeUnavailable as exc:
-            if not may_start_offline:
-                raise
-            log.warning("%s: starting offline (%s); will keep trying", self._label, exc)
-            self.offline_reason = str(exc).removeprefix(f"{self.description}: ")
-            session = None
-        if session is not None:
-            self._adopt(session)
-        await nursery.start(self._keep_connected, session)
-
     def _adopt(self, session: Session) -> None:
         """Take the export's parameters from a node seen for the first time."""
         ready = session.ready
@@ -276,49 +255,18 @@ class RemoteNode(Node):
         if self.fenced is not None:
             raise NodeFenced(str(self), self.fenced)
 
-    async def _keep_connected(
-        self, session: Session | None, *, task_status=trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Run the session; when it breaks, reconnect with backoff and resend
-        everything in flight, forever (until aclose or cancellation). With
-        no session (started offline), connect first."""
-        with self._cancel:
-            task_status.started()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._resend_overdue)
-                if self._flush_at_limit:
-                    nursery.start_soon(self._flush_for_limit)
-                try:
-                    if session is None:
-                        session = await self._reconnect()
-                    pause = BACKOFF_START
-                    while True:
-                        opened = trio.current_time()
-                        reason = await self._serve(session)
-                        self._session = None
-                        self._set_state(NodeState.OFFLINE)
-                        if self._opened_probing and not self._probing:
-                            # ended by take_write_grant: claim at once
-                            session = await self._reconnect()
-                            continue
-                        log.warning(
-                            "%s: connection lost (%s); %d transactions in flight, reconnecting",
-                            self._label,
-                            reason,
-                            len(self._table),
-                        )
-                        # A node that drops every connection at once must not
-                        # make this a busy loop: back off while sessions are short.
-                        if trio.current_time() - opened < BACKOFF_MAX:
-                            await trio.sleep(pause)
-                            pause = min(pause * BACKOFF_FACTOR, BACKOFF_MAX)
-                        else:
-                            pause = BACKOFF_START
-                        session = await self._reconnect()
-                        self.counters.reconnects += 1
-                except NodeFenced as exc:
-                    self._fence(exc)
-                    nursery.cancel_scope.cancel()
+    def _timers(self) -> list[Callable[[], Awaitable[None]]]:
+        return [self._resend_overdue, *([self._flush_for_limit] if self._flush_at_limit else [])]
+
+    def _reconnect_at_once(self) -> bool:
+        return self._opened_probing and not self._probing  # ended by take_write_grant: claim
+
+    async def _stay_connected(self, session: Session | None) -> None:
+        """Reconnect forever; a node fenced (see `_fence`) ends here."""
+        try:
+            await super()._stay_connected(session)
+        except NodeFenced as exc:
+            self._fence(exc)
 
     async def _serve(self, session: Session) -> str:
         """Run `session` until it ends and return why. On a new instance the
@@ -353,69 +301,22 @@ class RemoteNode(Node):
         return outcome
 
     def _go_online(self, session: Session) -> None:
-        self._session = session
         if not self._opened_probing:
             self._grant_settled.set()
-        # Resend in original submission order; new requests queue behind.
-        resent = 0
-        for txn in self._table:
-            if not txn.done:
-                if txn.sends:
-                    resent += 1
-                    self.counters.resends += 1
-                self._send(session, txn)
-        if resent:
-            log.info("%s: resent %d transactions after reconnect", self._label, resent)
-        self._set_state(NodeState.ONLINE)
+        super()._go_online(session)
 
-    def _send(self, session: Session, txn: Transaction) -> None:
-        """Transmit `txn`, unless it is larger than what the node takes now
-        (it restarted with a smaller maximum): then finish it for its caller
-        to split (`Transaction.resplit`)."""
-        if txn.command in _SPLITTABLE and txn.length > self.max_request:
-            txn.resplit = True
-            txn.finish(None)
-            return
-        session.transmit(txn)
+    def _on_reconnect_failure(self, exc: NodeError) -> None:
+        """Refused EBUSY: another client identity holds the write grant now."""
+        if isinstance(exc, NodeRefused) and exc.errno == errno.EBUSY:
+            raise NodeFenced(str(self), str(exc).removeprefix(f"{self}: ")) from None
 
-    async def _reconnect(self) -> Session:
-        delay = BACKOFF_START
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                session = await self._connect()
-            except NodeRefused as exc:
-                if exc.errno == errno.EBUSY:
-                    raise NodeFenced(str(self), str(exc).removeprefix(f"{self}: ")) from None
-                level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
-                log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
-            except NodeUnavailable as exc:
-                level = logging.WARNING if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
-                log.log(level, "%s: reconnect attempt %d failed: %s", self._label, attempt, exc)
-            else:
-                if self._sessions_opened == 1:  # started offline: first contact
-                    self._adopt(session)
-                    return session
-                if session.ready.size != self.size:
-                    level = logging.ERROR if attempt == 1 or attempt % 20 == 0 else logging.DEBUG
-                    log.log(
-                        level,
-                        "%s: node now reports %d bytes instead of %d; refusing to use it "
-                        "until it serves %d bytes again (attempt %d)",
-                        self._label,
-                        session.ready.size,
-                        self.size,
-                        self.size,
-                        attempt,
-                    )
-                    await session.close()
-                else:
-                    self._renegotiate(session)
-                    log.info("%s: reconnected after %d attempts", self._label, attempt)
-                    return session
-            await trio.sleep(delay)
-            delay = min(delay * BACKOFF_FACTOR, BACKOFF_MAX)
+    def _refusal(self, session: Session) -> str | None:
+        if session.ready.size == self.size:
+            return None
+        return (
+            f"node now reports {session.ready.size} bytes instead of {self.size}; refusing "
+            f"to use it until it serves {self.size} bytes again"
+        )
 
     def _renegotiate(self, session: Session) -> None:
         """Take every limit from the node's new READY (it may have been
@@ -458,93 +359,28 @@ class RemoteNode(Node):
                 "%s: node does not report its instance; a reboot would go unnoticed", self._label
             )
         elif verdict is Continuity.NEW:
-            loss = self._unflushed.lose_unprotected()
-            if loss is not None:
-                self._loss = loss if self._loss is None else self._loss + loss
-                log.error(
-                    "%s: node came back as a new instance (%s, was %s): %d acknowledged, "
-                    "unflushed writes (%d bytes) were lost and cannot be resent; "
-                    "the next flush fails with EIO",
-                    self._label,
-                    instance,
-                    previous,
-                    loss.writes,
-                    loss.bytes,
-                )
-            if len(self._unflushed):
-                self._replay_owed = True
-                log.warning(
-                    "%s: node came back as a new instance (%s, was %s): resending %d "
-                    "unflushed writes (%d bytes) before anything else",
-                    self._label,
-                    instance,
-                    previous,
-                    len(self._unflushed),
-                    self._unflushed.size,
-                )
+            self._owe_kept_writes(
+                "%s: node came back as a new instance (%s, was %s): %d acknowledged, "
+                "unflushed writes (%d bytes) were lost and cannot be resent; "
+                "the next flush fails with EIO",
+                "%s: node came back as a new instance (%s, was %s): resending %d "
+                "unflushed writes (%d bytes) before anything else",
+                instance,
+                previous,
+            )
 
     # -- replay after a node reboot ---------------------------------------
-    async def _replay(self, session: Session) -> str | None:
-        """Resend every kept write in order on `session` (a window of
-        max_in_flight at a time) and wait until all are acknowledged; None
-        when done, else why it gave up (the session is then dropped and the
-        replay starts over on the next one). Kept writes stay kept: they are
-        no more durable on the new instance than they were on the old one."""
-        budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
-        window: deque[tuple[Transaction, KeptWrite]] = deque()
-        writes = 0
-        with trio.move_on_after(budget) as scope:
-            try:
-                for entry in self._unflushed:
-                    writes += 1
-                    for offset, length, data in self._replay_parts(entry):
-                        if len(window) == self._replay_table.capacity:
-                            await self._settle_replayed(*window.popleft())
-                        txn = await self._replay_table.begin(
-                            entry.command, offset, length, flags=entry.flags, data=data
-                        )
-                        window.append((txn, entry))
-                        session.transmit(txn)
-                while window:
-                    await self._settle_replayed(*window.popleft())
-            finally:
-                for txn, _ in window:
-                    self._replay_table.end(txn)
-        if scope.cancelled_caught:
-            return f"replayed writes not acknowledged within {budget:g}s"
-        self._replay_owed = False
-        log.info("%s: resent %d unflushed writes to the new instance", self._label, writes)
-        return None
-
-    def _replay_parts(self, entry: KeptWrite) -> list[tuple[int, int, memoryview | bytes]]:
+    def _replay_parts(self, entry: KeptWrite) -> list[ReplayPart]:
         """`entry` as requests the node takes now (WRITEs split at its
         current maximum)."""
         if entry.command is not Command.WRITE:
-            return [(entry.offset, entry.length, b"")]
+            return [(entry.command, entry.offset, entry.length, entry.flags, b"")]
         view = memoryview(entry.data)
         return [
-            (at, n, view[at - entry.offset : at - entry.offset + n])
+            (entry.command, at, n, entry.flags, view[at - entry.offset : at - entry.offset + n])
             for at, n in self._chunks(entry.offset, entry.length)
         ]
 
-    async def _settle_replayed(self, txn: Transaction, entry: KeptWrite) -> None:
-        """Wait for a replayed write's reply; one the node fails is lost."""
-        try:
-            await txn.wait_done()
-        finally:
-            self._replay_table.end(txn)
-        assert txn.reply is not None  # replays are never given up on
-        if txn.reply.status:
-            loss = Loss(txn.length, 1, ((txn.offset, txn.length),))
-            self._loss = loss if self._loss is None else self._loss + loss
-            self.counters.errors += 1
-            log.error(
-                "%s: resent unflushed %s failed on the new instance (%s); "
-                "the next flush fails with EIO",
-                self._label,
-                txn,
-                os.strerror(txn.reply.status),
-            )
     def _fence(self, exc: NodeFenced) -> None:
         """Another client writes to the export now: fail everything in
         flight with EIO at once and stop (no resending loop)."""
@@ -563,23 +399,6 @@ class RemoteNode(Node):
             self._table.give_up(txn)
 
     # -- transactions ---------------------------------------------------
-    def _on_reply(self, reply: Reply) -> None:
-        txn = self._table.complete(reply)
-        if txn is None:
-            if self._replay_table.complete(reply) is None:
-                log.debug(
-                    "%s: dropped reply for unknown or finished handle %d",
-                    self._label,
-                    reply.handle,
-                )
-            return
-        if not reply.status and txn.command in WRITE_COMMANDS:
-            # Kept from the moment the node acknowledged it: a reconnect can
-            # never come between this acknowledgement and the record.
-            self._unflushed.record(txn.command, txn.offset, txn.length, txn.flags, txn.data)
-            if not self._flush_at_limit:
-                self._unflushed.make_room()
-
     async def _transact(
         self,
         command: Command,
@@ -630,36 +449,11 @@ class RemoteNode(Node):
             )
         return reply
 
-    async def _run_split(
-        self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
-    ) -> Reply:
-        """Run a request the node no longer takes whole as parts of its
-        current maximum; a READ's parts are joined in order."""
-        log.info(
-            "%s: %s [%d, +%d) is larger than the node's maximum request of %d bytes; splitting it",
-            self._label,
-            command.name,
-            offset,
-            length,
-            self.max_request,
-        )
-        view = memoryview(data) if command is Command.WRITE else None
-        replies = await gather_or_raise(
-            [
-                lambda o=o, n=n: self._run(
-                    command, o, n, flags, view[o - offset : o - offset + n] if view else b""
-                )
-                for o, n in self._chunks(offset, length)
-            ]
-        )
-        joined = b"".join(bytes(reply.data) for reply in replies)
-        return Reply(command, 0, 0, offset, length, joined)
-
     async def _await_reply(self, txn: Transaction) -> Reply | None:
         """The reply to `txn`; None when it must be split (`resplit`)."""
         txn.deadline = trio.current_time() + self._timeouts.resend
-        if self._session is not None:
-            self._send(self._session, txn)
+        if self._conn is not None:
+            self._send(self._conn, txn)
         await txn.wait_done()
         if txn.resplit:
             return None
@@ -691,7 +485,7 @@ class RemoteNode(Node):
                         self._give_up(txn, resend * (max_resends + 1))
                         continue
                     txn.deadline = now + resend
-                    if self._session is not None:
+                    if self._conn is not None:
                         log.info(
                             "%s: %s not acknowledged within %gs; resending",
                             self._label,
@@ -699,7 +493,7 @@ class RemoteNode(Node):
                             resend,
                         )
                         self.counters.resends += 1
-                        self._send(self._session, txn)
+                        self._send(self._conn, txn)
                 wake = min(wake, txn.deadline)
             await trio.sleep_until(wake)
 
@@ -721,12 +515,6 @@ class RemoteNode(Node):
                 str(self), f"node does not support {command.name}", errno=errno.EOPNOTSUPP
             )
 
-    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
-        step = self.max_request
-        return [
-            (at, min(step, offset + length - at)) for at in range(offset, offset + length, step)
-        ]
-
     # -- Node interface -------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
@@ -739,15 +527,6 @@ class RemoteNode(Node):
             data = b"".join(parts)
         self.counters.bytes_read += length
         return data
-
-    async def _read_chunk(self, offset: int, length: int) -> bytes:
-        reply = await self._transact(Command.READ, offset, length)
-        if len(reply.data) != length:
-            self.counters.errors += 1
-            raise NodeError(
-                str(self), f"READ [{offset}, +{length}) returned {len(reply.data)} bytes"
-            )
-        return bytes(reply.data)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         self.check_writable()
@@ -774,15 +553,7 @@ class RemoteNode(Node):
         writes: the flush itself still ran, later ones succeed again."""
         self._require(Command.FLUSH)
         await self._flush_kept()
-        loss, self._loss = self._loss, None
-        if loss is not None:
-            raise NodeWritesLost(
-                str(self),
-                f"{loss.writes} acknowledged writes ({loss.bytes} bytes) were lost when the "
-                "node's host rebooted before they were flushed",
-                regions=loss.regions,
-                lost_bytes=loss.bytes,
-            )
+        self._report_loss("were lost when the node's host rebooted before they were flushed")
 
     async def _flush_kept(self) -> None:
         """One FLUSH; on success drop the kept writes acknowledged before it
@@ -813,13 +584,7 @@ class RemoteNode(Node):
             try:
                 await self._flush_kept()
             except NodeError as exc:
-                log.warning(
-                    "%s: FLUSH to stay within unflushed_limit failed (%s); the oldest "
-                    "unflushed writes are no longer kept for replay",
-                    self._label,
-                    exc,
-                )
-                self._unflushed.make_room()
+                self._stop_protecting(exc)
             finished, self._limit_flushed = self._limit_flushed, trio.Event()
             finished.set()
 

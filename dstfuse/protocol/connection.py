@@ -56,7 +56,7 @@ import hmac
 import os
 from collections import deque
 from dataclasses import replace
-from typing import Any, Final, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from . import attributes as attrs
 from .constants import (
@@ -112,20 +112,8 @@ from .handshake import (
     transcript_hash,
 )
 from .instance import NodeInstance
+from .need_data import NEED_DATA, NeedData
 from .sealing import Buffer, Sealer, Xxh3Sealer, session_sealer
-
-
-class _NeedData(enum.Enum):
-    # An enum member so that `event is NEED_DATA` narrows the type for mypy.
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-    __str__ = __repr__
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
 
 
 class Role(enum.Enum):
@@ -580,7 +568,7 @@ class Connection:
             return self.max_payload
         return MAX_HANDSHAKE_PAYLOAD
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """The next complete event, or NEED_DATA. Raises RemoteProtocolError
         (IntegrityError for a failed check) or HandshakeFailed, after which
         the connection is in ERROR."""
@@ -666,7 +654,7 @@ class Connection:
                 break
         return _unpack_header(head)
 
-    def _at_end_of_data(self) -> Event | _NeedData:
+    def _at_end_of_data(self) -> Event | NeedData:
         if not self._eof:
             return NEED_DATA
         if self.buffered:

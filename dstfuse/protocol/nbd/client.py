@@ -55,14 +55,18 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..errors import HandshakeFailed, LocalProtocolError, RemoteProtocolError
+from ..need_data import NEED_DATA, NeedData
 from .constants import (
     BASE_ALLOCATION,
     CHUNK_ERROR_BIT,
     CLIENT_FLAGS,
     DEFAULT_MAX_PAYLOAD,
+    ERROR_CHUNK,
     EXPORT_NAME_REPLY,
     EXPORT_NAME_ZEROES,
+    EXTENT,
     GREETING,
+    HOLE_CHUNK,
     IHAVEOPT,
     INFO_BLOCK_SIZE,
     INFO_EXPORT,
@@ -79,6 +83,8 @@ from .constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY,
     STRUCTURED_REPLY_MAGIC,
+    U32_FIELD,
+    U64_FIELD,
     Chunk,
     ClientFlag,
     Command,
@@ -151,21 +157,6 @@ _FLAG_NEEDS = {
     CommandFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
 }
 NO_FLAGS: Final = CommandFlag(0)
-_ERROR_CHUNK = struct.Struct(">IH")
-_OFFSET = struct.Struct(">Q")
-_HOLE = struct.Struct(">QI")
-_U32_FIELD = struct.Struct(">I")
-_EXTENT = struct.Struct(">II")
-
-
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
 
 
 class Phase(enum.Enum):
@@ -425,7 +416,7 @@ class NbdClient:
         else:
             self._eof = True
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError (the
         server broke the protocol) or HandshakeFailed (it refused us)."""
         if self.phase is Phase.ERROR:
@@ -439,7 +430,7 @@ class NbdClient:
             self.phase = Phase.ERROR
             raise
 
-    def _step(self) -> Event | _NeedData | None:
+    def _step(self) -> Event | NeedData | None:
         """One parsing step: an event, NEED_DATA, or None to go on."""
         phase = self.phase
         if phase is Phase.TRANSMISSION:
@@ -469,7 +460,7 @@ class NbdClient:
         del self._buffer[:size]
         return data
 
-    def _at_end(self) -> Event | _NeedData:
+    def _at_end(self) -> Event | NeedData:
         if self._eof and not self._buffer:
             return ConnectionClosed()
         return NEED_DATA
@@ -479,7 +470,7 @@ class NbdClient:
             raise LocalProtocolError(f"not allowed in phase {self.phase.value}")
 
     # -- handshake --------------------------------------------------------
-    def _on_greeting(self) -> None | _NeedData:
+    def _on_greeting(self) -> None | NeedData:
         if self._eof and not self._buffer:
             raise RemoteProtocolError("the server closed the connection before its greeting")
         raw = self._take(GREETING.size)
@@ -520,7 +511,7 @@ class NbdClient:
 
     def _send_go(self) -> None:
         data = (
-            _U32_FIELD.pack(len(self._export))
+            U32_FIELD.pack(len(self._export))
             + self._export
             + struct.pack(">HH", 1, Info.BLOCK_SIZE)
         )
@@ -530,15 +521,15 @@ class NbdClient:
     def _send_meta_context(self) -> None:
         query = BASE_ALLOCATION.encode()
         data = (
-            _U32_FIELD.pack(len(self._export))
+            U32_FIELD.pack(len(self._export))
             + self._export
-            + _U32_FIELD.pack(1)
-            + _U32_FIELD.pack(len(query))
+            + U32_FIELD.pack(1)
+            + U32_FIELD.pack(len(query))
             + query
         )
         self._send_option(Option.SET_META_CONTEXT, data)
 
-    def _on_option_reply(self) -> Event | _NeedData | None:
+    def _on_option_reply(self) -> Event | NeedData | None:
         if len(self._buffer) < OPTION_REPLY.size:
             if self._eof:
                 raise RemoteProtocolError("the server closed the connection during option haggling")
@@ -601,7 +592,7 @@ class NbdClient:
             return
         if kind != OptionReply.META_CONTEXT or len(payload) < 4:
             raise RemoteProtocolError(f"unexpected reply {kind:#x} to NBD_OPT_SET_META_CONTEXT")
-        (context,) = _U32_FIELD.unpack_from(payload)
+        (context,) = U32_FIELD.unpack_from(payload)
         name = _text(payload[4:], "meta context name")
         if name != BASE_ALLOCATION:
             raise RemoteProtocolError(f"the server chose meta context {name!r}, not asked for")
@@ -667,7 +658,7 @@ class NbdClient:
         detail = f": {message}" if message else ""
         raise HandshakeFailed(f"{self._option_name()} failed: {what}{detail}", status)
 
-    def _on_export_name_reply(self) -> Event | _NeedData:
+    def _on_export_name_reply(self) -> Event | NeedData:
         if self._eof and not self._buffer:
             raise HandshakeFailed(
                 f"the server closed the connection on export {self.export!r} "
@@ -718,7 +709,7 @@ class NbdClient:
         return self.ready
 
     # -- transmission -----------------------------------------------------
-    def _next_reply(self) -> Event | _NeedData | None:
+    def _next_reply(self) -> Event | NeedData | None:
         if self._chunk is not None:
             return self._chunk_payload(*self._chunk)
         if len(self._buffer) < 4:
@@ -727,7 +718,7 @@ class NbdClient:
                     raise RemoteProtocolError("the server closed the connection inside a reply")
                 return ConnectionClosed()
             return NEED_DATA
-        (magic,) = _U32_FIELD.unpack_from(self._buffer)
+        (magic,) = U32_FIELD.unpack_from(self._buffer)
         if magic == SIMPLE_REPLY_MAGIC:
             return self._simple_reply()
         if magic == STRUCTURED_REPLY_MAGIC:
@@ -742,7 +733,7 @@ class NbdClient:
             raise RemoteProtocolError(f"reply for cookie {cookie}, which is not in flight")
         return pending
 
-    def _simple_reply(self) -> Event | _NeedData:
+    def _simple_reply(self) -> Event | NeedData:
         if len(self._buffer) < SIMPLE_REPLY.size:
             return self._short()
         _, error, cookie = SIMPLE_REPLY.unpack_from(self._buffer)
@@ -756,12 +747,12 @@ class NbdClient:
         del self._in_flight[cookie]
         return NbdReply(cookie, pending.command, error, raw[SIMPLE_REPLY.size :])
 
-    def _short(self) -> _NeedData:
+    def _short(self) -> NeedData:
         if self._eof:
             raise RemoteProtocolError("the server closed the connection inside a reply")
         return NEED_DATA
 
-    def _chunk_header(self) -> None | _NeedData:
+    def _chunk_header(self) -> None | NeedData:
         raw = self._take(STRUCTURED_REPLY.size)
         if raw is None:
             return NEED_DATA
@@ -781,25 +772,25 @@ class NbdClient:
         if kind == Chunk.NONE:
             return 0
         if kind == Chunk.ERROR:
-            return _ERROR_CHUNK.size + MAX_STRING
+            return ERROR_CHUNK.size + MAX_STRING
         if kind == Chunk.ERROR_OFFSET:
-            return _ERROR_CHUNK.size + MAX_STRING + _OFFSET.size
+            return ERROR_CHUNK.size + MAX_STRING + U64_FIELD.size
         if pending.command is Command.READ:
             if kind == Chunk.OFFSET_DATA:
-                return _OFFSET.size + pending.length
+                return U64_FIELD.size + pending.length
             if kind == Chunk.OFFSET_HOLE:
-                return _HOLE.size
+                return HOLE_CHUNK.size
         if pending.command is Command.BLOCK_STATUS and kind == Chunk.BLOCK_STATUS:
-            return 4 + _EXTENT.size * self.max_extents
+            return 4 + EXTENT.size * self.max_extents
         if kind & CHUNK_ERROR_BIT:
             # An error type we do not know: the spec says to treat it as an
             # error, and that it starts like NBD_REPLY_TYPE_ERROR.
-            return _ERROR_CHUNK.size + MAX_STRING + _OFFSET.size
+            return ERROR_CHUNK.size + MAX_STRING + U64_FIELD.size
         raise RemoteProtocolError(f"chunk type {kind} not valid for {pending.command.name}")
 
     def _chunk_payload(
         self, flags: int, kind: int, cookie: int, length: int
-    ) -> Event | _NeedData | None:
+    ) -> Event | NeedData | None:
         raw = self._take(length)
         if raw is None:
             return NEED_DATA
@@ -822,23 +813,23 @@ class NbdClient:
         return self._finish(cookie, pending)
 
     def _on_error_chunk(self, pending: _Pending, kind: int, raw: bytes) -> None:
-        if len(raw) < _ERROR_CHUNK.size:
+        if len(raw) < ERROR_CHUNK.size:
             raise RemoteProtocolError("error chunk shorter than its header")
-        error, size = _ERROR_CHUNK.unpack_from(raw)
-        end = _ERROR_CHUNK.size + size
+        error, size = ERROR_CHUNK.unpack_from(raw)
+        end = ERROR_CHUNK.size + size
         if end > len(raw) or (kind == Chunk.ERROR and end != len(raw)):
             raise RemoteProtocolError("error chunk with a bad message length")
         if kind == Chunk.ERROR_OFFSET:
-            if len(raw) != end + _OFFSET.size:
+            if len(raw) != end + U64_FIELD.size:
                 raise RemoteProtocolError("NBD_REPLY_TYPE_ERROR_OFFSET of the wrong length")
-            (offset,) = _OFFSET.unpack_from(raw, end)
+            (offset,) = U64_FIELD.unpack_from(raw, end)
             if not pending.offset <= offset < pending.offset + pending.length:
                 raise RemoteProtocolError(f"error offset {offset} outside the request")
         if error == 0:
             raise RemoteProtocolError("error chunk with error value 0")
         if not pending.error:
             pending.error = error
-            pending.message = _text(raw[_ERROR_CHUNK.size : end], "error message")
+            pending.message = _text(raw[ERROR_CHUNK.size : end], "error message")
 
     def _place(self, pending: _Pending, offset: int, length: int) -> int:
         """Check [offset, +length) lies inside the READ and overlaps nothing
@@ -859,28 +850,28 @@ class NbdClient:
         return start
 
     def _on_data_chunk(self, pending: _Pending, raw: bytes) -> None:
-        if len(raw) <= _OFFSET.size:
+        if len(raw) <= U64_FIELD.size:
             raise RemoteProtocolError("NBD_REPLY_TYPE_OFFSET_DATA without data")
-        (offset,) = _OFFSET.unpack_from(raw)
-        start = self._place(pending, offset, len(raw) - _OFFSET.size)
+        (offset,) = U64_FIELD.unpack_from(raw)
+        start = self._place(pending, offset, len(raw) - U64_FIELD.size)
         assert pending.buffer is not None
-        pending.buffer[start : start + len(raw) - _OFFSET.size] = raw[_OFFSET.size :]
+        pending.buffer[start : start + len(raw) - U64_FIELD.size] = raw[U64_FIELD.size :]
 
     def _on_hole_chunk(self, pending: _Pending, raw: bytes) -> None:
-        if len(raw) != _HOLE.size:
+        if len(raw) != HOLE_CHUNK.size:
             raise RemoteProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE of the wrong length")
-        offset, length = _HOLE.unpack(raw)
+        offset, length = HOLE_CHUNK.unpack(raw)
         self._place(pending, offset, length)  # the buffer holds zeroes already
 
     def _on_status_chunk(self, pending: _Pending, raw: bytes) -> None:
         if pending.extents:
             raise RemoteProtocolError("a second BLOCK_STATUS chunk for one context")
-        if len(raw) < 4 + _EXTENT.size or (len(raw) - 4) % _EXTENT.size:
+        if len(raw) < 4 + EXTENT.size or (len(raw) - 4) % EXTENT.size:
             raise RemoteProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS of a bad length")
-        (context,) = _U32_FIELD.unpack_from(raw)
+        (context,) = U32_FIELD.unpack_from(raw)
         if context != self._allocation:
             raise RemoteProtocolError(f"block status for context {context}, not negotiated")
-        extents = tuple(Extent(length, flags) for length, flags in _EXTENT.iter_unpack(raw[4:]))
+        extents = tuple(Extent(length, flags) for length, flags in EXTENT.iter_unpack(raw[4:]))
         if any(extent.length == 0 for extent in extents):
             raise RemoteProtocolError("block status extent of length 0")
         if sum(extent.length for extent in extents[:-1]) >= pending.length:

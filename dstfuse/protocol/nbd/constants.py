@@ -39,6 +39,16 @@ REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
 #: magic, flags (u16), type (u16), cookie, length of the chunk data.
 STRUCTURED_REPLY = struct.Struct(">IHHQI")
+#: Fields of option data and chunk payloads: u16, u32, u64 (an offset).
+U16_FIELD = struct.Struct(">H")
+U32_FIELD = struct.Struct(">I")
+U64_FIELD = struct.Struct(">Q")
+#: An error chunk's head: error, length of the message that follows.
+ERROR_CHUNK = struct.Struct(">IH")
+#: An OFFSET_HOLE chunk: offset, length.
+HOLE_CHUNK = struct.Struct(">QI")
+#: One BLOCK_STATUS extent: length, flags.
+EXTENT = struct.Struct(">II")
 
 #: The spec lets a server drop a client whose option data exceeds what it
 #: is willing to buffer; names and query lists are short.

@@ -57,17 +57,18 @@ from __future__ import annotations
 
 import enum
 import errno
-import struct
 from collections.abc import Sequence
-from typing import Final
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..need_data import NEED_DATA, NeedData
 from .constants import (
     BASE_ALLOCATION,
     CLIENT_FLAGS,
     DEFAULT_MAX_PAYLOAD,
+    ERROR_CHUNK,
     EXPORT_NAME_REPLY,
     EXPORT_NAME_ZEROES,
+    EXTENT,
     GREETING,
     IHAVEOPT,
     INFO_BLOCK_SIZE,
@@ -84,6 +85,9 @@ from .constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY,
     STRUCTURED_REPLY_MAGIC,
+    U16_FIELD,
+    U32_FIELD,
+    U64_FIELD,
     Chunk,
     ClientFlag,
     Command,
@@ -112,16 +116,6 @@ from .server_events import (
     TlsRequested,
 )
 
-
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
-
 #: The id of base:allocation, the one meta context we serve.
 BASE_ALLOCATION_ID = 1
 #: The smallest payload limit the codec takes (a sector).
@@ -129,11 +123,6 @@ _MIN_PAYLOAD = 512
 #: WRITE payloads from this size on may be returned as a view of the
 #: receive buffer rather than a copy (see _parse_request).
 _HANDOVER_MIN = 64 << 10
-_U32 = struct.Struct(">I")
-_U16 = struct.Struct(">H")
-_U64 = struct.Struct(">Q")
-_ERROR_CHUNK = struct.Struct(">IH")
-_EXTENT = struct.Struct(">II")
 _KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 _GREETING_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 _WRITE_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
@@ -240,7 +229,7 @@ class NbdServerConnection:
             self._start = 0
         self._buffer += data
 
-    def next_event(self) -> ServerEvent | _NeedData:
+    def next_event(self) -> ServerEvent | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError (the
         connection is in ERROR then) when the peer broke the protocol."""
         state = self.state
@@ -284,7 +273,7 @@ class NbdServerConnection:
             del self._buffer[: self._start]
             self._start = 0
 
-    def _at_end(self) -> ServerEvent | _NeedData:
+    def _at_end(self) -> ServerEvent | NeedData:
         if self.buffered or self._skip:
             self.state = ServerState.ERROR
             raise RemoteProtocolError("stream ended inside a message")
@@ -300,7 +289,7 @@ class NbdServerConnection:
         self._start = start + size
         return bytes(self._buffer[start : start + size])
 
-    def _parse(self) -> ServerEvent | _NeedData:
+    def _parse(self) -> ServerEvent | NeedData:
         if self._skip:
             dropped = min(self._skip, self.buffered)
             self._start += dropped
@@ -331,7 +320,7 @@ class NbdServerConnection:
         return event
 
     # -- handshake ----------------------------------------------------------
-    def _parse_client_flags(self) -> ServerEvent | _NeedData:
+    def _parse_client_flags(self) -> ServerEvent | NeedData:
         view = self._take(CLIENT_FLAGS.size)
         if view is None:
             return NEED_DATA
@@ -344,7 +333,7 @@ class NbdServerConnection:
         self.state = ServerState.OPTIONS
         return self._parse_option()
 
-    def _parse_option(self) -> ServerEvent | _NeedData:
+    def _parse_option(self) -> ServerEvent | NeedData:
         start = self._start
         if len(self._buffer) - start < OPTION.size:
             return NEED_DATA
@@ -491,10 +480,10 @@ class NbdServerConnection:
             ),
         ]
         if Info.NAME in event.requests:
-            parts.append(self._info(option, _U16.pack(Info.NAME) + name.encode()))
+            parts.append(self._info(option, U16_FIELD.pack(Info.NAME) + name.encode()))
         if Info.DESCRIPTION in event.requests and info.description:
             parts.append(
-                self._info(option, _U16.pack(Info.DESCRIPTION) + info.description.encode())
+                self._info(option, U16_FIELD.pack(Info.DESCRIPTION) + info.description.encode())
             )
         parts.append(self._option_reply(option, OptionReply.ACK))
         return b"".join(parts)
@@ -512,7 +501,7 @@ class NbdServerConnection:
                 self._option_reply(
                     Option.LIST,
                     OptionReply.SERVER,
-                    _U32.pack(len(encoded)) + encoded + description.encode(),
+                    U32_FIELD.pack(len(encoded)) + encoded + description.encode(),
                 )
             )
         parts.append(self._option_reply(Option.LIST, OptionReply.ACK))
@@ -541,7 +530,7 @@ class NbdServerConnection:
                 self._option_reply(
                     option,
                     OptionReply.META_CONTEXT,
-                    _U32.pack(context_id) + BASE_ALLOCATION.encode(),
+                    U32_FIELD.pack(context_id) + BASE_ALLOCATION.encode(),
                 )
             )
         parts.append(self._option_reply(option, OptionReply.ACK))
@@ -605,7 +594,7 @@ class NbdServerConnection:
         return self._meta_export is not None and self._meta_export == self.export_name
 
     # -- transmission ---------------------------------------------------------
-    def _parse_request(self) -> ServerEvent | _NeedData:
+    def _parse_request(self) -> ServerEvent | NeedData:
         start = self._start
         buffer = self._buffer
         if len(buffer) - start < REQUEST.size:
@@ -729,7 +718,7 @@ class NbdServerConnection:
             request.cookie,
             8 + size,
         )
-        return [header + _U64.pack(request.offset), data]
+        return [header + U64_FIELD.pack(request.offset), data]
 
     def reply_block_status(self, request: NbdRequest, extents: Sequence[tuple[int, int]]) -> bytes:
         """The BLOCK_STATUS reply: `extents` are (length, base:allocation
@@ -744,8 +733,8 @@ class NbdServerConnection:
             raise LocalProtocolError("block status needs at least one non-empty extent")
         if sum(length for length, _ in extents) > request.length:
             raise LocalProtocolError("extents cover more than the request")
-        payload = _U32.pack(BASE_ALLOCATION_ID) + b"".join(
-            _EXTENT.pack(length, flags) for length, flags in extents
+        payload = U32_FIELD.pack(BASE_ALLOCATION_ID) + b"".join(
+            EXTENT.pack(length, flags) for length, flags in extents
         )
         return (
             STRUCTURED_REPLY.pack(
@@ -771,7 +760,7 @@ class NbdServerConnection:
         if not self.structured_replies:
             return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, code, request.cookie)
         text = message.encode()[:MAX_STRING]
-        payload = _ERROR_CHUNK.pack(code, len(text)) + text
+        payload = ERROR_CHUNK.pack(code, len(text)) + text
         return (
             STRUCTURED_REPLY.pack(
                 STRUCTURED_REPLY_MAGIC,
@@ -838,10 +827,10 @@ class _Reader:
         return chunk
 
     def u16(self) -> int:
-        return int(_U16.unpack(self._bytes(2))[0])
+        return int(U16_FIELD.unpack(self._bytes(2))[0])
 
     def u32(self) -> int:
-        return int(_U32.unpack(self._bytes(4))[0])
+        return int(U32_FIELD.unpack(self._bytes(4))[0])
 
     def string(self, what: str) -> str:
         return _string(self._bytes(self.u32()), what)

@@ -45,6 +45,11 @@ class NodeUnavailable(NodeError):
     """The node could not be reached within the request's resend budget."""
 
 
+class NodeSlow(NodeError):
+    """A read given up after the caller's patience (`Node.read_within`):
+    the node may still answer; nothing changed on it."""
+
+
 class NodeRefused(NodeError, UserError):
     """The node refused us during the handshake (ACL, unknown export, key)."""
 

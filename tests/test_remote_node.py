@@ -16,7 +16,7 @@ import xxhash
 
 from dstfuse.address import parse_address
 from dstfuse.config import Timeouts
-from dstfuse.errors import NodeError, NodeRefused, NodeUnavailable
+from dstfuse.errors import NodeError, NodeRefused, NodeSlow, NodeUnavailable
 from dstfuse.nodes.base import NodeState
 from dstfuse.nodes.remote import RemoteNode
 from dstfuse.protocol import Command
@@ -211,6 +211,75 @@ async def test_in_flight_transactions_are_bounded(autojump_clock):
             fake.gate.set()
         assert fake.max_in_progress == 3
         assert len(fake.received) == 10
+
+
+def reads_unanswered(request, number):
+    """Every READ's reply is lost; pings and everything else answered (the
+    node stays online, as a node whose disk hangs)."""
+    return DROP if request.command is Command.READ else ANSWER
+
+
+@pytest.mark.parametrize("patience", [0.5, 3.0])
+async def test_a_read_is_given_up_at_its_patience_by_the_resend_timer(autojump_clock, patience):
+    """`read_within`: the resend timer ends the wait at the caller's
+    patience, before (0.5 s) or after (3 s) the first resend at 2 s; the
+    transaction leaves the table, the node stays usable."""
+    fake = FakeExport(policy=reads_unanswered)
+    async with remote(fake) as node:
+        await node.write(0, b"r" * 4096)
+        start = trio.current_time()
+        with pytest.raises(NodeSlow, match="patience"):
+            await node.read_within(0, 4096, patience)
+        assert trio.current_time() - start == pytest.approx(patience)
+        assert node.counters.resends == (1 if patience > TIMEOUTS.resend else 0)
+        assert node.counters.in_flight == 0 and node.counters.errors == 0
+        assert node.state is NodeState.ONLINE
+        fake.policy = lambda request, number: ANSWER
+        assert await node.read_within(0, 4096, patience) == b"r" * 4096
+
+
+async def test_64_waiting_reads_are_all_given_up_at_their_patience(autojump_clock):
+    """A deep queue of reads on a node that answers none: each is given up
+    at its own patience (they are sent 0.1 s apart), none later."""
+    fake = FakeExport(policy=reads_unanswered)
+    ended: list[float] = []
+    async with remote(fake) as node:
+        start = trio.current_time()
+
+        async def read(index: int) -> None:
+            await trio.sleep(index * 0.1)
+            with pytest.raises(NodeSlow):
+                await node.read_within(index * 4096, 4096, 1.0)
+            ended.append(trio.current_time() - start - index * 0.1)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(64):
+                nursery.start_soon(read, index)
+        assert len(ended) == 64
+        assert all(took == pytest.approx(1.0) for took in ended), ended
+        assert node.counters.in_flight == 0
+
+
+async def test_a_read_waiting_for_a_disconnected_node_is_given_up_at_its_patience(
+    autojump_clock,
+):
+    fake = FakeExport(policy=lambda r, n: CUT if n == 1 and r.command is Command.READ else ANSWER)
+    async with remote(fake) as node:
+        original = fake.serve
+        refuse = trio.Event()
+
+        async def down(stream):
+            await refuse.wait()  # the node's host is rebooting
+            await original(stream)
+
+        fake.serve = down
+        start = trio.current_time()
+        with pytest.raises(NodeSlow):
+            await node.read_within(0, 4096, 1.5)
+        assert trio.current_time() - start == pytest.approx(1.5)
+        assert node.state is NodeState.OFFLINE
+        refuse.set()
+        assert await node.read_within(0, 4096, 1.5) == bytes(4096)
 
 
 async def test_silent_node_is_detected_by_keepalive_and_reconnected(autojump_clock):

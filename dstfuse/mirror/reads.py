@@ -113,10 +113,8 @@ class MirrorReads:
             for position, leg in enumerate(legs):
                 leg.position = offset + length
                 try:
-                    data = await self._router.ask(
-                        leg,
-                        lambda leg: leg.node.read(offset, length),
-                        last=position == len(legs) - 1,
+                    data = await self._router.read(
+                        leg, offset, length, last=position == len(legs) - 1
                     )
                 except LegSlow:
                     continue  # silent: another leg serves it; writes decide its fate

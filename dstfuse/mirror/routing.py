@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import trio
 
-from ..errors import NodeError
+from ..errors import NodeError, NodeSlow
 from .dispatch import LegSlow
 from .legs import MirrorLeg
 
@@ -64,9 +64,25 @@ class ReadRouter:
             return await call(leg)
         with trio.move_on_after(self._read_timeout):
             return await call(leg)
-        # asked last for a while, so the next reads do not wait for it too
+        raise self._slow(leg)
+
+    async def read(self, leg: MirrorLeg, offset: int, length: int, *, last: bool) -> bytes:
+        """`ask` for a read of the leg's data: the node gives it up at
+        `read_timeout` itself (`Node.read_within`: a remote node's resend
+        timer does, with no cancel scope per read)."""
+        if last:
+            return await leg.node.read(offset, length)
+        try:
+            return await leg.node.read_within(offset, length, self._read_timeout)
+        except NodeSlow:
+            pass
+        raise self._slow(leg)
+
+    def _slow(self, leg: MirrorLeg) -> LegSlow:
+        """The leg let a read wait read_timeout: asked last for a while, so
+        the next reads do not wait for it too."""
         leg.slow_until = trio.current_time() + SLOW_LEG_HOLD * self._read_timeout
-        raise LegSlow(str(leg), f"no answer within read_timeout ({self._read_timeout:g} s)")
+        return LegSlow(str(leg), f"no answer within read_timeout ({self._read_timeout:g} s)")
 
     async def first_answer(
         self, legs: list[MirrorLeg], call: Callable[[MirrorLeg], Awaitable[T]], what: str

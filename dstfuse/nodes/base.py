@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import NodeError, RequestOutOfRange
+from ..errors import NodeError, NodeSlow, RequestOutOfRange
 
 if TYPE_CHECKING:
     from ..config import Timeouts
@@ -148,6 +148,15 @@ class Node(abc.ABC):
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:
         """Return exactly `length` bytes at `offset`."""
+
+    async def read_within(self, offset: int, length: int, patience: float) -> bytes:
+        """`read`, given up with NodeSlow once `patience` seconds have
+        passed without the data (reads are safe to abandon: nothing changes
+        on the node). A node with a request timer of its own overrides this
+        to do without a cancel scope per read."""
+        with trio.move_on_after(patience):
+            return await self.read(offset, length)
+        raise NodeSlow(str(self), f"no answer within {patience:g} s")
 
     @abc.abstractmethod
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:

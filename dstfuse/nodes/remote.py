@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 
@@ -49,7 +50,7 @@ import trio
 
 from ..address import Address
 from ..config import Timeouts, Unflushed
-from ..errors import NodeError, NodeFenced, NodeRefused, NodeUnavailable
+from ..errors import NodeError, NodeFenced, NodeRefused, NodeSlow, NodeUnavailable
 from ..fanout import gather_or_raise
 from ..protocol import (
     CLIENT_ID_SIZE,
@@ -152,6 +153,9 @@ class RemoteNode(TransactionNode[Session]):
         #: set once a connection that is not probing is online, or fenced
         self._grant_settled = trio.Event()
         self._serving: trio.CancelScope | None = None  # while a session is served
+        #: the resend timer's sleep and when it ends (`_wake_resend_timer`)
+        self._resend_sleep: trio.CancelScope | None = None
+        self._resend_wake = -math.inf
         self._opened_probing = False  # the last connection was opened probing
 
     # -- lifecycle ------------------------------------------------------
@@ -407,17 +411,19 @@ class RemoteNode(TransactionNode[Session]):
         *,
         flags: Flag = Flag.NONE,
         data: bytes | memoryview = b"",
+        give_up_at: float = math.inf,
     ) -> Reply:
         """Run one request to its end: the node's reply (status 0), or
-        NodeError with the node's errno, or NodeUnavailable after the budget.
-        A write past the unflushed limit (policy flush) then waits until a
-        FLUSH has brought the kept data back under it."""
+        NodeError with the node's errno, or NodeUnavailable after the budget,
+        or NodeSlow at `give_up_at` (reads only). A write past the unflushed
+        limit (policy flush) then waits until a FLUSH has brought the kept
+        data back under it."""
         if self.fenced is not None:
             raise NodeFenced(str(self), f"fenced: {self.fenced}")
         writing = command in WRITE_COMMANDS
         ticket = await self._write_order.admit(offset, length) if writing else None
         try:
-            reply = await self._run(command, offset, length, flags, data)
+            reply = await self._run(command, offset, length, flags, data, give_up_at)
         finally:
             if ticket is not None:
                 self._write_order.release(ticket)
@@ -426,11 +432,20 @@ class RemoteNode(TransactionNode[Session]):
         return reply
 
     async def _run(
-        self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
+        self,
+        command: Command,
+        offset: int,
+        length: int,
+        flags: Flag,
+        data: bytes | memoryview,
+        give_up_at: float = math.inf,
     ) -> Reply:
         """One transaction (or, when the node's maximum shrank under it, its
         parts); the caller holds the write-order ticket for the whole range."""
         txn = await self._table.begin(command, offset, length, flags=flags, data=data)
+        if give_up_at < self._resend_wake:
+            self._wake_resend_timer(give_up_at)
+        txn.give_up_at = give_up_at
         self.counters.requests += 1
         self.counters.in_flight = len(self._table)
         try:
@@ -457,6 +472,8 @@ class RemoteNode(TransactionNode[Session]):
         await txn.wait_done()
         if txn.resplit:
             return None
+        if txn.impatient:
+            raise NodeSlow(str(self), f"{txn}: no answer within the caller's patience")
         if txn.reply is None and self.fenced is not None:
             raise NodeFenced(str(self), f"{txn}: fenced: {self.fenced}")
         if txn.reply is None:  # the resend timer gave up on it
@@ -468,9 +485,13 @@ class RemoteNode(TransactionNode[Session]):
         """The node's resend timer. A transaction unanswered `resend`
         seconds after it was sent (or last resent) is sent again, on the
         current session if there is one; after `max_resends` resends and one
-        more wait, it fails. Transactions only ever get deadlines at least
-        `resend` after the moment they are armed, so sleeping until the
-        earliest deadline seen here (or `resend` from now) misses none."""
+        more wait, it fails. One whose caller's patience ran out
+        (`give_up_at`, a read) is ended instead (NodeSlow), so a read costs
+        no timer of its own. Transactions only ever get resend deadlines at
+        least `resend` after the moment they are armed, and an earlier
+        `give_up_at` moves the timer's wake-up (`_wake_resend_timer`), so
+        sleeping until the earliest deadline seen here (or `resend` from
+        now) misses none."""
         while True:
             # Read every round: a reload may have changed them.
             resend, max_resends = self._timeouts.resend, self._timeouts.max_resends
@@ -478,6 +499,10 @@ class RemoteNode(TransactionNode[Session]):
             wake = now + resend
             for txn in self._table:
                 if txn.done:
+                    continue
+                if txn.give_up_at <= now:
+                    txn.impatient = True
+                    self._table.give_up(txn)
                     continue
                 if txn.deadline <= now:
                     txn.expired += 1
@@ -494,8 +519,17 @@ class RemoteNode(TransactionNode[Session]):
                         )
                         self.counters.resends += 1
                         self._send(self._conn, txn)
-                wake = min(wake, txn.deadline)
-            await trio.sleep_until(wake)
+                wake = min(wake, txn.deadline, txn.give_up_at)
+            self._resend_wake = wake
+            with trio.CancelScope(deadline=wake) as self._resend_sleep:
+                await trio.sleep_forever()
+
+    def _wake_resend_timer(self, at: float) -> None:
+        """Have the resend timer look at the transactions at `at` (earlier
+        than it planned to)."""
+        self._resend_wake = at
+        if self._resend_sleep is not None:
+            self._resend_sleep.deadline = at
 
     def _give_up(self, txn: Transaction, budget: float) -> None:
         self.counters.errors += 1
@@ -525,6 +559,18 @@ class RemoteNode(TransactionNode[Session]):
                 [lambda o=o, n=n: self._read_chunk(o, n) for o, n in self._chunks(offset, length)]
             )
             data = b"".join(parts)
+        self.counters.bytes_read += length
+        return data
+
+    async def read_within(self, offset: int, length: int, patience: float) -> bytes:
+        """`read`, ended by the resend timer with NodeSlow once `patience`
+        seconds have passed without the reply (no cancel scope per read)."""
+        self.check_range(offset, length)
+        if length > self.max_request:
+            return await super().read_within(offset, length, patience)
+        give_up_at = trio.current_time() + patience
+        reply = await self._transact(Command.READ, offset, length, give_up_at=give_up_at)
+        data = self._read_data(reply, offset, length)
         self.counters.bytes_read += length
         return data
 

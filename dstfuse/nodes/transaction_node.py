@@ -457,7 +457,10 @@ class TransactionNode(Node, Generic[LinkT]):
 
     async def _read_chunk(self, offset: int, length: int) -> bytes:
         """One READ of at most the maximum request; exactly `length` bytes."""
-        reply = await self._transact(Command.READ, offset, length)
+        return self._read_data(await self._transact(Command.READ, offset, length), offset, length)
+
+    def _read_data(self, reply: Reply, offset: int, length: int) -> bytes:
+        """A READ's bytes; NodeError unless there are exactly `length`."""
         if len(reply.data) != length:
             self.counters.errors += 1
             raise NodeError(

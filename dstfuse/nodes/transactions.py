@@ -36,9 +36,10 @@ from ..protocol import Command, Flag, Reply, Request
 class Transaction:
     """`deadline` (trio clock) is when the current wait for an answer runs
     out; `expired` counts the waits that already ran out; `sends` the frames
-    sent. `done` turns True once, by the reply or by `give_up` (then `reply`
-    is None); `wait_done` returns from then on. One task waits at a time:
-    the one that runs the transaction."""
+    sent; `give_up_at` is when the caller stops waiting, whatever is left
+    of the budget. `done` turns True once, by the reply or by `give_up`
+    (then `reply` is None); `wait_done` returns from then on. One task
+    waits at a time: the one that runs the transaction."""
 
     command: Command
     handle: int
@@ -54,6 +55,10 @@ class Transaction:
     #: Finished without a reply because it is larger than the node's new
     #: maximum request: the caller splits it and runs the parts.
     resplit: bool = False
+    #: When the caller stops waiting (a read's patience, trio clock), and
+    #: whether the resend timer ended the wait for that reason.
+    give_up_at: float = math.inf
+    impatient: bool = False
     _waiter: trio.lowlevel.Task | None = field(default=None, repr=False)
 
     def request(self) -> Request:

@@ -73,7 +73,7 @@ def begin_removal(leg: MirrorLeg, membership: Membership) -> None:
         leg.role = LegRole.STALE
         leg.pending = None
         leg.stale_since = membership.generation + 1
-    membership.joining.discard(leg.index)
+    membership.joining.discard(leg)
     membership.bump()
     log.info("%s: removal started; it takes no more writes", leg)
 

@@ -22,6 +22,13 @@ tested as a table. The rules (docs/mirror-metadata.md, "Deciding at mount"):
   written while any leg was stale), or everything when its history is
   unknown (no metadata, another storage's metadata, an unfinished full
   resync, or a leg the source's member table has no row for).
+
+Before any of this, every header is put into the numbering of the config
+(`_in_config_numbering`, numbering.py): after a leg was removed from the
+middle, headers left one renumbering behind are translated, a removal
+recorded but not yet renumbered is completed when the config no longer
+lists its legs, and a config that still lists a removed leg before a
+remaining one is refused (docs/mirror-metadata.md section 10).
 """
 
 from __future__ import annotations

@@ -328,3 +328,10 @@ def test_the_renumbering_record_round_trips_through_the_header_bytes():
     assert back.renumbered == Renumbering(0b100, 8, 5) and back.removing == 0b1
     plain = MirrorHeader.unpack(header(0, 2, [SYNC, SYNC]).pack())
     assert plain.renumbered is None and plain.removing == 0 and plain.numbering == 0
+
+
+def test_the_mount_goes_past_the_generation_of_a_leg_it_cannot_translate():
+    other_history = header(1, 20, [SYNC, SYNC])
+    legs = [at(0, renumbered(0, 8, [SYNC, stale(4)], 0b010, 8, 5)), at(1, other_history)]
+    plan = plan_start("vol0", legs)
+    assert plan.roles == {0: IN_SYNC, 1: FULL} and plan.generation == 20

@@ -71,7 +71,8 @@ class StartPlan:
     checks_valid: bool = False
     #: the last renumbering the mount records in every header (section 10
     #: of docs/mirror-metadata.md); a removal found begun in the legs'
-    #: headers and completed by this config has generation `generation + 1`
+    #: headers and completed by this config has generation `generation + 1`,
+    #: the one the mount writes
     renumbered: Renumbering | None = None
     #: unreachable legs the source's member table has no row for: when they
     #: come back their history is unknown (a full resync, whatever their
@@ -142,6 +143,8 @@ def plan_start(
 
     storage_id = _choose_storage(storage_name, known, primary)
     members = [f for f in known if f.header is not None and f.header.storage_id == storage_id]
+    # every mount goes past every generation it read (lease.py's epochs)
+    newest_generation = max(f.header.generation for f in members)  # type: ignore[union-attr]
     findings, renumbered, translation_notes = _in_config_numbering(
         storage_name, findings, members, force=force
     )
@@ -191,7 +194,7 @@ def plan_start(
         storage_id=storage_id,
         source=source.index,
         roles={},
-        generation=max(f.header.generation for f in members),  # type: ignore[union-attr]
+        generation=newest_generation,
         region_size=src.region_size,
         data_size=src.data_size,
         unclean=unclean,
@@ -245,8 +248,10 @@ def _in_config_numbering(
     translated = {f.index: in_numbering(f.header, current) for f in members}  # type: ignore[arg-type]
     renumbered = current
     if not _positions_match(translated) and reference.removing:
+        # renumbered at the generation this mount writes
+        mount_generation = max(f.header.generation for f in members) + 1  # type: ignore[union-attr]
         completed = Renumbering(
-            reference.removing, reference.generation + 1, previous=reference.numbering
+            reference.removing, mount_generation, previous=reference.numbering
         )
         attempt = {
             index: _drop(result, reference.removing, completed)
@@ -265,7 +270,7 @@ def _in_config_numbering(
         finding = result[index]
         if outcome.header is None:
             row = view.member(index) if view is not None else None
-            if row is not None and row.in_sync and not force and "removed" not in outcome.problem:
+            if row is not None and row.in_sync and not force and not outcome.removed:
                 raise UserError(
                     f"storage {storage_name}: leg {index}: {outcome.problem}, yet the other "
                     "legs record it up to date; mount with -o force to copy it in full from "
@@ -288,7 +293,7 @@ def _drop(result: Translated, removing: int, completed: Renumbering) -> Translat
         return result
     header = drop_legs(result.header, removing, completed)
     if header is None:
-        return Translated(None, "it was being removed from the mirror by a reload")
+        return Translated(None, "it was being removed from the mirror by a reload", removed=True)
     return Translated(header)
 
 
@@ -304,7 +309,7 @@ def _order_refusal(
     storage_name: str, translated: dict[int, Translated], current: Renumbering | None
 ) -> str:
     listed = sorted(
-        index for index, result in translated.items() if "removed" in result.problem
+        index for index, result in translated.items() if result.removed
     )
     if listed and current is not None:
         return (

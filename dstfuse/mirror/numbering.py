@@ -33,10 +33,12 @@ from .metadata import MirrorHeader, Renumbering, numbering_of
 @dataclass(frozen=True)
 class Translated:
     """A header in the wanted numbering, or None with `problem` saying why
-    the leg is no member there."""
+    the leg is no member there; `removed`: because it is a removed leg
+    (recorded stale before it went, so its data is never needed)."""
 
     header: MirrorHeader | None
     problem: str = ""
+    removed: bool = False
 
 
 def drop_legs(
@@ -71,6 +73,7 @@ def in_numbering(header: MirrorHeader, current: Renumbering | None) -> Translate
             return Translated(
                 None,
                 f"it was removed from the mirror at generation {current.generation}",
+                removed=True,
             )
         return Translated(translated)
     return Translated(

@@ -262,7 +262,8 @@ def _in_config_numbering(
     if not _positions_match(translated):
         raise UserError(_order_refusal(storage_name, translated, current))
     notes = []
-    view = next(
+    # what the newest header (or, if it went, another member) records
+    view = translated[newest.index].header or next(
         (r.header for r in translated.values() if r.header is not None), None
     )
     result = list(findings)

@@ -53,9 +53,7 @@ def drop_legs(
     members = tuple(
         row for position, row in enumerate(header.members) if not removed >> position & 1
     )
-    return header.with_changes(
-        leg_index=index, members=members, renumbered=renumbered, removing=0
-    )
+    return header.with_changes(leg_index=index, members=members, renumbered=renumbered, removing=0)
 
 
 def in_numbering(header: MirrorHeader, current: Renumbering | None) -> Translated:

@@ -21,7 +21,6 @@ async def test_writes_during_the_removal_of_leg_0_complete_and_the_legs_stay_ide
     written: dict[int, bytes] = {}
     async with trio.open_nursery() as nursery:
         mirror = await open_mirror(nursery, nodes, mount_options={"assume_clean": True})
-        removed = False
 
         async def writer(seed: int) -> None:
             local = random.Random(seed)
@@ -33,15 +32,14 @@ async def test_writes_during_the_removal_of_leg_0_complete_and_the_legs_stay_ide
                 await trio.sleep(local.random() * 0.01)
 
         async with trio.open_nursery() as writers:
-            for seed in range(8):
+            for _ in range(8):
                 writers.start_soon(writer, rng.randrange(1 << 30))
             await trio.sleep(0.05)
             mirror.check_removal((0,))
             gone = mirror.remove_legs((0,))
-            removed = True
             assert gone[0].node is nodes[0]
         await wait_for(lambda: len(mirror.legs) == 2 and mirror.membership.renumbered)
-        assert removed and [leg.node for leg in mirror.legs] == nodes[1:]
+        assert [leg.node for leg in mirror.legs] == nodes[1:]
         assert [leg.index for leg in mirror.legs] == [0, 1]
         assert [p.directory for p in mirror.placements()] == ["n-0-0", "n-0-1"]
         assert placement(mirror, 0).node is nodes[1]

@@ -119,6 +119,7 @@ class Assembly:
             storages=storages,
             exposed=top_level_storages(config, storages),
             nodes=builder.nodes,
+            opened_since=mark,
         )
 
     def commit(self, extension: Extension) -> None:
@@ -128,18 +129,25 @@ class Assembly:
         self.storages.update(extension.storages)
         self.exposed.update(extension.exposed)
         self.nodes.extend(extension.nodes)
+        # At unmount the running storages (which may now have these nodes)
+        # are flushed and closed first. The new storages use only new parts
+        # (reload_plan), so they may close after the running ones.
+        assert self.builder is not None
+        self.builder.opened.close_last(extension.opened_since)
 
 
 @dataclass
 class Extension:
     """What `Assembly.extend` started: `appended` maps a running storage to
     its new (node, size limit) pairs, in order; `storages` the new storages,
-    `exposed` those of them that become files; `nodes` every node started."""
+    `exposed` those of them that become files; `nodes` every node started;
+    `opened_since` where its closers begin in the mount's closing order."""
 
     appended: dict[str, list[tuple[Node, int | None]]]
     storages: dict[str, Storage]
     exposed: dict[str, Storage]
     nodes: list[Node]
+    opened_since: int = 0
 
 
 def describe_spec(spec: NodeSpec) -> str:
@@ -165,6 +173,14 @@ class _Opened:
     def mark(self) -> int:
         """A point to close back to (`close_all(since=...)`)."""
         return len(self._closers)
+
+    def close_last(self, since: int) -> None:
+        """What was opened after `since` is closed after everything opened
+        before it (still in its own reverse order): nodes a reload appended
+        to a running storage must outlive that storage's final flush."""
+        moved = self._closers[since:]
+        del self._closers[since:]
+        self._closers[:0] = moved
 
     async def close_all(self, since: int = 0) -> None:
         """Close what was opened after `since` (everything by default)."""

@@ -113,15 +113,21 @@ class LiveReload:
         removal is checked, then all are begun, with no await in between,
         so what was checked is what is applied."""
         mirrors = {name: self._assembly.storages[name].algorithm for name in plan.removed}
-        for name, count in plan.removed.items():
-            mirrors[name].check_removal(count)
+        for name, positions in plan.removed.items():
+            mirrors[name].check_removal(positions)
         done = []
-        for name, count in plan.removed.items():
-            for leg in mirrors[name].remove_last(count):
+        for name, positions in plan.removed.items():
+            gone = mirrors[name].remove_legs(positions)
+            for leg in gone:
                 done.append(
                     f"storage {name}: leg {leg.index} ({leg.node.description}) removed: it "
                     "takes no more writes; its node is closed once the new membership is "
                     "recorded"
+                )
+            if positions[0] < len(plan.config.storages[name].nodes):
+                done.append(
+                    f"storage {name}: the legs after leg {positions[0]} are renumbered as the "
+                    "config lists them now"
                 )
         self.config = plan.config
         return "; ".join(done)

@@ -19,15 +19,16 @@ What may change online in this release:
   and other new storages only;
 - a mirror may get legs (remote or local nodes) added at the end of its
   node list: each is recorded in the legs' metadata as not up to date and
-  copied in full in the background (mirror/adding.py); it may lose legs
-  at the end of its node list, unless that leaves no up-to-date leg
-  (mirror/removing.py), in a reload that changes nothing else.
+  copied in full in the background (mirror/adding.py); it may lose any of
+  its legs (the others keep their order and are renumbered), unless that
+  leaves no up-to-date leg (mirror/removing.py), in a reload that changes
+  nothing else.
 
 Everything else is refused with one line naming the key or the storage:
 the other global keys, `timeouts.keepalive` (running connections ping at
 the interval they were opened with), an algorithm or an algorithm option,
-any other change of a mirror's legs (removing a leg that is not at the end,
-reordering or changing a leg need a remount in this release), and
+any other change of a mirror's legs (reordering or changing a leg, or
+adding and removing legs in one reload, need a remount or two reloads), and
 removing a storage (needs a remount in this release: its file may be in
 use, and a storage is flushed and closed only with the mount).
 """
@@ -69,15 +70,16 @@ class ReloadRefused(UserError):
 class ReloadPlan:
     """What a reload applies. `appended` maps a linear storage to the node
     specs to append at its end, in order (a mirror: its new legs);
-    `removed` a mirror to the number of legs it loses at the end; `added` names the new storages
+    `removed` a mirror to the positions of the legs it loses; `added` names the new storages
     in the config's (dependency) order; `timeouts` is the new timing when
     it changed (None otherwise), and `changes` says each timing change in
     one phrase (growth is described once applied, with the new size)."""
 
     config: MountConfig
     appended: dict[str, tuple[NodeSpec, ...]] = field(default_factory=dict)
-    #: mirror storage -> how many legs to remove from the end of its list
-    removed: dict[str, int] = field(default_factory=dict)
+    #: mirror storage -> the positions (in the running config) of the legs
+    #: it loses, ascending
+    removed: dict[str, tuple[int, ...]] = field(default_factory=dict)
     added: tuple[str, ...] = ()
     timeouts: Timeouts | None = None
     changes: tuple[str, ...] = ()
@@ -113,7 +115,7 @@ def plan_reload(running: MountConfig, wanted: MountConfig) -> ReloadPlan:
             refusals.append(f"{key} cannot change online")
     timeouts = _timeouts(running.timeouts, wanted.timeouts, changes, refusals)
     appended: dict[str, tuple[NodeSpec, ...]] = {}
-    removed: dict[str, int] = {}
+    removed: dict[str, tuple[int, ...]] = {}
     added: list[str] = []
     nested = _nested_storages(running)
     for name in running.storages:
@@ -133,9 +135,9 @@ def plan_reload(running: MountConfig, wanted: MountConfig) -> ReloadPlan:
             continue
         cls = algorithm_class(spec.algorithm)
         if cls.adds_legs and old.algorithm == spec.algorithm and len(spec.nodes) < len(old.nodes):
-            count = _removed_legs(old, spec, refusals)
-            if count:
-                removed[name] = count
+            gone = _removed_legs(old, spec, refusals)
+            if gone:
+                removed[name] = gone
             continue
         grown = _storage(old, spec, name in nested, refusals)
         if grown:
@@ -261,26 +263,49 @@ def _appendable(
     return grown
 
 
-def _removed_legs(old: StorageSpec, new: StorageSpec, refusals: list[str]) -> int:
-    """How many legs mirror `new` drops from the end of `old`'s list (0
-    with a refusal appended when it is not that). Only the last legs can go
-    online: every other leg would change position, and a leg's position is
-    recorded in the metadata of every leg."""
+def _removed_legs(
+    old: StorageSpec, new: StorageSpec, refusals: list[str]
+) -> tuple[int, ...]:
+    """The positions of the legs mirror `new` drops from `old`'s list (empty,
+    with a refusal appended, when the new list is not the old one with some
+    legs left out: the remaining legs keep their order, and are renumbered
+    in every leg's metadata by the removal)."""
     name = new.name
     _storage_options(old, new, refusals)
     before = [_identity(node) for node in old.nodes]
     after = [_identity(node) for node in new.nodes]
-    if before[: len(after)] == after:
-        return len(before) - len(after)
-    present = set(after)
-    removed = [node for node, key in zip(old.nodes, before, strict=True) if key not in present]
-    gone = ", ".join(describe_node(node) for node in removed)
-    refusals.append(
-        f"storage {name}: leg(s) removed ({gone}): only the last legs of a mirror can be "
-        "removed online (the others would change position, which every leg's metadata "
-        "records); removing another leg needs a remount in this release"
+    kept: list[int] = []
+    position = 0
+    for key in after:
+        while position < len(before) and before[position] != key:
+            position += 1
+        if position == len(before):
+            break
+        kept.append(position)
+        position += 1
+    if len(kept) == len(after):
+        return tuple(index for index in range(len(before)) if index not in kept)
+    present = set(before)
+    if any(key not in present for key in after):
+        still = set(after)
+        gone = ", ".join(
+            describe_node(node) for node, key in zip(old.nodes, before, strict=True)
+            if key not in still
+        )
+        refusals.append(f"storage {name}: {_add_and_remove_refusal(gone)}")
+    else:
+        refusals.append(
+            f"storage {name}: legs reordered: the legs that remain must keep their order "
+            "(a leg's position is recorded in the metadata of every leg)"
+        )
+    return ()
+
+
+def _add_and_remove_refusal(gone: str) -> str:
+    return (
+        f"leg(s) removed ({gone}) while others are added: add the new legs first, then "
+        "remove the old ones in a reload of their own"
     )
-    return 0
 
 
 def _leg_refusal(old: StorageSpec, before: list[tuple], after: list[tuple]) -> str | None:
@@ -293,7 +318,7 @@ def _leg_refusal(old: StorageSpec, before: list[tuple], after: list[tuple]) -> s
     removed = [node for node, key in zip(old.nodes, before, strict=True) if key not in present]
     if removed:
         gone = ", ".join(describe_node(node) for node in removed)
-        return f"leg(s) removed ({gone}): removing a mirror leg needs a remount in this release"
+        return _add_and_remove_refusal(gone)
     return (
         "legs reordered or changed: a mirror's legs can only be added at the end of its "
         "node list (a leg's position is recorded in the metadata of every leg)"

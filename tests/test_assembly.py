@@ -275,3 +275,26 @@ async def test_unreachable_remote_node_fails_within_the_connect_timeout(tmp_path
             async with open_assembly(config):
                 pass
     assert time.monotonic() - started < 5
+
+
+async def test_parts_a_reload_opened_close_after_the_running_storages():
+    """A node a reload appended to a running storage is closed after that
+    storage's final flush (it was closed first, and an added mirror leg
+    made the clean shutdown hang until its timeout)."""
+    opened = assembly_module._Opened()
+    order: list[str] = []
+
+    def closer(name: str):
+        async def close() -> None:
+            order.append(name)
+
+        return close
+
+    opened.add("node a", closer("node a"))
+    opened.add("storage s", closer("storage s"))
+    mark = opened.mark()
+    opened.add("node b (appended to s)", closer("node b"))
+    opened.add("storage new", closer("storage new"))
+    opened.close_last(mark)
+    await opened.close_all()
+    assert order == ["storage s", "node a", "storage new", "node b"]

@@ -20,8 +20,10 @@ from dstfuse.mirror.metadata import (
     MEMBER_IN_SYNC,
     MemberRecord,
     MirrorHeader,
+    Renumbering,
     leg_layout,
 )
+from dstfuse.mirror.numbering import in_numbering
 
 MiB = 1 << 20
 ID = b"i" * 16
@@ -262,3 +264,133 @@ def test_an_unreachable_leg_the_source_has_no_row_for_is_copied_in_full_when_bac
         [found(0, 9, [SYNC, stale(8)]), LegFinding(1, reachable=False, problem="offline")],
     )
     assert known.unknown_history == set()
+
+
+# -- legs removed from the middle: headers of two numberings (numbering.py) ----
+def renumbered(index, generation, members, removed, at, previous=0, **kwargs) -> MirrorHeader:
+    return header(index, generation, members, **kwargs).with_changes(
+        renumbered=Renumbering(removed, at, previous)
+    )
+
+
+def removing(index, generation, members, mask, **kwargs) -> MirrorHeader:
+    return header(index, generation, members, **kwargs).with_changes(removing=mask)
+
+
+def at(position, made: MirrorHeader) -> LegFinding:
+    return LegFinding(position, reachable=True, header=made)
+
+
+#: Leg 1 of three removed: legs 0 and 2 recorded it stale (generation 7, the
+#: removal begun), then the renumbering generation 8 was written to leg 0
+#: only before the client was killed.
+BEGUN_0 = removing(0, 7, [SYNC, stale(7), SYNC], 0b010, clean=False)
+BEGUN_2 = removing(2, 7, [SYNC, stale(7), SYNC], 0b010, clean=False)
+DONE_0 = renumbered(0, 8, [SYNC, SYNC], 0b010, 8, clean=False)
+DONE_2 = renumbered(1, 8, [SYNC, SYNC], 0b010, 8, clean=False)
+
+
+def test_a_leg_left_one_renumbering_behind_is_taken_as_its_new_position():
+    plan = plan_start("vol0", [at(0, DONE_0), at(1, BEGUN_2)])
+    assert plan.roles == {0: IN_SYNC, 1: PARTIAL} and plan.unclean
+    assert plan.renumbered == Renumbering(0b010, 8, 0)
+    assert plan.bitmap_legs == [0, 1]
+
+
+def test_the_renumbered_legs_are_in_sync_after_a_clean_shutdown():
+    legs = [
+        at(0, renumbered(0, 9, [SYNC, SYNC], 0b001, 9, 4)),
+        at(1, renumbered(1, 9, [SYNC, SYNC], 0b001, 9, 4)),
+    ]
+    plan = plan_start("vol0", legs)
+    assert plan.roles == {0: IN_SYNC, 1: IN_SYNC} and plan.renumbered == Renumbering(1, 9, 4)
+
+
+def test_a_removal_recorded_but_not_renumbered_is_completed_by_the_new_config():
+    plan = plan_start("vol0", [at(0, BEGUN_0), at(1, BEGUN_2)])
+    assert plan.roles == {0: IN_SYNC, 1: PARTIAL} and plan.unclean
+    assert plan.renumbered == Renumbering(0b010, 8, 0)
+    assert any("completed now" in note for note in plan.notes)
+
+
+def test_the_old_config_keeps_a_removal_that_was_not_renumbered_as_a_stale_leg():
+    removed = removing(1, 6, [SYNC, SYNC, SYNC], 0, clean=False)
+    plan = plan_start("vol0", [at(0, BEGUN_0), at(1, removed.with_changes(
+        members=(SYNC, stale(7), SYNC))), at(2, BEGUN_2)])
+    assert plan.roles[1] == PARTIAL and plan.source in (0, 2)
+    assert plan.renumbered is None
+
+
+def test_the_old_config_after_a_renumbering_is_refused_in_one_line():
+    removed = header(1, 7, [SYNC, stale(7), SYNC], clean=False)
+    with pytest.raises(UserError) as caught:
+        plan_start("vol0", [at(0, DONE_0), at(1, removed), at(2, DONE_2)])
+    assert str(caught.value) == (
+        "storage vol0: node(s) 1 of the config were removed from this mirror at generation 8 "
+        "(dstfuse reload), which renumbered the legs after them; mount the config without them "
+        "(a removed node can be added back at the end)"
+    )
+
+
+def test_a_removed_leg_added_back_at_the_end_is_copied_in_full():
+    removed = header(1, 7, [SYNC, stale(7), SYNC], clean=False)
+    plan = plan_start("vol0", [at(0, DONE_0), at(1, DONE_2), at(2, removed)])
+    assert plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: FULL}
+    assert plan.source == 0
+
+
+def test_a_removed_leg_is_never_the_source():
+    # The removed leg's own header is the newest: it must still not count.
+    removed = header(1, 9, [SYNC, SYNC, SYNC])
+    plan = plan_start("vol0", [at(0, DONE_0), at(1, DONE_2), at(2, removed)])
+    assert plan.source == 0 and plan.roles[2] == FULL
+
+
+def test_without_a_removal_record_a_leg_gone_from_the_middle_is_a_reordering():
+    legs = [at(0, header(0, 5, [SYNC, SYNC, SYNC])), at(1, header(2, 5, [SYNC, SYNC, SYNC]))]
+    with pytest.raises(UserError, match="node 1 holds leg 2 .*only by dstfuse reload"):
+        plan_start("vol0", legs)
+
+
+def test_a_leg_two_renumberings_behind_recorded_in_sync_is_refused_unless_forced():
+    old = header(2, 3, [SYNC, SYNC, SYNC, SYNC])  # numbering 0; removals at 5 and 8
+    legs = [
+        at(0, renumbered(0, 8, [SYNC, SYNC], 0b010, 8, 5)),
+        at(1, old),
+    ]
+    with pytest.raises(UserError, match="leg 1: its metadata .* predates .* up to date"):
+        plan_start("vol0", legs)
+    plan = plan_start("vol0", legs, force=True)
+    assert plan.roles == {0: IN_SYNC, 1: FULL}
+
+
+def test_a_leg_two_renumberings_behind_recorded_stale_is_copied_in_full():
+    old = header(2, 3, [SYNC, SYNC, SYNC, SYNC])
+    legs = [at(0, renumbered(0, 8, [SYNC, stale(4)], 0b010, 8, 5)), at(1, old)]
+    assert plan_start("vol0", legs).roles == {0: IN_SYNC, 1: FULL}
+
+
+def test_renumbering_maps_indices_past_every_removed_leg():
+    numbering = Renumbering(0b01010, 9)
+    assert [numbering.new_index(i) for i in range(5)] == [0, None, 1, None, 2]
+    translated = in_numbering(header(4, 8, [SYNC, stale(3), SYNC, stale(3), SYNC]), numbering)
+    assert translated.header is not None and translated.header.leg_index == 2
+    assert translated.header.members == (SYNC, SYNC, SYNC)
+    assert in_numbering(header(3, 8, [SYNC] * 5), numbering).header is None
+    # written at or after the renumbering in the old numbering: another history
+    assert in_numbering(header(4, 9, [SYNC] * 5), numbering).header is None
+
+
+def test_the_renumbering_record_round_trips_through_the_header_bytes():
+    made = renumbered(1, 8, [SYNC, SYNC], 0b100, 8, 5).with_changes(removing=0b1)
+    back = MirrorHeader.unpack(made.pack())
+    assert back.renumbered == Renumbering(0b100, 8, 5) and back.removing == 0b1
+    plain = MirrorHeader.unpack(header(0, 2, [SYNC, SYNC]).pack())
+    assert plain.renumbered is None and plain.removing == 0 and plain.numbering == 0
+
+
+def test_the_mount_goes_past_the_generation_of_a_leg_it_cannot_translate():
+    other_history = header(1, 20, [SYNC, SYNC])
+    legs = [at(0, renumbered(0, 8, [SYNC, stale(4)], 0b010, 8, 5)), at(1, other_history)]
+    plan = plan_start("vol0", legs)
+    assert plan.roles == {0: IN_SYNC, 1: FULL} and plan.generation == 20

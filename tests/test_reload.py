@@ -333,8 +333,8 @@ def test_a_refused_reload_changes_nothing_and_says_why(tmp_path):
                 write_config(
                     tmp_path / "x.yaml", local_storages(a, b, c, d, mirror_nodes=(c, e))
                 ).read_text(),
-                f"storage m: leg(s) removed (L: {d}): removing a mirror leg needs a remount in "
-                "this release",
+                f"storage m: leg(s) removed (L: {d}) while others are added: add the new legs "
+                "first, then remove the old ones in a reload of their own",
             ),
         }
         for what, (text, reason) in bad.items():

@@ -1,7 +1,8 @@
-"""`dstfuse reload` adds a mirror leg online: real `dstfuse export` legs, a
-real mount, ext4 on its loop device under fio verify load; a client killed
-(kill -9) while the new leg is being copied; removing a leg is refused with
-one line (it needs a remount in this release)."""
+"""`dstfuse reload` adds and removes mirror legs online: real `dstfuse
+export` legs, a real mount, ext4 on its loop device under fio verify load
+(a leg added, then an old one removed from the front); a client killed
+(kill -9) while a new leg is copied, or in the middle of removing a middle
+leg; the last up-to-date leg cannot be removed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ import pytest
 
 from dstfuse.mirror.metadata import MEMBER_FULL_RESYNC, newest_header
 
-from .mounts import ext4_mounted, loop_device, mounted, require_loop, run, run_dstfuse
+from .mounts import (
+    ext4_mounted,
+    force_unmount,
+    loop_device,
+    mounted,
+    require_loop,
+    run,
+    run_dstfuse,
+    write_config,
+)
 from .test_mirror_e2e import (
     LegExport,
     _slots,
@@ -132,7 +142,7 @@ def single_line_refusal(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_a_leg_added_under_fio_load_is_brought_up_to_date_then_removed(tmp_path):
+def test_a_leg_added_under_fio_load_is_brought_up_to_date_then_an_old_leg_removed(tmp_path):
     require_loop()
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
@@ -158,18 +168,21 @@ def test_a_leg_added_under_fio_load_is_brought_up_to_date_then_removed(tmp_path)
                     segments = load.segments
                     while load.segments < segments + 1 and not load.failures:
                         time.sleep(0.2)  # one whole segment on three legs
-                    # Only the last legs can go online: leg 0 is refused, one line.
+                    # The old leg 0 goes (replace a node), under the same load:
+                    # the others are renumbered.
                     legs_config(tmp_path, legs[1:], resync_rate="24M")
-                    line = single_line_refusal(reload(mountpoint))
-                    assert "only the last legs of a mirror can be removed online" in line, line
-                    assert len(status(mount)["nodes"]) == 3
-                    # The added leg goes again, under the same load.
-                    legs_config(tmp_path, legs[:2], resync_rate="24M")
                     done = reload(mountpoint)
                     assert done.returncode == 0, done.stderr
-                    assert "leg 2 (" in done.stdout and "removed" in done.stdout
+                    assert "leg 0 (" in done.stdout and "removed" in done.stdout, done.stdout
+                    assert "renumbered" in done.stdout, done.stdout
                     wait_nodes(mount, 2)
                     assert wait_state(mount, "clean")["state"] == "clean"
+                    for position, leg in enumerate(legs[1:]):
+                        shown = mount.control("vol0", f"n-0-{position}", "type")
+                        assert leg.listen.removeprefix("unix:") in shown, shown
+                        assert mount.control("vol0", f"n-0-{position}", "disk").strip() == (
+                            "up_to_date"
+                        )
                     segments = load.segments
                     while load.segments < segments + 1 and not load.failures:
                         time.sleep(0.2)  # one whole segment on two legs
@@ -178,13 +191,26 @@ def test_a_leg_added_under_fio_load_is_brought_up_to_date_then_removed(tmp_path)
                 run("fsck.ext4", "-f", "-n", device)
             log = mount.log_tail(400)
             assert "vol0 leg 2" in log and "added at generation" in log
-            assert "removed at generation" in log
+            assert "renumbered at generation" in log and "leg 1 is now leg 0" in log
             assert mount.umount().returncode == 0
-        first = data_area(legs[0], size)
-        assert data_area(legs[1], size) == first
-        # The removed leg says it is not up to date; the others forgot it.
-        assert not _header(legs[2]).self_record.in_sync
-        assert _header(legs[0]).member(2) is None and _header(legs[1]).member(2) is None
+        first = data_area(legs[1], size)
+        assert data_area(legs[2], size) == first
+        # The removed leg says it is not up to date; the others renumbered.
+        assert not _header(legs[0]).self_record.in_sync
+        for position, leg in enumerate(legs[1:]):
+            header = _header(leg)
+            assert header.leg_index == position and len(header.members) == 2
+            assert header.renumbered is not None and header.renumbered.removed == 0b1
+        # The new config mounts clean at once: nothing to copy.
+        with mounted(legs_config(tmp_path, legs[1:]), mountpoint) as mount:
+            shown = status(mount)
+            assert shown["state"] == "clean", shown
+            assert [node["state"] for node in shown["nodes"]] == ["clean", "clean"]
+            assert all(node["resync_total"] == 0 for node in shown["nodes"]), shown
+            with loop_device(mount.file("vol0")) as device:
+                run("fsck.ext4", "-f", "-n", device)
+            assert mount.umount().returncode == 0
+        assert data_area(legs[2], size) == data_area(legs[1], size) == first
 
 
 def _header(leg: LegExport):
@@ -349,3 +375,113 @@ def test_a_leg_back_in_a_longer_config_while_offline_is_copied_in_full(tmp_path)
         first = data_area(legs[0], size)
         assert first[2 * MiB : 3 * MiB] == payload
         assert data_area(legs[2], size) == first
+
+
+def wait_header(leg: LegExport, what: str, test, mount, timeout: float = 60.0):
+    """Until `test(header)` holds for leg's newest header on disk."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            header = _header(leg)
+        except Exception:  # a slot being written: read again
+            header = None
+        if header is not None and test(header):
+            return header
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{leg.path}: never {what}: {header}\n{mount.log_tail()}")
+        time.sleep(0.05)
+
+
+#: A frozen export (SIGSTOP) keeps its connection and its requests pending
+#: for a minute: the client is held at a chosen step of a removal.
+PATIENT_TIMEOUTS = {"resend": "10s", "max_resends": 6, "keepalive": "30s", "connect": "2s"}
+
+
+def patient_config(tmp_path: Path, legs: list[LegExport]) -> Path:
+    storage = {"algorithm": "mirror", "nodes": [{"remote": leg.listen} for leg in legs]}
+    return write_config(tmp_path / "storage.yaml", {"vol0": storage}, timeouts=PATIENT_TIMEOUTS)
+
+
+@pytest.mark.parametrize("crash", ["half_renumbered", "recorded_not_renumbered"])
+def test_a_client_killed_while_removing_a_middle_leg_ends_clean(tmp_path, crash):
+    """Leg 1 of three is removed and the client killed (kill -9) at one of
+    two points, held there by freezing exports (SIGSTOP): after every leg
+    recorded the removal but before any renumbered header
+    (`recorded_not_renumbered`: leg 1's own header write hangs), or after
+    leg 0 took the renumbered header and leg 2 not (`half_renumbered`: leg
+    2's export is frozen then). The new config mounts and ends clean with
+    the data intact and the legs identical; the old config, once any leg is
+    renumbered, is refused with one line (it lists the removed leg before
+    a remaining one: mounting it would renumber the legs back)."""
+    with leg_exports(tmp_path, count=3, size=64 * MiB) as legs:
+        old = patient_config(tmp_path, legs)
+        mountpoint = tmp_path / "mnt"
+        # leg_timeout long enough that a frozen leg is not given up in the window
+        options = ["assume_clean", "leg_timeout=60s", "bitmap_idle=600s"]
+        with mounted(old, mountpoint, options=options) as mount:
+            size = storage_size(mount)
+            payload = os.urandom(MiB)
+            fd = os.open(mount.file("vol0"), os.O_WRONLY)
+            try:
+                for offset in range(0, 32 * MiB, 2 * MiB):
+                    os.pwrite(fd, payload, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            legs[1].signal(signal.SIGSTOP)  # its own header write (step 2) hangs
+            patient_config(tmp_path, [legs[0], legs[2]])
+            done = reload(mountpoint)
+            assert done.returncode == 0, done.stderr
+            assert "leg 1 (" in done.stdout and "renumbered" in done.stdout, done.stdout
+            for leg in (legs[0], legs[2]):
+                wait_header(leg, "recording the removal", lambda h: h.removing == 0b010, mount)
+            if crash == "half_renumbered":
+                legs[2].signal(signal.SIGSTOP)
+                legs[1].signal(signal.SIGCONT)
+                wait_header(legs[0], "renumbered", lambda h: h.renumbered is not None, mount)
+            os.kill(mount.pid, signal.SIGKILL)
+            mount.process.wait(30)
+        # Frozen exports are killed, so nothing queued to them lands later.
+        for leg in legs[1:]:
+            leg.signal(signal.SIGKILL)
+            leg.start()
+        left = _header(legs[2])
+        assert left.renumbered is None and left.leg_index == 2 and left.removing == 0b010
+        old = legs_config(tmp_path, legs)
+        if crash == "half_renumbered":
+            first = _header(legs[0])
+            assert first.renumbered is not None and first.renumbered.removed == 0b010
+            assert len(first.members) == 2
+            try:
+                done = run_dstfuse("mount", old, mountpoint, timeout=60)
+            finally:
+                force_unmount(mountpoint)
+            assert done.returncode != 0
+            lines = done.stderr.splitlines()
+            assert len(lines) == 1, done.stderr
+            assert "node(s) 1 of the config were removed from this mirror" in lines[0], lines
+        else:
+            assert _header(legs[0]).renumbered is None
+        new = legs_config(tmp_path, [legs[0], legs[2]])
+        with mounted(new, mountpoint) as mount:
+            clean = wait_state(mount, "clean", timeout=120)
+            assert len(clean["nodes"]) == 2
+            fd = os.open(mount.file("vol0"), os.O_RDONLY)
+            try:
+                for offset in range(0, 32 * MiB, 2 * MiB):
+                    assert os.pread(fd, MiB, offset) == payload, offset
+            finally:
+                os.close(fd)
+            assert mount.umount().returncode == 0
+        first = data_area(legs[0], size)
+        assert data_area(legs[2], size) == first
+        for position, leg in enumerate((legs[0], legs[2])):
+            header = _header(leg)
+            assert header.leg_index == position and len(header.members) == 2
+            assert header.renumbered is not None and header.renumbered.removed == 0b010
+            assert header.self_record.in_sync and header.clean
+        # The next mount of the new config is clean at once.
+        with mounted(new, mountpoint) as mount:
+            shown = status(mount)
+            assert shown["state"] == "clean", shown
+            assert mount.umount().returncode == 0

@@ -132,8 +132,8 @@ def test_online_timeouts_apply_and_keepalive_is_refused(tmp_path):
         (
             {"vol": mirror("/a", "/b")},
             {"vol": mirror("/a", "/c")},
-            "storage vol: leg(s) removed (L: /b): removing a mirror leg needs a remount in this "
-            "release",
+            "storage vol: leg(s) removed (L: /b) while others are added: add the new legs "
+            "first, then remove the old ones in a reload of their own",
         ),
         (
             {"vol": mirror("/a", "/b")},
@@ -198,7 +198,7 @@ def test_every_refusal_is_named_and_nothing_is_planned(tmp_path):
     )
     assert message.split("; ")[0] == "max_in_flight cannot change online"
     assert "storage vol: node(s) removed from the end" in message
-    assert "storage m: leg(s) removed (L: /d): removing a mirror leg needs a remount" in message
+    assert "storage m: leg(s) removed (L: /d) while others are added: add the new" in message
 
 
 def test_a_refused_change_refuses_the_growth_beside_it(tmp_path):
@@ -209,3 +209,48 @@ def test_a_refused_change_refuses_the_growth_beside_it(tmp_path):
     )
     assert message.startswith("storage m: legs reordered or changed")
     assert ";" not in message
+
+
+@pytest.mark.parametrize(
+    ("wanted", "gone"),
+    [
+        (("/b", "/c"), (0,)),
+        (("/a", "/c"), (1,)),
+        (("/a", "/b"), (2,)),
+    ],
+)
+def test_any_leg_of_a_mirror_can_be_removed(tmp_path, wanted, gone):
+    result = plan(tmp_path, {"m": mirror("/a", "/b", "/c")}, {"m": mirror(*wanted)})
+    assert result.removed == {"m": gone} and result.appended == {}
+
+
+def test_several_legs_anywhere_can_be_removed_in_one_reload(tmp_path):
+    result = plan(tmp_path, {"m": mirror("/a", "/b", "/c", "/d")}, {"m": mirror("/b", "/d")})
+    assert result.removed == {"m": (0, 2)}
+
+
+def test_a_removal_that_reorders_the_remaining_legs_is_refused(tmp_path):
+    message = refusal(tmp_path, {"m": mirror("/a", "/b", "/c")}, {"m": mirror("/c", "/a")})
+    assert message == (
+        "storage m: legs reordered: the legs that remain must keep their order (a leg's "
+        "position is recorded in the metadata of every leg)"
+    )
+
+
+def test_a_removal_with_a_new_leg_in_the_same_reload_is_refused(tmp_path):
+    message = refusal(tmp_path, {"m": mirror("/a", "/b", "/c")}, {"m": mirror("/b", "/x")})
+    assert message == (
+        "storage m: leg(s) removed (L: /a, L: /c) while others are added: add the new legs "
+        "first, then remove the old ones in a reload of their own"
+    )
+
+
+def test_a_removal_with_other_changes_is_refused(tmp_path):
+    message = refusal(
+        tmp_path,
+        {"m": mirror("/a", "/b", "/c")},
+        {"m": mirror("/b", "/c")},
+        {"timeouts": {"resend": "2s"}},
+        {"timeouts": {"resend": "3s"}},
+    )
+    assert "removing mirror legs cannot be combined with other changes" in message

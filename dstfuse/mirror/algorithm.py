@@ -131,7 +131,11 @@ class Mirror(Algorithm):
         return "clean"
 
     def _leg_of(self, placement: Placement) -> MirrorLeg:
-        return self.legs[placement.cookie]
+        # by node, not position: a removal renumbers the legs after it
+        for leg in self.legs:
+            if leg.node is placement.node:
+                return leg
+        raise UserError(f"storage {self.storage_name}: {placement.directory} was removed")
 
     def node_state(self, placement: Placement) -> str:
         return self._leg_of(placement).node_state()
@@ -193,22 +197,22 @@ class Mirror(Algorithm):
             )
         self.membership.kick()
 
-    def check_removal(self, count: int) -> None:
-        """UserError (one line) unless the last `count` legs can be removed
-        now (removing.refuse_unsafe_removal)."""
+    def check_removal(self, positions: tuple[int, ...]) -> None:
+        """UserError (one line) unless the legs at `positions` can be
+        removed now (removing.refuse_unsafe_removal)."""
         if self._runtime is None:
             raise UserError(f"storage {self.storage_name} is not started")
-        refuse_unsafe_removal(self.storage_name, self.legs, count)
+        refuse_unsafe_removal(self.storage_name, self.legs, list(positions))
 
-    def remove_last(self, count: int) -> list[MirrorLeg]:
-        """Remove the last `count` legs (checked by `check_removal` with no
-        await since): they stop at once, and `retire_legs` records the new
-        membership and closes their nodes in the background. The legs."""
-        gone = self.legs[len(self.legs) - count :]
-        for leg in gone:
-            begin_removal(leg, self.membership)
+    def remove_legs(self, positions: tuple[int, ...]) -> list[MirrorLeg]:
+        """Remove the legs at `positions` (checked by `check_removal` with
+        no await since): they stop at once, and `retire_legs` records the
+        removal, renumbers the legs after them and closes their nodes in
+        the background. The legs."""
+        gone = [self.legs[position] for position in positions]
+        begin_removal(gone, self.membership)
         self.runtime.tasks.start_soon(
-            retire_legs, gone, self.membership, self.legs, self._placements
+            retire_legs, gone, self.membership, self.legs, self._placements, self._placement
         )
         return gone
 

@@ -27,6 +27,13 @@ tested as a table. The rules (docs/mirror-metadata.md, "Deciding at mount"):
   written while any leg was stale), or everything when its history is
   unknown (no metadata, another storage's metadata, an unfinished full
   resync, or a leg the source's member table has no row for).
+
+Before any of this, every header is put into the numbering of the config
+(`_in_config_numbering`, numbering.py): after a leg was removed from the
+middle, headers left one renumbering behind are translated, a removal
+recorded but not yet renumbered is completed when the config no longer
+lists its legs, and a config that still lists a removed leg before a
+remaining one is refused (docs/mirror-metadata.md section 10).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .metadata import MirrorHeader
+from .metadata import MirrorHeader, Renumbering
+from .numbering import Translated, drop_legs, in_numbering, removed_legs
 
 IN_SYNC = "in_sync"
 PARTIAL = "partial"
@@ -66,6 +74,11 @@ class StartPlan:
     bitmap_legs: list[int] = field(default_factory=list)
     #: the check arrays were kept by every session (else they are zeroed)
     checks_valid: bool = False
+    #: the last renumbering the mount records in every header (section 10
+    #: of docs/mirror-metadata.md); a removal found begun in the legs'
+    #: headers and completed by this config has generation `generation + 1`,
+    #: the one the mount writes
+    renumbered: Renumbering | None = None
     #: unreachable legs the source's member table has no row for: when they
     #: come back their history is unknown (a full resync, whatever their
     #: own headers say)
@@ -163,14 +176,12 @@ def plan_start(
 
     storage_id = _choose_storage(storage_name, known, primary)
     members = [f for f in known if f.header is not None and f.header.storage_id == storage_id]
-    for finding in members:
-        assert finding.header is not None
-        if finding.header.leg_index != finding.index:
-            raise UserError(
-                f"storage {storage_name}: node {finding.index} holds leg "
-                f"{finding.header.leg_index} of this mirror; the order of its nodes in the "
-                "config changed: restore it"
-            )
+    # every mount goes past every generation it read (lease.py's epochs)
+    newest_generation = max(f.header.generation for f in members)  # type: ignore[union-attr]
+    findings, renumbered, translation_notes = _in_config_numbering(
+        storage_name, findings, members, force=force
+    )
+    members = [f for f in findings if f.header is not None and f.header.storage_id == storage_id]
     consistent = [f for f in members if f.header is not None and f.header.self_record.in_sync]
     dominated = _dominated(consistent)
     voters = [f for f in consistent if f.index not in dominated]
@@ -218,12 +229,14 @@ def plan_start(
         storage_id=storage_id,
         source=source.index,
         roles={},
-        generation=max(f.header.generation for f in members),  # type: ignore[union-attr]
+        generation=newest_generation,
         region_size=src.region_size,
         data_size=src.data_size,
         unclean=unclean,
         bitmap_legs=[f.index for f in members],
         checks_valid=all(f.header.checks_valid for f in members),  # type: ignore[union-attr]
+        renumbered=renumbered,
+        notes=translation_notes,
     )
     for finding in findings:
         plan.roles[finding.index] = _role(finding, source, members, consistent, claimed, primary)
@@ -244,6 +257,114 @@ def plan_start(
             f"primary={primary}: leg {primary}'s data wins; the other legs resync from it"
         )
     return plan
+
+
+def _in_config_numbering(
+    storage_name: str, findings: list[LegFinding], members: list[LegFinding], *, force: bool
+) -> tuple[list[LegFinding], Renumbering | None, list[str]]:
+    """The findings with every member's header translated into the
+    numbering of the config (numbering.py), the renumbering the mount
+    records, and notes. The newest header's numbering is the current one;
+    headers one renumbering behind are translated, others are no members.
+    If the config is that numbering without the legs the newest header
+    records as being removed (a removal whose renumbering was not written
+    before a crash), the mount completes it. UserError when the config's
+    positions match neither (reordered nodes, or a config that still lists
+    legs removed from the middle), or when a member that cannot be
+    translated is recorded up to date (its data may be needed)."""
+    if not members:
+        return findings, None, []
+    # The newest numbering knows every removal the others may not; within
+    # one history it is also the newest generation.
+    newest = max(members, key=lambda f: (f.header.numbering, f.header.generation))  # type: ignore[union-attr]
+    reference = newest.header
+    assert reference is not None
+    current = reference.renumbered
+    translated = {f.index: in_numbering(f.header, current) for f in members}  # type: ignore[arg-type]
+    renumbered = current
+    if not _positions_match(translated) and reference.removing:
+        # renumbered at the generation this mount writes
+        mount_generation = max(f.header.generation for f in members) + 1  # type: ignore[union-attr]
+        completed = Renumbering(
+            reference.removing, mount_generation, previous=reference.numbering
+        )
+        attempt = {
+            index: _drop(result, reference.removing, completed)
+            for index, result in translated.items()
+        }
+        if _positions_match(attempt):
+            translated, renumbered = attempt, completed
+    if not _positions_match(translated):
+        raise UserError(_order_refusal(storage_name, translated, current))
+    notes = []
+    # what the newest header (or, if it went, another member) records
+    view = translated[newest.index].header or next(
+        (r.header for r in translated.values() if r.header is not None), None
+    )
+    result = list(findings)
+    for index, outcome in translated.items():
+        finding = result[index]
+        if outcome.header is None:
+            row = view.member(index) if view is not None else None
+            if row is not None and row.in_sync and not force and not outcome.removed:
+                raise UserError(
+                    f"storage {storage_name}: leg {index}: {outcome.problem}, yet the other "
+                    "legs record it up to date; mount with -o force to copy it in full from "
+                    "the others"
+                )
+            result[index] = LegFinding(index, finding.reachable, problem=outcome.problem)
+        else:
+            result[index] = LegFinding(index, finding.reachable, outcome.header, finding.problem)
+    if renumbered is not current and renumbered is not None:
+        legs = ", ".join(map(str, removed_legs(renumbered.removed)))
+        notes.append(
+            f"the removal of leg(s) {legs} (numbering before it) was begun by a reload and is "
+            f"completed now: the config no longer lists them"
+        )
+    return result, renumbered, notes
+
+
+def _drop(result: Translated, removing: int, completed: Renumbering) -> Translated:
+    if result.header is None:
+        return result
+    header = drop_legs(result.header, removing, completed)
+    if header is None:
+        return Translated(None, "it was being removed from the mirror by a reload", removed=True)
+    return Translated(header)
+
+
+def _positions_match(translated: dict[int, Translated]) -> bool:
+    return all(
+        result.header.leg_index == index
+        for index, result in translated.items()
+        if result.header is not None
+    )
+
+
+def _order_refusal(
+    storage_name: str, translated: dict[int, Translated], current: Renumbering | None
+) -> str:
+    listed = sorted(
+        index for index, result in translated.items() if result.removed
+    )
+    if listed and current is not None:
+        return (
+            f"storage {storage_name}: node(s) {', '.join(map(str, listed))} of the config were "
+            f"removed from this mirror at generation {current.generation} (dstfuse reload), "
+            "which renumbered the legs after them; mount the config without them (a removed "
+            "node can be added back at the end)"
+        )
+    index, result = next(
+        (index, result)
+        for index, result in translated.items()
+        if result.header is not None and result.header.leg_index != index
+    )
+    assert result.header is not None
+    return (
+        f"storage {storage_name}: node {index} holds leg {result.header.leg_index} of this "
+        "mirror; the order of its nodes in the config changed (a leg leaves the middle of the "
+        "list only by dstfuse reload, which records it): restore it"
+    )
 
 
 def _plan_first_use(

@@ -49,7 +49,7 @@ class HolderLease:
         self._options = options
         #: when the last acknowledged renewal was sent (trio clock)
         self._renewed_at = -float("inf")
-        self._beating: set[int] = set()
+        self._beating: set[MirrorLeg] = set()
         self._renewing = trio.Lock()
 
     def granted(self) -> None:
@@ -101,8 +101,8 @@ class HolderLease:
             await trio.sleep(self._options.heartbeat_interval)
             self._membership.heartbeat += 1
             for leg in self._membership.targets():
-                if leg.online and leg.index not in self._beating:
-                    self._beating.add(leg.index)
+                if leg.online and leg not in self._beating:
+                    self._beating.add(leg)
                     tasks.start_soon(self._beat, leg)
 
     async def _beat(self, leg: MirrorLeg) -> None:
@@ -116,7 +116,7 @@ class HolderLease:
             if self._membership.leg_failed(leg, f"heartbeat failed: {exc}"):
                 await self._membership.publish_quietly()
         finally:
-            self._beating.discard(leg.index)
+            self._beating.discard(leg)
 
     async def _renew(self, leg: MirrorLeg) -> bool:
         """Read the leg's header slots back, then rewrite its header with

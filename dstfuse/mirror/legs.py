@@ -188,7 +188,7 @@ class MirrorLeg:
         layout = self._layout()
         async with self._header_lock:
             sequence = self._sequence + 1
-            raw = header.with_changes(sequence=sequence, leg_index=self.index).pack()
+            raw = header.with_changes(sequence=sequence).pack()
             await self.node.write(layout.slot_offsets[sequence % 2], raw, fua=True)
             self._sequence = sequence
 

@@ -167,7 +167,7 @@ class LegStates:
         membership = self._membership
         await leg.wait_settled()  # nothing sent before may land after this
         if leg.role is not LegRole.IN_SYNC:
-            membership.joining.add(leg.index)
+            membership.joining.add(leg)
             try:
                 await leg.write_header(membership.header(leg))
                 await self._bitmap.publish_all(
@@ -177,7 +177,7 @@ class LegStates:
                 log.warning("%s: cannot be marked clean: %s", leg, exc)
                 return
             finally:
-                membership.joining.discard(leg.index)
+                membership.joining.discard(leg)
         membership.mark_in_sync(leg)
         await membership.publish_quietly()
 

@@ -34,6 +34,7 @@ from .metadata import (
     MEMBER_IN_SYNC,
     MemberRecord,
     MirrorHeader,
+    Renumbering,
 )
 from .options import MirrorOptions
 
@@ -65,7 +66,13 @@ class Membership:
         #: the check arrays are maintained by this session
         self.checks_valid = True
         #: legs being brought back: they receive metadata but no data yet
-        self.joining: set[int] = set()
+        self.joining: set[MirrorLeg] = set()
+        #: the last removal that renumbered the legs (numbering.py), recorded
+        #: in every header so a leg left one renumbering behind is understood
+        self.renumbered: Renumbering | None = None
+        #: legs (bits, current numbering) being removed: recorded stale, the
+        #: renumbering without them follows (removing.py)
+        self.removing = 0
         self._version = 0
         self._durable = 0
         self._lock = trio.Lock()
@@ -124,6 +131,8 @@ class Membership:
             holder_epoch=0 if clean else self.holder_epoch,
             heartbeat=self.heartbeat,
             heartbeat_us=int(time.time() * 1e6),
+            renumbered=self.renumbered,
+            removing=self.removing,
             layout=leg.layout,
         )
 
@@ -145,7 +154,7 @@ class Membership:
         return [
             leg
             for leg in self.legs
-            if (leg.takes_writes or leg.index in self.joining) and leg.layout is not None
+            if (leg.takes_writes or leg in self.joining) and leg.layout is not None
         ]
 
     # -- changes ----------------------------------------------------------
@@ -215,9 +224,9 @@ class Membership:
         """Mark a leg stale after it failed a request; False (nothing done)
         if it is already stale or is the last in-sync leg."""
         if leg.role is LegRole.STALE:
-            if leg.index in self.joining:
+            if leg in self.joining:
                 log.warning("%s: failed while rejoining: %s", leg, error)
-                self.joining.discard(leg.index)
+                self.joining.discard(leg)
             return False
         if leg.in_sync and not any(other.in_sync for other in self.legs if other is not leg):
             log.error("%s: the last in-sync leg failed: %s", leg, error)
@@ -226,7 +235,7 @@ class Membership:
         leg.role = LegRole.STALE
         leg.pending = None
         leg.stale_since = self.generation + 1
-        self.joining.discard(leg.index)
+        self.joining.discard(leg)
         self.bump()
         return True
 

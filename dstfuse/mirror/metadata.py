@@ -59,7 +59,7 @@ MEMBER_IN_SYNC = 1 << 0  # the leg held every acknowledged write at `generation`
 MEMBER_FULL_RESYNC = 1 << 1  # its history is unknown: resync compares every region
 
 _HEADER = struct.Struct(
-    "<8s H H I Q 16s I I Q Q Q I I Q Q Q Q Q 16s 64s Q Q Q Q 24x"
+    "<8s H H I Q 16s I I Q Q Q I I Q Q Q Q Q 16s 64s Q Q Q Q I I Q Q"
 )
 _MEMBER = struct.Struct("<I 4x Q Q 8x")
 MEMBERS_AT = 256
@@ -169,6 +169,33 @@ class MemberRecord:
 
 
 @dataclass(frozen=True)
+class Renumbering:
+    """The last removal of legs that renumbered the others (section 10 of
+    docs/mirror-metadata.md): from `generation` on, the legs of the
+    numbering before it whose bits are set in `removed` are gone, the rows
+    of every member table are the remaining legs in their old order, and
+    `previous` is the generation of the renumbering before this one (0:
+    none). A header's numbering is named by the generation of its last
+    renumbering (0 for a storage never renumbered)."""
+
+    removed: int
+    generation: int
+    previous: int = 0
+
+    def new_index(self, index: int) -> int | None:
+        """Leg `index` of the numbering before, in the numbering after
+        (None: it is one of the removed legs)."""
+        if self.removed >> index & 1:
+            return None
+        return index - (self.removed & ((1 << index) - 1)).bit_count()
+
+
+def numbering_of(renumbering: Renumbering | None) -> int:
+    """The generation that names a numbering (0: never renumbered)."""
+    return renumbering.generation if renumbering is not None else 0
+
+
+@dataclass(frozen=True)
 class MirrorHeader:
     """One leg's header. `members[i]` is this leg's view of leg i; the
     row for itself (`members[leg_index]`) says whether its own data is
@@ -192,6 +219,11 @@ class MirrorHeader:
     #: the generation at which the holder mounted: a later holder has a
     #: higher one (a taker mounts past every generation it read)
     holder_epoch: int = 0
+    #: the last removal that renumbered the legs (None: never renumbered)
+    renumbered: Renumbering | None = None
+    #: legs (bits, in this header's numbering) being removed: recorded stale,
+    #: the renumbering without them follows
+    removing: int = 0
     version: int = VERSION
     layout: LegLayout | None = field(default=None, compare=False)
 
@@ -215,6 +247,11 @@ class MirrorHeader:
     def member(self, index: int) -> MemberRecord | None:
         return self.members[index] if index < len(self.members) else None
 
+    @property
+    def numbering(self) -> int:
+        """The generation naming this header's numbering of the legs."""
+        return numbering_of(self.renumbered)
+
     def with_changes(self, **changes) -> MirrorHeader:
         return replace(self, **changes)
 
@@ -224,6 +261,7 @@ class MirrorHeader:
             raise ValueError(f"a mirror has 1 to {MAX_LEGS} legs, not {len(self.members)}")
         layout = self.layout or leg_layout(self.leg_size, self.region_size)
         name = self.client_name.encode("utf-8")[:64]
+        renumbered = self.renumbered or Renumbering(0, 0, 0)
         raw = bytearray(HEADER_SIZE)
         _HEADER.pack_into(
             raw, 0,
@@ -233,7 +271,8 @@ class MirrorHeader:
             layout.checks_offset, layout.checks_length,
             layout.bitmap_offset, layout.bitmap_length, self.created_us,
             self.client_id, name, self.held_since_us, self.heartbeat, self.heartbeat_us,
-            self.holder_epoch,
+            self.holder_epoch, renumbered.removed, self.removing,
+            renumbered.generation, renumbered.previous,
         )  # fmt: skip
         for index, record in enumerate(self.members):
             _MEMBER.pack_into(
@@ -257,7 +296,8 @@ class MirrorHeader:
             _magic, version, max_legs, flags, sequence, storage_id, leg_index, leg_count,
             generation, leg_size, data_size, region_size, block, checks_offset, checks_length,
             bitmap_offset, bitmap_length, created_us, client_id, name, held_since_us,
-            heartbeat, heartbeat_us, holder_epoch,
+            heartbeat, heartbeat_us, holder_epoch, removed, removing, renumbered_at,
+            previous_renumbering,
         ) = _HEADER.unpack_from(raw, 0)  # fmt: skip
         if version > VERSION:
             raise UnsupportedVersion(
@@ -298,6 +338,12 @@ class MirrorHeader:
             heartbeat=heartbeat,
             heartbeat_us=heartbeat_us,
             holder_epoch=holder_epoch,
+            renumbered=(
+                Renumbering(removed, renumbered_at, previous_renumbering)
+                if renumbered_at
+                else None
+            ),
+            removing=removing,
             version=version,
             layout=layout,
         )

@@ -212,6 +212,11 @@ class _Opening:
 
         membership.generation += 1
         membership.holder_epoch = membership.generation
+        # A removal begun before a crash and completed by this config is
+        # renumbered at this generation; one the config undid is dropped.
+        assert plan.renumbered is None or plan.renumbered.generation <= membership.generation
+        membership.renumbered = plan.renumbered
+        membership.removing = 0
         membership.held_since_us = int(time.time() * 1e6)
         targets = [self.legs[i] for i in sorted(reachable)]
         if zero_checks:

@@ -180,10 +180,10 @@ class Resync:
         rates = [leg.resync_rate for leg in legs if leg.resync_rate > 0]
         rate = min(rates) if rates and len(rates) == len(legs) else 0
         read_whole = True
-        compared = {leg.index for leg in legs if leg.full_resync}
+        compared = {leg for leg in legs if leg.full_resync}
         # A leg that fails and rejoins while this region is copied gets a
         # new pending set: the region is done only for the sets seen here.
-        pending = {leg.index: leg.pending for leg in legs}
+        pending = {leg: leg.pending for leg in legs}
         offset = start
         while offset < end:
             length = min(window, end - offset)
@@ -191,7 +191,7 @@ class Resync:
             live = [
                 leg
                 for leg in legs
-                if leg.role is LegRole.RESYNCING and leg.pending is pending[leg.index]
+                if leg.role is LegRole.RESYNCING and leg.pending is pending[leg]
             ]
             if not live:
                 return
@@ -207,15 +207,15 @@ class Resync:
         done = [
             leg
             for leg in legs
-            if leg.role is LegRole.RESYNCING and leg.pending is pending[leg.index]
+            if leg.role is LegRole.RESYNCING and leg.pending is pending[leg]
         ]
         if read_whole and self._checks is not None:
             self._checks.trust(region)
-        compare_only = [leg for leg in done if leg.index in compared]
+        compare_only = [leg for leg in done if leg in compared]
         if compare_only:
             await self._write_region_checks(region, compare_only)
         for leg in done:
-            if leg.pending is not None and leg.pending is pending[leg.index]:
+            if leg.pending is not None and leg.pending is pending[leg]:
                 if region in leg.pending:
                     leg.pending.discard(region)
                     leg.resync_done += end - start

@@ -31,6 +31,7 @@ from .geometry import Geometry
 from .legs import LegRole, MirrorLeg
 from .membership import Membership
 from .metadata import BLOCK, leg_layout
+from .numbering import in_numbering
 from .startup import examine_leg
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class LegWatch:
                 leg.layout = None
                 if not await self._adopt(leg, extra):
                     return False
-            membership.joining.add(leg.index)
+            membership.joining.add(leg)
             if leg.full_resync:
                 await bitmap.mark_all()
             else:
@@ -132,12 +133,12 @@ class LegWatch:
                 lambda block, raw: leg.write_bitmap_block(membership.storage_id, block, raw)
             )
         except NodeError as exc:
-            membership.joining.discard(leg.index)
+            membership.joining.discard(leg)
             log.warning("%s: cannot rejoin yet: %s", leg, exc)
             return False
-        if leg.index not in membership.joining:
+        if leg not in membership.joining:
             return False  # a bitmap or header write to it failed meanwhile
-        membership.joining.discard(leg.index)
+        membership.joining.discard(leg)
         if leg.role is not LegRole.STALE or not leg.online:
             return False
         pending = bitmap.desired.copy()
@@ -163,8 +164,13 @@ class LegWatch:
         leg.layout = layout
         finding = await examine_leg(leg)
         header = finding.header
+        problem = finding.problem
+        if header is not None and header.storage_id == self._membership.storage_id:
+            # in the numbering this mirror runs with (numbering.py)
+            translated = in_numbering(header, self._membership.renumbered)
+            header, problem = translated.header, translated.problem
         if header is None:
-            log.warning("%s: %s; full resync", leg, finding.problem)
+            log.warning("%s: %s; full resync", leg, problem)
             leg.full_resync = True
         elif header.storage_id != self._membership.storage_id:
             log.warning(

@@ -184,7 +184,11 @@ class MirrorLeg:
     async def write_header(self, header: MirrorHeader) -> None:
         """Write `header` (its sequence is assigned here) to the slot the
         previous header is not in, with FUA; serialised per leg so the two
-        slots always hold the newest and the one before."""
+        slots always hold the newest and the one before. Headers land in the
+        order they were built: every caller builds the header in the call
+        itself (no checkpoint between building it and asking for the lock),
+        and trio's Lock is fair (FIFO), so an older membership can never be
+        written after a newer one."""
         layout = self._layout()
         async with self._header_lock:
             sequence = self._sequence + 1

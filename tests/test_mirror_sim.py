@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import Counter
 
 import pytest
 import trio
@@ -91,25 +92,42 @@ def quiet_mirror_logs():
     return lambda: logger.setLevel(previous)
 
 
-def drawn_steps(data, steps: int, without_kinds: frozenset[str] = frozenset()):
+#: what the random runs of this process did, summed (DSTFUSE_SIM_FIGURES=1 prints it)
+FIGURES = Counter()
+#: the reload campaign's emphasis: these kinds are drawn several times as often
+RELOAD_EMPHASIS = (
+    ("add_leg", "remove_leg", "crash_soon", "settle", "mount_previous", "flush") * 3
+)
+
+
+def drawn_steps(
+    data,
+    steps: int,
+    without_kinds: frozenset[str] = frozenset(),
+    emphasis: tuple[str, ...] = (),
+):
     left_out = SIM_WITHOUT | without_kinds
-    unknown = left_out - KINDS
+    unknown = (left_out | set(emphasis)) - KINDS
     if unknown:
         raise ValueError(f"DSTFUSE_SIM_WITHOUT: unknown step kinds {sorted(unknown)}")
 
     def steps_of(sim: Simulation):
-        without = draw_kinds(data, left_out)
+        without = draw_kinds(data, left_out, keep=frozenset(emphasis))
         note(f"kinds left out: {', '.join(sorted(without)) or 'none'}")
         for number in range(steps):
             if number and data.draw(st.integers(0, 4 * steps), label="more") == 0:
                 return
-            yield draw_step(data, sim, without)
+            yield draw_step(data, sim, without, emphasis)
 
     return steps_of
 
 
 def random_simulation(
-    data, steps: int, replay: str, without_kinds: frozenset[str] = frozenset()
+    data,
+    steps: int,
+    replay: str,
+    without_kinds: frozenset[str] = frozenset(),
+    emphasis: tuple[str, ...] = (),
 ) -> None:
     legs = data.draw(st.sampled_from([2, 2, 3]), label="legs")
     rate = data.draw(st.sampled_from([0, 0, 256 * KiB, 64 * KiB]), label="resync_rate")
@@ -117,12 +135,22 @@ def random_simulation(
     note(f"replay: {replay}; legs {legs}, resync_rate {rate}, read_check {read_check}")
     restore = quiet_mirror_logs()
     try:
-        simulate(
-            drawn_steps(data, steps, without_kinds),
+        stats = simulate(
+            drawn_steps(data, steps, without_kinds, emphasis),
             legs=legs, resync_rate=rate, read_check=read_check,
         )
     finally:
         restore()
+    FIGURES["examples"] += 1
+    FIGURES.update({key: value for key, value in vars(stats).items() if key != "kinds"})
+    FIGURES.update(stats.kinds)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def print_figures():
+    yield
+    if os.environ.get("DSTFUSE_SIM_FIGURES") == "1":
+        print("\nsimulator figures:", dict(sorted(FIGURES.items())))
 
 
 SIM_SETTINGS = settings(
@@ -149,6 +177,28 @@ def test_mirror_keeps_acknowledged_data_under_random_faults(data):
     random_simulation(data, SIM_STEPS, REPLAY)
 
 
+#: the reload test's seeds and examples per seed (a few seconds each)
+RELOAD_SEEDS = (14_2026, 14_2027, 14_2028)
+RELOAD_EXAMPLES = int(os.environ.get("DSTFUSE_SIM_RELOAD_EXAMPLES", "12"))
+
+
+@pytest.mark.parametrize("reload_seed", RELOAD_SEEDS)
+def test_mirror_keeps_one_membership_under_random_reloads(reload_seed):
+    """Reload steps drawn often (legs added and removed, crashes a few
+    scheduler turns after a reload, mounts of the config before the last
+    reload), with every other step kind, from several fixed seeds."""
+    steps = min(SIM_STEPS, 40)
+    replay = f"test_mirror_keeps_one_membership_under_random_reloads[{reload_seed}]"
+
+    @seed(reload_seed)
+    @settings(SIM_SETTINGS, max_examples=RELOAD_EXAMPLES)
+    @given(st.data())
+    def campaign(data):
+        random_simulation(data, steps, replay, emphasis=RELOAD_EMPHASIS)
+
+    campaign()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CAMPAIGN, reason="long campaign: set DSTFUSE_SIM_CAMPAIGN=1")
 @seed(SIM_SEED)
@@ -156,8 +206,10 @@ def test_mirror_keeps_acknowledged_data_under_random_faults(data):
 @given(st.data())
 def test_mirror_simulation_campaign(data):
     """The same simulation, longer: a fresh seed unless DSTFUSE_SIM_SEED is
-    set, 2000 examples of up to 120 steps unless told otherwise."""
-    random_simulation(data, SIM_STEPS, REPLAY)
+    set, 2000 examples of up to 120 steps unless told otherwise;
+    `DSTFUSE_SIM_RELOAD=1` draws reload steps as often as the reload test."""
+    emphasis = RELOAD_EMPHASIS if os.environ.get("DSTFUSE_SIM_RELOAD") == "1" else ()
+    random_simulation(data, SIM_STEPS, REPLAY, emphasis=emphasis)
 
 
 # -- issue 9, items 1-4, step by step -------------------------------------------------------

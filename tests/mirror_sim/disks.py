@@ -285,6 +285,8 @@ class SimNode(Node):
         #: mirror are in sync right now (for the record of failed flushes)
         self.leg_index = -1
         self.legs_in_sync: Callable[[], frozenset[int]] = frozenset
+        #: set by the harness: told of every read before it is sent
+        self.on_read: Callable[[int, int], None] = lambda offset, length: None
         #: `take_write_grant` was called: this connection writes, holding the grant
         self._claimed = False
         #: the take-over is still to be done at the next request that reaches the disk
@@ -409,6 +411,7 @@ class SimNode(Node):
 
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
+        self.on_read(offset, length)
         await self._reach("read", offset, None)
         self.counters.bytes_read += length
         return bytes(self.disk.current[offset : offset + length])

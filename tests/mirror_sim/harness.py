@@ -598,7 +598,9 @@ class Simulation:
                      bytes(disk.current[size - BLOCK : size])]
                 )
             except MetadataError as exc:
-                raise self.violation(f"leg {leg.index} takes writes but has no header: {exc}")
+                raise self.violation(
+                    f"leg {leg.index} takes writes but has no header: {exc}"
+                ) from None
             rows = [member.in_sync for member in header.members]
             wanted = [other.in_sync for other in legs[: len(rows)]]
             if (

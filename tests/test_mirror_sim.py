@@ -33,9 +33,11 @@ from .mirror_sim.harness import BITMAP_IDLE, Simulation, Violation
 from .mirror_sim.run import fixed, simulate
 from .mirror_sim.steps import (
     KINDS,
+    AddLeg,
     AwaitResync,
     Crash,
     CrashDuringWrite,
+    CrashSoon,
     Fail,
     FlakyFlush,
     Flush,
@@ -45,6 +47,7 @@ from .mirror_sim.steps import (
     Mount,
     Read,
     ReadAll,
+    RemoveLeg,
     Revive,
     Settle,
     Sleep,
@@ -395,6 +398,112 @@ def test_sim_reports_a_read_of_data_older_than_acknowledged():
             simulate(steps_of, scheduling_seed=0)
     finally:
         restore()
+
+
+# -- reloads: the crash tables of docs/mirror-metadata.md section 10 ----------------------------
+#: scheduler turns after the reload at which the client dies: from before the
+#: leg is recorded anywhere to after its copy began
+CRASH_TURNS = (0, 1, 2, 3, 4, 6, 9, 14, 30)
+THREE = (True, True, True)
+
+
+@pytest.mark.parametrize("config", ["new", "old"])
+def test_sim_a_crash_while_a_leg_is_added_leaves_one_membership(config):
+    """Kill -9 at each point of an add; the next mount, with the config that
+    has the new leg or with the one before, serves the acknowledged data,
+    records one membership, and ends clean (the leg copied in full)."""
+    for turns in CRASH_TURNS:
+        mount = Mount(THREE) if config == "new" else Mount(BOTH, previous=True)
+        stats = run(
+            [
+                Mount(BOTH), Settle(), Write(0, 8), Flush(),
+                Sleep(30.0),  # the bitmap clears: only a full copy brings blocks 0-7
+                Write(40, 8), AddLeg(), CrashSoon(turns),
+                mount, Settle(), ReadAll(), Write(8, 4), Flush(), Umount(),
+                Mount(THREE if config == "new" else BOTH), Settle(), ReadAll(),
+            ],
+            resync_rate=256 * KiB,
+        )
+        assert stats.legs_added == 1 and stats.refusals == 0, turns
+
+
+@pytest.mark.parametrize("config", ["new", "old"])
+def test_sim_a_crash_while_the_last_leg_is_removed_leaves_one_membership(config):
+    """Kill -9 at each point of a removal, with a write acknowledged after
+    the removal began; the next mount, with or without the removed leg,
+    never takes the removed leg as a source and ends clean."""
+    for turns in CRASH_TURNS:
+        mount = Mount(BOTH) if config == "new" else Mount(THREE, previous=True)
+        stats = run(
+            [
+                Mount(THREE), Settle(), Write(0, 8), Flush(),
+                RemoveLeg(2), Write(16, 8), CrashSoon(turns),
+                mount, Settle(), ReadAll(), Umount(),
+            ],
+            legs=3,
+        )
+        assert stats.legs_removed == 1 and stats.refusals == 0, turns
+
+
+def test_sim_a_removed_leg_alone_is_never_mounted_as_the_newest_copy():
+    """After a removal and a write, the old config with only the removed
+    leg reachable: the mount must wait and refuse (it records the others in
+    sync), never serve the removed leg's older data."""
+    for turns in CRASH_TURNS:
+        stats = run(
+            [
+                Mount(THREE), Settle(), Write(0, 8), Flush(),
+                RemoveLeg(2), Write(0, 8), Flush(), CrashSoon(turns),
+                Mount((False, False, True), previous=True), ReadAll(),
+            ],
+            legs=3,
+        )
+        assert stats.refusals == 1, turns
+
+
+def test_sim_the_last_up_to_date_leg_and_the_second_last_leg_are_not_removed():
+    stats = run(
+        [
+            Mount(THREE), Settle(),
+            Kill(0), Kill(1), Sleep(1.0), Write(0, 4),  # legs 0 and 1 left behind
+            RemoveLeg(2),  # the only leg in sync: refused
+            Revive(0), Revive(1), Settle(),
+            RemoveLeg(2), Settle(),  # now it can go
+            RemoveLeg(1),  # a mirror keeps 2 legs: refused
+            ReadAll(),
+        ],
+        legs=3,
+    )
+    assert stats.legs_removed == 1 and stats.reloads_refused == 2
+
+
+def test_sim_an_added_leg_is_copied_in_full_before_it_is_in_sync():
+    """Blocks 0-7 are no longer marked in the bitmap when the leg is added:
+    only a full copy brings them."""
+    stats = run([
+        Mount(BOTH), Settle(), Write(0, 8), Flush(), Sleep(30.0),
+        AddLeg(), Settle(), Kill(0), Kill(1), Sleep(1.0), ReadAll(),
+    ])
+    assert stats.legs_added == 1
+
+
+def test_sim_an_added_leg_serves_reads_only_of_what_it_was_copied():
+    """Reads while the added leg is copied slowly: none may go to a region
+    it does not hold yet (the simulated node reports every read)."""
+    stats = run(
+        [
+            Mount(BOTH), Settle(), Write(0, 64), Write(100, 60), Flush(),
+            Kill(0), Sleep(1.0),  # leg 1 is the only in-sync leg ...
+            AddLeg(),  # ... and the new leg 2 is read nearest once copied
+            AwaitResync(leg=2, region=0),
+            Read(0, 4), Read(100, 40), ReadAll(),
+            Kill(1), Sleep(1.0),  # the new leg is the only one online
+            Read(0, 4), Read(100, 40),  # region 0 from it; region 6 not copied yet
+            Revive(0), Revive(1), Settle(), ReadAll(),
+        ],
+        resync_rate=64 * KiB,
+    )
+    assert stats.legs_added == 1
 
 
 # -- the simulated node keeps the Node contract --------------------------------------------

@@ -282,7 +282,13 @@ class Simulation:
             if leg.node is not node:
                 return
             regions = range(offset // REGION, (offset + length - 1) // REGION + 1)
-            if not leg.readable(regions):
+            pending = pending_regions(leg)
+            readable = leg.role is LegRole.IN_SYNC or (
+                leg.role is LegRole.RESYNCING
+                and pending is not None
+                and not pending.intersection(regions)
+            )
+            if not readable:
                 self.unreadable_reads.append(
                     f"leg {index} ({leg.role.value}, pending "
                     f"{sorted(pending_regions(leg) or ())}) was read at [{offset}, +{length})"

@@ -118,6 +118,29 @@ def test_reordered_nodes_are_refused():
         plan_start("vol0", swapped)
 
 
+def test_a_former_leg_not_up_to_date_at_another_position_is_copied_in_full():
+    """Leg 2 was removed (its own row says not in sync) and added back as
+    leg 3; a crash came before its header was rewritten. Not a reordered
+    config: it is copied in full (found by the simulator)."""
+    removed = header(2, 6, [SYNC, SYNC, stale(6)])
+    plan = plan_start(
+        "vol0",
+        [
+            found(0, 9, [SYNC, SYNC, SYNC], clean=False),
+            found(1, 9, [SYNC, SYNC, SYNC], clean=False),
+            found(2, 9, [SYNC, SYNC, SYNC], clean=False),
+            LegFinding(3, True, removed),
+        ],
+    )
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: PARTIAL, 3: FULL}
+    assert any("held leg 2 of this storage" in note for note in plan.notes)
+    # up to date by its own record, it may be the newest copy: still refused
+    complete = header(2, 6, [SYNC, SYNC, SYNC])
+    with pytest.raises(UserError, match="order of its nodes"):
+        plan_start("vol0", [found(0, 9, [SYNC, SYNC, SYNC]), found(1, 9, [SYNC, SYNC, SYNC]),
+                            found(2, 9, [SYNC, SYNC, SYNC]), LegFinding(3, True, complete)])
+
+
 def test_first_use_takes_leg0_as_the_source_unless_assume_clean():
     legs = [LegFinding(i, reachable=True) for i in range(3)]
     assert plan_start("vol0", legs).roles == {0: IN_SYNC, 1: FULL, 2: FULL}

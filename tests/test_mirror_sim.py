@@ -461,6 +461,27 @@ def test_sim_a_removed_leg_alone_is_never_mounted_as_the_newest_copy():
         assert stats.refusals == 1, turns
 
 
+def test_sim_a_former_leg_added_back_at_another_position_survives_a_crash():
+    """Disk 2 was leg 2, is removed (its header says leg 2, not up to
+    date), then added back as leg 3, and the client dies before the reload
+    rewrote disk 2's header. The next mount of the config with it must copy
+    it in full, as any added leg, not refuse the storage as if the config's
+    order had changed. (Found by the simulator's reload steps; the mount
+    refused "node 3 holds leg 2 of this mirror; the order of its nodes in
+    the config changed: restore it".)"""
+    for turns in (0, 2, 30):
+        run(
+            [
+                Mount(THREE), Settle(), Write(0, 8), Flush(),
+                RemoveLeg(2), Settle(), Sleep(2.0),
+                AddLeg(), Settle(),  # a fresh disk 3 is leg 2
+                AddLeg(2), CrashSoon(turns),  # disk 2 comes back as leg 3
+                Mount((True,) * 4), Settle(), ReadAll(),
+            ],
+            legs=3,
+        )
+
+
 def test_sim_the_last_up_to_date_leg_and_the_second_last_leg_are_not_removed():
     stats = run(
         [

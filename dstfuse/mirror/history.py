@@ -129,15 +129,22 @@ def plan_start(
         return plan
 
     storage_id = _choose_storage(storage_name, known, primary)
-    members = [f for f in known if f.header is not None and f.header.storage_id == storage_id]
-    for finding in members:
+    members = []
+    for finding in known:
         assert finding.header is not None
+        if finding.header.storage_id != storage_id:
+            continue
         if finding.header.leg_index != finding.index:
+            if not finding.header.self_record.in_sync:
+                # A former leg, not up to date, added back at another
+                # position (a reload): no member here, so a full copy.
+                continue
             raise UserError(
                 f"storage {storage_name}: node {finding.index} holds leg "
                 f"{finding.header.leg_index} of this mirror; the order of its nodes in the "
                 "config changed: restore it"
             )
+        members.append(finding)
     consistent = [f for f in members if f.header is not None and f.header.self_record.in_sync]
     claimed = {
         other.index
@@ -199,7 +206,13 @@ def plan_start(
                 f"leg {finding.index}: {finding.problem or 'no metadata'}; full resync from "
                 f"leg {source.index}"
             )
-        elif finding.header is not None and finding not in members:
+        elif finding.header is not None and finding.header.storage_id == storage_id:
+            if finding not in members:
+                plan.notes.append(
+                    f"leg {finding.index} held leg {finding.header.leg_index} of this storage "
+                    "and is not up to date; it is copied in full"
+                )
+        elif finding.header is not None:
             plan.notes.append(
                 f"leg {finding.index} holds another storage (id {_short(finding.header.storage_id)}"
                 f", not {_short(storage_id)}); it is overwritten by a full resync"

@@ -482,6 +482,29 @@ def test_sim_a_former_leg_added_back_at_another_position_survives_a_crash():
         )
 
 
+def test_sim_a_former_leg_added_back_at_another_position_rejoins_when_it_returns():
+    """The same, with disk 2 unreachable at the mount: when its node comes
+    back it is copied in full and the storage ends clean (before: it stayed
+    dirty, "holds leg 2 of this storage, not leg 3; fix the order")."""
+
+    def steps_of(sim):
+        yield from [
+            Mount(THREE), Settle(), Write(0, 8), Flush(),
+            RemoveLeg(2), Settle(), Sleep(2.0),
+            AddLeg(), Settle(), AddLeg(2), CrashSoon(0),
+            Mount((True, True, True, False), force=True), Write(8, 4),
+            Revive(2), Settle(), ReadAll(),
+        ]
+        if sim.holder.mirror.state != "clean":
+            raise sim.violation(f"not clean after the leg came back: {sim.holder.mirror.state}")
+
+    restore = quiet_mirror_logs()
+    try:
+        simulate(steps_of, scheduling_seed=0, legs=3)
+    finally:
+        restore()
+
+
 def test_sim_the_last_up_to_date_leg_and_the_second_last_leg_are_not_removed():
     stats = run(
         [

@@ -103,6 +103,30 @@ def test_split_brain_is_refused_and_primary_picks_the_winner():
     assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL}
 
 
+def test_a_leg_a_third_leg_went_on_without_is_outdated_not_split():
+    """Leg 2 was written with leg 0 while leg 1 was away, then left behind
+    by leg 0 (a crash in the middle of a write); leg 1 came back with leg 0
+    and was written without leg 2. Legs 1 and 2 record each other stale,
+    but leg 0 holds both histories: not a split brain (found by the
+    simulator; the mount refused and offered primary=2, which drops the
+    writes since)."""
+    legs = [
+        found(0, 6, [SYNC, SYNC, stale(5)], clean=False),
+        found(1, 6, [SYNC, SYNC, stale(5)], clean=False),
+        found(2, 4, [SYNC, stale(3), SYNC], clean=False),
+    ]
+    plan = plan_start("vol0", legs)
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: PARTIAL}
+    # each written without the other and no leg holds both: a split brain
+    split = [
+        found(0, 6, [SYNC, stale(5), stale(3)], clean=False),
+        found(1, 6, [stale(5), SYNC, stale(5)], clean=False),
+        found(2, 4, [stale(3), stale(3), SYNC], clean=False),
+    ]
+    with pytest.raises(UserError, match="split brain"):
+        plan_start("vol0", split)
+
+
 def test_primary_must_be_a_complete_leg_of_this_storage():
     legs = [found(0, 8, [SYNC, stale(7)]), found(1, 8, [SYNC, stale(7)])]
     with pytest.raises(UserError, match="incomplete"):

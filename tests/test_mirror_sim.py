@@ -326,6 +326,23 @@ def test_sim_a_flush_failing_on_the_only_in_sync_leg_keeps_the_region_marked():
     )
 
 
+def test_sim_a_leg_a_third_leg_went_on_without_is_not_a_split_brain():
+    """Three legs: leg 1 dies, legs 0 and 2 take a write; the client dies in
+    the middle of the next write (leg 2 is recorded stale on leg 0); the
+    next mount, without leg 2, brings leg 1 back and writes; then a mount
+    of all three must not refuse a split brain between legs 1 and 2: leg 0
+    holds both histories. (Found by a reload campaign, DSTFUSE_SIM_SEED=1402.)"""
+    run(
+        [
+            Mount(THREE), Settle(), Kill(1), Sleep(1.0), Write(0, 4),
+            CrashDuringWrite(10, 4, after=0.0),
+            Mount((True, True, False)), Settle(), Write(20, 4), Crash(),
+            Mount(THREE), Settle(), ReadAll(),
+        ],
+        legs=3,
+    )
+
+
 # -- what passes today must keep passing ------------------------------------------------------
 def test_sim_degraded_writes_resync_and_survive_the_loss_of_the_other_leg():
     stats = run([

@@ -303,10 +303,34 @@ def _refuse_unproven_source(
     )
 
 
+def _left_behind(leg: LegFinding, consistent: list[LegFinding]) -> bool:
+    """`leg` recorded another consistent leg in sync, and that leg went on
+    without it (a newer generation that records `leg` stale): every write
+    `leg` took is on that leg too, so `leg` is outdated, not one side of a
+    split brain, even if it and a third leg each record the other stale."""
+    assert leg.header is not None
+    for other in consistent:
+        record = leg.header.member(other.index)
+        if (
+            other is not leg
+            and record is not None
+            and record.in_sync
+            and other.header.generation > leg.header.generation  # type: ignore[union-attr]
+            and _claims_stale(other, leg)
+        ):
+            return True
+    return False
+
+
 def _refuse_split_brain(storage_name: str, consistent: list[LegFinding]) -> None:
     for position, first in enumerate(consistent):
         for second in consistent[position + 1 :]:
-            if _claims_stale(first, second) and _claims_stale(second, first):
+            if (
+                _claims_stale(first, second)
+                and _claims_stale(second, first)
+                and not _left_behind(first, consistent)
+                and not _left_behind(second, consistent)
+            ):
                 a, b = first.header, second.header
                 assert a is not None and b is not None
                 since_a = a.members[second.index].stale_since

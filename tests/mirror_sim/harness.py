@@ -400,6 +400,9 @@ class Simulation:
         node = mount.nodes[index]
         return node.disk.healthy and not node.stalled and not node.lost
 
+    def all_legs_healthy(self, mount: Mount) -> bool:
+        return all(self.leg_healthy(mount, leg.index) for leg in mount.mirror.legs)
+
     def healthy_in_sync_leg(self, mount: Mount) -> bool:
         return any(
             leg.in_sync and self.leg_healthy(mount, leg.index) for leg in mount.mirror.legs

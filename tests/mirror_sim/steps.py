@@ -109,14 +109,29 @@ class Sleep(Step):
 
 @dataclass(frozen=True)
 class Settle(Step):
-    """Wait (at most two minutes) for the storage to become clean."""
+    """Wait (at most two minutes) for the storage to become clean. It must,
+    if every leg was healthy before and after (one membership, every leg
+    copied), unless a forced mount may have split the histories (a leg
+    then waits for the user) or the holder may be fenced."""
 
     async def run(self, sim: Simulation) -> None:
-        assert sim.holder is not None
-        mirror = sim.holder.mirror
+        mount = sim.holder
+        assert mount is not None
+        mirror = mount.mirror
+        healthy_before = sim.all_legs_healthy(mount)
         with trio.move_on_after(120):
             while mirror.state != "clean":
                 await trio.sleep(0.5)
+        if (
+            mirror.state != "clean"
+            and healthy_before
+            and sim.all_legs_healthy(mount)
+            and not sim.split_possible
+            and not mount.may_be_fenced
+        ):
+            raise sim.violation(
+                f"every leg is healthy but the storage is {mirror.state} after 120 s"
+            )
 
 
 @dataclass(frozen=True)

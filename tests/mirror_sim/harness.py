@@ -6,9 +6,11 @@ nursery in which every mount runs in a task of its own: a client crash is
 the cancellation of that task (nothing flushed, no shutdown record), a
 clean umount is `aclose` first. The mirror is driven only through its
 public surface (`Mirror(...)`, `start`, `read`, `write`, `flush`, `trim`,
-`write_zeroes`, `aclose`, `state`, `legs[i].role`); the write-intent bitmap
-and a resyncing leg's pending regions are read in `marked_regions` and
-`pending_regions` alone, so a rename in the mirror touches one place.
+`write_zeroes`, `aclose`, `state`, `legs[i].role`, and the reload seam
+`check_append`/`append`, `check_removal`/`remove_last`); the write-intent
+bitmap, a resyncing leg's pending regions and whether the membership is
+recorded are read in `marked_regions`, `pending_regions` and `recorded`
+alone, so a rename in the mirror touches one place.
 
 Invariants (`check`, after every step; a breach raises `Violation` with the
 steps so far):
@@ -28,6 +30,8 @@ steps so far):
   and the region copied): an added leg reads nothing before its copy;
 - a leg a reload removed that missed an acknowledged write is never in sync
   right after a mount (never a source), whichever config the mount used;
+  a reload is refused only for a cause (`add_leg`, `remove_leg`); a
+  `Settle` with every leg healthy ends clean (steps.py);
 - a request fails only while a fault explains it: a write, flush or read
   fails although an in-sync leg is healthy -> bug; a mount is refused
   although every leg is reachable and healthy -> bug (unless a forced mount

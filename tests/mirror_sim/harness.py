@@ -454,8 +454,11 @@ class Simulation:
     async def read(self, first: int, count: int) -> None:
         mount, model = self.holder, self.model
         assert mount is not None and model is not None
-        expected_ok = self.healthy_in_sync_leg(mount) and not self.rotted.intersection(
-            range(first, first + count)
+        # a fenced mount's connections refuse reads too (the export's grant)
+        expected_ok = (
+            self.healthy_in_sync_leg(mount)
+            and not mount.may_be_fenced
+            and not self.rotted.intersection(range(first, first + count))
         )
         self.stats.reads += 1
         try:

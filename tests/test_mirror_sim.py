@@ -522,6 +522,23 @@ def test_sim_a_former_leg_added_back_at_another_position_rejoins_when_it_returns
         restore()
 
 
+def test_sim_a_former_leg_added_back_writes_its_headers_above_its_old_ones():
+    """Disk 2 was leg 2 for a while (its header slots hold high sequence
+    numbers), is removed, and added back: the headers the reload writes to
+    it must be its newest, or its old header, naming an older membership,
+    is what a mount reads there. (Found by a reload campaign,
+    DSTFUSE_SIM_SEED=1405.)"""
+    run(
+        [
+            Mount(BOTH), Settle(), AddLeg(), Settle(), Sleep(30.0),  # heartbeats
+            RemoveLeg(2), Settle(), Sleep(2.0),
+            AddLeg(2), AwaitResync(leg=2, region=0),
+            Settle(), ReadAll(),
+        ],
+        resync_rate=64 * KiB,
+    )
+
+
 def test_sim_the_last_up_to_date_leg_and_the_second_last_leg_are_not_removed():
     stats = run(
         [

@@ -38,7 +38,7 @@ from ..units import format_size
 from .geometry import Geometry
 from .legs import LegRole, MirrorLeg
 from .membership import Membership
-from .metadata import BLOCK, leg_layout
+from .metadata import BLOCK, MetadataError, leg_layout
 from .startup import examine_leg, take_write_grants
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,12 @@ async def admit_leg(
     except UserError as exc:
         _block(leg, str(exc))
         return
+    try:
+        # A former leg's slots hold headers of higher sequence than this
+        # object knows: reading them makes the ones written now the newest.
+        await leg.read_header()
+    except (MetadataError, NodeError):
+        pass  # no valid header to write above (a failing node fails later)
     leg.stale_since = membership.generation + 1
     membership.bump()
     try:

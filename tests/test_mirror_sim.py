@@ -539,6 +539,19 @@ def test_sim_a_former_leg_added_back_writes_its_headers_above_its_old_ones():
     )
 
 
+def test_sim_a_mount_taken_over_in_the_middle_of_an_add_leaves_the_taker_writing():
+    """The holder reloads a new leg, then stalls and is taken over (with
+    the new config) before its background add took the new node's write
+    grant. When it wakes, it must not take that grant from the new holder
+    (which would fence the new holder too: nobody writes). (Found by a
+    reload campaign, DSTFUSE_SIM_SEED=1405.)"""
+    run([
+        Mount(BOTH), Settle(), Write(0, 8), Flush(),
+        AddLeg(), Takeover(stall=True, force=True, thaw_after=0.0, probe_block=73),
+        Write(8, 8), Flush(), Settle(), ReadAll(),
+    ])
+
+
 def test_sim_the_last_up_to_date_leg_and_the_second_last_leg_are_not_removed():
     stats = run(
         [

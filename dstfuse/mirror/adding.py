@@ -98,12 +98,6 @@ async def admit_leg(
     except UserError as exc:
         _block(leg, str(exc))
         return
-    try:
-        # A former leg's slots hold headers of higher sequence than this
-        # object knows: reading them makes the ones written now the newest.
-        await leg.read_header()
-    except (MetadataError, NodeError):
-        pass  # no valid header to write above (a failing node fails later)
     leg.stale_since = membership.generation + 1
     membership.bump()
     try:
@@ -116,6 +110,15 @@ async def admit_leg(
         leg,
         membership.generation,
     )
+    try:
+        # A former leg's slots hold headers of higher sequence than this
+        # object knows: reading them makes the ones written from now on the
+        # newest. Not before the record above: the first request to the
+        # node exercises the grant taken over, which a mount taken over
+        # meanwhile must not do (the record's writes find it fenced first).
+        await leg.read_header()
+    except (MetadataError, NodeError):
+        pass  # no valid header to write above (a failing node fails later)
     leg.layout = layout = leg_layout(leg.size, geometry.region_size)
     if checks:
         try:

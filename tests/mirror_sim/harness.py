@@ -92,6 +92,8 @@ class Mount:
     ended: trio.Event
     #: the mirror may have fenced itself: its writes may fail
     may_be_fenced: bool = False
+    #: legs a reload added in this mount
+    added: list = field(default_factory=list)
 
     def leg_state(self) -> str:
         return ", ".join(
@@ -339,6 +341,7 @@ class Simulation:
                 raise self.violation(f"adding a fresh, healthy disk was refused: {exc}") from None
             return
         mirror.append([(node, None)])
+        mount.added.append(mirror.legs[index])
         if index < len(mount.nodes):
             mount.nodes[index], mount.disk_numbers[index] = node, number
         else:
@@ -406,6 +409,15 @@ class Simulation:
 
     def all_legs_healthy(self, mount: Mount) -> bool:
         return all(self.leg_healthy(mount, leg.index) for leg in mount.mirror.legs)
+
+    def waits_for_the_user(self, mount: Mount) -> bool:
+        """A leg this mount's reload added could not be recorded or
+        prepared: adding.py leaves it dirty until the user writes its
+        `dirty` control file (not retried by itself)."""
+        return any(
+            leg.blocked and leg.blocked != REMOVING and any(leg is other for other in mount.added)
+            for leg in mount.mirror.legs
+        )
 
     def healthy_in_sync_leg(self, mount: Mount) -> bool:
         return any(

@@ -112,7 +112,8 @@ class Settle(Step):
     """Wait (at most two minutes) for the storage to become clean. It must,
     if every leg was healthy before and after (one membership, every leg
     copied), unless a forced mount may have split the histories (a leg
-    then waits for the user) or the holder may be fenced."""
+    then waits for the user), the holder may be fenced, or a leg a reload
+    added could not be recorded (it waits for the user too)."""
 
     async def run(self, sim: Simulation) -> None:
         mount = sim.holder
@@ -128,6 +129,7 @@ class Settle(Step):
             and sim.all_legs_healthy(mount)
             and not sim.split_possible
             and not mount.may_be_fenced
+            and not sim.waits_for_the_user(mount)
         ):
             raise sim.violation(
                 f"every leg is healthy but the storage is {mirror.state} after 120 s"

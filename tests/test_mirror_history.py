@@ -164,6 +164,30 @@ def test_a_leg_that_never_caught_up_after_the_claim_is_split_brain():
         plan_start("vol0", legs)
 
 
+def test_a_leg_a_third_leg_went_on_without_is_outdated_not_split():
+    """Leg 2 was written with leg 0 while leg 1 was away, then left behind
+    by leg 0 (a crash in the middle of a write); leg 1 came back with leg 0
+    and was written without leg 2. Legs 1 and 2 record each other stale,
+    but leg 0 holds both histories: not a split brain (found by the
+    simulator; the mount refused and offered primary=2, which drops the
+    writes since)."""
+    legs = [
+        found(0, 6, [SYNC, SYNC, stale(5)], clean=False),
+        found(1, 6, [SYNC, SYNC, stale(5)], clean=False),
+        found(2, 4, [SYNC, stale(3), SYNC], clean=False),
+    ]
+    plan = plan_start("vol0", legs)
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: PARTIAL}
+    # each written without the other and no leg holds both: a split brain
+    split = [
+        found(0, 6, [SYNC, stale(5), stale(3)], clean=False),
+        found(1, 6, [stale(5), SYNC, stale(5)], clean=False),
+        found(2, 4, [stale(3), stale(3), SYNC], clean=False),
+    ]
+    with pytest.raises(UserError, match="split brain"):
+        plan_start("vol0", split)
+
+
 def test_primary_must_be_a_complete_leg_of_this_storage():
     legs = [found(0, 8, [SYNC, stale(7)]), found(1, 8, [SYNC, stale(7)])]
     with pytest.raises(UserError, match="incomplete"):
@@ -177,6 +201,29 @@ def test_reordered_nodes_are_refused():
     swapped = [LegFinding(0, True, legs[1].header), LegFinding(1, True, legs[0].header)]
     with pytest.raises(UserError, match="order of its nodes"):
         plan_start("vol0", swapped)
+
+
+def test_a_former_leg_not_up_to_date_at_another_position_is_copied_in_full():
+    """Leg 2 was removed (its own row says not in sync) and added back as
+    leg 3; a crash came before its header was rewritten. Not a reordered
+    config: it is copied in full (found by the simulator)."""
+    removed = header(2, 6, [SYNC, SYNC, stale(6)])
+    plan = plan_start(
+        "vol0",
+        [
+            found(0, 9, [SYNC, SYNC, SYNC], clean=False),
+            found(1, 9, [SYNC, SYNC, SYNC], clean=False),
+            found(2, 9, [SYNC, SYNC, SYNC], clean=False),
+            LegFinding(3, True, removed),
+        ],
+    )
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: PARTIAL, 3: FULL}
+    assert any("held leg 2 of this storage" in note for note in plan.notes)
+    # up to date by its own record, it may be the newest copy: still refused
+    complete = header(2, 6, [SYNC, SYNC, SYNC])
+    with pytest.raises(UserError, match="order of its nodes"):
+        plan_start("vol0", [found(0, 9, [SYNC, SYNC, SYNC]), found(1, 9, [SYNC, SYNC, SYNC]),
+                            found(2, 9, [SYNC, SYNC, SYNC]), LegFinding(3, True, complete)])
 
 
 def test_first_use_takes_leg0_as_the_source_unless_assume_clean():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import Counter
 
 import pytest
 import trio
@@ -32,9 +33,11 @@ from .mirror_sim.harness import BITMAP_IDLE, Simulation, Violation
 from .mirror_sim.run import fixed, simulate
 from .mirror_sim.steps import (
     KINDS,
+    AddLeg,
     AwaitResync,
     Crash,
     CrashDuringWrite,
+    CrashSoon,
     Fail,
     FlakyFlush,
     Flush,
@@ -44,6 +47,7 @@ from .mirror_sim.steps import (
     Mount,
     Read,
     ReadAll,
+    RemoveLeg,
     Revive,
     Settle,
     Sleep,
@@ -91,25 +95,42 @@ def quiet_mirror_logs():
     return lambda: logger.setLevel(previous)
 
 
-def drawn_steps(data, steps: int, without_kinds: frozenset[str] = frozenset()):
+#: what the random runs of this process did, summed (DSTFUSE_SIM_FIGURES=1 prints it)
+FIGURES = Counter()
+#: the reload campaign's emphasis: these kinds are drawn several times as often
+RELOAD_EMPHASIS = (
+    ("add_leg", "remove_leg", "crash_soon", "settle", "mount_previous", "flush") * 3
+)
+
+
+def drawn_steps(
+    data,
+    steps: int,
+    without_kinds: frozenset[str] = frozenset(),
+    emphasis: tuple[str, ...] = (),
+):
     left_out = SIM_WITHOUT | without_kinds
-    unknown = left_out - KINDS
+    unknown = (left_out | set(emphasis)) - KINDS
     if unknown:
         raise ValueError(f"DSTFUSE_SIM_WITHOUT: unknown step kinds {sorted(unknown)}")
 
     def steps_of(sim: Simulation):
-        without = draw_kinds(data, left_out)
+        without = draw_kinds(data, left_out, keep=frozenset(emphasis))
         note(f"kinds left out: {', '.join(sorted(without)) or 'none'}")
         for number in range(steps):
             if number and data.draw(st.integers(0, 4 * steps), label="more") == 0:
                 return
-            yield draw_step(data, sim, without)
+            yield draw_step(data, sim, without, emphasis)
 
     return steps_of
 
 
 def random_simulation(
-    data, steps: int, replay: str, without_kinds: frozenset[str] = frozenset()
+    data,
+    steps: int,
+    replay: str,
+    without_kinds: frozenset[str] = frozenset(),
+    emphasis: tuple[str, ...] = (),
 ) -> None:
     legs = data.draw(st.sampled_from([2, 2, 3]), label="legs")
     rate = data.draw(st.sampled_from([0, 0, 256 * KiB, 64 * KiB]), label="resync_rate")
@@ -117,12 +138,22 @@ def random_simulation(
     note(f"replay: {replay}; legs {legs}, resync_rate {rate}, read_check {read_check}")
     restore = quiet_mirror_logs()
     try:
-        simulate(
-            drawn_steps(data, steps, without_kinds),
+        stats = simulate(
+            drawn_steps(data, steps, without_kinds, emphasis),
             legs=legs, resync_rate=rate, read_check=read_check,
         )
     finally:
         restore()
+    FIGURES["examples"] += 1
+    FIGURES.update({key: value for key, value in vars(stats).items() if key != "kinds"})
+    FIGURES.update(stats.kinds)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def print_figures():
+    yield
+    if os.environ.get("DSTFUSE_SIM_FIGURES") == "1":
+        print("\nsimulator figures:", dict(sorted(FIGURES.items())))
 
 
 SIM_SETTINGS = settings(
@@ -149,6 +180,28 @@ def test_mirror_keeps_acknowledged_data_under_random_faults(data):
     random_simulation(data, SIM_STEPS, REPLAY)
 
 
+#: the reload test's seeds and examples per seed (a few seconds each)
+RELOAD_SEEDS = (14_2026, 14_2027, 14_2028)
+RELOAD_EXAMPLES = int(os.environ.get("DSTFUSE_SIM_RELOAD_EXAMPLES", "12"))
+
+
+@pytest.mark.parametrize("reload_seed", RELOAD_SEEDS)
+def test_mirror_keeps_one_membership_under_random_reloads(reload_seed):
+    """Reload steps drawn often (legs added and removed, crashes a few
+    scheduler turns after a reload, mounts of the config before the last
+    reload), with every other step kind, from several fixed seeds."""
+    steps = min(SIM_STEPS, 40)
+    replay = f"test_mirror_keeps_one_membership_under_random_reloads[{reload_seed}]"
+
+    @seed(reload_seed)
+    @settings(SIM_SETTINGS, max_examples=RELOAD_EXAMPLES)
+    @given(st.data())
+    def campaign(data):
+        random_simulation(data, steps, replay, emphasis=RELOAD_EMPHASIS)
+
+    campaign()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CAMPAIGN, reason="long campaign: set DSTFUSE_SIM_CAMPAIGN=1")
 @seed(SIM_SEED)
@@ -156,8 +209,10 @@ def test_mirror_keeps_acknowledged_data_under_random_faults(data):
 @given(st.data())
 def test_mirror_simulation_campaign(data):
     """The same simulation, longer: a fresh seed unless DSTFUSE_SIM_SEED is
-    set, 2000 examples of up to 120 steps unless told otherwise."""
-    random_simulation(data, SIM_STEPS, REPLAY)
+    set, 2000 examples of up to 120 steps unless told otherwise;
+    `DSTFUSE_SIM_RELOAD=1` draws reload steps as often as the reload test."""
+    emphasis = RELOAD_EMPHASIS if os.environ.get("DSTFUSE_SIM_RELOAD") == "1" else ()
+    random_simulation(data, SIM_STEPS, REPLAY, emphasis=emphasis)
 
 
 # -- issue 9, items 1-4, step by step -------------------------------------------------------
@@ -271,6 +326,23 @@ def test_sim_a_flush_failing_on_the_only_in_sync_leg_keeps_the_region_marked():
     )
 
 
+def test_sim_a_leg_a_third_leg_went_on_without_is_not_a_split_brain():
+    """Three legs: leg 1 dies, legs 0 and 2 take a write; the client dies in
+    the middle of the next write (leg 2 is recorded stale on leg 0); the
+    next mount, without leg 2, brings leg 1 back and writes; then a mount
+    of all three must not refuse a split brain between legs 1 and 2: leg 0
+    holds both histories. (Found by a reload campaign, DSTFUSE_SIM_SEED=1402.)"""
+    run(
+        [
+            Mount(THREE), Settle(), Kill(1), Sleep(1.0), Write(0, 4),
+            CrashDuringWrite(10, 4, after=0.0),
+            Mount((True, True, False)), Settle(), Write(20, 4), Crash(),
+            Mount(THREE), Settle(), ReadAll(),
+        ],
+        legs=3,
+    )
+
+
 # -- what passes today must keep passing ------------------------------------------------------
 def test_sim_degraded_writes_resync_and_survive_the_loss_of_the_other_leg():
     stats = run([
@@ -343,6 +415,186 @@ def test_sim_reports_a_read_of_data_older_than_acknowledged():
             simulate(steps_of, scheduling_seed=0)
     finally:
         restore()
+
+
+# -- reloads: the crash tables of docs/mirror-metadata.md section 10 ----------------------------
+#: scheduler turns after the reload at which the client dies: from before the
+#: leg is recorded anywhere to after its copy began
+CRASH_TURNS = (0, 1, 2, 3, 4, 6, 9, 14, 30)
+THREE = (True, True, True)
+
+
+@pytest.mark.parametrize("config", ["new", "old"])
+def test_sim_a_crash_while_a_leg_is_added_leaves_one_membership(config):
+    """Kill -9 at each point of an add; the next mount, with the config that
+    has the new leg or with the one before, serves the acknowledged data,
+    records one membership, and ends clean (the leg copied in full)."""
+    for turns in CRASH_TURNS:
+        mount = Mount(THREE) if config == "new" else Mount(BOTH, previous=True)
+        stats = run(
+            [
+                Mount(BOTH), Settle(), Write(0, 8), Flush(),
+                Sleep(30.0),  # the bitmap clears: only a full copy brings blocks 0-7
+                Write(40, 8), AddLeg(), CrashSoon(turns),
+                mount, Settle(), ReadAll(), Write(8, 4), Flush(), Umount(),
+                Mount(THREE if config == "new" else BOTH), Settle(), ReadAll(),
+            ],
+            resync_rate=256 * KiB,
+        )
+        assert stats.legs_added == 1 and stats.refusals == 0, turns
+
+
+@pytest.mark.parametrize("config", ["new", "old"])
+def test_sim_a_crash_while_the_last_leg_is_removed_leaves_one_membership(config):
+    """Kill -9 at each point of a removal, with a write acknowledged after
+    the removal began; the next mount, with or without the removed leg,
+    never takes the removed leg as a source and ends clean."""
+    for turns in CRASH_TURNS:
+        mount = Mount(BOTH) if config == "new" else Mount(THREE, previous=True)
+        stats = run(
+            [
+                Mount(THREE), Settle(), Write(0, 8), Flush(),
+                RemoveLeg(2), Write(16, 8), CrashSoon(turns),
+                mount, Settle(), ReadAll(), Umount(),
+            ],
+            legs=3,
+        )
+        assert stats.legs_removed == 1 and stats.refusals == 0, turns
+
+
+def test_sim_a_removed_leg_alone_is_never_mounted_as_the_newest_copy():
+    """After a removal and a write, the old config with only the removed
+    leg reachable: the mount must wait and refuse (it records the others in
+    sync), never serve the removed leg's older data."""
+    for turns in CRASH_TURNS:
+        stats = run(
+            [
+                Mount(THREE), Settle(), Write(0, 8), Flush(),
+                RemoveLeg(2), Write(0, 8), Flush(), CrashSoon(turns),
+                Mount((False, False, True), previous=True), ReadAll(),
+            ],
+            legs=3,
+        )
+        assert stats.refusals == 1, turns
+
+
+def test_sim_a_former_leg_added_back_at_another_position_survives_a_crash():
+    """Disk 2 was leg 2, is removed (its header says leg 2, not up to
+    date), then added back as leg 3, and the client dies before the reload
+    rewrote disk 2's header. The next mount of the config with it must copy
+    it in full, as any added leg, not refuse the storage as if the config's
+    order had changed. (Found by the simulator's reload steps; the mount
+    refused "node 3 holds leg 2 of this mirror; the order of its nodes in
+    the config changed: restore it".)"""
+    for turns in (0, 2, 30):
+        run(
+            [
+                Mount(THREE), Settle(), Write(0, 8), Flush(),
+                RemoveLeg(2), Settle(), Sleep(2.0),
+                AddLeg(), Settle(),  # a fresh disk 3 is leg 2
+                AddLeg(2), CrashSoon(turns),  # disk 2 comes back as leg 3
+                Mount((True,) * 4), Settle(), ReadAll(),
+            ],
+            legs=3,
+        )
+
+
+def test_sim_a_former_leg_added_back_at_another_position_rejoins_when_it_returns():
+    """The same, with disk 2 unreachable at the mount: when its node comes
+    back it is copied in full and the storage ends clean (before: it stayed
+    dirty, "holds leg 2 of this storage, not leg 3; fix the order")."""
+
+    def steps_of(sim):
+        yield from [
+            Mount(THREE), Settle(), Write(0, 8), Flush(),
+            RemoveLeg(2), Settle(), Sleep(2.0),
+            AddLeg(), Settle(), AddLeg(2), CrashSoon(0),
+            Mount((True, True, True, False), force=True), Write(8, 4),
+            Revive(2), Settle(), ReadAll(),
+        ]
+        if sim.holder.mirror.state != "clean":
+            raise sim.violation(f"not clean after the leg came back: {sim.holder.mirror.state}")
+
+    restore = quiet_mirror_logs()
+    try:
+        simulate(steps_of, scheduling_seed=0, legs=3)
+    finally:
+        restore()
+
+
+def test_sim_a_former_leg_added_back_writes_its_headers_above_its_old_ones():
+    """Disk 2 was leg 2 for a while (its header slots hold high sequence
+    numbers), is removed, and added back: the headers the reload writes to
+    it must be its newest, or its old header, naming an older membership,
+    is what a mount reads there. (Found by a reload campaign,
+    DSTFUSE_SIM_SEED=1405.)"""
+    run(
+        [
+            Mount(BOTH), Settle(), AddLeg(), Settle(), Sleep(30.0),  # heartbeats
+            RemoveLeg(2), Settle(), Sleep(2.0),
+            AddLeg(2), AwaitResync(leg=2, region=0),
+            Settle(), ReadAll(),
+        ],
+        resync_rate=64 * KiB,
+    )
+
+
+def test_sim_a_mount_taken_over_in_the_middle_of_an_add_leaves_the_taker_writing():
+    """The holder reloads a new leg, then stalls and is taken over (with
+    the new config) before its background add took the new node's write
+    grant. When it wakes, it must not take that grant from the new holder
+    (which would fence the new holder too: nobody writes). (Found by a
+    reload campaign, DSTFUSE_SIM_SEED=1405.)"""
+    run([
+        Mount(BOTH), Settle(), Write(0, 8), Flush(),
+        AddLeg(), Takeover(stall=True, force=True, thaw_after=0.0, probe_block=73),
+        Write(8, 8), Flush(), Settle(), ReadAll(),
+    ])
+
+
+def test_sim_the_last_up_to_date_leg_and_the_second_last_leg_are_not_removed():
+    stats = run(
+        [
+            Mount(THREE), Settle(),
+            Kill(0), Kill(1), Sleep(1.0), Write(0, 4),  # legs 0 and 1 left behind
+            RemoveLeg(2),  # the only leg in sync: refused
+            Revive(0), Revive(1), Settle(),
+            RemoveLeg(2), Settle(),  # now it can go
+            RemoveLeg(1),  # a mirror keeps 2 legs: refused
+            ReadAll(),
+        ],
+        legs=3,
+    )
+    assert stats.legs_removed == 1 and stats.reloads_refused == 2
+
+
+def test_sim_an_added_leg_is_copied_in_full_before_it_is_in_sync():
+    """Blocks 0-7 are no longer marked in the bitmap when the leg is added:
+    only a full copy brings them."""
+    stats = run([
+        Mount(BOTH), Settle(), Write(0, 8), Flush(), Sleep(30.0),
+        AddLeg(), Settle(), Kill(0), Kill(1), Sleep(1.0), ReadAll(),
+    ])
+    assert stats.legs_added == 1
+
+
+def test_sim_an_added_leg_serves_reads_only_of_what_it_was_copied():
+    """Reads while the added leg is copied slowly: none may go to a region
+    it does not hold yet (the simulated node reports every read)."""
+    stats = run(
+        [
+            Mount(BOTH), Settle(), Write(0, 64), Write(100, 60), Flush(),
+            Kill(0), Sleep(1.0),  # leg 1 is the only in-sync leg ...
+            AddLeg(),  # ... and the new leg 2 is read nearest once copied
+            AwaitResync(leg=2, region=0),
+            Read(0, 4), Read(100, 40), ReadAll(),
+            Kill(1), Sleep(1.0),  # the new leg is the only one online
+            Read(0, 4), Read(100, 40),  # region 0 from it; region 6 not copied yet
+            Revive(0), Revive(1), Settle(), ReadAll(),
+        ],
+        resync_rate=64 * KiB,
+    )
+    assert stats.legs_added == 1
 
 
 # -- the simulated node keeps the Node contract --------------------------------------------

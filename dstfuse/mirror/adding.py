@@ -38,7 +38,7 @@ from ..units import format_size
 from .geometry import Geometry
 from .legs import LegRole, MirrorLeg
 from .membership import Membership
-from .metadata import BLOCK, leg_layout
+from .metadata import BLOCK, MetadataError, leg_layout
 from .startup import examine_leg, take_write_grants
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,15 @@ async def admit_leg(
         leg,
         membership.generation,
     )
+    try:
+        # A former leg's slots hold headers of higher sequence than this
+        # object knows: reading them makes the ones written from now on the
+        # newest. Not before the record above: the first request to the
+        # node exercises the grant taken over, which a mount taken over
+        # meanwhile must not do (the record's writes find it fenced first).
+        await leg.read_header()
+    except (MetadataError, NodeError):
+        pass  # no valid header to write above (a failing node fails later)
     leg.layout = layout = leg_layout(leg.size, geometry.region_size)
     if checks:
         try:

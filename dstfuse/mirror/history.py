@@ -295,6 +295,8 @@ def _in_config_numbering(
         if _positions_match(attempt):
             translated, renumbered = attempt, completed
     if not _positions_match(translated):
+        translated = {index: _former_leg(result, index) for index, result in translated.items()}
+    if not _positions_match(translated):
         raise UserError(_order_refusal(storage_name, translated, current))
     notes = []
     # what the newest header (or, if it went, another member) records
@@ -322,6 +324,18 @@ def _in_config_numbering(
             f"completed now: the config no longer lists them"
         )
     return result, renumbered, notes
+
+
+def _former_leg(result: Translated, index: int) -> Translated:
+    """A leg at position `index` whose header says it was another leg of
+    this storage and is not up to date by its own record: a former leg added
+    back at another position (a reload). It is no member; a full copy."""
+    header = result.header
+    if header is None or header.leg_index == index or header.self_record.in_sync:
+        return result
+    return Translated(
+        None, f"held leg {header.leg_index} of this storage and is not up to date; copied in full"
+    )
 
 
 def _drop(result: Translated, removing: int, completed: Renumbering) -> Translated:

@@ -178,6 +178,13 @@ class LegWatch:
                 leg, header.storage_id.hex()[:8],
             )
             leg.full_resync = True
+        elif header.leg_index != leg.index and not header.self_record.in_sync:
+            # a former leg, not up to date, added back at another position
+            log.warning(
+                "%s: held leg %d of this storage, not up to date; full resync",
+                leg, header.leg_index,
+            )
+            leg.full_resync = True
         elif header.leg_index != leg.index:
             return self._block(
                 leg,

@@ -128,6 +128,8 @@ class SimDisk:
         self.grant_holder: str | None = None
         self.late_writes: list[LateWrite] = []
         self._connections: list[SimNode] = []
+        #: durable? -> (what was decoded, its ids): see `data_ids`
+        self._decoded: dict[bool, tuple[tuple, list[int]]] = {}
 
     def __repr__(self) -> str:
         return f"SimDisk({self.name})"
@@ -261,7 +263,17 @@ class SimDisk:
         self.dirty.clear()
 
     def data_ids(self, blocks: int, *, durable: bool = False) -> list[int]:
-        return decode(self.durable if durable else self.current, blocks)
+        """The write id in each of the first `blocks` data blocks (of the
+        cache, or of stable storage). The invariants ask after every step;
+        an image whose bytes did not change (by their hash) is not decoded
+        again."""
+        image = self.durable if durable else self.current
+        key = (durable, blocks, xxhash.xxh3_128_digest(memoryview(image)[: blocks * BLOCK]))
+        cached = self._decoded.get(durable)
+        if cached is None or cached[0] != key:
+            cached = (key, decode(image, blocks))
+            self._decoded[durable] = cached
+        return list(cached[1])
 
 
 class SimNode(Node):
@@ -285,6 +297,8 @@ class SimNode(Node):
         #: mirror are in sync right now (for the record of failed flushes)
         self.leg_index = -1
         self.legs_in_sync: Callable[[], frozenset[int]] = frozenset
+        #: set by the harness: told of every read before it is sent
+        self.on_read: Callable[[int, int], None] = lambda offset, length: None
         #: `take_write_grant` was called: this connection writes, holding the grant
         self._claimed = False
         #: the take-over is still to be done at the next request that reaches the disk
@@ -409,6 +423,7 @@ class SimNode(Node):
 
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
+        self.on_read(offset, length)
         await self._reach("read", offset, None)
         self.counters.bytes_read += length
         return bytes(self.disk.current[offset : offset + length])

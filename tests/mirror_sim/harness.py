@@ -6,9 +6,11 @@ nursery in which every mount runs in a task of its own: a client crash is
 the cancellation of that task (nothing flushed, no shutdown record), a
 clean umount is `aclose` first. The mirror is driven only through its
 public surface (`Mirror(...)`, `start`, `read`, `write`, `flush`, `trim`,
-`write_zeroes`, `aclose`, `state`, `legs[i].role`); the write-intent bitmap
-and a resyncing leg's pending regions are read in `marked_regions` and
-`pending_regions` alone, so a rename in the mirror touches one place.
+`write_zeroes`, `aclose`, `state`, `legs[i].role`, and the reload seam
+`check_append`/`append`, `check_removal`/`remove_last`); the write-intent
+bitmap, a resyncing leg's pending regions and whether the membership is
+recorded are read in `marked_regions`, `pending_regions` and `recorded`
+alone, so a rename in the mirror touches one place.
 
 Invariants (`check`, after every step; a breach raises `Violation` with the
 steps so far):
@@ -20,6 +22,16 @@ steps so far):
   loss of any other leg;
 - two such legs agree in every region the bitmap does not mark;
 - only the holder's writes land (`SimDisk.late_writes` stays empty);
+- one membership: once the mirror has recorded its membership, the newest
+  header of every leg that takes writes has its generation and a row for
+  every leg up to the last that takes writes, each saying in sync exactly
+  when the mirror says so;
+- a leg serves a read only while its role allows it (in sync, or resyncing
+  and the region copied): an added leg reads nothing before its copy;
+- a leg a reload removed that missed an acknowledged write is never in sync
+  right after a mount (never a source), whichever config the mount used;
+  a reload is refused only for a cause (`add_leg`, `remove_leg`); a
+  `Settle` with every leg healthy ends clean (steps.py);
 - a request fails only while a fault explains it: a write, flush or read
   fails although an in-sync leg is healthy -> bug; a mount is refused
   although every leg is reachable and healthy -> bug (unless a forced mount
@@ -34,12 +46,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dstfuse.errors import DstError, NodeError
+from dstfuse.errors import DstError, NodeError, UserError
 from dstfuse.mirror.algorithm import Mirror
 from dstfuse.mirror.legs import LegRole
+from dstfuse.mirror.metadata import MetadataError, newest_header
+from dstfuse.mirror.removing import REMOVING
 
 from .disks import BLOCK, GARBAGE, SimDisk, SimNode, decode_block, payload
-from .model import AckModel
+from .model import AckModel, LegConfig
 
 KiB = 1024
 REGION = 64 * KiB
@@ -47,6 +61,9 @@ REGION = 64 * KiB
 LEG_SIZE = 1 << 20
 #: what a connection waits for an unreachable node (a RemoteNode's budget)
 BUDGET = 3.0
+#: at most this many legs in a config, and disks in all (reload steps add disks)
+MAX_CONFIG_LEGS = 4
+MAX_DISKS = 6
 #: the longest any one step may take in simulated time before it counts as hung
 STEP_TIMEOUT = 900.0
 #: how long after a failed FLUSH dropped a leg's cache the mirror may still
@@ -66,12 +83,17 @@ class Mount:
 
     client: str
     mirror: Mirror
+    #: per leg position: its connection and its disk's number (a reload
+    #: appends; a removed leg's entries stay until a new leg takes its place)
     nodes: list[SimNode]
+    disk_numbers: list[int]
     #: the mount's tasks: the mirror's background work, and requests in flight
     tasks: trio.Nursery
     ended: trio.Event
     #: the mirror may have fenced itself: its writes may fail
     may_be_fenced: bool = False
+    #: legs a reload added in this mount
+    added: list = field(default_factory=list)
 
     def leg_state(self) -> str:
         return ", ".join(
@@ -82,11 +104,13 @@ class Mount:
 
 @dataclass
 class SessionEnd:
-    """How the last session ended: `clean` (umount) and which legs it had in sync."""
+    """How the last session ended: `clean` (umount), the disks of its legs,
+    which of them it had in sync and which were healthy."""
 
     clean: bool
-    in_sync: tuple[bool, ...]
-    healthy: tuple[bool, ...]
+    disks: tuple[int, ...]
+    in_sync: frozenset[int]
+    healthy: frozenset[int]
 
 
 def marked_regions(mirror: Mirror) -> set[int]:
@@ -95,6 +119,13 @@ def marked_regions(mirror: Mirror) -> set[int]:
     marked = set(bitmap.desired)
     marked.update(bitmap.clearing)
     return marked
+
+
+def recorded(mirror: Mirror) -> bool:
+    """The mirror's current membership is durable on its write targets
+    (nothing changed since its last header write)."""
+    membership = mirror.membership
+    return membership._durable >= membership._version
 
 
 def pending_regions(leg) -> set[int] | None:
@@ -117,6 +148,9 @@ class Stats:
     crashes: int = 0
     takeovers: int = 0
     garbage_reads: int = 0
+    legs_added: int = 0
+    legs_removed: int = 0
+    reloads_refused: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -132,7 +166,14 @@ class Simulation:
         read_check: bool = True,
     ) -> None:
         self.nursery = nursery
+        self.leg_size = leg_size
         self.disks = [SimDisk(f"d{i}", leg_size) for i in range(legs)]
+        #: which disks the config file names as legs (and what it named before)
+        self.configs = LegConfig(list(range(legs)))
+        #: acknowledged writes, trims and write-zeroes so far
+        self.mutations = 0
+        #: reads a leg served although its role forbade it (found in a node)
+        self.unreadable_reads: list[str] = []
         self.budget = budget
         self.resync_rate = resync_rate
         #: with read_check off the mirror cannot tell rot: scenarios then corrupt nothing
@@ -186,12 +227,16 @@ class Simulation:
             "mount_options": mount_options,
         }
 
+    def config_disks(self) -> list[SimDisk]:
+        return [self.disks[number] for number in self.configs.current]
+
     async def open_mount(self, *, force: bool = False, primary: int | None = None) -> Mount:
-        """Start a new client's mirror over the disks as they are; raises
-        what `Mirror.start` raises (UserError: refused)."""
+        """Start a new client's mirror over the disks the config names, as
+        they are; raises what `Mirror.start` raises (UserError: refused)."""
         self.mounts += 1
         client = f"client{self.mounts}:1"
-        nodes = [SimNode(disk, client, budget=self.budget) for disk in self.disks]
+        numbers = list(self.configs.current)
+        nodes = [SimNode(self.disks[number], client, budget=self.budget) for number in numbers]
         for node in nodes:
             await node.start(self.nursery)
         mirror = Mirror(
@@ -200,10 +245,7 @@ class Simulation:
             self._options(client, self.mounts, force, primary),
         )
         for index, node in enumerate(nodes):
-            node.leg_index = index
-            node.legs_in_sync = lambda: frozenset(
-                leg.index for leg in mirror.legs if leg.in_sync
-            )
+            self._wire(mirror, node, index)
         ended = trio.Event()
 
         async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -218,20 +260,136 @@ class Simulation:
                     task_status.started((tasks, None))
                     await trio.sleep_forever()
             finally:
-                for node in nodes:
+                for node in list(nodes):  # with the legs a reload added
                     await node.aclose()
                 ended.set()
 
         tasks, error = await self.nursery.start(serve)
         if error is not None:
             raise error
-        mount = Mount(client, mirror, nodes, tasks, ended)
+        mount = Mount(client, mirror, nodes, numbers, tasks, ended)
         if self.model is None:
             self.blocks = mirror.size // BLOCK
             self.model = AckModel(self.blocks)
         for disk in self.disks:
             disk.data_limit = mirror.size
         return mount
+
+    def _wire(self, mirror: Mirror, node: SimNode, index: int) -> None:
+        """Tell the node its leg (for the record of failed flushes and the
+        check of who serves reads)."""
+        node.leg_index = index
+        node.legs_in_sync = lambda: frozenset(leg.index for leg in mirror.legs if leg.in_sync)
+
+        def served(offset: int, length: int) -> None:
+            if offset >= mirror.size or index >= len(mirror.legs):
+                return  # metadata, or the leg is gone
+            leg = mirror.legs[index]
+            if leg.node is not node:
+                return
+            regions = range(offset // REGION, (offset + length - 1) // REGION + 1)
+            pending = pending_regions(leg)
+            readable = leg.role is LegRole.IN_SYNC or (
+                leg.role is LegRole.RESYNCING
+                and pending is not None
+                and not pending.intersection(regions)
+            )
+            if not readable:
+                self.unreadable_reads.append(
+                    f"leg {index} ({leg.role.value}, pending "
+                    f"{sorted(pending_regions(leg) or ())}) was read at [{offset}, +{length})"
+                )
+
+        node.on_read = served
+
+    # -- reloads (the seam `dstfuse reload` uses: live_reload.py, assembly.py) ------
+    def reload_expected(self, mount: Mount) -> bool:
+        """A reload of this mount may be refused only for a reason outside
+        the mirror's legs: it is fenced, or a removal is still recorded."""
+        return not mount.may_be_fenced and not any(
+            leg.blocked == REMOVING for leg in mount.mirror.legs
+        )
+
+    async def add_leg(self, number: int | None) -> None:
+        """The config gets disk `number` (None: a fresh one) as a new last
+        leg, and the mount reloads it: `Mirror.check_append`, then, with no
+        await in between, `Mirror.append` (what `Assembly.extend` and
+        `LiveReload` do for a mirror)."""
+        mount = self.holder
+        assert mount is not None
+        mirror = mount.mirror
+        fresh = number is None
+        if number is None:
+            number = len(self.disks)
+            disk = SimDisk(f"d{number}", self.leg_size)
+            disk.data_limit = mirror.size
+            disk.set_owner(mount.client)
+            self.disks.append(disk)
+        disk = self.disks[number]
+        index = len(mirror.legs)
+        node = SimNode(disk, mount.client, budget=self.budget)
+        await node.start(self.nursery)
+        self._wire(mirror, node, index)
+        expected_ok = fresh and disk.healthy and self.reload_expected(mount)
+        try:
+            await mirror.check_append([(node, None)])
+        except UserError as exc:
+            await node.aclose()
+            self.stats.reloads_refused += 1
+            self.note(f"    -> refused: {exc}")
+            if expected_ok:
+                raise self.violation(f"adding a fresh, healthy disk was refused: {exc}") from None
+            return
+        mirror.append([(node, None)])
+        mount.added.append(mirror.legs[index])
+        if index < len(mount.nodes):
+            mount.nodes[index], mount.disk_numbers[index] = node, number
+        else:
+            mount.nodes.append(node)
+            mount.disk_numbers.append(number)
+        self.configs.reloaded(mount.disk_numbers[: index + 1])
+        self.stats.legs_added += 1
+        self.note(f"    -> disk {number} added as leg {index}: legs {mount.leg_state()}")
+
+    async def remove_leg(self, position: int) -> None:
+        """The config loses the leg at `position` and the mount reloads it.
+        Only the last leg can go today (`Mirror.check_removal`, then with no
+        await in between `Mirror.remove_last`, as `LiveReload` does); a
+        removal from the middle will call its own seam here."""
+        mount = self.holder
+        assert mount is not None
+        mirror = mount.mirror
+        config = self.configs.current
+        assert position == len(config) - 1, "only the last leg can be removed online today"
+        if len(config) - 1 < Mirror.minimum_nodes:
+            # the config parser refuses the file before the mount sees it
+            self.stats.reloads_refused += 1
+            self.note(f"    -> refused: a mirror needs at least {Mirror.minimum_nodes} nodes")
+            return
+        count = len(config) - position
+        kept = mirror.legs[: len(mirror.legs) - count]
+        safe = any(leg.in_sync for leg in kept)
+        try:
+            mirror.check_removal(count)
+        except UserError as exc:
+            self.stats.reloads_refused += 1
+            self.note(f"    -> refused: {exc}")
+            if safe and self.reload_expected(mount):
+                raise self.violation(
+                    f"removing leg {position} was refused although leg(s) "
+                    f"{[leg.index for leg in kept if leg.in_sync]} stay in sync: {exc}"
+                ) from None
+            return
+        if not safe:
+            raise self.violation(
+                f"removing leg {position} was accepted although no remaining leg is in sync"
+            )
+        gone = mirror.remove_last(count)
+        for leg in gone:
+            self.configs.removal_began(mount.disk_numbers[leg.index], self.mutations)
+        self.configs.reloaded(mount.disk_numbers[:position])
+        self.stats.legs_removed += count
+        self.note(f"    -> leg {position} (disk {mount.disk_numbers[position]}) being removed")
 
     async def end(self, mount: Mount) -> None:
         """Kill the client (no flush, no shutdown record)."""
@@ -248,6 +406,18 @@ class Simulation:
     def leg_healthy(self, mount: Mount, index: int) -> bool:
         node = mount.nodes[index]
         return node.disk.healthy and not node.stalled and not node.lost
+
+    def all_legs_healthy(self, mount: Mount) -> bool:
+        return all(self.leg_healthy(mount, leg.index) for leg in mount.mirror.legs)
+
+    def waits_for_the_user(self, mount: Mount) -> bool:
+        """A leg this mount's reload added could not be recorded or
+        prepared: adding.py leaves it dirty until the user writes its
+        `dirty` control file (not retried by itself)."""
+        return any(
+            leg.blocked and leg.blocked != REMOVING and any(leg is other for other in mount.added)
+            for leg in mount.mirror.legs
+        )
 
     def healthy_in_sync_leg(self, mount: Mount) -> bool:
         return any(
@@ -284,6 +454,7 @@ class Simulation:
                 ) from None
             return
         self.stats.writes_ok += 1
+        self.mutations += 1
         self.rotted.difference_update(range(first, first + count))
         if fua and op != "trim":
             self.rot_on_media.difference_update(range(first, first + count))
@@ -295,8 +466,11 @@ class Simulation:
     async def read(self, first: int, count: int) -> None:
         mount, model = self.holder, self.model
         assert mount is not None and model is not None
-        expected_ok = self.healthy_in_sync_leg(mount) and not self.rotted.intersection(
-            range(first, first + count)
+        # a fenced mount's connections refuse reads too (the export's grant)
+        expected_ok = (
+            self.healthy_in_sync_leg(mount)
+            and not mount.may_be_fenced
+            and not self.rotted.intersection(range(first, first + count))
         )
         self.stats.reads += 1
         try:
@@ -365,10 +539,18 @@ class Simulation:
                 "writes of a client that no longer holds the storage landed: "
                 + "; ".join(map(str, late[:5]))
             )
+        if self.unreadable_reads:
+            raise self.violation(
+                "a leg served a read its role forbids: " + "; ".join(self.unreadable_reads[:3])
+            )
         mount, model = self.holder, self.model
         if mount is None or model is None:
             return
         mirror = mount.mirror
+        self._check_membership(mount)
+        for leg in mirror.legs:
+            if leg.in_sync:
+                self.configs.caught_up(mount.disk_numbers[leg.index])
         dropped = self._settle_dropped(mount)
         marked = marked_regions(mirror)
         region_blocks = REGION // BLOCK
@@ -423,6 +605,64 @@ class Simulation:
                             f"and {ids_b[block]}) in region {region}, which the bitmap does "
                             f"not mark; mirror state {mirror.state}"
                         )
+
+    def _check_membership(self, mount: Mount) -> None:
+        """One membership (module doc): what the mirror recorded is what
+        the headers of its write targets say."""
+        mirror = mount.mirror
+        if not recorded(mirror) or mirror.membership.fenced:
+            return
+        legs = mirror.legs
+        generation = mirror.membership.generation
+        writing = [leg.index for leg in legs if leg.takes_writes]
+        for leg in legs:
+            if not leg.takes_writes or leg.layout is None:
+                continue
+            disk = mount.nodes[leg.index].disk
+            size = leg.size
+            try:
+                header = newest_header(
+                    [bytes(disk.current[size - 2 * BLOCK : size - BLOCK]),
+                     bytes(disk.current[size - BLOCK : size])]
+                )
+            except MetadataError as exc:
+                raise self.violation(
+                    f"leg {leg.index} takes writes but has no header: {exc}"
+                ) from None
+            rows = [member.in_sync for member in header.members]
+            wanted = [other.in_sync for other in legs[: len(rows)]]
+            if (
+                header.generation != generation
+                or len(rows) > len(legs)
+                or len(rows) <= max(writing)
+                or rows != wanted
+            ):
+                raise self.violation(
+                    f"leg {leg.index}'s header (generation {header.generation}, in sync "
+                    f"{rows}) is not the membership the mirror recorded (generation "
+                    f"{generation}, in sync {[other.in_sync for other in legs]})"
+                )
+
+    def removed_source(self, mount: Mount) -> str | None:
+        """Right after a mount: a leg in sync whose disk a reload removed
+        and that missed an acknowledged write since, or None."""
+        for leg in mount.mirror.legs:
+            number = mount.disk_numbers[leg.index]
+            if leg.in_sync and self.configs.behind(number, self.mutations):
+                return (
+                    f"disk {number}, removed by a reload and written without since, is leg "
+                    f"{leg.index} in sync at mount"
+                )
+        return None
+
+    def relevant(self, number: int) -> bool:
+        """Disk `number` is a leg of the holder or of a config a mount may use."""
+        configs = self.configs
+        holder = self.holder
+        legs = (
+            holder.disk_numbers[: len(holder.mirror.legs)] if holder is not None else []
+        )
+        return number in configs.current or number in (configs.previous or ()) or number in legs
 
     def cache_lost(self, blocks: set[int]) -> None:
         """A disk lost these blocks' cached bytes: rot under a rewrite that was
@@ -485,34 +725,45 @@ class Simulation:
         return lost
 
     def session_end(self, mount: Mount, clean: bool) -> SessionEnd:
+        legs = mount.mirror.legs
+        numbers = mount.disk_numbers
         return SessionEnd(
             clean=clean,
-            in_sync=tuple(leg.in_sync for leg in mount.mirror.legs),
-            healthy=tuple(self.leg_healthy(mount, i) for i in range(len(self.disks))),
+            disks=tuple(numbers[: len(legs)]),
+            in_sync=frozenset(numbers[leg.index] for leg in legs if leg.in_sync),
+            healthy=frozenset(
+                numbers[leg.index] for leg in legs if self.leg_healthy(mount, leg.index)
+            ),
         )
 
     def refusal_allowed(self, reachable: Sequence[bool], primary: int | None) -> str | None:
-        """None if a refused mount is a bug now, else why it is allowed."""
-        if not all(disk.healthy for disk, up in zip(self.disks, reachable, strict=True) if up):
+        """None if a refused mount of the current config is a bug now, else
+        why it is allowed."""
+        config = self.configs.current
+        if not all(disk.healthy for disk, up in zip(self.config_disks(), reachable, strict=True)
+                   if up):
             return "a reachable leg has a fault"
+        last = self.last_session
         if primary is not None:
             if not reachable[primary]:
                 return "primary= names an unreachable leg"
-            if self.last_session is None or not self.last_session.in_sync[primary]:
+            if last is None or config[primary] not in last.in_sync:
                 return "primary= names a leg that may not be in sync"
         if all(reachable):
             if self.split_possible and primary is None:
                 return "a forced mount may have split the legs' histories"
             return None
-        last = self.last_session
         if self.model is None:
             return "first use with a leg unreachable"
         if (
             last is not None
             and last.clean
             and not self.split_possible
-            and all(h for h, up in zip(last.healthy, reachable, strict=True) if up)
-            and all(sync == up for sync, up in zip(last.in_sync, reachable, strict=True))
+            and last.disks == tuple(config)
+            and all(number in last.healthy
+                    for number, up in zip(config, reachable, strict=True) if up)
+            and all((number in last.in_sync) == up
+                    for number, up in zip(config, reachable, strict=True))
         ):
             return None  # the umount recorded exactly the missing legs as out of date
         return "the reachable legs cannot prove they hold the newest data"

@@ -16,11 +16,51 @@ Rules (one per outcome the mirror reports):
   chose that leg's bytes, which become the model.
 
 The model never looks at the legs; the harness compares them with it.
+
+`LegConfig` is the other half of the model: which disks the config file
+lists as the mirror's legs, in order (a leg's position is its identity),
+the config before the last reload changed it (the user may put it back
+before the next mount), and the disks a reload removed (with how many
+writes had been acknowledged then: a removed disk that missed one must
+never be a mount's source).
 """
 
 from __future__ import annotations
 
 from .disks import ZERO
+
+
+class LegConfig:
+    """The legs the config file names (disk numbers, in order); see the module doc."""
+
+    def __init__(self, legs: list[int]) -> None:
+        self.current: list[int] = list(legs)
+        #: the config before the last reload that changed it (None: none yet)
+        self.previous: list[int] | None = None
+        #: disk -> acknowledged mutations when its removal began
+        self.removed_at: dict[int, int] = {}
+
+    def reloaded(self, legs: list[int]) -> None:
+        """A reload applied `legs` (the file said so before the reload)."""
+        self.previous, self.current = self.current, list(legs)
+
+    def revert(self) -> list[int]:
+        """The user puts the config before the last reload back (for the
+        next mount); the one it replaces becomes the previous one."""
+        assert self.previous is not None
+        self.previous, self.current = self.current, self.previous
+        return self.current
+
+    def removal_began(self, disk: int, mutations: int) -> None:
+        self.removed_at[disk] = mutations
+
+    def behind(self, disk: int, mutations: int) -> bool:
+        """The disk was removed and missed an acknowledged mutation since."""
+        return disk in self.removed_at and mutations > self.removed_at[disk]
+
+    def caught_up(self, disk: int) -> None:
+        """The disk is a leg in sync again (re-added and copied, or chosen)."""
+        self.removed_at.pop(disk, None)
 
 
 class AckModel:

@@ -6,6 +6,11 @@ would write it, so a shrunk failing example reads as a scenario:
 ... `Simulation.run` executes one, bounded in simulated time, and checks
 the invariants after it. Steps that need a mounted holder are drawn only
 while there is one; `Mount` only while there is none.
+
+Reload steps change the config file and reload the mount (`AddLeg`,
+`RemoveLeg`); `CrashSoon` kills the client a few scheduler turns later, in
+the middle of what a reload started in the background; `Mount(previous=True)`
+mounts the config from before the last reload (the user put it back).
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from dstfuse.errors import NodeError, UserError
 from dstfuse.mirror.legs import LegRole
 
 from .disks import keep_some, payload
-from .harness import BLOCK, STEP_TIMEOUT, Simulation, pending_regions
+from .harness import (
+    BLOCK,
+    MAX_CONFIG_LEGS,
+    MAX_DISKS,
+    STEP_TIMEOUT,
+    Simulation,
+    pending_regions,
+)
 
 
 class Step:
@@ -97,14 +109,31 @@ class Sleep(Step):
 
 @dataclass(frozen=True)
 class Settle(Step):
-    """Wait (at most two minutes) for the storage to become clean."""
+    """Wait (at most two minutes) for the storage to become clean. It must,
+    if every leg was healthy before and after (one membership, every leg
+    copied), unless a forced mount may have split the histories (a leg
+    then waits for the user), the holder may be fenced, or a leg a reload
+    added could not be recorded (it waits for the user too)."""
 
     async def run(self, sim: Simulation) -> None:
-        assert sim.holder is not None
-        mirror = sim.holder.mirror
+        mount = sim.holder
+        assert mount is not None
+        mirror = mount.mirror
+        healthy_before = sim.all_legs_healthy(mount)
         with trio.move_on_after(120):
             while mirror.state != "clean":
                 await trio.sleep(0.5)
+        if (
+            mirror.state != "clean"
+            and healthy_before
+            and sim.all_legs_healthy(mount)
+            and not sim.split_possible
+            and not mount.may_be_fenced
+            and not sim.waits_for_the_user(mount)
+        ):
+            raise sim.violation(
+                f"every leg is healthy but the storage is {mirror.state} after 120 s"
+            )
 
 
 @dataclass(frozen=True)
@@ -142,7 +171,7 @@ class Kill(Step):
         lost = sim.disks[self.disk].die(self.power_loss, keep_some(self.seed))
         sim.cache_lost(lost)
         data = {block for block in lost if block < sim.blocks}
-        if not data or sim.model is None:
+        if not data or sim.model is None or not sim.relevant(self.disk):
             return
         if sim.holder is not None:
             # Until the next FLUSH reports the loss, reads of those blocks
@@ -241,17 +270,21 @@ class Corrupt(Step):
 # -- clients ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Mount(Step):
-    """A new client mounts with exactly the `reachable` nodes up (the
-    others' hosts are down); `force` and `primary` as `-o` options."""
+    """A new client mounts with exactly the `reachable` legs up (the
+    others' hosts are down); `force` and `primary` as `-o` options; with
+    `previous`, the config before the last reload (the user put it back)."""
 
     reachable: tuple[bool, ...]
     force: bool = False
     primary: int | None = None
+    previous: bool = False
     needs_holder = False
 
     async def run(self, sim: Simulation) -> None:
         assert sim.holder is None
-        for disk, up in zip(sim.disks, self.reachable, strict=True):
+        if self.previous:
+            sim.note(f"    -> config back to disks {sim.configs.revert()}")
+        for disk, up in zip(sim.config_disks(), self.reachable, strict=True):
             if up and not disk.alive:
                 disk.revive()
             elif not up and disk.alive:
@@ -270,7 +303,11 @@ class Mount(Step):
             return
         sim.note(f"    -> mounted by {mount.client}: legs {mount.leg_state()}")
         everyone = all(self.reachable)
-        if self.primary is not None or (self.force and not everyone):
+        chosen = self.primary is not None or (self.force and not everyone)
+        if not chosen and (removed := sim.removed_source(mount)) is not None:
+            sim.holder = mount
+            raise sim.violation(f"a removed leg is a source: {removed}")
+        if chosen:
             sim.adopt_source(mount)
             sim.split_possible = not everyone
         elif everyone:
@@ -319,7 +356,7 @@ class Crash(Step):
         for index in self.power_loss:
             blocks = sim.disks[index].lose_cache(keep_some(self.seed))
             sim.cache_lost(blocks)
-            lost = lost or bool(blocks)
+            lost = lost or (bool(blocks) and sim.relevant(index))
         if lost:
             sim.model.volatile_lost()
 
@@ -408,6 +445,45 @@ class Takeover(Step):
         await sim.end(old)
 
 
+@dataclass(frozen=True)
+class CrashSoon(Step):
+    """The client dies after `turns` turns of the scheduler (no simulated
+    time passes): in the middle of whatever the last step left running in
+    the background, such as a reload's recording of a leg."""
+
+    turns: int
+    power_loss: tuple[int, ...] = ()
+
+    async def run(self, sim: Simulation) -> None:
+        for _ in range(self.turns):
+            await trio.lowlevel.checkpoint()
+        await Crash(self.power_loss).run(sim)
+
+
+# -- reloads ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AddLeg(Step):
+    """The config gets `disk` as a new last leg (None: a fresh, empty disk;
+    a number: a disk that is no leg now, perhaps one removed before), and
+    the mount reloads: the leg is recorded, then copied in the background."""
+
+    disk: int | None = None
+
+    async def run(self, sim: Simulation) -> None:
+        await sim.add_leg(self.disk)
+
+
+@dataclass(frozen=True)
+class RemoveLeg(Step):
+    """The config loses the leg at `position` and the mount reloads. Only
+    the last leg can be removed online today, so only that is drawn."""
+
+    position: int
+
+    async def run(self, sim: Simulation) -> None:
+        await sim.remove_leg(self.position)
+
+
 # -- drawing --------------------------------------------------------------------------
 _IO = ["write"] * 8 + ["read"] * 3 + ["readall", "flush", "flush", "trim", "zeroes"]
 _TIME = ["sleep", "sleep", "settle"]
@@ -415,9 +491,10 @@ _FAULTS = [
     "kill", "revive", "revive", "fail", "fail", "flaky_flush", "heal", "heal", "slow", "freeze",
     "thaw", "corrupt",
 ]
-_CLIENT = ["crash", "crash_mid_write", "umount", "takeover"]
-_WITH_HOLDER = _IO + _TIME + _FAULTS + _CLIENT
-_WITHOUT_HOLDER = ["mount"] * 3 + ["mount_some"] * 3 + [
+_CLIENT = ["crash", "crash_mid_write", "crash_soon", "umount", "takeover"]
+_RELOAD = ["add_leg", "remove_leg"]
+_WITH_HOLDER = _IO + _TIME + _FAULTS + _CLIENT + _RELOAD
+_WITHOUT_HOLDER = ["mount"] * 3 + ["mount_some"] * 3 + ["mount_previous"] * 2 + [
     "kill", "revive", "fail", "heal", "corrupt", "sleep"
 ]
 
@@ -426,33 +503,68 @@ KINDS = frozenset(_WITH_HOLDER + _WITHOUT_HOLDER)
 #: kinds a scenario may do without (swarm testing: each example enables a
 #: subset, so rare combinations of few faults come up more often); with
 #: none of the mount kinds left, "mount" stays
-OPTIONAL = frozenset(_FAULTS + _CLIENT + ["mount_some", "trim", "zeroes", "settle"])
+OPTIONAL = frozenset(
+    _FAULTS + _CLIENT + _RELOAD + ["mount_some", "mount_previous", "trim", "zeroes", "settle"]
+)
 
 
-def draw_kinds(data: st.DataObject, without: frozenset[str] = frozenset()) -> frozenset[str]:
-    """The kinds a scenario leaves out: `without` and a drawn subset of OPTIONAL."""
+def _spare_disks(sim: Simulation) -> list[int | None]:
+    """What `AddLeg` may add: a disk that is no leg of the holder now, or a
+    fresh one (None) while there are fewer than MAX_DISKS; nothing once the
+    config has MAX_CONFIG_LEGS legs."""
+    holder = sim.holder
+    assert holder is not None
+    if len(sim.configs.current) >= MAX_CONFIG_LEGS:
+        return []
+    legs = set(holder.disk_numbers[: len(holder.mirror.legs)])
+    spare: list[int | None] = [number for number in range(len(sim.disks)) if number not in legs]
+    if len(sim.disks) < MAX_DISKS:
+        spare.append(None)
+    return spare
+
+
+def draw_kinds(
+    data: st.DataObject,
+    without: frozenset[str] = frozenset(),
+    *,
+    keep: frozenset[str] = frozenset(),
+) -> frozenset[str]:
+    """The kinds a scenario leaves out: `without` and a drawn subset of
+    OPTIONAL, never one of `keep`."""
     enabled = data.draw(
         st.sets(st.sampled_from(sorted(OPTIONAL)), min_size=1).map(lambda s: tuple(sorted(s))),
         label="enabled",
     )
-    return without | (OPTIONAL - frozenset(enabled))
+    return without | (OPTIONAL - frozenset(enabled) - keep)
 
 
-def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = frozenset()) -> Step:
+def draw_step(
+    data: st.DataObject,
+    sim: Simulation,
+    without: frozenset[str] = frozenset(),
+    emphasis: tuple[str, ...] = (),
+) -> Step:
     """One step fit for the simulation's state, drawn from `data`; kinds in
-    `without` are never drawn (swarm testing, or looking past a known bug)."""
-    legs = len(sim.disks)
+    `without` are never drawn (swarm testing, or looking past a known bug),
+    kinds in `emphasis` are drawn once more for each time they appear there."""
+    legs = len(sim.configs.current)
     if sim.model is None:
         return Mount(reachable=(True,) * legs)
     if not sim.read_check:
         without = without | {"corrupt"}
+    if sim.configs.previous is None:
+        without = without | {"mount_previous"}
+    if sim.holder is not None and not _spare_disks(sim):
+        without = without | {"add_leg"}
+    vocabulary = _WITH_HOLDER if sim.holder is not None else _WITHOUT_HOLDER
     kinds = [
         kind
-        for kind in (_WITH_HOLDER if sim.holder is not None else _WITHOUT_HOLDER)
+        for kind in vocabulary + [kind for kind in emphasis if kind in vocabulary]
         if kind not in without
     ] or ["mount"]
     kind = data.draw(st.sampled_from(kinds), label="kind")
-    disk = st.integers(0, legs - 1)
+    disk = st.integers(0, len(sim.disks) - 1)
+    position = st.integers(0, legs - 1)
     blocks = sim.blocks
 
     def extent() -> tuple[int, int]:
@@ -510,7 +622,7 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
         return Corrupt(data.draw(disk, label="disk"), block)
     if kind == "crash":
         power = data.draw(
-            st.sets(st.integers(0, legs - 1)).map(lambda s: tuple(sorted(s))), label="power_loss"
+            st.sets(disk).map(lambda s: tuple(sorted(s))), label="power_loss"
         )
         seed = data.draw(st.integers(0, 3), label="seed") if power else 0
         return Crash(power, seed)
@@ -518,9 +630,17 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
         first, count = extent()
         after = data.draw(st.sampled_from([0.0, 0.1, 1.0, 3.0]), label="after")
         power = data.draw(
-            st.sets(st.integers(0, legs - 1)).map(lambda s: tuple(sorted(s))), label="power_loss"
+            st.sets(disk).map(lambda s: tuple(sorted(s))), label="power_loss"
         )
         return CrashDuringWrite(first, count, after, power)
+    if kind == "crash_soon":
+        turns = data.draw(st.sampled_from([0, 1, 2, 3, 5, 8, 13, 30]), label="turns")
+        power = data.draw(st.sets(disk).map(lambda s: tuple(sorted(s))), label="power_loss")
+        return CrashSoon(turns, power)
+    if kind == "add_leg":
+        return AddLeg(data.draw(st.sampled_from(_spare_disks(sim)), label="disk"))
+    if kind == "remove_leg":
+        return RemoveLeg(legs - 1)
     if kind == "umount":
         return Umount()
     if kind == "takeover":
@@ -530,12 +650,19 @@ def draw_step(data: st.DataObject, sim: Simulation, without: frozenset[str] = fr
         return Takeover(stall, force, thaw, data.draw(st.integers(0, blocks - 1), label="probe"))
     if kind == "mount":
         return Mount((True,) * legs)
+    if kind == "mount_previous":
+        assert sim.configs.previous is not None
+        count = len(sim.configs.previous)
+        reachable = tuple(
+            data.draw(st.lists(st.booleans(), min_size=count, max_size=count), label="reachable")
+        )
+        return Mount(reachable, previous=True)
     assert kind == "mount_some"
     reachable = tuple(
         data.draw(st.lists(st.booleans(), min_size=legs, max_size=legs), label="reachable")
     )
     force = data.draw(st.booleans(), label="force")
-    primary = data.draw(st.one_of(st.none(), disk), label="primary") if force else None
+    primary = data.draw(st.one_of(st.none(), position), label="primary") if force else None
     return Mount(reachable, force and primary is None, primary)
 
 

@@ -7,7 +7,7 @@ the cancellation of that task (nothing flushed, no shutdown record), a
 clean umount is `aclose` first. The mirror is driven only through its
 public surface (`Mirror(...)`, `start`, `read`, `write`, `flush`, `trim`,
 `write_zeroes`, `aclose`, `state`, `legs[i].role`, and the reload seam
-`check_append`/`append`, `check_removal`/`remove_last`); the write-intent
+`check_append`/`append`, `check_removal`/`remove_legs`); the write-intent
 bitmap, a resyncing leg's pending regions and whether the membership is
 recorded are read in `marked_regions`, `pending_regions` and `recorded`
 alone, so a rename in the mirror touches one place.
@@ -353,24 +353,26 @@ class Simulation:
 
     async def remove_leg(self, position: int) -> None:
         """The config loses the leg at `position` and the mount reloads it.
-        Only the last leg can go today (`Mirror.check_removal`, then with no
-        await in between `Mirror.remove_last`, as `LiveReload` does); a
-        removal from the middle will call its own seam here."""
+        Only the last leg is drawn (`Mirror.check_removal`, then with no
+        await in between `Mirror.remove_legs`, as `LiveReload` does): the
+        model does not follow the renumbering a removal from the middle
+        makes yet."""
         mount = self.holder
         assert mount is not None
         mirror = mount.mirror
         config = self.configs.current
-        assert position == len(config) - 1, "only the last leg can be removed online today"
+        assert position == len(config) - 1, "the model follows removals of the last leg only"
         if len(config) - 1 < Mirror.minimum_nodes:
             # the config parser refuses the file before the mount sees it
             self.stats.reloads_refused += 1
             self.note(f"    -> refused: a mirror needs at least {Mirror.minimum_nodes} nodes")
             return
-        count = len(config) - position
+        positions = tuple(range(position, len(config)))
+        count = len(positions)
         kept = mirror.legs[: len(mirror.legs) - count]
         safe = any(leg.in_sync for leg in kept)
         try:
-            mirror.check_removal(count)
+            mirror.check_removal(positions)
         except UserError as exc:
             self.stats.reloads_refused += 1
             self.note(f"    -> refused: {exc}")
@@ -384,7 +386,7 @@ class Simulation:
             raise self.violation(
                 f"removing leg {position} was accepted although no remaining leg is in sync"
             )
-        gone = mirror.remove_last(count)
+        gone = mirror.remove_legs(positions)
         for leg in gone:
             self.configs.removal_began(mount.disk_numbers[leg.index], self.mutations)
         self.configs.reloaded(mount.disk_numbers[:position])

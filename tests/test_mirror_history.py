@@ -188,6 +188,12 @@ def test_a_leg_a_third_leg_went_on_without_is_outdated_not_split():
         plan_start("vol0", split)
 
 
+def test_no_complete_leg_is_refused_naming_why():
+    legs = [found(0, 4, [stale(3), stale(3, full=True)]), found(1, 4, [stale(3), stale(3, True)])]
+    with pytest.raises(UserError, match="no reachable leg holds a complete copy"):
+        plan_start("vol0", legs)
+
+
 def test_primary_must_be_a_complete_leg_of_this_storage():
     legs = [found(0, 8, [SYNC, stale(7)]), found(1, 8, [SYNC, stale(7)])]
     with pytest.raises(UserError, match="incomplete"):

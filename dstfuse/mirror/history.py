@@ -208,6 +208,11 @@ def plan_start(
     else:
         _refuse_split_brain(storage_name, voters)
         candidates = [f for f in voters if f.index not in claimed]
+        if not consistent:
+            raise UserError(
+                f"storage {storage_name}: no reachable leg holds a complete copy (each records "
+                "its own resync as unfinished); bring back the leg they were copied from"
+            )
         if not candidates:
             raise UserError(
                 f"storage {storage_name}: no leg is known to hold the newest data "

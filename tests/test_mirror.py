@@ -783,3 +783,36 @@ async def test_cancelling_the_nursery_ends_every_background_task(autojump_clock)
             assert mirror.controls()["verify"].read().startswith("running")
             nursery.cancel_scope.cancel()
     assert not scope.cancelled_caught  # every task ended with the nursery
+
+
+def marked(mirror: Mirror) -> int:
+    """The count `.dst/<storage>/bitmap` reports."""
+    return int(mirror.runtime.bitmap_text().split()[1])
+
+
+async def test_regions_being_cleared_are_reported_marked_until_the_clear_is_done(
+    autojump_clock,
+):
+    """The lazy clearing takes idle regions out of the in-memory bitmap
+    first, then flushes every leg and writes the bitmap without them; if a
+    leg fails meanwhile they are marked again. Until the clear is done they
+    are still marked on disk, so `.dst/<storage>/bitmap` counts them (it
+    said 0 while the flush ran: a test that waited for 0 and then killed a
+    leg saw every region marked again)."""
+    nodes = make_nodes()
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, assume_clean=True)
+        await wait_for(lambda: marked(mirror) == 0)
+        for region in (1, 5, 9, 13):  # apart and mid-region: no stream marks ahead
+            await mirror.write(region * REGION + 8192, os.urandom(4096))
+        assert marked(mirror) == 4
+        nodes[1].hold = trio.Event()  # the clearing's flush of leg 1 waits
+        nodes[1].hold_when = lambda op, offset, length: op == "flush"
+        await wait_for(lambda: len(mirror.runtime.bitmap.clearing) == 4)
+        assert marked(mirror) == 4
+        nodes[1].fail_all()
+        nodes[1].hold.set()
+        await wait_for(lambda: not mirror.legs[1].in_sync)
+        assert marked(mirror) == 4
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()

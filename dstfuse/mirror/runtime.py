@@ -107,9 +107,10 @@ class MirrorRuntime:
     def bitmap_text(self) -> str:
         """`marked <n> of <regions> regions of <bytes>` (the `bitmap` control
         file): regions that may differ between the legs (written recently,
-        or missed by a leg)."""
+        or missed by a leg), those being cleared included: they stay marked
+        on disk until the clearing's flush and bitmap writes are done, and
+        go back to marked if a leg fails meanwhile."""
         geometry = self.geometry
-        return (
-            f"marked {len(self.bitmap.desired)} of {geometry.regions} regions of "
-            f"{geometry.region_size}\n"
-        )
+        marked = self.bitmap.desired.copy()
+        marked.update(self.bitmap.clearing)
+        return f"marked {len(marked)} of {geometry.regions} regions of {geometry.region_size}\n"

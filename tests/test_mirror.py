@@ -816,3 +816,25 @@ async def test_regions_being_cleared_are_reported_marked_until_the_clear_is_done
         assert marked(mirror) == 4
         await mirror.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_mirror_keeps_no_buffer_of_a_finished_write(autojump_clock):
+    """The dispatcher's parked runner tasks hold nothing of the requests
+    they ran: a write's data is freed once the write has returned."""
+    import gc
+    import weakref
+
+    class Buffer(bytearray):  # bytearray itself takes no weak reference
+        pass
+
+    nodes = make_nodes()
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, assume_clean=True)
+        data = Buffer(os.urandom(64 * KiB))
+        freed = weakref.ref(data)
+        await mirror.write(0, data)
+        del data
+        gc.collect()
+        assert freed() is None, [type(r) for r in gc.get_referrers(freed())]
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()

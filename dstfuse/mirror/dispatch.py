@@ -250,6 +250,9 @@ class LegDispatch:
         while runner.job is not None:
             job, runner.job = runner.job, None
             await self._call(*job)
+            # parked, it must not keep the request alive (its call closes
+            # over the write's data: up to IDLE_RUNNERS buffers held)
+            del job
             if len(self._idle) < IDLE_RUNNERS:
                 await runner.park(self._idle)
 

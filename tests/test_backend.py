@@ -107,6 +107,43 @@ async def test_large_writes_go_to_the_page_cache_inline_and_fua_writes_to_a_thre
         await backend.aclose()
 
 
+@pytest.mark.parametrize("dsync", ["supported", "unsupported"])
+async def test_a_fua_write_syncs_its_own_range_not_the_whole_file(image, monkeypatch, dsync):
+    """A FUA write is one pwritev with RWF_DSYNC (its range durable, not the
+    file's other dirty pages: fdatasync of a file with 32 MiB dirty took
+    60 ms against 0.7 ms, measured); a kernel or file system without
+    RWF_DSYNC gets pwrite + fdatasync, once told, for good."""
+    calls = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+
+    def pwritev(fd, buffers, offset, flags=0):
+        calls.append(("pwritev", flags))
+        if flags & os.RWF_DSYNC and dsync == "unsupported":
+            raise OSError(errno.EOPNOTSUPP, "no RWF_DSYNC here")
+        return real_pwritev(fd, buffers, offset, flags)
+
+    def fdatasync(fd):
+        calls.append(("fdatasync", 0))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(backend_module.os, "pwritev", pwritev)
+    monkeypatch.setattr(backend_module.os, "fdatasync", fdatasync)
+    backend = Backend(image)
+    try:
+        data = os.urandom(8192)
+        await backend.write(4096, data, fua=True)
+        await backend.write(MiB, data, fua=True)
+        await backend.write(2 * MiB, data)
+        if dsync == "supported":
+            assert calls == [("pwritev", os.RWF_DSYNC)] * 2
+        else:  # plain writes are os.pwrite, not counted here
+            assert calls == [("pwritev", os.RWF_DSYNC), ("fdatasync", 0), ("fdatasync", 0)]
+        for offset in (4096, MiB, 2 * MiB):
+            assert await backend.read(offset, len(data)) == data
+    finally:
+        await backend.aclose()
+
+
 async def test_cached_reads_up_to_read_inline_max_skip_the_thread(image, monkeypatch):
     backend = Backend(image)
     threads = []

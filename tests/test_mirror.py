@@ -838,3 +838,54 @@ async def test_an_idle_mirror_keeps_no_buffer_of_a_finished_write(autojump_clock
         assert freed() is None, [type(r) for r in gc.get_referrers(freed())]
         await mirror.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_while_writes_go_on_the_most_recent_idle_regions_stay_marked(autojump_clock):
+    """The hot set (`bitmap_hot`, DRBD's activity log): while the storage
+    is being written, idle regions leave the bitmap only beyond the hot
+    set, least recently written first, so a writer going round a working
+    set pays no clearing flush and no marking FUA; once the storage is
+    quiet for `bitmap_idle`, every idle region is cleared. (Without the
+    hot set, the clearing took every idle region at once: 1 stayed.)"""
+    nodes = make_nodes()
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(
+            nursery, nodes, assume_clean=True, bitmap_hot=str(4 * REGION)
+        )
+        await wait_for(lambda: marked(mirror) == 0)
+        for region in (1, 5, 9, 13, 17, 21):  # apart, mid-region: no mark-ahead
+            await mirror.write(region * REGION + 8192, os.urandom(4096))
+            await trio.sleep(0.5)
+        flushes = [node.flushes for node in nodes]
+        for _ in range(30):  # 15 s of writes to one more region
+            await mirror.write(30 * REGION + 8192, os.urandom(4096))
+            await trio.sleep(0.5)
+        assert sorted(mirror.runtime.bitmap.desired) == [13, 17, 21, 30]
+        assert all(node.flushes > before for node, before in zip(nodes, flushes))
+        await trio.sleep(8)  # quiet for bitmap_idle: everything idle goes
+        assert marked(mirror) == 0
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_writer_inside_the_hot_set_causes_no_clearing_flush(autojump_clock):
+    """With the default hot set (1 GiB, more than this storage), a writer
+    going round 12 regions for a minute, each one idle for 6 s of every 6.5
+    (longer than bitmap_idle), costs the legs no flush at all until it
+    stops. (Without the hot set each region was cleared, with a flush of
+    both legs, and marked again on every round.)"""
+    nodes = make_nodes()
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, assume_clean=True)
+        await wait_for(lambda: marked(mirror) == 0)
+        flushes = [node.flushes for node in nodes]
+        for step in range(120):
+            await mirror.write((step % 12) * 4 * REGION + 8192, os.urandom(4096))
+            await trio.sleep(0.5)
+        assert [node.flushes for node in nodes] == flushes
+        assert marked(mirror) == 12
+        await trio.sleep(8)
+        assert marked(mirror) == 0
+        assert all(node.flushes > before for node, before in zip(nodes, flushes))
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()

@@ -27,6 +27,7 @@ def test_config_options_and_mount_options_merge():
             "mount_options": {
                 "force": True, "assume_clean": True, "read_check": "off",
                 "resync_rate": "10M/s", "heartbeat_interval": "500ms", "allow_other": True,
+                "bitmap_hot": "256M",
             },
         },
     )
@@ -35,6 +36,8 @@ def test_config_options_and_mount_options_merge():
     assert options.force and options.assume_clean and not options.read_check
     assert options.heartbeat_interval == 0.5 and options.holder_timeout == 2.5
     assert options.client_name == "host:1" and options.client_id == b"x" * 16
+    assert options.bitmap_hot == 256 * MiB
+    assert MirrorOptions.parse("vol0", {}).bitmap_hot == 1 << 30
 
 
 def test_primary_may_name_the_storage():
@@ -50,7 +53,7 @@ def test_primary_may_name_the_storage():
 @pytest.mark.parametrize(
     "key, value",
     [("read_check", "maybe"), ("resync_rate", "fast"), ("heartbeat_interval", "0"),
-     ("check_cache_pages", "-3"), ("resync_size", "0")],
+     ("check_cache_pages", "-3"), ("resync_size", "0"), ("bitmap_hot", "lots")],
 )
 def test_bad_option_values_are_one_line_user_errors(key, value):
     with pytest.raises(UserError, match=f"storage vol0: option {key}="):

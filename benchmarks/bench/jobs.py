@@ -4,7 +4,8 @@ every peer, and `Results`, which picks the figures to quote.
 
 Invariants: every peer sees the same job with the same offsets
 (`randrepeat=1` in the job files); the order of the peers alternates from
-job to job; fio is bounded by the run's hard limit, and a fio killed there
+job to job; every job starts with nothing dirty in the page cache (sync);
+fio is bounded by the run's hard limit, and a fio killed there
 is the limit (DeadlineExceeded), not a broken peer.
 """
 
@@ -150,6 +151,10 @@ def run_fio(
         RAMP=str(int(ramp)),
     )
     argv = ["fio", "--output-format=json", f"--output={out}", str(job.file)]
+    # Start with nothing dirty in the page cache: otherwise a job pays for
+    # the writeback of the job before it, often another peer's (1 GiB
+    # files rewritten at up to 1.2 GiB/s leave gigabytes for the disk).
+    run(["sync"], tools.deadline.timeout(180))
     counters_before = peer.counters()
     before = {role: cpu_seconds(pid) for role, pid in peer.roles.items()}
     machine_before = LoadSnapshot.take()

@@ -31,7 +31,8 @@ Invariants:
   the disk gave (EIO for a file that shrank underneath us); it never returns
   partial success and never allocates more than `CHUNK_SIZE` bytes for
   TRIM, WRITE_ZEROES or CHECKSUM whatever the range;
-- `fua=True` means the data is on stable storage (fdatasync) before the call
+- `fua=True` means the data is on stable storage (RWF_DSYNC, or pwrite and
+  fdatasync where the kernel lacks it) before the call
   returns;
 - the descriptor is closed only by `aclose`, after every call that uses it
   has finished: a closed descriptor number can never be reused under a
@@ -150,6 +151,7 @@ class Backend:
             raise
         self._fd = fd
         self._nowait_reads = True  # until the kernel says RWF_NOWAIT is unsupported
+        self._dsync_writes = True  # until the kernel says RWF_DSYNC is unsupported
         self._limiter = trio.CapacityLimiter(threads)
         self._calls = 0
         self._idle = trio.Event()
@@ -209,14 +211,32 @@ class Backend:
         return bytes(buffer)
 
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        """Write all of `data`; with `fua`, durable on return. A FUA write is
+        one pwritev with RWF_DSYNC: only its own range (and the metadata
+        needed to read it back) goes to stable storage, not the file's other
+        dirty pages as with fdatasync, which would make every FUA write wait
+        for all the writes before it. Kernels or file systems without
+        RWF_DSYNC get pwrite + fdatasync."""
+        flags = os.RWF_DSYNC if fua and self._dsync_writes else 0
         with memoryview(data) as view:
             done = 0
             while done < len(view):
-                written = os.pwrite(self._fd, view[done:], offset + done)
+                try:
+                    if flags:
+                        written = os.pwritev(self._fd, [view[done:]], offset + done, flags)
+                    else:
+                        written = os.pwrite(self._fd, view[done:], offset + done)
+                except OSError as exc:
+                    if not flags or exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    log.info("%s: no RWF_DSYNC (%s); FUA writes use fdatasync", self.path, exc)
+                    self._dsync_writes = False
+                    flags = 0
+                    continue
                 if written <= 0:
                     raise OSError(errno.EIO, f"{self.path}: write made no progress")
                 done += written
-        if fua:
+        if fua and not flags:
             os.fdatasync(self._fd)
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:

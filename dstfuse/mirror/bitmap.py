@@ -20,6 +20,7 @@ clearing and for read checks.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
@@ -287,6 +288,8 @@ class RegionActivity:
         #: start serial of each read in flight -> how many (read checks
         #: need the history of writes since the oldest of them)
         self._reads: dict[int, int] = {}
+        #: when a write last began or ended anywhere (-inf: none yet)
+        self.last_write = -math.inf
 
     def begin_read(self) -> int:
         self._reads[self.serial] = self._reads.get(self.serial, 0) + 1
@@ -301,14 +304,14 @@ class RegionActivity:
 
     def begin(self, regions: range) -> None:
         self.serial += 1
-        now = trio.current_time()
+        self.last_write = now = trio.current_time()
         for region in regions:
             self._active[region] = self._active.get(region, 0) + 1
             self._last[region] = (self.serial, now)
 
     def end(self, regions: range) -> None:
         self.serial += 1
-        now = trio.current_time()
+        self.last_write = now = trio.current_time()
         for region in regions:
             count = self._active[region] - 1
             if count:
@@ -356,6 +359,13 @@ class RegionActivity:
             if last is None or last[1] <= older_than:
                 result.append(region)
         return result
+
+    def least_recent(self, regions: Iterable[int], count: int) -> list[int]:
+        """The `count` regions of `regions` written (or touched) longest
+        ago; regions with no history (marked before this mount) first."""
+        last = self._last
+        return sorted(regions, key=lambda region: last[region][1] if region in last
+                      else -math.inf)[:count]
 
     def forget(self, regions: Iterable[int]) -> None:
         """Drop history no read in flight can still need."""

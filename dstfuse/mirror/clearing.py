@@ -2,7 +2,14 @@
 
 `BitmapCleaner.run` is the mirror's lazy clearing task: every
 `bitmap_idle / 2` it clears the regions no request touched for
-`bitmap_idle`. Invariant: a region's bit is cleared only when every leg is
+`bitmap_idle`. While the storage is being written, it keeps a hot set, as
+DRBD's activity log does: idle regions stay marked as long as at most
+`hot_regions` are, and beyond that only the least recently written idle
+ones are cleared, so a writer going round a working set pays neither the
+clearing's flush of every leg nor the FUA bitmap write of marking the
+region again; once no write began or ended for `bitmap_idle`, every idle
+region is cleared. A crash then resyncs at most the hot set plus what was
+in flight. Invariant: a region's bit is cleared only when every leg is
 in sync and online, the region is idle, and its data and check pages are
 flushed on every leg (`clear_idle`); a leg that fails that flush (or
 anything else) meanwhile keeps the region marked for its resync. A fenced
@@ -40,6 +47,7 @@ class BitmapCleaner:
         lease: HolderLease,
         membership: Membership,
         bitmap_idle: float,
+        hot_regions: int = 0,
     ) -> None:
         self.storage_name = storage_name
         self._legs = legs
@@ -49,6 +57,7 @@ class BitmapCleaner:
         self._lease = lease
         self._membership = membership
         self._bitmap_idle = bitmap_idle
+        self._hot_regions = hot_regions
         #: a clearing FLUSH that failed on every in-sync leg, not yet reported
         self.lost_flush: NodeError | None = None
 
@@ -66,12 +75,20 @@ class BitmapCleaner:
     async def clear_idle(self, older_than: float) -> int:
         """Clear the bits of regions idle since `older_than`, when every leg
         is in sync: their check pages are written, every leg is flushed,
-        then the bitmap blocks are written without them."""
+        then the bitmap blocks are written without them. If a write began
+        or ended after `older_than`, only the least recently written idle
+        regions beyond the hot set are cleared (none while at most
+        `hot_regions` are marked)."""
         bitmap = self._bitmap
         if not self.all_in_sync() or not bitmap.desired:
             return 0
         await self._lease.ensure()
+        # No await from here to begin_clear: a writer arriving after it
+        # marks its region again.
         idle = self._activity.idle(bitmap.desired, older_than)
+        if idle and self._activity.last_write > older_than:
+            excess = len(bitmap.desired) - self._hot_regions
+            idle = self._activity.least_recent(idle, excess) if excess > 0 else []
         if not idle:
             return 0
         regions = bitmap.begin_clear(idle)

@@ -47,6 +47,9 @@ MOUNT_OPTIONS = {
     "heartbeat_interval": "=DURATION: how often the holder writes its heartbeat",
     "holder_timeout": "=DURATION: how long a holder's heartbeat may stand still",
     "bitmap_idle": "=DURATION: idle time before a region leaves the bitmap",
+    "bitmap_hot": "=SIZE: while writes go on, idle regions stay in the bitmap up to this much "
+    "(a crash resyncs at most this plus what was in flight; 0 = clear every idle region; "
+    "default 1G)",
     "check_cache_pages": "=N: block-check pages (4 KiB each) kept in memory",
     "mount_wait": "=DURATION: how long a mount waits for a missing leg that may hold newer "
     "data before it refuses (default 10 s)",
@@ -97,6 +100,10 @@ class MirrorOptions:
     read_timeout: float = 2.0
     #: a region is cleared from the bitmap once no write touched it this long
     bitmap_idle: float = 5.0
+    #: while the storage is being written, idle regions stay marked up to
+    #: this many bytes (DRBD's activity log); once it is quiet for
+    #: `bitmap_idle`, every idle region is cleared
+    bitmap_hot: int = 1 << 30
     #: pages (4 KiB, 512 block digests each) of block checks kept in memory
     check_cache_pages: int = 4096
 
@@ -139,6 +146,7 @@ class MirrorOptions:
             heartbeat_interval=heartbeat,
             holder_timeout=get("holder_timeout", _positive_duration, 3 * heartbeat + 1),
             bitmap_idle=get("bitmap_idle", _positive_duration, cls.bitmap_idle),
+            bitmap_hot=get("bitmap_hot", _size, cls.bitmap_hot),
             mount_wait=get("mount_wait", _duration, cls.mount_wait),
             leg_timeout=get("leg_timeout", _positive_duration, cls.leg_timeout),
             read_timeout=get("read_timeout", _positive_duration, cls.read_timeout),

@@ -79,6 +79,7 @@ class MirrorRuntime:
             lease=lease,
             membership=membership,
             bitmap_idle=options.bitmap_idle,
+            hot_regions=options.bitmap_hot // geometry.region_size,
         )
         self.resync = Resync(
             storage_name,

@@ -721,3 +721,33 @@ async def test_sim_disk_failed_flush_drops_its_cache_and_corruption_is_garbage(a
     await node.write(0, payload(4, 0, 1))
     disk.corrupt(0)
     assert decode(disk.current, 1) == decode(disk.durable, 1) == [GARBAGE]
+
+
+async def test_sim_zeroed_checks_are_durable_before_a_header_calls_them_valid(autojump_clock):
+    """First use over reused disks (`assume_clean`): the mount zeroes the
+    check array, then writes headers that say the checks are valid. A FUA
+    header vouches for itself only, so without a flush in between a power
+    loss brought the old bytes back as trusted check entries, and a later
+    mount without the other leg failed the read of good data with EIO
+    ("fails its block check on every leg that has it")."""
+    async with trio.open_nursery() as nursery:
+        sim = Simulation(nursery, 2, read_check=True)
+        options = sim._options
+        sim._options = lambda *args: {
+            **options(*args),
+            "mount_options": {**options(*args)["mount_options"], "assume_clean": True},
+        }
+        junk = os.urandom(sim.disks[0].size)  # reused disks: old bytes everywhere
+        for disk in sim.disks:
+            disk.current[:] = junk
+            disk.durable[:] = junk
+        mount = await sim.open_mount()
+        for disk in sim.disks:
+            disk.lose_cache()  # power loss right after the mount
+        await sim.end(mount)
+        sim._options = options
+        sim.disks[1].alive = False
+        mount = await sim.open_mount(force=True)
+        assert await mount.mirror.read(0, 64 * 1024) == junk[: 64 * 1024]
+        await sim.end(mount)
+        nursery.cancel_scope.cancel()

@@ -227,7 +227,7 @@ class Backend:
                     else:
                         written = os.pwrite(self._fd, view[done:], offset + done)
                 except OSError as exc:
-                    if not flags or exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    if not flags or exc.errno not in (*_UNSUPPORTED, errno.EINVAL):
                         raise
                     log.info("%s: no RWF_DSYNC (%s); FUA writes use fdatasync", self.path, exc)
                     self._dsync_writes = False

@@ -19,6 +19,7 @@ clearing and for read checks.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import re
@@ -360,12 +361,17 @@ class RegionActivity:
                 result.append(region)
         return result
 
-    def least_recent(self, regions: Iterable[int], count: int) -> list[int]:
+    def least_recent(self, regions: list[int], count: int) -> list[int]:
         """The `count` regions of `regions` written (or touched) longest
-        ago; regions with no history (marked before this mount) first."""
+        ago; regions with no history (marked before this mount) first.
+        A partial selection (heapq), not a sort: after a full resync every
+        region of a 10 TiB storage may be idle."""
+        if count >= len(regions):
+            return regions
         last = self._last
-        return sorted(regions, key=lambda region: last[region][1] if region in last
-                      else -math.inf)[:count]
+        return heapq.nsmallest(
+            count, regions, key=lambda region: last[region][1] if region in last else -math.inf
+        )
 
     def forget(self, regions: Iterable[int]) -> None:
         """Drop history no read in flight can still need."""

@@ -219,11 +219,12 @@ class _Opening:
         membership.removing = 0
         membership.held_since_us = int(time.time() * 1e6)
         targets = [self.legs[i] for i in sorted(reachable)]
-        if zero_checks:
-            await _each(targets, _zero_checks)
-        else:
-            fresh = [leg for leg in targets if leg.full_resync]
-            await _each(fresh, _zero_checks)
+        zeroed = targets if zero_checks else [leg for leg in targets if leg.full_resync]
+        await _each(zeroed, _zero_checks)
+        # The zeroing is durable before a header says the checks are valid:
+        # a FUA header write vouches for itself only (RWF_DSYNC, NBD FUA),
+        # and zeroes left in a page cache would let old entries come back.
+        await _each(zeroed, lambda leg: leg.node.flush())
         await _each(targets, lambda leg: leg.write_header(membership.header(leg)))
         await _each(
             targets,

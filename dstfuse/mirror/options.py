@@ -48,8 +48,7 @@ MOUNT_OPTIONS = {
     "holder_timeout": "=DURATION: how long a holder's heartbeat may stand still",
     "bitmap_idle": "=DURATION: idle time before a region leaves the bitmap",
     "bitmap_hot": "=SIZE: while writes go on, idle regions stay in the bitmap up to this much "
-    "(a crash resyncs at most this plus what was in flight; 0 = clear every idle region; "
-    "default 1G)",
+    "(a crash resyncs these too; 0 = clear every idle region; default 1G)",
     "check_cache_pages": "=N: block-check pages (4 KiB each) kept in memory",
     "mount_wait": "=DURATION: how long a mount waits for a missing leg that may hold newer "
     "data before it refuses (default 10 s)",

@@ -25,6 +25,25 @@ def test_writes_are_kept_in_order_with_a_private_copy_of_their_data():
     assert kept.size == 4096 + 2 * ENTRY_COST
 
 
+def test_bytes_and_views_of_bytes_are_kept_without_a_copy():
+    """Nothing can change a bytes object, so a write FUSE handed over as
+    bytes is kept as it is, and so is a view of most of it (a mirror's legs
+    then share one buffer); a small piece of a large buffer is copied, so
+    that it does not keep the whole buffer, and a view of anything mutable
+    is copied (above)."""
+    kept = UnflushedWrites(1 << 20)
+    data = bytes(range(256)) * 32
+    kept.record(W, 0, len(data), Flag.NONE, data)
+    kept.record(W, 65536, 4096, Flag.NONE, memoryview(data)[4096:])
+    kept.record(W, 131072, 512, Flag.NONE, memoryview(data)[:512])  # a small piece
+    whole, part, piece = list(kept)
+    assert whole.data is data
+    assert isinstance(part.data, memoryview) and part.data.obj is data
+    assert bytes(part.data) == data[4096:]
+    assert type(piece.data) is bytes and piece.data == data[:512]  # copied: pins 512 bytes
+    assert kept.size == len(data) + 4096 + 512 + 3 * ENTRY_COST
+
+
 def test_flush_releases_only_writes_acknowledged_before_it_was_sent():
     kept = UnflushedWrites(1 << 20)
     kept.record(W, 0, 512, Flag.NONE, b"x" * 512)

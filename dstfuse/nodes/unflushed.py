@@ -42,14 +42,15 @@ MAX_UNPROTECTED_RANGES = 1024
 
 @dataclass(slots=True)
 class KeptWrite:
-    """One acknowledged, unflushed write; `data` is a private copy."""
+    """One acknowledged, unflushed write; `data` can never change: the
+    caller's bytes (or a view of bytes) as given, else a private copy."""
 
     seq: int
     command: Command
     offset: int
     length: int
     flags: Flag
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
     @property
     def cost(self) -> int:
@@ -103,6 +104,23 @@ class _Ranges:
         return tuple((s, e - s) for s, e in zip(self._starts, self._ends, strict=True))
 
 
+def unchangeable(data: bytes | memoryview) -> bytes | memoryview:
+    """`data` itself when nothing can change its bytes (a bytes object, or
+    a view of at least half of one: what FUSE hands a write, and a mirror's
+    view of it, so the legs of a mirror share one buffer), else a copy. A
+    replay must resend exactly the bytes the node acknowledged, whatever
+    the caller does with a mutable buffer afterwards; and a kept view holds
+    its whole buffer, which is why a small piece of a large one (a write
+    split across nodes) is copied: what is kept is at most twice what the
+    limit counts."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, memoryview) and type(data.obj) is bytes:
+        if 2 * data.nbytes >= len(data.obj):
+            return data
+    return bytes(data)
+
+
 class UnflushedWrites:
     """The kept writes of one node; `limit` bytes at most (0: keep none)."""
 
@@ -133,8 +151,9 @@ class UnflushedWrites:
     def record(
         self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
     ) -> None:
-        """Keep a write the node just acknowledged (copying its data), or,
-        when it cannot fit at all, remember it as unprotected."""
+        """Keep a write the node just acknowledged (its data as
+        `unchangeable` gives it), or, when it cannot fit at all, remember it
+        as unprotected."""
         self._seq += 1
         entry = KeptWrite(self._seq, command, offset, length, flags, b"")
         if len(data) + ENTRY_COST > self.limit:
@@ -142,7 +161,7 @@ class UnflushedWrites:
                 self._drop(entry)
             # else durable already, and no kept write could be replayed over it
             return
-        entry.data = bytes(data)
+        entry.data = unchangeable(data)
         self._kept.append(entry)
         self.size += entry.cost
 

@@ -27,6 +27,19 @@ def image(tmp_path):
     return path
 
 
+def thread_calls(backend, monkeypatch) -> list[str]:
+    """The names of the disk calls `backend` sends to a thread from now on."""
+    threads: list[str] = []
+    run = backend._run
+
+    async def counted(function, *args):
+        threads.append(function.__name__)
+        return await run(function, *args)
+
+    monkeypatch.setattr(backend, "_run", counted)
+    return threads
+
+
 def allocated_bytes(path) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -74,6 +87,48 @@ async def test_small_reads_not_served_from_the_page_cache_go_to_a_thread(image, 
         await backend.aclose()
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+async def test_on_tmpfs_refusing_rwf_nowait_reads_stay_inline_as_plain_reads(monkeypatch):
+    """tmpfs on this kernel refuses RWF_NOWAIT (EOPNOTSUPP): its reads went
+    to a thread each (80 us more a request), though they never wait for a
+    disk. Now the first refusal switches to plain reads in the event loop."""
+    path = f"/dev/shm/dstfuse-test-{os.getpid()}.img"
+    with open(path, "wb") as file:
+        file.write(os.urandom(SIZE))
+    backend = Backend(path)
+    threads = thread_calls(backend, monkeypatch)
+    try:
+        assert backend_module.in_memory(backend._fd)
+        data = os.urandom(8192)
+        await backend.write(4096, data)
+        for _ in range(3):
+            assert await backend.read(4096, len(data)) == data
+        assert len(threads) <= 1  # at most the read that found RWF_NOWAIT refused
+        assert backend._nowait_reads
+    finally:
+        await backend.aclose()
+        os.unlink(path)
+
+
+def test_in_memory_agrees_with_the_mount_table(image):
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert backend_module.in_memory(fd) is _on_memory_file_system(image)
+    finally:
+        os.close(fd)
+
+
+def _on_memory_file_system(path) -> bool:
+    """From /proc/self/mounts: the longest mount point holding `path`."""
+    best = ("", "")
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, point, kind, *_ = line.split()
+            if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best[0]):
+                best = (point, kind)
+    return best[1] in ("tmpfs", "ramfs")
+
+
 async def test_large_writes_go_to_the_page_cache_inline_and_fua_writes_to_a_thread(
     image, monkeypatch
 ):
@@ -81,14 +136,7 @@ async def test_large_writes_go_to_the_page_cache_inline_and_fua_writes_to_a_thre
     included) is a pwrite in the event loop; FUA (fdatasync) and larger
     writes are calls that may block long, so they go to a thread."""
     backend = Backend(image)
-    threads = []
-    run = backend._run
-
-    async def counted(function, *args):
-        threads.append(function.__name__)
-        return await run(function, *args)
-
-    monkeypatch.setattr(backend, "_run", counted)
+    threads = thread_calls(backend, monkeypatch)
     try:
         assert backend_module.INLINE_MAX >= MiB
         data = os.urandom(MiB)
@@ -146,14 +194,7 @@ async def test_a_fua_write_syncs_its_own_range_not_the_whole_file(image, monkeyp
 
 async def test_cached_reads_up_to_read_inline_max_skip_the_thread(image, monkeypatch):
     backend = Backend(image)
-    threads = []
-    run = backend._run
-
-    async def counted(function, *args):
-        threads.append(function.__name__)
-        return await run(function, *args)
-
-    monkeypatch.setattr(backend, "_run", counted)
+    threads = thread_calls(backend, monkeypatch)
     try:
         content = image.read_bytes()  # now in the page cache
         assert backend_module.READ_INLINE_MAX >= 512 << 10

@@ -11,7 +11,9 @@ page-cache copy (about 80 us per request, measured: a third of a 4 KiB
 request's cost on the node):
 - a read of at most `READ_INLINE_MAX` bytes is first tried in the event
   loop with RWF_NOWAIT, which returns at once instead of waiting for the
-  disk; anything not wholly in the page cache goes to a thread. Copying
+  disk; anything not wholly in the page cache goes to a thread. On tmpfs
+  and ramfs, where this kernel refuses RWF_NOWAIT, such reads are plain
+  reads in the event loop (the pages are in memory, unless swapped out). Copying
   1 MiB from the page cache takes about as long as the handoff alone;
 - a write of at most `INLINE_MAX` bytes (the default largest request)
   without FUA is a pwrite into the page cache in the event loop: 58 us for
@@ -88,8 +90,15 @@ _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.E
 _T = TypeVar("_T")
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+#: statfs f_type of file systems whose pages live only in memory (linux/magic.h):
+#: a read there never waits for a disk.
+_MEMORY_FILE_SYSTEMS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
+
+
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc = _libc
     function = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
     if function is None:
         return None
@@ -109,6 +118,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate_function(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def in_memory(fd: int) -> bool:
+    """The open file is on tmpfs or ramfs (fstatfs; False if that fails).
+    f_type is the first member of struct statfs, a native long on Linux."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
+    if _libc.fstatfs(fd, buffer) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buffer).value in _MEMORY_FILE_SYSTEMS
 
 
 class Backend:
@@ -151,6 +169,9 @@ class Backend:
             raise
         self._fd = fd
         self._nowait_reads = True  # until the kernel says RWF_NOWAIT is unsupported
+        #: the flag of inline reads: RWF_NOWAIT, or none on tmpfs/ramfs when
+        #: the kernel refuses RWF_NOWAIT there (such reads never wait for a disk)
+        self._inline_read_flags = os.RWF_NOWAIT
         self._dsync_writes = True  # until the kernel says RWF_DSYNC is unsupported
         self._limiter = trio.CapacityLimiter(threads)
         self._calls = 0
@@ -346,7 +367,8 @@ class Backend:
     def read_cached(self, offset: int, length: int) -> bytes | bytearray | None:
         """The range if it is at most `READ_INLINE_MAX` bytes and the page
         cache holds all of it, else None; never waits for the disk
-        (RWF_NOWAIT). Bounds are the caller's to check first. Up to
+        (RWF_NOWAIT; on tmpfs and ramfs, where this kernel refuses it, a
+        plain read: their pages are in memory). Bounds are the caller's to check first. Up to
         `_COPY_MAX` bytes come back as bytes (what a Reply's quick check
         takes); larger ranges as the bytearray they were read into, which
         is the caller's alone, saving a copy of the whole range."""
@@ -354,10 +376,13 @@ class Backend:
             return None
         buffer = bytearray(length)
         try:
-            done = os.preadv(self._fd, [buffer], offset, os.RWF_NOWAIT)
+            done = os.preadv(self._fd, [buffer], offset, self._inline_read_flags)
         except OSError as exc:
-            if exc.errno in _UNSUPPORTED:
-                self._nowait_reads = False
+            if exc.errno in _UNSUPPORTED and self._inline_read_flags:
+                if not self.is_block_device and in_memory(self._fd):
+                    self._inline_read_flags = 0  # plain reads from memory from now on
+                else:
+                    self._nowait_reads = False
             return None  # EAGAIN (not cached) or any error: the thread path decides
         if done != length:
             return None

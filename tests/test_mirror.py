@@ -889,3 +889,21 @@ async def test_a_writer_inside_the_hot_set_causes_no_clearing_flush(autojump_clo
         assert all(node.flushes > before for node, before in zip(nodes, flushes))
         await mirror.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_zeroed_checks_are_called_valid_only_after_a_flush_made_them_durable(
+    autojump_clock,
+):
+    """First use zeroes the check arrays; a FUA header vouches for itself
+    only, so the headers say CHECKS_VALID only once a FLUSH of every leg
+    has made the zeroing durable (a crash before it only costs the
+    checks: the next mount zeroes them again)."""
+    nodes = make_nodes()
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, assume_clean=True)
+        assert not any(header_of(node).checks_valid for node in nodes)
+        await mirror.write(8192, os.urandom(4096))
+        await mirror.flush()
+        assert all(header_of(node).checks_valid for node in nodes)
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()

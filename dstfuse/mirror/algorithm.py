@@ -424,6 +424,7 @@ class Mirror(Algorithm):
             )
         for leg, error in errors:
             live.states.leg_failed(leg, error)
+        self.membership.flushed_everywhere()
         await live.states.ensure_durable()
         if lost is not None:
             raise NodeError(

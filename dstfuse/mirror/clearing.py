@@ -103,6 +103,7 @@ class BitmapCleaner:
             except NodeError as exc:
                 self.lost_flush = exc
                 raise
+            self._membership.flushed_everywhere()
             await self._membership.ensure_durable()
         except NodeError:
             bitmap.abort_clear(regions)

@@ -66,6 +66,10 @@ class MirrorLeg:
         self.synced_at = 0
         #: regions still to copy while RESYNCING
         self.pending: RegionBits | None = None
+        #: bumped when regions must be copied again (`LegStates.copy_again`):
+        #: a region copy that began before does not take its region off
+        #: `pending`, since it may have read the source's bytes from before
+        self.recopy_epoch = 0
         self.resync_done = 0
         self.resync_total = 0
         self.resync_size = 4 << 20

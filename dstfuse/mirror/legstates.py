@@ -96,6 +96,7 @@ class LegStates:
         regions = list(regions)
         for leg in targets:
             if leg.role is LegRole.RESYNCING and leg.pending is not None:
+                leg.recopy_epoch += 1  # a copy under way may have read the old bytes
                 fresh = [region for region in regions if region not in leg.pending]
                 for region in fresh:
                     leg.pending.add(region)

@@ -63,8 +63,10 @@ class Membership:
         self.heartbeat = 0
         self.data_size = 0
         self.region_size = options.region_size
-        #: the check arrays are maintained by this session
+        #: the headers call the check arrays valid (`expect_checks`)
         self.checks_valid = True
+        #: this mount zeroed checks that no FLUSH has made durable yet
+        self._checks_await_flush = False
         #: legs being brought back: they receive metadata but no data yet
         self.joining: set[MirrorLeg] = set()
         #: the last removal that renumbered the legs (numbering.py), recorded
@@ -162,6 +164,27 @@ class Membership:
     def changed(self) -> trio.Event:
         """Set at the next change of any leg's role or settings."""
         return self._changed
+
+    def expect_checks(self, kept: bool, *, zeroed: bool) -> None:
+        """At mount: block checks are `kept` (read_check on). If this mount
+        `zeroed` part of the check array, the headers call the checks valid
+        only once a FLUSH has made the zeroing durable on every write
+        target (`flushed_everywhere`): a FUA header vouches for itself only
+        (RWF_DSYNC, NBD's FUA), and zeroes still in a page cache when the
+        power goes would bring old entries back as trusted ones. A crash
+        before that flush only costs the checks, zeroed again at the next
+        mount."""
+        self.checks_valid = kept and not zeroed
+        self._checks_await_flush = kept and zeroed
+
+    def flushed_everywhere(self) -> None:
+        """Every write target acknowledged a FLUSH (a leg that failed it is
+        no longer one): what this mount zeroed is durable, and the next
+        metadata update (`ensure_durable`) records the checks valid."""
+        if self._checks_await_flush:
+            self._checks_await_flush = False
+            self.checks_valid = True
+            self.bump(new_generation=False)
 
     def kick(self) -> None:
         self._changed.set()

@@ -208,7 +208,6 @@ class _Opening:
         if checks is not None and plan.unclean:
             checks.distrust(bits)
         zero_checks = plan.fresh or not plan.checks_valid or checks is None
-        membership.checks_valid = checks is not None
 
         membership.generation += 1
         membership.holder_epoch = membership.generation
@@ -221,10 +220,7 @@ class _Opening:
         targets = [self.legs[i] for i in sorted(reachable)]
         zeroed = targets if zero_checks else [leg for leg in targets if leg.full_resync]
         await _each(zeroed, _zero_checks)
-        # The zeroing is durable before a header says the checks are valid:
-        # a FUA header write vouches for itself only (RWF_DSYNC, NBD FUA),
-        # and zeroes left in a page cache would let old entries come back.
-        await _each(zeroed, lambda leg: leg.node.flush())
+        membership.expect_checks(checks is not None, zeroed=bool(zeroed))
         await _each(targets, lambda leg: leg.write_header(membership.header(leg)))
         await _each(
             targets,

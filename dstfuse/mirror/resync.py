@@ -184,6 +184,10 @@ class Resync:
         # A leg that fails and rejoins while this region is copied gets a
         # new pending set: the region is done only for the sets seen here.
         pending = {leg: leg.pending for leg in legs}
+        # A request that failed on every in-sync leg meanwhile may have
+        # reverted the source's bytes after this copy read them: then the
+        # region stays pending and is copied again (`copy_again`).
+        epochs = {leg: leg.recopy_epoch for leg in legs}
         offset = start
         while offset < end:
             length = min(window, end - offset)
@@ -215,7 +219,11 @@ class Resync:
         if compare_only:
             await self._write_region_checks(region, compare_only)
         for leg in done:
-            if leg.pending is not None and leg.pending is pending[leg]:
+            if (
+                leg.pending is not None
+                and leg.pending is pending[leg]
+                and leg.recopy_epoch == epochs[leg]
+            ):
                 if region in leg.pending:
                     leg.pending.discard(region)
                     leg.resync_done += end - start

@@ -409,12 +409,15 @@ class Takeover(Step):
             for node in old.nodes:
                 node.stall()
         sim.stats.mounts += 1  # the new mount becomes the owner by taking the grants over
+        # Health before the attempt, as for a mount: a one-shot fault the
+        # new mount's own start-up I/O took leaves the disk healthy after.
+        healthy = all(disk.healthy for disk in sim.disks)
         try:
             new = await sim.open_mount(force=self.force)
         except (UserError, NodeError) as exc:
             sim.stats.refusals += 1
             sim.note(f"    -> refused: {exc}")
-            if all(disk.healthy for disk in sim.disks):
+            if healthy:
                 raise sim.violation(f"the takeover was refused: {exc}") from None
             for node in old.nodes:
                 node.unstall()

@@ -54,6 +54,7 @@ from .mirror_sim.steps import (
     Slow,
     Takeover,
     Thaw,
+    Trim,
     Umount,
     Write,
     WriteZeroes,
@@ -780,5 +781,28 @@ def test_sim_a_region_being_copied_when_a_flush_fails_everywhere_is_copied_again
             Write(170, 36, fua=True), RemoveLeg(3), Write(201, 15, fua=True),
             Write(186, 8, fua=True), Revive(0), Flush(), Sleep(6.0),
         ]), legs=3, resync_rate=0, read_check=True, scheduling_seed=scheduling_seed)
+    finally:
+        restore()
+
+
+@pytest.mark.parametrize("scheduling_seed", range(4))
+def test_sim_a_leg_unreadable_at_mount_gets_headers_newer_than_its_old_ones(scheduling_seed):
+    """Seed 6064 of a 150-example run: leg 1's metadata could not be read
+    at the mount, so its header sequence was taken as 0; when it came back,
+    its rejoin wrote the new membership with sequence 1, which lost to the
+    older header (a higher sequence) in the other slot: the leg took writes
+    while its header still said every leg was in sync at generation 3. A
+    header write to a leg whose slots were never read reads them first."""
+    restore = quiet_mirror_logs()
+    try:
+        simulate(fixed([
+            Mount(ALL_THREE), Write(238, 14), Write(53, 17, fua=True), Read(69, 35),
+            Slow(2, 0.2), ReadAll(), CrashSoon(5, (1,)), Mount(ALL_THREE),
+            Write(25, 14, fua=True), Write(222, 2, fua=True), Write(138, 40), Trim(20, 32),
+            Write(150, 31), Write(104, 17), Flush(), Read(26, 11), CrashSoon(5, ()),
+            Fail(1, ("flush", "read", "write"), "meta", 10.0), Mount(ALL_THREE), ReadAll(),
+            Write(229, 1), Fail(1, ("flush", "write"), "data", 10.0), Sleep(1.0), Heal(1),
+            ReadAll(),
+        ]), legs=3, resync_rate=0, read_check=False, scheduling_seed=scheduling_seed)
     finally:
         restore()

@@ -87,7 +87,11 @@ class MirrorLeg:
         self.unsettled = 0
         #: set when `unsettled` reaches 0; made only while someone waits
         self._settled: trio.Event | None = None
+        #: the highest header sequence on the leg, once `_sequence_known`
+        #: (both slots read): a header written with a lower one would lose to
+        #: the older header in the other slot
         self._sequence = 0
+        self._sequence_known = False
         self._header_lock = trio.Lock()
 
     def __str__(self) -> str:
@@ -165,22 +169,30 @@ class MirrorLeg:
     async def read_header(self) -> MirrorHeader:
         """The newest valid header; raises metadata.MetadataError (no,
         damaged or too new metadata) or NodeError."""
+        return newest_header(await self._read_slot_blocks())
+
+    async def _read_slot_blocks(self) -> list[bytes]:
+        """Both header slots as stored, learning the sequence to write after."""
         size = self.size
         slots = [
             await self.node.read(size - 2 * BLOCK, BLOCK),
             await self.node.read(size - BLOCK, BLOCK),
         ]
-        header = newest_header(slots)
-        self._sequence = max(self._sequence, header.sequence)
-        return header
+        for raw in slots:
+            try:
+                self._sequence = max(self._sequence, MirrorHeader.unpack(raw).sequence)
+            except MetadataError:
+                continue
+        self._sequence_known = True
+        return slots
 
     async def read_slots(self) -> list[MirrorHeader]:
         """Both header slots that hold a valid header (newest first)."""
-        size = self.size
+        slots = await self._read_slot_blocks()
         headers = []
-        for offset in (size - 2 * BLOCK, size - BLOCK):
+        for raw in slots:
             try:
-                headers.append(MirrorHeader.unpack(await self.node.read(offset, BLOCK)))
+                headers.append(MirrorHeader.unpack(raw))
             except MetadataError:
                 continue
         return sorted(headers, key=lambda header: header.sequence, reverse=True)
@@ -195,6 +207,10 @@ class MirrorLeg:
         written after a newer one."""
         layout = self._layout()
         async with self._header_lock:
+            if not self._sequence_known:
+                # Never read (the node was unreachable when the mount looked):
+                # learn the slots' sequences first.
+                await self._read_slot_blocks()
             sequence = self._sequence + 1
             raw = header.with_changes(sequence=sequence).pack()
             await self.node.write(layout.slot_offsets[sequence % 2], raw, fua=True)

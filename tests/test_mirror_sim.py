@@ -806,3 +806,34 @@ def test_sim_a_leg_unreadable_at_mount_gets_headers_newer_than_its_old_ones(sche
         ]), legs=3, resync_rate=0, read_check=False, scheduling_seed=scheduling_seed)
     finally:
         restore()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Violation,
+    reason="open: a forced mount's generation can be below one it never saw (seed 6065)",
+)
+def test_sim_a_forced_mount_is_not_rolled_back_by_a_leg_it_went_without():
+    """Seed 6065 of a 150-example run, found on 2026-12-01 and not fixed
+    yet (also fails on efc84e5). Leg 0's host dies; a removal and write 5
+    go on with leg 1, whose header reaches generation 7 (leg 0 stale). After
+    a crash with power loss, only leg 0 is reachable and the user mounts
+    with -o force: leg 0's data is chosen (write 4 at block 106), but its
+    header gets a generation from what leg 0 saw (5), below leg 1's 7. The
+    next plain mount with every leg then takes leg 1 as the source (write
+    5): the forced session's choice is rolled back instead of the mount
+    being refused as a split (DESIGN §5: a forced split is refused until
+    the user names a primary). Remove the xfail once history.py orders a
+    forced mount's claims above the generations it went without."""
+    restore = quiet_mirror_logs()
+    try:
+        simulate(fixed([
+            Mount(ALL_THREE), ReadAll(), Read(62, 1), Flush(), Write(251, 1),
+            Write(104, 14, fua=True), Write(67, 36), Heal(2), Umount(), Sleep(3.5),
+            Mount(ALL_THREE), Flush(), Sleep(30.0), WriteZeroes(149, 1), Flush(), Read(0, 29),
+            RemoveLeg(2), Write(100, 37, fua=True), Kill(0), Write(106, 11, fua=True),
+            Crash((1, 2)), Mount((False, True, False), previous=True),
+            Mount((True, False, False), force=True), Settle(), Crash(()), Mount(ALL_THREE),
+        ]), legs=3, resync_rate=0, read_check=True, scheduling_seed=0)
+    finally:
+        restore()

@@ -213,6 +213,17 @@ def test_a_leg_added_under_fio_load_is_brought_up_to_date_then_an_old_leg_remove
         assert data_area(legs[2], size) == data_area(legs[1], size) == first
 
 
+def write_spread(mount, payload: bytes, end: int, step: int) -> None:
+    """`payload` at every `step` bytes of [0, end) of vol0, then fsync."""
+    fd = os.open(mount.file("vol0"), os.O_WRONLY)
+    try:
+        for offset in range(0, end, step):
+            os.pwrite(fd, payload, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _header(leg: LegExport):
     return newest_header(_slots(leg.path))
 
@@ -224,13 +235,7 @@ def test_a_client_killed_while_a_new_leg_is_copied_ends_clean_with_either_config
         with mounted(old, mountpoint, options=["assume_clean"]) as mount:
             size = storage_size(mount)
             payload = os.urandom(MiB)
-            fd = os.open(mount.file("vol0"), os.O_WRONLY)
-            try:
-                for offset in range(0, 64 * MiB, 4 * MiB):
-                    os.pwrite(fd, payload, offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_spread(mount, payload, 64 * MiB, 4 * MiB)
             new = legs_config(tmp_path, legs, resync_rate="4M")
             done = reload(mountpoint)
             assert done.returncode == 0, done.stderr
@@ -320,13 +325,7 @@ def test_a_removed_leg_is_never_taken_as_up_to_date_by_the_old_config(tmp_path):
             assert done.returncode == 0, done.stderr
             wait_nodes(mount, 2)
             payload = os.urandom(MiB)
-            fd = os.open(mount.file("vol0"), os.O_WRONLY)
-            try:
-                for offset in range(0, 32 * MiB, 2 * MiB):
-                    os.pwrite(fd, payload, offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_spread(mount, payload, 32 * MiB, 2 * MiB)
             # The two legs went on: the bitmap no longer says what leg 2 missed.
             wait_marked(mount, 0)
             os.kill(mount.pid, signal.SIGKILL)
@@ -355,13 +354,7 @@ def test_a_leg_back_in_a_longer_config_while_offline_is_copied_in_full(tmp_path)
             assert mount.umount().returncode == 0
         with mounted(legs_config(tmp_path, legs[:2]), mountpoint) as mount:
             payload = os.urandom(MiB)
-            fd = os.open(mount.file("vol0"), os.O_WRONLY)
-            try:
-                for offset in range(0, 32 * MiB, 2 * MiB):
-                    os.pwrite(fd, payload, offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_spread(mount, payload, 32 * MiB, 2 * MiB)
             wait_marked(mount, 0)
             assert mount.umount().returncode == 0
         assert _header(legs[2]).self_record.in_sync
@@ -421,13 +414,7 @@ def test_a_client_killed_while_removing_a_middle_leg_ends_clean(tmp_path, crash)
         with mounted(old, mountpoint, options=options) as mount:
             size = storage_size(mount)
             payload = os.urandom(MiB)
-            fd = os.open(mount.file("vol0"), os.O_WRONLY)
-            try:
-                for offset in range(0, 32 * MiB, 2 * MiB):
-                    os.pwrite(fd, payload, offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_spread(mount, payload, 32 * MiB, 2 * MiB)
             legs[1].signal(signal.SIGSTOP)  # its own header write (step 2) hangs
             patient_config(tmp_path, [legs[0], legs[2]])
             done = reload(mountpoint)

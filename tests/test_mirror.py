@@ -907,3 +907,29 @@ async def test_zeroed_checks_are_called_valid_only_after_a_flush_made_them_durab
         assert all(header_of(node).checks_valid for node in nodes)
         await mirror.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_checks_zeroed_at_mount_are_never_called_valid_after_a_flush_failed_everywhere(
+    autojump_clock,
+):
+    """A FLUSH that failed on every in-sync leg may have dropped the dirty
+    pages, the mount's zeroing of the check arrays among them: no later
+    flush of this mount may make the headers call the checks valid."""
+    nodes = make_nodes()
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, assume_clean=True)
+        await mirror.write(8192, os.urandom(4096))
+        for node in nodes:
+            node.fail = lambda op, offset, length, node=node: (
+                NodeError(str(node), "flush failed", errno=errno.EIO) if op == "flush" else None
+            )
+        with pytest.raises(NodeError):
+            await mirror.flush()
+        for node in nodes:
+            node.fail = None
+        await wait_for(lambda: mirror.state == "clean")
+        await mirror.write(8192, os.urandom(4096))
+        await mirror.flush()
+        assert not any(header_of(node).checks_valid for node in nodes)
+        await mirror.aclose()
+        nursery.cancel_scope.cancel()

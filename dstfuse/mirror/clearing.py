@@ -126,3 +126,4 @@ class BitmapCleaner:
         regions are rewritten or resynced."""
         if self._checks is not None:
             self._checks.distrust(self._bitmap.desired)
+        self._membership.zeroing_may_be_lost()

@@ -172,12 +172,12 @@ class MirrorLeg:
         return newest_header(await self._read_slot_blocks())
 
     async def _read_slot_blocks(self) -> list[bytes]:
-        """Both header slots as stored, learning the sequence to write after."""
+        """Both header slots as stored, learning the sequence to write after
+        (where `write_header` writes them once the layout is known)."""
         size = self.size
-        slots = [
-            await self.node.read(size - 2 * BLOCK, BLOCK),
-            await self.node.read(size - BLOCK, BLOCK),
-        ]
+        offsets = self.layout.slot_offsets if self.layout is not None else (
+            size - 2 * BLOCK, size - BLOCK)
+        slots = [await self.node.read(offset, BLOCK) for offset in offsets]
         for raw in slots:
             try:
                 self._sequence = max(self._sequence, MirrorHeader.unpack(raw).sequence)

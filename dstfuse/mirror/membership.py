@@ -186,6 +186,12 @@ class Membership:
             self.checks_valid = True
             self.bump(new_generation=False)
 
+    def zeroing_may_be_lost(self) -> None:
+        """A FLUSH failed on every in-sync leg: its dirty pages may be gone,
+        the mount's zeroing of the check arrays with them, so no later flush
+        may make the headers call the checks valid during this mount."""
+        self._checks_await_flush = False
+
     def kick(self) -> None:
         self._changed.set()
         self._changed = trio.Event()

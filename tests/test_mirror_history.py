@@ -430,8 +430,27 @@ def test_renumbering_maps_indices_past_every_removed_leg():
     assert translated.header is not None and translated.header.leg_index == 2
     assert translated.header.members == (SYNC, SYNC, SYNC)
     assert in_numbering(header(3, 8, [SYNC] * 5), numbering).header is None
-    # written at or after the renumbering in the old numbering: another history
-    assert in_numbering(header(4, 9, [SYNC] * 5), numbering).header is None
+    # written at or after the renumbering in the old numbering (by a session
+    # that went without the legs recording it): translated all the same
+    later = in_numbering(header(4, 9, [SYNC] * 5), numbering).header
+    assert later is not None and later.leg_index == 2 and later.members == (SYNC,) * 3
+
+
+def test_a_forced_mount_that_never_saw_a_renumbering_meets_it_as_a_split_brain():
+    """Seed 6065 of the simulator: leg 2 of three was removed (renumbering
+    generation 6) while leg 0 was away, and leg 1 went on to generation 7
+    recording leg 0 stale. A mount forced with leg 0 alone wrote generation
+    6 in the old numbering recording the others stale. Both legs were
+    written without each other: the next mount refuses, it does not copy
+    leg 0 over in full (rolling back what the forced session wrote)."""
+    forced = header(0, 6, [SYNC, stale(6), stale(6)], clean=False)
+    went_on = renumbered(1, 7, [stale(7), SYNC], 0b100, 6, clean=False)
+    removed = header(2, 5, [SYNC, SYNC, stale(5)], clean=False)
+    legs = [at(0, forced), at(1, went_on), at(2, removed)]
+    with pytest.raises(UserError, match="split brain: legs 0 and 1"):
+        plan_start("vol0", legs)
+    plan = plan_start("vol0", legs, primary=0)
+    assert plan.source == 0 and plan.roles == {0: IN_SYNC, 1: PARTIAL, 2: FULL}
 
 
 def test_the_renumbering_record_round_trips_through_the_header_bytes():

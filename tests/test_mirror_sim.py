@@ -808,26 +808,42 @@ def test_sim_a_leg_unreadable_at_mount_gets_headers_newer_than_its_old_ones(sche
         restore()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Violation,
-    reason="open: a forced mount's generation can be below one it never saw (seed 6065)",
-)
-def test_sim_a_forced_mount_is_not_rolled_back_by_a_leg_it_went_without():
-    """Seed 6065 of a 150-example run, found on 2026-12-01 and not fixed
-    yet (also fails on efc84e5). Leg 0's host dies; a removal and write 5
-    go on with leg 1, whose header reaches generation 7 (leg 0 stale). After
-    a crash with power loss, only leg 0 is reachable and the user mounts
-    with -o force: leg 0's data is chosen (write 4 at block 106), but its
-    header gets a generation from what leg 0 saw (5), below leg 1's 7. The
-    next plain mount with every leg then takes leg 1 as the source (write
-    5): the forced session's choice is rolled back instead of the mount
-    being refused as a split (DESIGN §5: a forced split is refused until
-    the user names a primary). Remove the xfail once history.py orders a
-    forced mount's claims above the generations it went without."""
+def test_sim_a_leg_a_forced_mount_went_without_serves_its_own_history_alone():
+    """Seed 6060 of a 150-example run (2026-12-01): leg 1 dies, write 2
+    lands on leg 0 alone; a mount forced with leg 1 alone goes on without
+    it (writes 3 and 4). Leg 0 never learns: it records leg 1 outdated, so
+    mounted alone later it is a proven source and serves its own history,
+    without writes 3 and 4 (nothing on leg 0 can tell; DRBD behaves the
+    same). Only a mount that reaches both legs sees the split, and refuses
+    it. The model adopts leg 0's history at that mount, no other."""
     restore = quiet_mirror_logs()
     try:
-        simulate(fixed([
+        stats = simulate(fixed([
+            Mount(BOTH), Settle(), Write(164, 27), Kill(1), Write(181, 38, fua=True), Umount(),
+            Mount((False, True), force=True), Write(95, 27), Write(220, 1, fua=True), Umount(),
+            Mount((True, False)), ReadAll(), Umount(), Mount(BOTH),
+        ]), legs=2, resync_rate=0, read_check=True, scheduling_seed=0)
+        assert stats.refusals == 1  # the last mount: split brain
+    finally:
+        restore()
+
+
+def test_sim_a_forced_mount_is_not_rolled_back_by_a_leg_it_went_without():
+    """Seed 6065 of a 150-example run (2026-12-01; it failed on efc84e5
+    too). Leg 0's host dies; a removal of leg 2 (renumbering generation 6)
+    and write 5 go on with leg 1, whose header reaches generation 7 (leg 0
+    stale). After a crash with power loss only leg 0 is reachable and the
+    user mounts with -o force: leg 0's data is chosen (write 4 at block
+    106) and its header, in the numbering before the removal, records the
+    others stale at generation 6. The next plain mount with every leg took
+    that header for one "predating" the renumbering, copied leg 0 over in
+    full from leg 1 and so rolled the forced session back. Both legs were
+    written without each other: the mount must be refused as a split brain
+    (DESIGN §5) until the user names a primary (numbering.py now translates
+    a header one renumbering behind whatever its generation)."""
+    restore = quiet_mirror_logs()
+    try:
+        stats = simulate(fixed([
             Mount(ALL_THREE), ReadAll(), Read(62, 1), Flush(), Write(251, 1),
             Write(104, 14, fua=True), Write(67, 36), Heal(2), Umount(), Sleep(3.5),
             Mount(ALL_THREE), Flush(), Sleep(30.0), WriteZeroes(149, 1), Flush(), Read(0, 29),
@@ -835,5 +851,7 @@ def test_sim_a_forced_mount_is_not_rolled_back_by_a_leg_it_went_without():
             Crash((1, 2)), Mount((False, True, False), previous=True),
             Mount((True, False, False), force=True), Settle(), Crash(()), Mount(ALL_THREE),
         ]), legs=3, resync_rate=0, read_check=True, scheduling_seed=0)
+        # the mount of leg 1 alone, then the last one: split brain
+        assert stats.refusals == 2
     finally:
         restore()

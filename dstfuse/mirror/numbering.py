@@ -15,12 +15,14 @@ Rules (`in_numbering`):
 - a header whose last renumbering is the current one speaks the current
   numbering;
 - a header one renumbering behind (its last renumbering is the current
-  record's `previous`, and it was written before G) is translated: the rows
-  of the removed legs are dropped and its own index shifted down; if it is
-  itself a removed leg it is no member (None);
-- any other header (two or more renumberings behind, or written by a
-  mount of another history) cannot be translated: it is no member either,
-  and the leg is copied in full if it comes back.
+  record's `previous`) is translated: the rows of the removed legs are
+  dropped and its own index shifted down; if it is itself a removed leg it
+  is no member (None). This holds for one written at or after G too: a
+  session that never read a G header wrote it, so it went on without every
+  leg that records G (`-o force` or `primary=`), and its claims must meet
+  theirs (split brain) instead of being overwritten by a full copy;
+- any other header (two or more renumberings behind) cannot be translated:
+  it is no member either, and the leg is copied in full if it comes back.
 """
 
 from __future__ import annotations
@@ -61,11 +63,7 @@ def in_numbering(header: MirrorHeader, current: Renumbering | None) -> Translate
     the module doc)."""
     if header.numbering == numbering_of(current):
         return Translated(header)
-    if (
-        current is not None
-        and header.numbering == current.previous
-        and header.generation < current.generation
-    ):
+    if current is not None and header.numbering == current.previous:
         translated = drop_legs(header, current.removed, current)
         if translated is None:
             return Translated(

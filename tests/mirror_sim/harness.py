@@ -770,6 +770,14 @@ class Simulation:
             return None  # the umount recorded exactly the missing legs as out of date
         return "the reachable legs cannot prove they hold the newest data"
 
+    def mounts_another_history(self, mount: Mount) -> bool:
+        """None of the mount's in-sync legs was in sync when the last
+        session ended (after a forced mount: the legs it went without)."""
+        last = self.last_session
+        numbers = mount.disk_numbers
+        in_sync = {numbers[leg.index] for leg in mount.mirror.legs if leg.in_sync}
+        return last is not None and not in_sync & last.in_sync
+
     def adopt_source(self, mount: Mount) -> None:
         """A forced mount: the user chose the in-sync legs' bytes."""
         assert self.model is not None

@@ -312,6 +312,11 @@ class Mount(Step):
             sim.split_possible = not everyone
         elif everyone:
             sim.split_possible = False
+        elif sim.split_possible and sim.mounts_another_history(mount):
+            # The legs a forced mount went without never learn that the
+            # others went on: mounted alone, they serve their own history
+            # (README "Split brain"); with every leg the mount is refused.
+            sim.adopt_source(mount)
         sim.holder = mount
         sim.set_owner(mount.client)
 

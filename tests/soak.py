@@ -24,7 +24,8 @@ whose message starts with the seed that replays the run):
   exits 0, and both legs' data areas (the first `.dst/vol0/size` bytes of
   their files) are byte-identical (the test asserts these on the report).
 
-Bounded: faults for `seconds` (env DSTFUSE_SOAK_SECONDS), each fio segment
+Bounded: one round of every fault kind, then more rounds while `seconds`
+(env DSTFUSE_SOAK_SECONDS; none by default) have not passed; each fio segment
 is a fixed size and killed past `SEGMENT_TIMEOUT`, every wait has a limit;
 the seed (env DSTFUSE_SOAK_SEED) fixes the choice, order and durations of
 the faults. Everything started is stopped in `finally`: fio, the relay
@@ -88,7 +89,7 @@ class SoakSettings:
     seconds: float
 
     @classmethod
-    def from_environment(cls, default_seconds: float = 150.0) -> SoakSettings:
+    def from_environment(cls, default_seconds: float = 0.0) -> SoakSettings:
         seed = os.environ.get("DSTFUSE_SOAK_SEED")
         seconds = os.environ.get("DSTFUSE_SOAK_SECONDS")
         return cls(
@@ -509,7 +510,9 @@ def _leg_file(path: Path) -> Path:
 
 def _inject(soak: Soak, settings: SoakSettings, rng: random.Random, started: float) -> None:
     kinds = fault_order(rng)
-    while time.monotonic() - started < settings.seconds:
+    while soak.report.faults.keys() < FAULTS.keys() or (
+        time.monotonic() - started < settings.seconds
+    ):
         deadline = time.monotonic() + rng.uniform(*QUIET)
         while time.monotonic() < deadline:
             if not soak.writer.running():
@@ -553,7 +556,8 @@ def run_soak(directory: Path, settings: SoakSettings) -> SoakReport:
     """The soak in `directory` (logs: mnt.log, export-*.log, fio-*.json);
     returns the report once the end checks were made (the caller asserts
     them), raises `SoakFailure` on a breach during the run."""
-    print(f"soak seed {settings.seed}, {settings.seconds:.0f} s of faults "
+    longer = f", then faults until {settings.seconds:.0f} s" if settings.seconds else ""
+    print(f"soak seed {settings.seed}, every fault kind once{longer} "
           f"(replay: DSTFUSE_SOAK_SEED={settings.seed})", flush=True)  # fmt: skip
     rng = random.Random(settings.seed)
     report = SoakReport(settings.seed)

@@ -1,5 +1,6 @@
-"""The fault soak of tests/soak.py, CI-sized: about 150 s of faults (env
-DSTFUSE_SOAK_SECONDS runs longer, DSTFUSE_SOAK_SEED replays a run). A
+"""The fault soak of tests/soak.py, CI-sized: one round of every fault
+kind in an order the seed shuffles (env DSTFUSE_SOAK_SECONDS goes on with
+more rounds for that long, DSTFUSE_SOAK_SEED replays a run). A
 mirror of two legs on two namespaced hosts under ext4 and fio with crc32c
 verify; one fault at a time (a node killed and restarted, a node frozen, a
 link down, bytes corrupted on a leg's wire, the client killed and mounted

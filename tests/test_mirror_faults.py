@@ -107,6 +107,78 @@ def test_a_leg_left_behind_is_never_mounted_as_the_newest(tmp_path, ending):
         assert data_area(legs[0], size) == data_area(legs[1], size)
 
 
+def wait_disk(mount, leg: int, disk: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (current := status(mount)["nodes"][leg]["disk"]) != disk:
+        assert time.monotonic() < deadline, f"leg {leg} is {current}, not {disk}"
+        time.sleep(0.2)
+
+
+def test_a_leg_declared_clean_while_the_source_is_frozen_never_leaves_the_source_behind(
+    tmp_path,
+):
+    """Found by the simulator (seed 7001): a leg becoming in sync (its
+    resync done, or the user's `clean`) counted as in sync before the
+    source's header recorded it. If the source was frozen just then, it
+    was given up after `leg_timeout` (another in-sync leg had completed
+    the header) and writes went on with the new leg alone, while the
+    source's own header still recorded that leg as being copied: mounted
+    alone later, it served the data of before them. Now the new leg is in
+    sync only once the source recorded it: the write waits for the source
+    (frozen for less than its budget), and a mount of the source alone is
+    refused."""
+    old, new = b"o" * BLOCK, os.urandom(BLOCK)
+    with leg_exports(tmp_path, size=64 * MiB) as legs:
+        # the default timeouts (a 32 s budget); a resync too slow to end
+        storage = {
+            "algorithm": "mirror",
+            "nodes": [{"remote": leg.listen} for leg in legs],
+            "resync_rate": "64k",
+        }
+        config = write_config(tmp_path / "storage.yaml", {"vol0": storage})
+        with mounted(config, tmp_path / "mnt", options=["assume_clean"]) as mount:
+            write_block(mount, 0, old)
+            (mount.mountpoint / ".dst" / "vol0" / "n-0-1" / "dirty").write_text("1\n")
+            wait_disk(mount, 1, "inconsistent")
+            writer = None
+            legs[0].signal(signal.SIGSTOP)
+            try:
+                (mount.mountpoint / ".dst" / "vol0" / "n-0-1" / "clean").write_text("1\n")
+                time.sleep(6)  # past leg_timeout (4 s): leg 0 would be given up
+                writer = threading.Thread(target=write_block, args=(mount, 0, new))
+                writer.start()
+                time.sleep(2)
+            finally:
+                legs[0].signal(signal.SIGCONT)
+            if writer is not None:
+                writer.join(60)
+                assert not writer.is_alive()
+            wait_disk(mount, 1, "up_to_date")
+            assert status(mount)["nodes"][0]["disk"] == "up_to_date"
+            os.kill(mount.pid, signal.SIGKILL)
+            mount.process.wait(30)
+        legs[1].stop()
+        (tmp_path / "mnt2").mkdir()
+        try:
+            refused = run_dstfuse(
+                "mount", "-o", "mount_wait=2s,holder_timeout=2s", config, tmp_path / "mnt2",
+                timeout=120,
+            )
+        finally:
+            force_unmount(tmp_path / "mnt2")  # only if it mounted (the bug)
+        assert refused.returncode != 0
+        assert "leg 1" in refused.stderr and "may hold newer data" in refused.stderr
+        legs[1].start()
+        del storage["resync_rate"]  # the mount with both resyncs at full speed
+        config = write_config(tmp_path / "storage.yaml", {"vol0": storage})
+        with mounted(config, tmp_path / "mnt2") as mount:
+            assert read_block(mount, 0) == new
+            wait_state(mount, "clean")
+            size = storage_size(mount)
+            assert mount.umount().returncode == 0
+        assert data_area(legs[0], size) == data_area(legs[1], size)
+
+
 # -- 2. one writer ----------------------------------------------------------------------
 def test_a_frozen_holder_never_writes_over_the_next_one(tmp_path):
     with leg_exports(tmp_path, size=64 * MiB) as legs:

@@ -855,3 +855,50 @@ def test_sim_a_forced_mount_is_not_rolled_back_by_a_leg_it_went_without():
         assert stats.refusals == 2
     finally:
         restore()
+
+
+def test_sim_a_source_whose_header_missed_a_resyncs_end_is_not_mounted_alone():
+    """Seed 7001 of a 150-example run (2026-12-01). Leg 1 is copied in full
+    from leg 0 at first use; leg 0's header writes fail (its data writes
+    do not). When the resync ended, leg 1 became in sync in memory first,
+    and the header recording it (generation 2) failed on leg 0, which was
+    then marked stale, since leg 1 counted as another in-sync leg. Write 1
+    landed on leg 1 alone, while leg 0's newest header still said: leg 0
+    in sync, leg 1 being copied. After a client crash the plain mount of
+    leg 0 alone took it for a proven source and served the data of before
+    write 1 (an acknowledged FUA write). Now a leg is in sync only once
+    every in-sync leg recorded it (`Membership.promote`): leg 0 stays the
+    last in-sync leg and leg 1 keeps resyncing until leg 0 records it."""
+    run([
+        Mount(BOTH), Fail(0, ("write",), "meta"), Sleep(1.0),
+        Write(107, 9, fua=True), Crash(()), Heal(0),
+        Mount((True, False)),
+        ReadAll(),
+    ])
+
+
+def test_sim_a_source_recording_a_resynced_leg_late_keeps_every_write():
+    """The same with leg 0's header writes failing for a while only: the
+    promotion waits for leg 0 to record leg 1, then goes on; writes before
+    and after it survive a crash and a mount of either leg alone or both."""
+    run([
+        Mount(BOTH), Fail(0, ("write",), "meta", 3.0), Sleep(1.0), Write(107, 9, fua=True),
+        Sleep(5.0), Settle(), Write(40, 4, fua=True), Crash(()), Mount((True, False)),
+        ReadAll(), Umount(), Mount(BOTH), ReadAll(), Settle(),
+    ])
+
+
+def test_sim_a_background_flush_failing_on_every_leg_over_fua_writes_only():
+    """Seed 7008 of a 150-example run (2026-12-01). As in
+    test_sim_a_background_flush_failing_on_every_leg_fails_the_next_flush,
+    the bitmap's clearing FLUSH fails on both legs, but every write since
+    the last good flush was FUA, so nothing acknowledged was lost. The
+    mirror cannot know that and fails the user's next flush all the same
+    (clearing.py's `lost_flush`, the rule of the kernel's fsync); the model
+    lets it, and holds every acknowledged write."""
+    run([
+        Mount(BOTH), Settle(), Sleep(30.0),  # every start-up mark cleared
+        FlakyFlush(0), FlakyFlush(1), Write(152, 3, fua=True),
+        Sleep(BITMAP_IDLE * 2),  # the clearing's flush fails on both legs
+        Flush(), ReadAll(),
+    ])

@@ -137,8 +137,10 @@ class LegStates:
             return
         if leg.role is not LegRole.RESYNCING or leg.pending:
             return  # failed meanwhile, or a region must be copied again
-        self._membership.mark_in_sync(leg)
-        log.info("%s: resync done; leg in sync", leg)
+        # NodeError (an in-sync leg did not record it) pauses the resync
+        promoted = await self._membership.promote(leg)
+        if promoted:
+            log.info("%s: resync done; leg in sync", leg)
         await self.ensure_durable()
 
     # -- the user's decisions (control files) ---------------------------------
@@ -167,19 +169,20 @@ class LegStates:
     async def _declare_clean(self, leg: MirrorLeg) -> None:
         membership = self._membership
         await leg.wait_settled()  # nothing sent before may land after this
-        if leg.role is not LegRole.IN_SYNC:
-            membership.joining.add(leg)
-            try:
-                await leg.write_header(membership.header(leg))
-                await self._bitmap.publish_all(
-                    lambda block, raw: leg.write_bitmap_block(membership.storage_id, block, raw)
-                )
-            except NodeError as exc:
-                log.warning("%s: cannot be marked clean: %s", leg, exc)
-                return
-            finally:
-                membership.joining.discard(leg)
-        membership.mark_in_sync(leg)
+        if leg.in_sync:
+            return
+        membership.joining.add(leg)
+        try:
+            await leg.write_header(membership.header(leg))
+            await self._bitmap.publish_all(
+                lambda block, raw: leg.write_bitmap_block(membership.storage_id, block, raw)
+            )
+            if not await membership.promote(leg):
+                log.warning("%s: cannot be marked clean: it failed meanwhile", leg)
+        except NodeError as exc:
+            log.warning("%s: cannot be marked clean: %s", leg, exc)
+        finally:
+            membership.joining.discard(leg)
         await membership.publish_quietly()
 
     def set_resync_timeout(self, leg: MirrorLeg, seconds: float) -> None:

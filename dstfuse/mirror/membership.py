@@ -10,8 +10,16 @@ Once `fenced` (another mount took the storage over: found by the lease in
 a header, or by a leg's node whose write grant was taken), it writes
 nothing.
 
-Invariant: the last in-sync leg is never marked stale. If it fails, the
-request fails and the storage keeps its one complete copy.
+Invariants:
+- the last in-sync leg is never marked stale. If it fails, the request
+  fails and the storage keeps its one complete copy;
+- a leg counts as in sync only once every in-sync leg's header records it
+  so (`promote`). A leg marked stale therefore always has a header that
+  records in sync some leg that goes on without it, and a mount of it
+  alone is refused; without this, a source whose header write failed as
+  a resynced leg was promoted would be left behind recording that leg as
+  still being copied, and mounted alone later it would serve data older
+  than what the promoted leg took.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from .metadata import (
 from .options import MirrorOptions
 
 log = logging.getLogger(__name__)
+
+#: A leg `Membership.promote` is recording in sync, and its record.
+Promoted = tuple[MirrorLeg, MemberRecord]
 
 
 class Membership:
@@ -103,18 +114,25 @@ class Membership:
         self._fenced = reason
 
     # -- headers ----------------------------------------------------------
-    def records(self) -> tuple[MemberRecord, ...]:
+    def records(self, promoted: Promoted | None = None) -> tuple[MemberRecord, ...]:
+        """The member table now; `promoted`: a leg `promote` records in sync,
+        with the record to write for it instead of its current one."""
         records = []
         for leg in self.legs:
+            if promoted is not None and leg is promoted[0]:
+                records.append(promoted[1])
+                continue
             flags = MEMBER_IN_SYNC if leg.in_sync else 0
             if leg.full_resync and not leg.in_sync:
                 flags |= MEMBER_FULL_RESYNC
             records.append(MemberRecord(flags, leg.stale_since, leg.synced_at))
         return tuple(records)
 
-    def header(self, leg: MirrorLeg, *, clean: bool = False) -> MirrorHeader:
+    def header(
+        self, leg: MirrorLeg, *, clean: bool = False, promoted: Promoted | None = None
+    ) -> MirrorHeader:
         """Leg `leg`'s header now; `clean` for the shutdown record, which
-        also releases the storage (no holder)."""
+        also releases the storage (no holder); `promoted` as in `records`."""
         assert leg.layout is not None
         flags = (FLAG_CLEAN if clean else 0) | (FLAG_CHECKS_VALID if self.checks_valid else 0)
         return MirrorHeader(
@@ -124,7 +142,7 @@ class Membership:
             leg_size=leg.layout.leg_size,
             data_size=self.data_size,
             region_size=self.region_size,
-            members=self.records(),
+            members=self.records(promoted),
             flags=flags,
             created_us=self.created_us,
             client_id=bytes(16) if clean else self.options.client_id,
@@ -268,10 +286,50 @@ class Membership:
         self.bump()
         return True
 
-    def mark_in_sync(self, leg: MirrorLeg) -> None:
-        leg.role = LegRole.IN_SYNC
-        leg.pending = None
-        leg.full_resync = False
-        leg.stale_since = 0
-        leg.synced_at = self.generation + 1
-        self.bump()
+    async def promote(self, leg: MirrorLeg) -> bool:
+        """Make `leg` (resynced with nothing pending, or vouched for by the
+        user while joining) an in-sync leg, recorded first (module doc): a
+        new generation recording it in sync goes to the in-sync legs while
+        it still counts as not in sync, so a leg failing that write is
+        judged without it (a sole source stays the last in-sync leg), and
+        the leg's own header never calls it in sync before they all do. It
+        becomes in sync only if every in-sync leg took the record; the
+        caller then writes every target's header (`ensure_durable`). False
+        if the leg failed meanwhile or has regions to copy again; NodeError
+        if an in-sync leg did not take the record (the leg stays as it was:
+        try again later). Either way the headers are due again: the same
+        generation on success, a new one otherwise (legs that took the
+        record call the leg in sync)."""
+        async with self._lock:
+            role = leg.role
+            self.bump()  # the headers are due until this ends, whichever way
+            record = MemberRecord(MEMBER_IN_SYNC, 0, self.generation)
+            holders = [target for target in self.targets() if target.in_sync]
+            outcomes = await self._dispatch.run(
+                holders,
+                lambda target: target.write_header(self.header(target, promoted=(leg, record))),
+            )
+            refused = [
+                (target, error)
+                for target, (_, error) in zip(holders, outcomes, strict=True)
+                if error is not None
+            ]
+            for target, error in refused:
+                self.leg_failed(target, error)
+            if refused or leg.role is not role or leg.pending:
+                self.bump()  # some legs may hold the record: a new generation undoes it
+                if refused:
+                    raise NodeError(
+                        f"storage {self.storage_name}",
+                        f"{leg} is not recorded in sync: in-sync leg(s) "
+                        f"{', '.join(str(target.index) for target, _ in refused)} did not "
+                        "take the metadata update",
+                    )
+                return False
+            leg.role = LegRole.IN_SYNC
+            leg.pending = None
+            leg.full_resync = False
+            leg.stale_since = 0
+            leg.synced_at = record.synced_at
+            self.bump(new_generation=False)
+            return True

@@ -501,7 +501,14 @@ class Simulation:
         mount, model = self.holder, self.model
         assert mount is not None and model is not None
         owed, self.loss_owed = self.loss_owed, False
-        expected_ok = self.healthy_in_sync_leg(mount) and not mount.may_be_fenced and not owed
+        # A FLUSH of the mirror's own that failed on every in-sync leg may
+        # fail this one even if it dropped nothing acknowledged: the mirror
+        # cannot tell (clearing.py's `lost_flush`, like the kernel's fsync).
+        failed_before = bool(self._flushes_failed_everywhere(mount))
+        expected_ok = (
+            self.healthy_in_sync_leg(mount) and not mount.may_be_fenced and not owed
+            and not failed_before
+        )
         self.stats.flushes += 1
         try:
             await mount.mirror.flush()
@@ -705,20 +712,31 @@ class Simulation:
                 }
         return exempt
 
-    def _lost_on_every_in_sync_leg(self, mount: Mount, in_sync: list) -> set[int]:
-        """Data blocks that FLUSHes failing at one moment on every leg in
-        sync then dropped from all of them, since the user's last write of
-        the block (the legs' flushes of one request fail at the same
+    @staticmethod
+    def _flushes_failed_everywhere(
+        mount: Mount,
+    ) -> list[tuple[float, list[tuple[int, frozenset[int], frozenset[int]]]]]:
+        """Since the user's last FLUSH: the moments at which a FLUSH failed
+        on every leg in sync then, with each leg's (index, dropped blocks,
+        legs in sync) (the legs' flushes of one request fail at the same
         simulated time, before the mirror hears of any)."""
         by_time: dict[float, list[tuple[int, frozenset[int], frozenset[int]]]] = {}
         for leg in mount.mirror.legs:
             for when, dropped, synced in mount.nodes[leg.index].disk.flush_failures:
                 by_time.setdefault(when, []).append((leg.index, dropped, synced))
+        return [
+            (when, failures)
+            for when, failures in by_time.items()
+            # else another in-sync leg completed that flush
+            if failures[0][2] <= {index for index, _, _ in failures}
+        ]
+
+    def _lost_on_every_in_sync_leg(self, mount: Mount, in_sync: list) -> set[int]:
+        """Data blocks that FLUSHes failing at one moment on every leg in
+        sync then dropped from all of them, since the user's last write of
+        the block."""
         lost: set[int] = set()
-        for when, failures in by_time.items():
-            failed = {index for index, _, _ in failures}
-            if not failures[0][2] <= failed:
-                continue  # another in-sync leg completed that flush
+        for when, failures in self._flushes_failed_everywhere(mount):
             common = set.intersection(*(set(dropped) for _, dropped, _ in failures))
             lost |= {
                 block for block in common

@@ -16,7 +16,7 @@ import trio
 
 from .algorithms import Algorithm, Placement
 from .errors import DstError, RequestOutOfRange
-from .nodes.base import Node
+from .nodes.base import Node, ReadData
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Storage:
             raise DstError(f"storage {self.name} is read-only", errno=errno.EROFS)
 
     # -- I/O ------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         """Read; a read starting inside but reaching past the end is cut
         short at the end, like a read of a regular file."""
         if offset >= self.size or length == 0:

@@ -44,6 +44,7 @@ from .export.nbd_session import NbdExportSession
 from .export.server import peer_of
 from .export.session import SessionLimits
 from .export.slots import ConnectionSlots
+from .nodes.base import ReadData
 from .protocol import Permission
 from .ranges import WriteOrder
 from .storage import Storage
@@ -84,7 +85,7 @@ class StorageTarget:
     def multi_conn(self, writable: bool) -> bool:
         return True
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         return await self.storage.read(offset, length)
 
     async def write(self, offset: int, data: Buffer, *, fua: bool) -> None:

@@ -861,7 +861,7 @@ async def test_while_writes_go_on_the_most_recent_idle_regions_stay_marked(autoj
             await mirror.write(30 * REGION + 8192, os.urandom(4096))
             await trio.sleep(0.5)
         assert sorted(mirror.runtime.bitmap.desired) == [13, 17, 21, 30]
-        assert all(node.flushes > before for node, before in zip(nodes, flushes))
+        assert all(node.flushes > before for node, before in zip(nodes, flushes, strict=True))
         await trio.sleep(8)  # quiet for bitmap_idle: everything idle goes
         assert marked(mirror) == 0
         await mirror.aclose()
@@ -886,7 +886,7 @@ async def test_a_writer_inside_the_hot_set_causes_no_clearing_flush(autojump_clo
         assert marked(mirror) == 12
         await trio.sleep(8)
         assert marked(mirror) == 0
-        assert all(node.flushes > before for node, before in zip(nodes, flushes))
+        assert all(node.flushes > before for node, before in zip(nodes, flushes, strict=True))
         await mirror.aclose()
         nursery.cancel_scope.cancel()
 

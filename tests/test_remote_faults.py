@@ -128,6 +128,26 @@ async def test_large_frames_over_a_slow_link_with_cuts_arrive_whole(tmp_path):
     assert disk.read_bytes() == bytes(expected)
 
 
+async def test_large_reads_are_their_frames_own_buffers_and_nothing_changes_them(tmp_path):
+    """A 1 MiB read is handed over without a copy: a read-only view of the
+    receive buffer of its own frame (Node.read's `ReadData`). Reads and
+    writes after it, of the same range too, at QD8, never change it."""
+    disk = make_disk(tmp_path / "disk.img")
+    block = 1 << 20
+    first, second = os.urandom(SIZE), os.urandom(SIZE)
+    async with served(disk) as proxy, remote_node(proxy.port, FAST) as node:
+        await node.write(0, first)
+        kept = [await node.read(offset, block) for offset in range(0, SIZE, block)]
+        assert all(type(data) is memoryview and data.readonly for data in kept)
+        assert len({id(data.obj) for data in kept}) == len(kept)
+        async with trio.open_nursery() as nursery:
+            for offset in range(0, SIZE, block):
+                nursery.start_soon(node.write, offset, second[offset : offset + block])
+                nursery.start_soon(node.read, offset, block)
+        assert b"".join(kept) == first
+        assert await node.read(0, SIZE) == second
+
+
 @pytest.mark.parametrize("direction", [TO_NODE, TO_CLIENT])
 async def test_flipped_bit_is_detected_and_the_transaction_resent(tmp_path, direction):
     disk = make_disk(tmp_path / "disk.img")

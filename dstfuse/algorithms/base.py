@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import trio
 
-from ..nodes.base import Node
+from ..nodes.base import Node, ReadData
 
 
 @dataclass
@@ -172,7 +172,7 @@ class Algorithm(abc.ABC):
         """Stop background work and record a clean shutdown (nothing by default)."""
 
     @abc.abstractmethod
-    async def read(self, offset: int, length: int) -> bytes: ...
+    async def read(self, offset: int, length: int) -> ReadData: ...
 
     @abc.abstractmethod
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None: ...

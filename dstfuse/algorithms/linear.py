@@ -12,7 +12,7 @@ import bisect
 from collections.abc import Iterator, Mapping, Sequence
 
 from ..fanout import gather_or_raise
-from ..nodes.base import Node
+from ..nodes.base import Node, ReadData
 from .base import Algorithm, Placement, SizeFinding
 
 
@@ -74,7 +74,7 @@ class Linear(Algorithm):
                 done += piece
             index += 1
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         pieces = list(self._pieces(offset, length))
         if len(pieces) == 1:
             placement, node_offset, piece, _ = pieces[0]

@@ -34,7 +34,7 @@ import trio
 
 from ..algorithms.base import Algorithm, ControlFile, Placement
 from ..errors import NodeError, UserError
-from ..nodes.base import Node
+from ..nodes.base import Node, ReadData
 from ..ranges import WriteOrder
 from ..units import format_size
 from .adding import admit_leg, check_new_leg
@@ -277,7 +277,7 @@ class Mirror(Algorithm):
                 task_status.started(live)
 
     # -- reads -----------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         return await self.runtime.reads.read(offset, length)
 
     async def checksum(self, offset: int, length: int) -> bytes:

@@ -17,6 +17,7 @@ import errno
 import logging
 
 from ..errors import NodeError, NodeUnavailable
+from ..nodes.base import ReadData
 from ..ranges import WriteOrder
 from .bitmap import RegionActivity, WriteIntentBitmap
 from .checks import UNKNOWN, BlockChecks, digests_of
@@ -56,7 +57,7 @@ class MirrorReads:
         self._write_order = write_order
         self._states = states
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         regions = self._geometry.regions_of(offset, length)
         serial = self._activity.begin_read()
         try:
@@ -64,7 +65,7 @@ class MirrorReads:
         finally:
             self._activity.end_read(serial)
 
-    async def source_read(self, offset: int, length: int) -> bytes:
+    async def source_read(self, offset: int, length: int) -> ReadData:
         """Bytes from an in-sync leg for resync (inside its admitted
         window), checked like a read."""
         regions = self._geometry.regions_of(offset, length)
@@ -88,7 +89,7 @@ class MirrorReads:
 
     async def _read(
         self, offset: int, length: int, regions: range, serial: int, *, admitted: bool = False
-    ) -> bytes:
+    ) -> ReadData:
         """`admitted`: the caller holds a WriteOrder ticket covering the
         range (resync), so a read repair must not admit it again."""
         legs = self._router.order(regions, offset)
@@ -108,8 +109,8 @@ class MirrorReads:
                 checks = None
         try:
             failed: list[tuple[MirrorLeg, BaseException | None]] = []
-            rejected: list[tuple[MirrorLeg, bytes]] = []
-            good: bytes | None = None
+            rejected: list[tuple[MirrorLeg, ReadData]] = []
+            good: ReadData | None = None
             for position, leg in enumerate(legs):
                 leg.position = offset + length
                 try:
@@ -153,9 +154,9 @@ class MirrorReads:
         offset: int,
         length: int,
         failed: list[tuple[MirrorLeg, BaseException | None]],
-        rejected: list[tuple[MirrorLeg, bytes]],
+        rejected: list[tuple[MirrorLeg, ReadData]],
         checks: BlockChecks | None,
-    ) -> bytes:
+    ) -> ReadData:
         """No leg gave bytes passing their check. Several legs agreeing on
         the bytes outvote the entries (which are rewritten); otherwise the
         read fails."""
@@ -186,7 +187,7 @@ class MirrorReads:
     async def _read_repair(
         self,
         offset: int,
-        good: bytes,
+        good: ReadData,
         repairs: list[tuple[MirrorLeg, BaseException | None]],
         regions: range,
         serial: int,
@@ -224,7 +225,7 @@ class MirrorReads:
                     self._write_order.release(ticket)
         await self._states.ensure_durable()
 
-    async def repair_block(self, offset: int, copies: list[tuple[MirrorLeg, bytes]]) -> bool:
+    async def repair_block(self, offset: int, copies: list[tuple[MirrorLeg, ReadData]]) -> bool:
         """Verify's repair of one block at `offset`: the caller holds the
         region's WriteOrder ticket. The source is the first in-sync leg
         whose bytes pass the block check (the first in-sync leg if the block
@@ -264,7 +265,7 @@ class MirrorReads:
         await self._states.ensure_durable()
         return ok
 
-    async def _repair_write(self, leg: MirrorLeg, offset: int, data: bytes) -> bool:
+    async def _repair_write(self, leg: MirrorLeg, offset: int, data: ReadData) -> bool:
         """Write good bytes over a leg's bad ones, marked in the bitmap like
         any write (a crash mid-repair then resyncs the region). The caller
         holds a WriteOrder ticket for the range. False if the leg failed."""

@@ -17,6 +17,7 @@ from typing import TypeVar
 import trio
 
 from ..errors import NodeError, NodeSlow
+from ..nodes.base import ReadData
 from .dispatch import LegSlow
 from .legs import MirrorLeg
 
@@ -66,7 +67,9 @@ class ReadRouter:
             return await call(leg)
         raise self._slow(leg)
 
-    async def read(self, leg: MirrorLeg, offset: int, length: int, *, last: bool) -> bytes:
+    async def read(
+        self, leg: MirrorLeg, offset: int, length: int, *, last: bool
+    ) -> ReadData:
         """`ask` for a read of the leg's data: the node gives it up at
         `read_timeout` itself (`Node.read_within`: a remote node's resend
         timer does, with no cancel scope per read)."""

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from ..errors import NodeError, UserError
 from ..fanout import gather
+from ..nodes.base import ReadData
 from ..ranges import WriteOrder
 from .geometry import Geometry
 from .legs import MirrorLeg
@@ -64,7 +65,7 @@ def _block_runs(blocks: list[int]) -> list[tuple[int, int]]:
 
 
 class VerifyRepair(Protocol):
-    async def repair_block(self, offset: int, copies: list[tuple[MirrorLeg, bytes]]) -> bool:
+    async def repair_block(self, offset: int, copies: list[tuple[MirrorLeg, ReadData]]) -> bool:
         """Make every leg of `copies` (leg, its bytes of the block at
         `offset`) hold the right bytes; True if they all agree now."""
         ...

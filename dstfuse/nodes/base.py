@@ -9,6 +9,9 @@ interface. Invariants every implementation keeps:
 - a method either completes (the data is on the node, or read from it) or
   raises `NodeError` with the errno the kernel should see; it never returns
   partial success;
+- `read` returns exactly the bytes asked for, as `ReadData`: bytes, or a
+  read-only view of a buffer nobody else holds or changes (a received
+  frame's own buffer), so that large reads reach FUSE without a copy;
 - `write(..., fua=True)` returns only once the data is on stable storage;
   `flush()` puts every write completed before it on stable storage;
 - `state` changes are announced through `wait_state_change`, so watchers
@@ -31,6 +34,10 @@ if TYPE_CHECKING:
 
 #: Digest size of `Node.checksum`: xxh3-128 over the range's bytes.
 CHECKSUM_SIZE = 16
+
+#: What `Node.read` returns (module doc): bytes, or a read-only view that
+#: nothing else holds.
+ReadData = bytes | memoryview
 
 
 class NodeState(enum.Enum):
@@ -146,10 +153,10 @@ class Node(abc.ABC):
 
     # -- I/O ------------------------------------------------------------
     @abc.abstractmethod
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         """Return exactly `length` bytes at `offset`."""
 
-    async def read_within(self, offset: int, length: int, patience: float) -> bytes:
+    async def read_within(self, offset: int, length: int, patience: float) -> ReadData:
         """`read`, given up with NodeSlow once `patience` seconds have
         passed without the data (reads are safe to abandon: nothing changes
         on the node). A node with a request timer of its own overrides this

@@ -71,7 +71,7 @@ from ..protocol import WRITE_COMMANDS, Command, Flag, Reply
 from ..protocol.nbd.constants import TransmissionFlag
 from ..protocol.nbd.uri import NbdUri
 from .backoff import BACKOFF_START, next_delay
-from .base import NodeState
+from .base import NodeState, ReadData
 from .nbd_connection import Connector, NbdConnection, open_nbd_stream, tls_context
 from .transaction_node import ReplayPart, TransactionNode
 from .transactions import Transaction
@@ -425,7 +425,7 @@ class NbdNode(TransactionNode[NbdConnection]):
         await self._keep_within_limit()
 
     # -- Node interface -------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         self.check_range(offset, length)
         if length == 0:
             return b""
@@ -434,7 +434,7 @@ class NbdNode(TransactionNode[NbdConnection]):
         self.counters.bytes_read += length
         return data[offset - start : offset - start + length]
 
-    async def _read_aligned(self, offset: int, length: int) -> bytes:
+    async def _read_aligned(self, offset: int, length: int) -> ReadData:
         parts = await gather_or_raise(
             [lambda o=o, n=n: self._read_chunk(o, n) for o, n in self._chunks(offset, length)]
         )

@@ -66,7 +66,7 @@ from ..protocol import (
     continuity,
     offered_modes,
 )
-from .base import NodeState
+from .base import NodeState, ReadData
 from .session import Connector, Session, open_stream
 from .transaction_node import ReplayPart, TransactionNode
 from .transactions import Transaction
@@ -550,7 +550,7 @@ class RemoteNode(TransactionNode[Session]):
             )
 
     # -- Node interface -------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         self.check_range(offset, length)
         if length <= self.max_request:
             data = await self._read_chunk(offset, length)
@@ -562,7 +562,7 @@ class RemoteNode(TransactionNode[Session]):
         self.counters.bytes_read += length
         return data
 
-    async def read_within(self, offset: int, length: int, patience: float) -> bytes:
+    async def read_within(self, offset: int, length: int, patience: float) -> ReadData:
         """`read`, ended by the resend timer with NodeSlow once `patience`
         seconds have passed without the reply (no cancel scope per read)."""
         self.check_range(offset, length)

@@ -23,7 +23,7 @@ import trio
 
 from ..errors import DstError, NodeError
 from ..storage import Storage
-from .base import Node, NodeState
+from .base import Node, NodeState, ReadData
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class StorageNode(Node):
         finally:
             self.counters.in_flight -= 1
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> ReadData:
         self.check_range(offset, length)
         data = await self._call(self.storage.read(offset, length))
         if len(data) != length:

@@ -45,7 +45,7 @@ from ..fanout import gather_or_raise
 from ..protocol import WRITE_COMMANDS, Command, Flag, Reply
 from ..ranges import WriteOrder
 from .backoff import BACKOFF_MAX, BACKOFF_START, next_delay
-from .base import Node, NodeState
+from .base import Node, NodeState, ReadData
 from .transactions import Transaction, TransactionTable
 from .unflushed import KeptWrite, Loss, UnflushedWrites
 
@@ -455,15 +455,18 @@ class TransactionNode(Node, Generic[LinkT]):
             (at, min(step, offset + length - at)) for at in range(offset, offset + length, step)
         ]
 
-    async def _read_chunk(self, offset: int, length: int) -> bytes:
+    async def _read_chunk(self, offset: int, length: int) -> ReadData:
         """One READ of at most the maximum request; exactly `length` bytes."""
         return self._read_data(await self._transact(Command.READ, offset, length), offset, length)
 
-    def _read_data(self, reply: Reply, offset: int, length: int) -> bytes:
-        """A READ's bytes; NodeError unless there are exactly `length`."""
-        if len(reply.data) != length:
+    def _read_data(self, reply: Reply, offset: int, length: int) -> ReadData:
+        """A READ's payload as the connection gave it, not copied (`ReadData`:
+        bytes, or a read-only view of the one frame's own receive buffer);
+        NodeError unless it holds exactly `length` bytes."""
+        data = reply.data
+        if len(data) != length:
             self.counters.errors += 1
-            raise NodeError(
-                str(self), f"READ [{offset}, +{length}) returned {len(reply.data)} bytes"
-            )
-        return bytes(reply.data)
+            raise NodeError(str(self), f"READ [{offset}, +{length}) returned {len(data)} bytes")
+        if type(data) is bytearray:  # not from the connection: keep it from changing
+            return bytes(data)
+        return data

@@ -64,6 +64,29 @@ def read_block(mount, offset: int) -> bytes:
         os.close(fd)
 
 
+def refused_mount(config, mountpoint, options: str) -> str:
+    """`dstfuse mount -o options` at a new `mountpoint`, which must be
+    refused; its message (unmounted at once if it mounted: the bug)."""
+    mountpoint.mkdir()
+    try:
+        refused = run_dstfuse("mount", "-o", options, config, mountpoint, timeout=120)
+    finally:
+        force_unmount(mountpoint)
+    assert refused.returncode != 0, "the mount was not refused"
+    return refused.stderr.strip()
+
+
+def assert_mounts_with(config, mountpoint, block0: bytes, legs) -> None:
+    """A mount with every leg back reads `block0` at offset 0, gets clean,
+    unmounts, and leaves the legs' data identical."""
+    with mounted(config, mountpoint) as mount:
+        assert read_block(mount, 0) == block0
+        wait_state(mount, "clean")
+        size = storage_size(mount)
+        assert mount.umount().returncode == 0
+    assert data_area(legs[0], size) == data_area(legs[1], size)
+
+
 # -- 1. no silent rollback ------------------------------------------------------------
 @pytest.mark.parametrize("ending", ["umount", "client crash"])
 def test_a_leg_left_behind_is_never_mounted_as_the_newest(tmp_path, ending):
@@ -82,29 +105,15 @@ def test_a_leg_left_behind_is_never_mounted_as_the_newest(tmp_path, ending):
                 mount.process.wait(30)
         legs[0].stop()
         legs[1].start()
-        (tmp_path / "mnt2").mkdir()
         started = time.monotonic()
-        try:
-            refused = run_dstfuse(
-                "mount", "-o", "mount_wait=3s,holder_timeout=2s", config, tmp_path / "mnt2",
-                timeout=120,
-            )
-        finally:
-            force_unmount(tmp_path / "mnt2")  # only if it mounted (the bug)
-        assert refused.returncode != 0
-        message = refused.stderr.strip()
+        message = refused_mount(config, tmp_path / "mnt2", "mount_wait=3s,holder_timeout=2s")
         assert len(message.splitlines()) == 1, message
         assert "leg 0" in message and "may hold newer data" in message, message
         assert "-o primary=1" in message and "force" in message, message
         assert time.monotonic() - started >= 3
         # with the newer leg back, the mount takes it as the source
         legs[0].start()
-        with mounted(config, tmp_path / "mnt2") as mount:
-            assert read_block(mount, 0) == new
-            wait_state(mount, "clean")
-            size = storage_size(mount)
-            assert mount.umount().returncode == 0
-        assert data_area(legs[0], size) == data_area(legs[1], size)
+        assert_mounts_with(config, tmp_path / "mnt2", new, legs)
 
 
 def wait_disk(mount, leg: int, disk: str, timeout: float = 60.0) -> None:
@@ -158,25 +167,12 @@ def test_a_leg_declared_clean_while_the_source_is_frozen_never_leaves_the_source
             os.kill(mount.pid, signal.SIGKILL)
             mount.process.wait(30)
         legs[1].stop()
-        (tmp_path / "mnt2").mkdir()
-        try:
-            refused = run_dstfuse(
-                "mount", "-o", "mount_wait=2s,holder_timeout=2s", config, tmp_path / "mnt2",
-                timeout=120,
-            )
-        finally:
-            force_unmount(tmp_path / "mnt2")  # only if it mounted (the bug)
-        assert refused.returncode != 0
-        assert "leg 1" in refused.stderr and "may hold newer data" in refused.stderr
+        message = refused_mount(config, tmp_path / "mnt2", "mount_wait=2s,holder_timeout=2s")
+        assert "leg 1" in message and "may hold newer data" in message, message
         legs[1].start()
         del storage["resync_rate"]  # the mount with both resyncs at full speed
         config = write_config(tmp_path / "storage.yaml", {"vol0": storage})
-        with mounted(config, tmp_path / "mnt2") as mount:
-            assert read_block(mount, 0) == new
-            wait_state(mount, "clean")
-            size = storage_size(mount)
-            assert mount.umount().returncode == 0
-        assert data_area(legs[0], size) == data_area(legs[1], size)
+        assert_mounts_with(config, tmp_path / "mnt2", new, legs)
 
 
 # -- 2. one writer ----------------------------------------------------------------------

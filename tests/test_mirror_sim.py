@@ -902,3 +902,18 @@ def test_sim_a_background_flush_failing_on_every_leg_over_fua_writes_only():
         Sleep(BITMAP_IDLE * 2),  # the clearing's flush fails on both legs
         Flush(), ReadAll(),
     ])
+
+
+def test_sim_a_leg_gone_stale_during_a_read_is_not_asked_for_it():
+    """Seed 7012 of a 150-example run (2026-12-01): a read routed to legs 0
+    and 1 (both in sync then) waited on leg 0, whose reads failed; leg 1
+    went stale meanwhile, and was still asked, as the last leg, although
+    its bytes may be older than a write that went on without it. A leg is
+    now asked only if it may still serve the read."""
+    run([
+        Mount(ALL_THREE), Write(251, 1, fua=True), Trim(194, 33), Kill(1, power_loss=True),
+        Revive(2), Revive(1), ReadAll(), Write(195, 2), Read(208, 37), Write(173, 38),
+        Fail(2, ("flush", "write"), "data", 3.0), RemoveLeg(2), Fail(0, ("read",), "all", 10.0),
+        Fail(1, ("read",), "data"), Trim(205, 12), Write(147, 21, fua=True),
+        Write(14, 33, fua=True), Read(7, 20), ReadAll(),
+    ], legs=3, resync_rate=0, read_check=True)

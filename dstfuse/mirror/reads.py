@@ -112,11 +112,14 @@ class MirrorReads:
             rejected: list[tuple[MirrorLeg, ReadData]] = []
             good: ReadData | None = None
             for position, leg in enumerate(legs):
+                if not leg.readable(regions):
+                    # it went stale while an earlier leg was being asked:
+                    # its bytes may be older than a write that went on without it
+                    continue
                 leg.position = offset + length
+                last = not any(later.readable(regions) for later in legs[position + 1 :])
                 try:
-                    data = await self._router.read(
-                        leg, offset, length, last=position == len(legs) - 1
-                    )
+                    data = await self._router.read(leg, offset, length, last=last)
                 except LegSlow:
                     continue  # silent: another leg serves it; writes decide its fate
                 except NodeError as exc:

@@ -917,3 +917,27 @@ def test_sim_a_leg_gone_stale_during_a_read_is_not_asked_for_it():
         Fail(1, ("read",), "data"), Trim(205, 12), Write(147, 21, fua=True),
         Write(14, 33, fua=True), Read(7, 20), ReadAll(),
     ], legs=3, resync_rate=0, read_check=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Violation,
+    reason="open: a region a failed FLUSH may have dropped is not pending for the leg (seed 7017)",
+)
+def test_sim_a_leg_whose_flush_failed_resyncs_every_region_it_may_have_lost():
+    """Seed 7017 of a 150-example run (2026-12-01), reduced by a helper, not
+    fixed yet (it fails on c6a2f1b too). Leg 0's FLUSH fails once (its
+    cache is dropped); leg 1 goes on and leg 0 resyncs only regions 8 and
+    9, while its copy of region 2 holds write 0 at block 43 instead of the
+    acknowledged (not FUA) write 6: region 2 is neither pending for it nor
+    marked in the bitmap, so once its resync ends it would be called in
+    sync with old data there. Suspected: the regions the failed flush may
+    have dropped had been cleared from `bitmap.desired` (an earlier
+    clearing, or `abort_clear` then a later clearing) before leg 0's resync
+    began with `pending = bitmap.desired` (algorithm.py, legstates.py)."""
+    run([
+        Mount(BOTH), Flush(), Sleep(6.0), Trim(10, 19), Write(202, 8, fua=True), Flush(),
+        Sleep(12.0), Write(188, 4), Write(161, 35), Write(47, 34, fua=True), Write(142, 12),
+        Write(43, 38), Sleep(3.0), Sleep(0.5), Write(251, 1, fua=True), FlakyFlush(0),
+        Sleep(6.0), Flush(), Slow(1, 1.0), Write(133, 16, fua=True),
+    ], legs=2, resync_rate=262144, read_check=False)

@@ -153,10 +153,12 @@ def test_a_leg_declared_clean_while_the_source_is_frozen_never_leaves_the_source
             legs[0].signal(signal.SIGSTOP)
             try:
                 (mount.mountpoint / ".dst" / "vol0" / "n-0-1" / "clean").write_text("1\n")
-                time.sleep(6)  # past leg_timeout (4 s): leg 0 would be given up
+                # past leg_timeout (4 s): leg 0 would be given up; the whole
+                # freeze stays below holder_timeout (7 s) and the budget
+                time.sleep(5)
                 writer = threading.Thread(target=write_block, args=(mount, 0, new))
                 writer.start()
-                time.sleep(2)
+                time.sleep(1)
             finally:
                 legs[0].signal(signal.SIGCONT)
             if writer is not None:

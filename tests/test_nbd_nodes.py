@@ -390,6 +390,17 @@ async def test_nbds_with_certificates_and_tls_required(tmp_path):
         assert "client certificate" in str(error)
 
 
+async def wait_stopped(pid: int) -> None:
+    """Until every thread of process `pid` is stopped (state T)."""
+    with trio.fail_after(10):
+        while any(
+            (Path(f"/proc/{pid}/task") / task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            != "T"
+            for task in os.listdir(f"/proc/{pid}/task")
+        ):
+            await trio.sleep(0.01)
+
+
 async def test_a_frozen_server_is_given_up_on_after_the_budget_and_used_again(tmp_path):
     """SIGSTOP of nbdkit: its kernel still answers TCP, only the requests
     go unanswered; past the budget the writer gets EIO and the connection
@@ -401,6 +412,9 @@ async def test_a_frozen_server_is_given_up_on_after_the_budget_and_used_again(tm
             await node.write(0, b"a" * 4096)
             server.process.send_signal(signal.SIGSTOP)
             try:
+                # the stop reaches each of nbdkit's threads on its own time:
+                # a request sent before that may still be answered
+                await wait_stopped(server.process.pid)
                 started = trio.current_time()
                 with pytest.raises(NodeUnavailable) as caught:
                     await node.write(0, b"b" * 4096)

@@ -919,22 +919,15 @@ def test_sim_a_leg_gone_stale_during_a_read_is_not_asked_for_it():
     ], legs=3, resync_rate=0, read_check=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Violation,
-    reason="open: a region a failed FLUSH may have dropped is not pending for the leg (seed 7017)",
-)
 def test_sim_a_leg_whose_flush_failed_resyncs_every_region_it_may_have_lost():
-    """Seed 7017 of a 150-example run (2026-12-01), reduced by a helper, not
-    fixed yet (it fails on c6a2f1b too). Leg 0's FLUSH fails once (its
-    cache is dropped); leg 1 goes on and leg 0 resyncs only regions 8 and
-    9, while its copy of region 2 holds write 0 at block 43 instead of the
-    acknowledged (not FUA) write 6: region 2 is neither pending for it nor
-    marked in the bitmap, so once its resync ends it would be called in
-    sync with old data there. Suspected: the regions the failed flush may
-    have dropped had been cleared from `bitmap.desired` (an earlier
-    clearing, or `abort_clear` then a later clearing) before leg 0's resync
-    began with `pending = bitmap.desired` (algorithm.py, legstates.py)."""
+    """Seed 7017 of a 150-example run (2026-12-01), reduced by a helper. The
+    user's flush and the bitmap clearing's flush reached leg 0 together:
+    the user's failed there (its dirty pages dropped, write 6 at block 43
+    lost) and the clearing's then succeeded on the emptied cache, so the
+    clearing took regions 2-15 off the bitmap before the user's failure
+    made leg 0 stale, and leg 0 resynced only regions 8-9 while region 2
+    held write 0. A leg's flush now succeeds only if no flush overlapping
+    it failed (flushes.py)."""
     run([
         Mount(BOTH), Flush(), Sleep(6.0), Trim(10, 19), Write(202, 8, fua=True), Flush(),
         Sleep(12.0), Write(188, 4), Write(161, 35), Write(47, 34, fua=True), Write(142, 12),

@@ -405,7 +405,7 @@ class Mirror(Algorithm):
         live = self.runtime
         await self.lease.ensure()
         legs = [leg for leg in self.legs if leg.takes_writes]
-        outcomes = await self.dispatch.run(legs, lambda leg: leg.node.flush())
+        outcomes = await self.dispatch.run(legs, lambda leg: leg.flush())
         answers = list(zip(legs, outcomes, strict=True))
         took = any(error is None and leg.in_sync for leg, (_, error) in answers)
         errors = [(leg, error) for leg, (_, error) in answers if error]

@@ -98,7 +98,7 @@ class BitmapCleaner:
                 await self._checks.write_back(self._checks.pages_of_regions(regions))
             try:
                 await self._membership.on_every_target(
-                    lambda leg: leg.node.flush(), "the flush"
+                    lambda leg: leg.flush(), "the flush"
                 )
             except NodeError as exc:
                 self.lost_flush = exc

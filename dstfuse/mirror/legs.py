@@ -25,6 +25,7 @@ import trio
 
 from ..nodes.base import Node, NodeState
 from .bitmap import RegionBits, bitmap_blocks
+from .flushes import FlushWitness
 from .metadata import (
     BLOCK,
     LegLayout,
@@ -93,6 +94,7 @@ class MirrorLeg:
         self._sequence = 0
         self._sequence_known = False
         self._header_lock = trio.Lock()
+        self._flushes = FlushWitness()
 
     def __str__(self) -> str:
         return f"{self.storage_name} leg {self.index} ({self.node.description})"
@@ -159,6 +161,13 @@ class MirrorLeg:
         if self.role is LegRole.STALE:
             return "dirty"
         return "clean"
+
+    async def flush(self) -> None:
+        """FLUSH the node. Success means every write the leg acknowledged
+        before the call is durable on it, even when another FLUSH to it
+        failed meanwhile (flushes.py); NodeError otherwise. Every flush of
+        a leg goes through here."""
+        await self._flushes.run(self.node.flush, str(self))
 
     # -- metadata I/O ----------------------------------------------------
     def _layout(self) -> LegLayout:

@@ -130,7 +130,7 @@ class LegStates:
     async def resync_complete(self, leg: MirrorLeg) -> None:
         """All pending regions were copied: flush the leg, record it in sync."""
         try:
-            await leg.node.flush()
+            await leg.flush()
         except NodeError as exc:
             self.leg_failed(leg, exc)
             await self.ensure_durable()

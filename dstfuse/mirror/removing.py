@@ -127,7 +127,7 @@ async def retire_legs(
     for leg in gone:
         if leg.online:
             try:
-                await leg.node.flush()
+                await leg.flush()
             except NodeError as exc:
                 log.warning("%s: final flush failed: %s", leg, exc)
         await leg.node.aclose()

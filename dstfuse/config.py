@@ -36,6 +36,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from .address import DEFAULT_PORT, Address, parse_address
 from .algorithms import NAMES as ALGORITHM_NAMES
 from .algorithms import algorithm_class
+from .busypoll import DEFAULT_WINDOW as DEFAULT_BUSY_POLL
+from .busypoll import MAX_WINDOW as MAX_BUSY_POLL
 from .errors import ConfigError, UserError
 from .protocol.nbd.uri import NbdUri, parse_nbd_uri
 from .units import parse_duration, parse_size
@@ -168,6 +170,8 @@ class MountConfig:
     max_in_flight: int
     storages: dict[str, StorageSpec]
     unflushed: Unflushed = Unflushed()
+    #: seconds the daemon busy-polls after each I/O event (0: never; busypoll.py)
+    busy_poll: float = DEFAULT_BUSY_POLL
     #: serve the top-level storages over NBD here too
     nbd_listen: tuple[Address, ...] = ()
     #: who may connect over TCP to `nbd_listen` (as export.yaml's `allow:`;
@@ -304,6 +308,7 @@ def load_mount_config(path: str | Path) -> MountConfig:
             "max_in_flight",
             "unflushed_limit",
             "unflushed_policy",
+            "busy_poll",
             "storages",
             "nbd_listen",
             "nbd_allow",
@@ -336,6 +341,7 @@ def load_mount_config(path: str | Path) -> MountConfig:
                 Unflushed.policy,
             ),
         ),
+        busy_poll=fields.read("busy_poll", _busy_poll, DEFAULT_BUSY_POLL),
         nbd_listen=fields.read(
             "nbd_listen", partial(_addresses, default_port=NBD_DEFAULT_PORT), ()
         ),
@@ -646,6 +652,19 @@ def _positive_duration(item: _Item) -> float:
         raise item.error(str(exc)) from None
     if seconds <= 0:
         raise item.error(f"duration must be greater than zero, got '{_text(item)}'")
+    return seconds
+
+
+def _busy_poll(item: _Item) -> float:
+    try:
+        seconds = parse_duration(_text(item))
+    except ValueError as exc:
+        raise item.error(str(exc)) from None
+    if seconds > MAX_BUSY_POLL:
+        raise item.error(
+            f"{_text(item)} is too long (at most {MAX_BUSY_POLL * 1000:g}ms; "
+            "0 turns it off)"
+        )
     return seconds
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import trio
 
-from . import sdnotify
+from . import busypoll, sdnotify
 from .algorithms import ControlFile
 from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
@@ -291,6 +291,7 @@ class MountDaemon:
     async def run(self) -> int:
         error: BaseException | None = None
         result = 1
+        busypoll.install(self.config.busy_poll)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)

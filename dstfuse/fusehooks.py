@@ -38,6 +38,8 @@ from collections.abc import Awaitable, Callable
 
 import pyfuse3
 
+from . import busypoll
+
 log = logging.getLogger(__name__)
 
 
@@ -258,7 +260,9 @@ class FuseReader:
     the kernel reports the mount gone (POLLERR; the read then fails with
     ENODEV, which ends pyfuse3's session). Installed through pyfuse3's
     module attribute, which its compiled loop looks up on every call; if the
-    attribute is missing, pyfuse3's own wait stays.
+    attribute is missing, pyfuse3's own wait stays. Each request found pokes
+    the busy-poller (busypoll.py), so the next one is polled for, not slept
+    for.
     """
 
     ATTRIBUTE = "_wait_fuse_readable"
@@ -317,4 +321,5 @@ class FuseReader:
         while not self._poll.poll(0):
             if not await self._idle_wait():
                 return False
+        busypoll.poke()
         return True

@@ -55,6 +55,7 @@ _FIXED_GLOBALS = (
     ("max_in_flight", lambda c: c.max_in_flight),
     ("unflushed_limit", lambda c: c.unflushed.limit),
     ("unflushed_policy", lambda c: c.unflushed.policy),
+    ("busy_poll", lambda c: c.busy_poll),
 )
 #: Node kinds that can be appended online (a storage: node would hide a
 #: storage that is a file of the mount today; nbd nodes are built elsewhere).

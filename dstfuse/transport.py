@@ -24,7 +24,8 @@ READS_PER_YIELD such reads anyway, so a peer that keeps sending cannot
 starve the other tasks and connections. A cancelled reader reads nothing.
 A frame with a large part
 missing is read straight into its own buffer, sized from its header
-(`Connection.receive_buffer`), not joined from chunks.
+(`Connection.receive_buffer`), not joined from chunks. Every read pokes
+the run's busy-poller (busypoll.py; the mount daemon has one).
 
 Invariants:
 - frames reach the wire whole and in the order they were sealed: a direct
@@ -51,6 +52,7 @@ from typing import Generic, TypeVar
 
 import trio
 
+from . import busypoll
 from .protocol import Connection
 from .protocol.sealing import Buffer
 
@@ -306,6 +308,7 @@ class FrameTransport(Generic[T]):
     def _read(self, fd: int, conn: Connection, target: memoryview | None) -> int:
         """One non-blocking read into `target` (the frame's own buffer) or
         as a chunk; what it read, passed on to `conn`."""
+        busypoll.poke()
         if target is not None:
             size = os.readv(fd, [target])
             self._data_waiting = size == len(target)

@@ -351,6 +351,15 @@ def test_unflushed_limit_and_policy_are_read(in_tmp):
     assert load_mount_config("storage.yaml").unflushed == Unflushed(16 << 20, "flush")
 
 
+def test_busy_poll_is_read_and_zero_turns_it_off(in_tmp):
+    write(in_tmp, ONE_STORAGE)
+    assert load_mount_config("storage.yaml").busy_poll == pytest.approx(200e-6)
+    write(in_tmp, "busy_poll: 1.5ms\n" + ONE_STORAGE)
+    assert load_mount_config("storage.yaml").busy_poll == pytest.approx(1.5e-3)
+    write(in_tmp, "busy_poll: 0\n" + ONE_STORAGE)
+    assert load_mount_config("storage.yaml").busy_poll == 0
+
+
 def test_cipher_none_is_allowed_with_a_key(in_tmp):
     write(in_tmp, "key_file: /k\ncipher: none\n" + ONE_STORAGE)
     assert load_mount_config("storage.yaml").cipher == "none"
@@ -637,6 +646,16 @@ def test_cipher_none_is_allowed_with_a_key(in_tmp):
             "unflushed_limit: lots\n" + ONE_STORAGE,
             "storage.yaml:1: unflushed_limit: bad size 'lots' (use a number with K/M/G/T)",
             id="unflushed-limit-not-a-size",
+        ),
+        pytest.param(
+            "busy_poll: 1s\n" + ONE_STORAGE,
+            "storage.yaml:1: busy_poll: 1s is too long (at most 10ms; 0 turns it off)",
+            id="busy-poll-too-long",
+        ),
+        pytest.param(
+            "busy_poll: soon\n" + ONE_STORAGE,
+            "storage.yaml:1: busy_poll: bad duration 'soon' (use a number with ms/s/m)",
+            id="busy-poll-not-a-duration",
         ),
         pytest.param(
             "max_in_flight: many\n" + ONE_STORAGE,

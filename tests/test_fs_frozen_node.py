@@ -356,3 +356,59 @@ def test_mirror_reads_sent_to_a_frozen_leg_are_served_by_the_other_leg(tmp_path)
                         )
             finally:
                 processes.reap()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU the process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_over(pid: int, seconds: float) -> float:
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before
+
+
+#: What a daemon that polls nothing may use of the 2 s it is watched: a
+#: spinning one uses all of it.
+IDLE_CPU = 0.25
+
+
+def test_the_daemon_busy_polls_only_while_io_goes_on(tmp_path):
+    """busy_poll (the longest window, 10 ms, so that a poller that never
+    parks would show): after I/O at queue depth 1 the idle daemon uses
+    almost no CPU, nor while its node is frozen with requests waiting on it
+    (no reply comes: the poller parks a window after the last one), and
+    the requests complete once the node continues."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    disk = make_disk(tmp_path / "node.img")
+    with exported(disk, tmp_path) as node:
+        config = write_config(
+            tmp_path / "storage.yaml",
+            {"vol": {"algorithm": "linear", "nodes": [{"remote": node.address}]}},
+            timeouts=TIMEOUTS,
+            busy_poll="10ms",
+        )
+        with mounted(config, tmp_path / "mnt") as mount:
+            processes = Processes()
+            try:
+                qd1 = processes.start([
+                    "fio", "--name=qd1", f"--filename={mount.file('vol')}", "--rw=randwrite",
+                    "--bs=4k", "--iodepth=1", "--ioengine=libaio", "--direct=1",
+                    f"--size={NODE}", "--io_size=8M", "--output-format=terse",
+                ])  # fmt: skip
+                assert qd1.wait(FINISH_WITHIN) == 0, qd1.stderr.read()
+                idle = cpu_over(mount.pid, 2.0)
+                assert idle < IDLE_CPU, f"idle daemon used {idle:.2f} s of CPU in 2 s"
+                with frozen(node.process):
+                    fio = processes.start(fio_writes(mount.file("vol"), 0, NODE, 3))
+                    time.sleep(1.0)  # fio's requests reach the daemon
+                    waiting = cpu_over(mount.pid, 2.0)
+                    assert fio.poll() is None
+                assert waiting < IDLE_CPU, f"daemon used {waiting:.2f} s of CPU in 2 s frozen"
+                assert fio.wait(FINISH_WITHIN) == 0, fio.stderr.read()
+            finally:
+                processes.reap()
+            assert mount.umount().returncode == 0

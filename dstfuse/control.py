@@ -26,7 +26,7 @@ Layout (all files are text ending in a newline)::
                                       flags       "online|offline rw|ro"
                                       resync_done, resync_total   bytes
                                       requests bytes_read bytes_written resends
-                                      reconnects errors in_flight  (counters)
+                                      reconnects errors in_flight unflushed  (counters)
                                       <placement.controls> (mirror: clean, dirty, ...)
 
 Invariants: names this module adds at the top of `.dst/` that are not
@@ -66,6 +66,7 @@ COUNTER_FILES = (
     "reconnects",
     "errors",
     "in_flight",
+    "unflushed",
 )
 
 

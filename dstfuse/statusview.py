@@ -42,6 +42,7 @@ COUNTERS = (
     "reconnects",
     "errors",
     "in_flight",
+    "unflushed",
 )
 #: Mirror-only node files that `status` reports when present. `clean` and
 #: `dirty` are deliberately absent: they are write triggers.

@@ -223,6 +223,7 @@ async def test_node_directory_shows_place_state_flags_and_counters(linear_storag
         "reconnects": "0\n",
         "errors": "0\n",
         "in_flight": "0\n",
+        "unflushed": "0\n",
     }
     assert set(tree.resolve(node).entries()) == set(expected)
     assert {name: tree.read([*node, name]) for name in expected} == expected

@@ -272,3 +272,14 @@ async def test_node_restarted_with_another_size_is_not_used_until_it_is_back(
         "node now reports 524288 bytes instead of 1048576; refusing to use it" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_the_unflushed_counter_shows_what_is_kept_until_a_flush(autojump_clock):
+    fake = FakeExport()
+    async with remote(fake, unflushed=Unflushed(limit=1 << 20)) as node:
+        assert node.counters.unflushed == 0
+        await node.write(0, block(1))
+        await node.write(BLOCK, block(2))
+        assert node.counters.unflushed == node._unflushed.size >= 2 * BLOCK
+        await node.flush()
+        assert node.counters.unflushed == 0

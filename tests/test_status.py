@@ -48,6 +48,7 @@ ZERO_COUNTERS = {
     "reconnects": 0,
     "errors": 0,
     "in_flight": 0,
+    "unflushed": 0,
 }
 
 
@@ -119,6 +120,7 @@ def clean_linear() -> dict:
             reconnects=1,
             errors=0,
             in_flight=3,
+            unflushed=65536,
         ),
         f"n-{GiB}-1": node_files("L: /dev/sdb1", start=GiB, size=2 * GiB),
     }
@@ -204,6 +206,7 @@ def test_clean_linear_json_has_every_node_field_and_counter(tmp_path):
                         "reconnects": 1,
                         "errors": 0,
                         "in_flight": 3,
+                        "unflushed": 65536,
                     },
                     {
                         "name": f"n-{GiB}-1",

@@ -66,6 +66,8 @@ class Result:
     seconds: float
     cpu_cores: dict[str, float] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
+    #: The client's peak RSS less the writes it kept for replay (dstfuse)
+    peak_client_less_kept: int | None = None
     fio_cpu: float = 0.0
     round: int = 0
     #: Per storage node, how much its counters grew during the job.
@@ -159,7 +161,7 @@ def run_fio(
     before = {role: cpu_seconds(pid) for role, pid in peer.roles.items()}
     machine_before = LoadSnapshot.take()
     started = time.monotonic()
-    with RssSampler(peer.roles) as rss:
+    with RssSampler(peer.roles, peer.kept_bytes) as rss:
         try:
             result = run(argv, tools.deadline.timeout(ramp + runtime + 60), check=False, env=env)
         except BenchmarkError:
@@ -212,6 +214,7 @@ def run_fio(
         seconds=stats.get("job_runtime", 0) / 1000,
         cpu_cores=cores,
         peak_rss=dict(rss.peak),
+        peak_client_less_kept=rss.peak_client_less_kept,
         fio_cpu=(float(stats.get("usr_cpu", 0)) + float(stats.get("sys_cpu", 0))) / 100,
         load={key: value / elapsed for key, value in machine.items()},
         nodes=nodes,

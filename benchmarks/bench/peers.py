@@ -118,6 +118,11 @@ class Peer:
         has none to show."""
         return {}
 
+    def kept_bytes(self) -> int | None:
+        """Bytes of acknowledged writes the client keeps for replay now;
+        None when the stack keeps none or cannot say."""
+        return None
+
     def attach(self) -> LoopDevice:
         # Runs after the unmount and the process stops: a loop device that
         # was busy before them is free after them.
@@ -340,6 +345,21 @@ class DstfusePeer(Peer):
             if not any("control tree" in note for note in self.notes):
                 self.notes.append(f"cannot read node counters from the control tree: {exc}")
             return {}
+
+    def kept_bytes(self) -> int | None:
+        """The `unflushed` files of every node directory, summed."""
+        storage_dir = self.mountpoint / ".dst" / STORAGE_NAME
+
+        def read_all() -> int:
+            return sum(
+                int((node_dir / "unflushed").read_text().split()[0])
+                for node_dir in storage_dir.glob("n-*")
+            )
+
+        try:
+            return probe(f"read {storage_dir}/n-*/unflushed", read_all, 5)
+        except (OSError, ValueError, BenchmarkError):
+            return None
 
     def status(self) -> dict[str, Any] | None:
         result = run(self.tools.dstfuse("status", "--json", str(self.mountpoint)), 30, check=False)

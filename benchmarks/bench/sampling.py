@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,11 +120,18 @@ def machine_load(seconds: float) -> dict[str, float]:
 
 class RssSampler:
     """Peak VmRSS of a set of pids, sampled every RSS_INTERVAL seconds in a
-    thread while the `with` block runs (and once at each end)."""
+    thread while the `with` block runs (and once at each end). With `kept`
+    (the bytes of acknowledged writes the client keeps for replay, read
+    from its control tree), also the client's peak of RSS less those, as
+    sampled together: what the memory target counts."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(
+        self, pids: dict[str, int], kept: Callable[[], int | None] | None = None
+    ) -> None:
         self.pids = pids
         self.peak: dict[str, int] = {}
+        self.peak_client_less_kept: int | None = None
+        self._kept = kept
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss sampler", daemon=True)
 
@@ -132,6 +140,11 @@ class RssSampler:
             value = rss_bytes(pid)
             if value is not None and value > self.peak.get(role, 0):
                 self.peak[role] = value
+            if role == "client" and value is not None and self._kept is not None:
+                kept = self._kept()
+                if kept is not None:
+                    less = value - kept
+                    self.peak_client_less_kept = max(self.peak_client_less_kept or 0, less)
 
     def _loop(self) -> None:
         while not self._stop.wait(RSS_INTERVAL):

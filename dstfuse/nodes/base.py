@@ -56,6 +56,9 @@ class NodeCounters:
     reconnects: int = 0
     errors: int = 0
     in_flight: int = 0
+    #: bytes of acknowledged writes kept for replay until a FLUSH covers
+    #: them (with their bookkeeping; a gauge like `in_flight`)
+    unflushed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

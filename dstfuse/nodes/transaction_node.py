@@ -111,7 +111,7 @@ class TransactionNode(Node, Generic[LinkT]):
         self._table = TransactionTable(max_in_flight)
         self._replay_table = TransactionTable(max_in_flight, first_handle=REPLAY_HANDLE_BASE)
         unflushed = unflushed or Unflushed()
-        self._unflushed = UnflushedWrites(unflushed.limit)
+        self._unflushed = UnflushedWrites(unflushed.limit, self.counters)
         self._flush_at_limit = unflushed.limit > 0 and unflushed.policy == "flush"
         #: whether acknowledged writes are kept for replay (read per reply)
         self._keeps_writes = True

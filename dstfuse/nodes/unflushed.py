@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..protocol import Command, Flag
+from .base import NodeCounters
 
 #: Bytes charged per kept entry on top of its data, so that data-less
 #: entries (TRIM, WRITE_ZEROES) count against the limit too.
@@ -122,19 +123,32 @@ def unchangeable(data: bytes | memoryview) -> bytes | memoryview:
 
 
 class UnflushedWrites:
-    """The kept writes of one node; `limit` bytes at most (0: keep none)."""
+    """The kept writes of one node; `limit` bytes at most (0: keep none).
+    `size` (what they cost, `KeptWrite.cost`) is mirrored into
+    `counters.unflushed` when counters are given."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, counters: NodeCounters | None = None) -> None:
         if limit < 0:
             raise ValueError("limit must not be negative")
         self.limit = limit
-        self.size = 0
+        self._counters = counters
+        self._size = 0
         self._kept: deque[KeptWrite] = deque()
         self._seq = 0
         self._unprotected = _Ranges()
         self._unprotected_bytes = 0
         self._unprotected_writes = 0
         self._newest_unprotected = 0  # seq of the newest write dropped unflushed
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
+        if self._counters is not None:
+            self._counters.unflushed = value
 
     def __len__(self) -> int:
         return len(self._kept)

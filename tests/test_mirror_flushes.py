@@ -8,6 +8,10 @@ import trio.testing
 
 from dstfuse.errors import NodeError
 from dstfuse.mirror.flushes import FlushWitness
+from dstfuse.mirror.legs import LegRole
+from dstfuse.mirror.metadata import BLOCK
+
+from .test_mirror import make_nodes, open_mirror, wait_for
 
 
 class Flushes:
@@ -95,3 +99,43 @@ async def test_flushes_that_never_overlap_a_failure_all_succeed():
         for call in flushes.calls:
             call.set()
     assert results == {"a": "ok", "b": "ok", "c": "ok"}
+
+
+async def test_a_flush_failure_nobody_acted_on_yet_keeps_the_bitmap_marked(autojump_clock):
+    """Leg 0 fails the user's flush while leg 1 still works on its own, so
+    the flush has not marked leg 0 stale yet; a clearing flush meanwhile
+    succeeds on both (leg 0's second flush finds an emptied cache) and must
+    not clear the region whose write leg 0 may have lost."""
+    nodes = make_nodes(2)
+    async with trio.open_nursery() as nursery:
+        # nothing but the test clears the bitmap or gives up on a leg
+        options = {"assume_clean": True, "bitmap_idle": "600s", "leg_timeout": "600s"}
+        mirror = await open_mirror(nursery, nodes, mount_options=options)
+        await mirror.write(0, b"w" * BLOCK)
+        bitmap = mirror.runtime.bitmap
+        assert 0 in bitmap.desired
+        flushes = {0: 0, 1: 0}
+
+        def first_flush(index):
+            def check(op, offset, length):
+                if op != "flush":
+                    return False
+                flushes[index] += 1
+                return flushes[index] == 1
+
+            return check
+
+        fail_first = first_flush(0)
+        nodes[0].fail = lambda op, offset, length: (
+            NodeError("m0", "flush failed") if fail_first(op, offset, length) else None
+        )
+        nodes[1].hold, nodes[1].hold_when = trio.Event(), first_flush(1)
+        nursery.start_soon(mirror.flush)
+        await trio.testing.wait_all_tasks_blocked()
+        assert flushes == {0: 1, 1: 1} and mirror.legs[0].in_sync
+        assert await mirror.runtime.cleaner.clear_idle(float("inf")) == 0
+        assert 0 in bitmap.desired
+        nodes[1].hold.set()
+        await wait_for(lambda: mirror.legs[0].role is not LegRole.IN_SYNC)
+        assert 0 in bitmap.desired or 0 in mirror.legs[0].pending
+        nursery.cancel_scope.cancel()

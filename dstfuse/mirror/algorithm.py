@@ -415,6 +415,8 @@ class Mirror(Algorithm):
             # and kept on a resyncing one: those copy every marked region again.
             live.states.copy_again(legs, live.bitmap.desired)
             live.cleaner.distrust_unflushed()
+            for leg, _ in errors:
+                leg.judge_flushes()  # the loss is reported: EIO below
             await live.states.keep_one_copy([leg for leg, _ in errors], "flush")
             error = errors[0][1] if errors else None
             raise NodeError(

@@ -70,7 +70,11 @@ class BitmapCleaner:
                 log.warning("storage %s: bitmap not cleared: %s", self.storage_name, exc)
 
     def all_in_sync(self) -> bool:
-        return all(leg.in_sync and leg.online for leg in self._legs)
+        """Every leg in sync and online, none with a FLUSH failure nobody
+        has acted on yet (its leg is about to go stale)."""
+        return all(
+            leg.in_sync and leg.online and not leg.flush_failure_pending for leg in self._legs
+        )
 
     async def clear_idle(self, older_than: float) -> int:
         """Clear the bits of regions idle since `older_than`, when every leg

@@ -15,6 +15,10 @@ NodeError if one of them, or any FLUSH ending meanwhile, failed or was
 cancelled (its outcome on the node is then unknown). That is conservative:
 a FLUSH that failed before reaching the node also counts, which costs the
 leg a resync it may not have needed, never data.
+
+A failure is also visible at once, before whoever sent that FLUSH has acted
+on it (`MirrorLeg.flush_failure_pending`): the bitmap clearing must not
+take that short while to clear regions the failure may have emptied.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ class FlushWitness:
         self._failures = 0
         #: set when a FLUSH ends; made only while someone waits
         self._ended: trio.Event | None = None
+
+    @property
+    def failures(self) -> int:
+        """FLUSHes of the leg that failed or were cancelled, ever."""
+        return self._failures
 
     async def run(self, flush: Callable[[], Awaitable[None]], who: str) -> None:
         """`flush()`, then wait and judge as the module says; `who` names

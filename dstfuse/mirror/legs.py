@@ -95,6 +95,8 @@ class MirrorLeg:
         self._sequence_known = False
         self._header_lock = trio.Lock()
         self._flushes = FlushWitness()
+        #: FLUSH failures already acted on (`judge_flushes`)
+        self._judged_flushes = 0
 
     def __str__(self) -> str:
         return f"{self.storage_name} leg {self.index} ({self.node.description})"
@@ -168,6 +170,20 @@ class MirrorLeg:
         failed meanwhile (flushes.py); NodeError otherwise. Every flush of
         a leg goes through here."""
         await self._flushes.run(self.node.flush, str(self))
+
+    @property
+    def flush_failure_pending(self) -> bool:
+        """A FLUSH of this leg failed (writes before it may be lost there)
+        and nobody has acted on it yet: the leg is not yet marked stale, nor
+        kept knowingly as the last in-sync leg. The bitmap is not cleared
+        meanwhile."""
+        return self._flushes.failures != self._judged_flushes
+
+    def judge_flushes(self) -> None:
+        """The leg's FLUSH failures so far are acted on: it was marked stale
+        (or kept as the last in-sync leg, the loss reported), or it starts a
+        resync that copies everything it may have lost."""
+        self._judged_flushes = self._flushes.failures
 
     # -- metadata I/O ----------------------------------------------------
     def _layout(self) -> LegLayout:

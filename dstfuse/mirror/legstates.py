@@ -112,7 +112,10 @@ class LegStates:
     # -- resync -------------------------------------------------------------
     def begin_resync(self, leg: MirrorLeg, pending: RegionBits) -> None:
         """The leg's header records it stale and it has the current bitmap:
-        from now on it takes writes and resync copies `pending` to it."""
+        from now on it takes writes and resync copies `pending` to it
+        (what a FLUSH that failed before may have lost included: everything
+        sent to it before has settled, `LegWatch.rejoin`)."""
+        leg.judge_flushes()
         leg.pending = pending
         leg.role = LegRole.RESYNCING
         leg.resync_total = self._geometry.region_bytes(pending)
@@ -171,6 +174,7 @@ class LegStates:
         await leg.wait_settled()  # nothing sent before may land after this
         if leg.in_sync:
             return
+        leg.judge_flushes()  # the user vouches for its data
         membership.joining.add(leg)
         try:
             await leg.write_header(membership.header(leg))

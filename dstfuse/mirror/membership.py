@@ -270,6 +270,7 @@ class Membership:
     def leg_failed(self, leg: MirrorLeg, error: BaseException | str) -> bool:
         """Mark a leg stale after it failed a request; False (nothing done)
         if it is already stale or is the last in-sync leg."""
+        leg.judge_flushes()
         if leg.role is LegRole.STALE:
             if leg in self.joining:
                 log.warning("%s: failed while rejoining: %s", leg, error)

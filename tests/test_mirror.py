@@ -933,3 +933,33 @@ async def test_checks_zeroed_at_mount_are_never_called_valid_after_a_flush_faile
         assert not any(header_of(node).checks_valid for node in nodes)
         await mirror.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_read_whose_legs_all_went_stale_meanwhile_asks_the_leg_left(autojump_clock):
+    """Seeds 8014 and 8019 of a 150-example run (2026-12-02): leg 0 was
+    given up as slow (leg 1 could serve the read), then leg 1 went stale
+    before it was asked, and the read found no leg and crashed (IndexError
+    in `_settle_rejected`). It now asks the legs that may serve it again:
+    leg 0, the last one, with its full budget."""
+    nodes = make_nodes(2)
+    async with trio.open_nursery() as nursery:
+        mirror = await open_mirror(nursery, nodes, mount_options={"assume_clean": True})
+        await mirror.write(0, b"r" * 4096)
+        mirror.legs[0].position, mirror.legs[1].position = 0, 3 * MiB  # leg 0 first
+        nodes[0].hold = trio.Event()
+        nodes[0].hold_when = lambda op, offset, length: op == "read" and offset == 0
+        result: list[bytes] = []
+
+        async def read() -> None:
+            result.append(bytes(await mirror.read(0, 4096)))
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        nodes[1].fail_all()
+        await mirror.write(2 * MiB, b"x" * 4096)  # fails on leg 1 only: it goes stale
+        assert mirror.legs[1].role is LegRole.STALE
+        await trio.sleep(3)  # past read_timeout (2 s): leg 0 was given up as slow
+        nodes[0].hold.set()
+        await wait_for(lambda: bool(result))
+        assert result == [b"r" * 4096]
+        nursery.cancel_scope.cancel()

@@ -31,6 +31,10 @@ from .routing import ReadRouter
 
 log = logging.getLogger(__name__)
 
+#: Rounds of asking the legs a read makes when none answered because each
+#: went stale meanwhile (a round needs a role change to end empty).
+ASK_ROUNDS = 4
+
 
 class MirrorReads:
     def __init__(
@@ -111,36 +115,23 @@ class MirrorReads:
             failed: list[tuple[MirrorLeg, BaseException | None]] = []
             rejected: list[tuple[MirrorLeg, ReadData]] = []
             good: ReadData | None = None
-            for position, leg in enumerate(legs):
-                if not leg.readable(regions):
-                    # it went stale while an earlier leg was being asked:
-                    # its bytes may be older than a write that went on without it
-                    continue
-                leg.position = offset + length
-                last = not any(later.readable(regions) for later in legs[position + 1 :])
-                try:
-                    data = await self._router.read(leg, offset, length, last=last)
-                except LegSlow:
-                    continue  # silent: another leg serves it; writes decide its fate
-                except NodeError as exc:
-                    failed.append((leg, exc))
-                    continue
-                if checks is not None and self._activity.quiet_since(regions, serial):
-                    wrong = checks.mismatching(offset, data)
-                    if wrong and self._activity.quiet_since(regions, serial):
-                        checks.mismatches += 1
-                        log.warning(
-                            "%s: %d block(s) of [%d, +%d) fail their check (first at %d)",
-                            leg,
-                            len(wrong),
-                            offset,
-                            length,
-                            wrong[0] * BLOCK,
-                        )
-                        rejected.append((leg, data))
-                        continue
-                good = data
-                break
+            for _ in range(ASK_ROUNDS):
+                good = await self._ask(legs, offset, length, regions, serial, checks,
+                                       failed, rejected)  # fmt: skip
+                if good is not None or failed or rejected:
+                    break
+                # No leg answered: each went stale while another was being
+                # asked, or was given up as slow for a later one that then
+                # went stale. Ask the legs that may serve it now.
+                legs = self._router.order(regions, offset)
+                if not legs:
+                    break
+            if good is None and not (failed or rejected):
+                raise NodeError(
+                    f"storage {self.storage_name}",
+                    f"no leg could serve [{offset}, +{length}): the legs kept going stale",
+                    errno=errno.EIO,
+                )
             if good is None:
                 good = self._settle_rejected(offset, length, failed, rejected, checks)
                 rejected = []
@@ -151,6 +142,51 @@ class MirrorReads:
         finally:
             if checks is not None:
                 checks.unpin(pinned)
+
+    async def _ask(
+        self,
+        legs: list[MirrorLeg],
+        offset: int,
+        length: int,
+        regions: range,
+        serial: int,
+        checks: BlockChecks | None,
+        failed: list[tuple[MirrorLeg, BaseException | None]],
+        rejected: list[tuple[MirrorLeg, ReadData]],
+    ) -> ReadData | None:
+        """Ask `legs` in order for the bytes; the first that passed their
+        check, or None (what failed and what was rejected are added to
+        `failed` and `rejected`)."""
+        for position, leg in enumerate(legs):
+            if not leg.readable(regions):
+                # it went stale while an earlier leg was being asked:
+                # its bytes may be older than a write that went on without it
+                continue
+            leg.position = offset + length
+            last = not any(later.readable(regions) for later in legs[position + 1 :])
+            try:
+                data = await self._router.read(leg, offset, length, last=last)
+            except LegSlow:
+                continue  # silent: another leg serves it; writes decide its fate
+            except NodeError as exc:
+                failed.append((leg, exc))
+                continue
+            if checks is not None and self._activity.quiet_since(regions, serial):
+                wrong = checks.mismatching(offset, data)
+                if wrong and self._activity.quiet_since(regions, serial):
+                    checks.mismatches += 1
+                    log.warning(
+                        "%s: %d block(s) of [%d, +%d) fail their check (first at %d)",
+                        leg,
+                        len(wrong),
+                        offset,
+                        length,
+                        wrong[0] * BLOCK,
+                    )
+                    rejected.append((leg, data))
+                    continue
+            return data
+        return None
 
     def _settle_rejected(
         self,

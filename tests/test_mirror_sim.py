@@ -934,3 +934,17 @@ def test_sim_a_leg_whose_flush_failed_resyncs_every_region_it_may_have_lost():
         Write(43, 38), Sleep(3.0), Sleep(0.5), Write(251, 1, fua=True), FlakyFlush(0),
         Sleep(6.0), Flush(), Slow(1, 1.0), Write(133, 16, fua=True),
     ], legs=2, resync_rate=262144, read_check=False)
+
+
+def test_sim_a_read_answered_by_a_leg_that_went_stale_meanwhile_is_asked_again():
+    """Seed 8023 of a 150-example run (2026-12-02; also on 731b5ff): a read
+    was sent to leg 1 while it was resyncing (the region already copied);
+    before leg 1 answered, its FLUSH at the end of the resync failed and
+    dropped what it had not written, and it answered with bytes older than
+    acknowledged write 1. A leg that went stale, or whose FLUSH failed,
+    while it was asked no longer serves the read: the legs left are asked."""
+    run([
+        Mount(BOTH), ReadAll(), Read(108, 30), Flush(), Write(177, 40), Write(106, 8),
+        Write(48, 28, fua=True), FlakyFlush(1), Read(42, 5), Read(78, 22), Read(118, 13),
+        Write(40, 12), ReadAll(),
+    ], legs=2, resync_rate=0, read_check=False)

@@ -171,6 +171,11 @@ class MirrorReads:
             except NodeError as exc:
                 failed.append((leg, exc))
                 continue
+            if not leg.readable(regions) or (leg.flush_failure_pending and not last):
+                # it went stale, or a FLUSH of it failed (dropping what it
+                # had not written), while it was being asked: its bytes may
+                # be older than an acknowledged write
+                continue
             if checks is not None and self._activity.quiet_since(regions, serial):
                 wrong = checks.mismatching(offset, data)
                 if wrong and self._activity.quiet_since(regions, serial):

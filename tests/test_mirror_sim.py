@@ -948,3 +948,30 @@ def test_sim_a_read_answered_by_a_leg_that_went_stale_meanwhile_is_asked_again()
         Write(48, 28, fua=True), FlakyFlush(1), Read(42, 5), Read(78, 22), Read(118, 13),
         Write(40, 12), ReadAll(),
     ], legs=2, resync_rate=0, read_check=False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Violation,
+    reason="open (seed 8016): reads after a clearing FLUSH failed on every leg; model or mirror",
+)
+def test_sim_reads_after_a_clearing_flush_failed_on_every_leg():
+    """Seed 8016 of a 150-example run (2026-12-02; also on 731b5ff), not
+    fixed yet. Both legs fail the clearing's FLUSH at 67.5 s (leg 0 goes
+    stale, leg 1 is kept as the last in-sync leg): both dropped acknowledged
+    non-FUA write 14, and a read of block 94 before the next fsync (which
+    reports the loss, `lost_flush`) returns write 0. No leg holds write 14
+    any more; whether the harness should allow the loss from the failed
+    FLUSH on (as it does for the user's flush) or the mirror must fail such
+    reads is not decided yet."""
+    W = Write
+    run([
+        Mount(BOTH), Sleep(6.0), W(223, 25), Sleep(1.0), W(4, 12), Read(164, 2), ReadAll(),
+        W(38, 23, fua=True), FlakyFlush(0), Read(55, 30), Read(233, 15), W(207, 15, fua=True),
+        Read(124, 1), Sleep(12.0), Read(191, 18), Sleep(3.0), Sleep(3.0), W(104, 24, fua=True),
+        W(251, 1), Sleep(6.0), Sleep(30.0), Read(148, 17), W(231, 2, fua=True), Read(91, 36),
+        W(218, 19), Read(161, 20), W(52, 34, fua=True), W(126, 9, fua=True), W(52, 32, fua=True),
+        W(243, 6), W(100, 19), Flush(), W(94, 38), FlakyFlush(1), W(128, 39, fua=True),
+        W(124, 4, fua=True), W(158, 38), Sleep(6.0), Read(149, 12), Read(243, 9), Read(169, 20),
+        FlakyFlush(0), Sleep(0.5), Read(250, 1), ReadAll(),
+    ], legs=2, resync_rate=0, read_check=False)

@@ -33,6 +33,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from . import congestion
 from .address import DEFAULT_PORT, Address, parse_address
 from .algorithms import NAMES as ALGORITHM_NAMES
 from .algorithms import algorithm_class
@@ -172,6 +173,8 @@ class MountConfig:
     unflushed: Unflushed = Unflushed()
     #: seconds the daemon busy-polls after each I/O event (0: never; busypoll.py)
     busy_poll: float = DEFAULT_BUSY_POLL
+    #: TCP congestion control of the connections to nodes (None: the host's)
+    tcp_congestion: str | None = None
     #: serve the top-level storages over NBD here too
     nbd_listen: tuple[Address, ...] = ()
     #: who may connect over TCP to `nbd_listen` (as export.yaml's `allow:`;
@@ -235,6 +238,8 @@ class ExportConfig:
     ciphers: tuple[str, ...] = ()
     #: TLS for the NBD addresses (required there when set)
     nbd_tls: NbdTls | None = None
+    #: TCP congestion control of accepted connections (None: the host's)
+    tcp_congestion: str | None = None
 
 
 # ------------------------------------------------------------ public parsers
@@ -309,6 +314,7 @@ def load_mount_config(path: str | Path) -> MountConfig:
             "unflushed_limit",
             "unflushed_policy",
             "busy_poll",
+            "tcp_congestion",
             "storages",
             "nbd_listen",
             "nbd_allow",
@@ -342,6 +348,7 @@ def load_mount_config(path: str | Path) -> MountConfig:
             ),
         ),
         busy_poll=fields.read("busy_poll", _busy_poll, DEFAULT_BUSY_POLL),
+        tcp_congestion=fields.read("tcp_congestion", _congestion, None),
         nbd_listen=fields.read(
             "nbd_listen", partial(_addresses, default_port=NBD_DEFAULT_PORT), ()
         ),
@@ -386,6 +393,7 @@ def load_export_config(path: str | Path) -> ExportConfig:
             "max_request",
             "ciphers",
             "nbd_tls",
+            "tcp_congestion",
         ),
     )
     exports: list[ExportSpec] = []
@@ -422,6 +430,7 @@ def load_export_config(path: str | Path) -> ExportConfig:
         ),
         ciphers=fields.read("ciphers", _ciphers, ()),
         nbd_tls=fields.read("nbd_tls", partial(_nbd_tls, source), None),
+        tcp_congestion=fields.read("tcp_congestion", _congestion, None),
     )
     if config.nbd_tls is not None and not config.nbd_listen:
         raise fields.require("nbd_tls").error("nbd_tls needs nbd_listen (TLS is for NBD only)")
@@ -666,6 +675,26 @@ def _busy_poll(item: _Item) -> float:
             "0 turns it off)"
         )
     return seconds
+
+
+def parse_congestion(text: str) -> str:
+    """A TCP congestion control algorithm's name as Linux spells them
+    (`cubic`, `bbr`, `reno`); ValueError otherwise. Whether the kernel
+    offers it is `congestion.check`'s to say, at start-up."""
+    name = str(text).strip()
+    if not congestion.NAME.fullmatch(name):
+        raise ValueError(
+            f"bad TCP congestion control name {name!r} (lower-case letters, digits and "
+            "'_', at most 15: e.g. cubic, bbr, reno)"
+        )
+    return name
+
+
+def _congestion(item: _Item) -> str:
+    try:
+        return parse_congestion(_text(item))
+    except ValueError as exc:
+        raise item.error(str(exc)) from None
 
 
 def _address(item: _Item, default_port: int) -> Address:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import trio
 
-from . import busypoll, sdnotify
+from . import busypoll, congestion, sdnotify
 from .algorithms import ControlFile
 from .allocator import keep_io_buffers
 from .assembly import Assembly, open_assembly
@@ -292,6 +292,7 @@ class MountDaemon:
         error: BaseException | None = None
         result = 1
         busypoll.install(self.config.busy_poll)
+        congestion.install(self.config.tcp_congestion)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
@@ -536,6 +537,8 @@ def run_mount(
         config = load_mount_config(config_path)
         mount_options = parse_mount_options(options, config)
         nbd_tls = server_context(config.nbd_tls)
+        if config.tcp_congestion is not None:
+            congestion.check(config.tcp_congestion)
         if mount_options.get("debug"):
             logging.getLogger("dstfuse").setLevel(logging.DEBUG)
         result_path = runtime_file(path, ".result")

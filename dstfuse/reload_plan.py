@@ -56,6 +56,7 @@ _FIXED_GLOBALS = (
     ("unflushed_limit", lambda c: c.unflushed.limit),
     ("unflushed_policy", lambda c: c.unflushed.policy),
     ("busy_poll", lambda c: c.busy_poll),
+    ("tcp_congestion", lambda c: c.tcp_congestion),
 )
 #: Node kinds that can be appended online (a storage: node would hide a
 #: storage that is a file of the mount today; nbd nodes are built elsewhere).

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
+from . import congestion
 from .address import Address
 from .export.acl import AclRuleLike, ExportAcl, IPAddress
 from .export.admission import AcceptGate
@@ -196,6 +197,8 @@ class StorageNbdServer:
             await trio.aclose_forcefully(stream)
             return
         try:
+            if local.kind == "tcp":
+                congestion.apply(stream.socket)
             await session.run()
         finally:
             self._slots.release(session)

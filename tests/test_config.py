@@ -360,6 +360,13 @@ def test_busy_poll_is_read_and_zero_turns_it_off(in_tmp):
     assert load_mount_config("storage.yaml").busy_poll == 0
 
 
+def test_tcp_congestion_is_read_and_defaults_to_the_hosts(in_tmp):
+    write(in_tmp, ONE_STORAGE)
+    assert load_mount_config("storage.yaml").tcp_congestion is None
+    write(in_tmp, "tcp_congestion: cubic\n" + ONE_STORAGE)
+    assert load_mount_config("storage.yaml").tcp_congestion == "cubic"
+
+
 def test_cipher_none_is_allowed_with_a_key(in_tmp):
     write(in_tmp, "key_file: /k\ncipher: none\n" + ONE_STORAGE)
     assert load_mount_config("storage.yaml").cipher == "none"
@@ -658,6 +665,12 @@ def test_cipher_none_is_allowed_with_a_key(in_tmp):
             id="busy-poll-not-a-duration",
         ),
         pytest.param(
+            "tcp_congestion: Cubic!\n" + ONE_STORAGE,
+            "storage.yaml:1: tcp_congestion: bad TCP congestion control name 'Cubic!' "
+            "(lower-case letters, digits and '_', at most 15: e.g. cubic, bbr, reno)",
+            id="tcp-congestion-bad-name",
+        ),
+        pytest.param(
             "max_in_flight: many\n" + ONE_STORAGE,
             "storage.yaml:1: max_in_flight: bad number 'many' (expected a whole number)",
             id="max-in-flight-not-a-number",
@@ -878,6 +891,14 @@ def test_export_config_loads_into_the_expected_dataclasses(in_tmp):
         handshake_timeout=3.0,
         max_request=1 << 20,
     )
+
+
+def test_export_config_reads_tcp_congestion(in_tmp):
+    write(in_tmp, "tcp_congestion: reno\nexports:\n  - {name: d, path: /d}\n", "export.yaml")
+    assert load_export_config("export.yaml").tcp_congestion == "reno"
+    write(in_tmp, "tcp_congestion: 'no way'\nexports:\n  - {name: d, path: /d}\n", "export.yaml")
+    with pytest.raises(ConfigError, match="export.yaml:1: tcp_congestion: bad TCP congestion"):
+        load_export_config("export.yaml")
 
 
 def test_export_config_defaults(in_tmp):

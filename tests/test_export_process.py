@@ -212,6 +212,8 @@ def bad_invocations(tmp_path, image):
         ([str(image), "--key-file", str(missing_key)], "none.key"),
         ([str(image), "--max-connections", "lots"], "--max-connections"),
         ([str(image), "--handshake-timeout=-1s"], "--handshake-timeout"),
+        ([str(image), "--tcp-congestion", "Bad!"], "--tcp-congestion: bad TCP congestion"),
+        ([str(image), "--tcp-congestion", "nosuchcc"], "--tcp-congestion 'nosuchcc': this kernel"),
         ([str(tmp_path)], "Is a directory"),
         (["/dev/null"], "neither a regular file nor a block device"),
     ]

@@ -256,6 +256,12 @@ def test_a_removal_with_other_changes_is_refused(tmp_path):
     assert "removing mirror legs cannot be combined with other changes" in message
 
 
+def test_tcp_congestion_cannot_change_online(tmp_path):
+    storages = {"vol": linear("/a")}
+    message = refusal(tmp_path, storages, storages, {}, {"tcp_congestion": "reno"})
+    assert message == "tcp_congestion cannot change online"
+
+
 def test_busy_poll_cannot_change_online(tmp_path):
     storages = {"vol": linear("/a")}
     message = refusal(tmp_path, storages, storages, {"busy_poll": "0.2ms"}, {"busy_poll": 0})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .. import sdnotify
+from .. import congestion, sdnotify
 from ..address import parse_address
 from ..errors import UserError
 from ..units import format_size, parse_duration
@@ -103,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 60s)",
     )
     parser.add_argument(
+        "--tcp-congestion",
+        metavar="NAME",
+        help="TCP congestion control of accepted connections, e.g. cubic "
+        "(default: the host's net.ipv4.tcp_congestion_control)",
+    )
+    parser.add_argument(
         "--handshake-timeout",
         metavar="DURATION",
         help="close peers that do not finish the handshake in time (default 10s)",
@@ -116,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     from ..keys import load_key
 
     config = build_config(args)
+    if config.tcp_congestion is not None:
+        congestion.check(
+            config.tcp_congestion, "--tcp-congestion" if args.tcp_congestion else "tcp_congestion"
+        )
     key = load_key(config.key_file) if config.key_file is not None else None
     server = ExportServer.from_config(config, key=key, nbd_tls=server_context(config.nbd_tls))
     keep_io_buffers()
@@ -135,6 +145,7 @@ def build_config(args: argparse.Namespace) -> ExportConfig:
         ExportSpec,
         load_export_config,
         parse_acl_rule,
+        parse_congestion,
     )
 
     if args.config is not None:
@@ -200,6 +211,11 @@ def build_config(args: argparse.Namespace) -> ExportConfig:
         text = getattr(args, flag)
         if text is not None:
             overrides[flag] = _positive_seconds(f"--{flag.replace('_', '-')}", text)
+    if args.tcp_congestion is not None:
+        try:
+            overrides["tcp_congestion"] = parse_congestion(args.tcp_congestion)
+        except ValueError as exc:
+            raise UserError(f"--tcp-congestion: {exc}") from None
     if overrides:
         from dataclasses import replace
 

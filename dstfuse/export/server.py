@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .. import congestion
 from ..address import Address
 from ..errors import UserError
 from ..protocol import Connection, Role, mode_of_cipher
@@ -88,6 +89,7 @@ class ExportServer:
         ciphers: Sequence[str] = (),
         nbd_listen: Sequence[ListenAddress] = (),
         nbd_tls: ssl.SSLContext | None = None,
+        tcp_congestion: str | None = None,
     ) -> None:
         if not exports:
             raise ValueError("an export server needs at least one export")
@@ -100,6 +102,8 @@ class ExportServer:
         self.listen = tuple(listen)
         self.nbd_listen = tuple(nbd_listen)
         self.nbd_tls = nbd_tls
+        #: congestion control of accepted TCP connections (None: the host's)
+        self.tcp_congestion = tcp_congestion
         self._nbd_targets = [ExportTarget(export) for export in self.exports]
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
@@ -158,6 +162,7 @@ class ExportServer:
             ciphers=config.ciphers,
             nbd_listen=config.nbd_listen,
             nbd_tls=nbd_tls,
+            tcp_congestion=config.tcp_congestion,
         )
 
     @property
@@ -183,6 +188,7 @@ class ExportServer:
         bound: list[BoundListener] = []
         nbd_bound: list[BoundListener] = []
         served = False
+        congestion.install(self.tcp_congestion)
         try:
             for address in self.listen:
                 bound.extend(await open_listeners(address))
@@ -325,6 +331,7 @@ class ExportServer:
         try:
             if local.kind == "tcp":
                 _set_keepalive(stream)
+                congestion.apply(stream.socket)
             log.debug("exports %s: %s from %s on %s", self._names(), what, peer, local)
             await session.run()
         finally:

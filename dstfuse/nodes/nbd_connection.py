@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from .. import congestion
 from ..address import Address
 from ..config import TlsFiles
 from ..errors import NodeRefused, NodeUnavailable
@@ -67,13 +68,14 @@ Connector = Callable[[Address, float], Awaitable[trio.abc.Stream]]
 
 
 async def open_nbd_stream(address: Address, keepalive: float) -> trio.abc.Stream:
-    """The default connector: a unix socket, or TCP with TCP_NODELAY and
-    the dead-peer timers (keepalive probes, user timeout) set from
-    `keepalive`."""
+    """The default connector: a unix socket, or TCP with TCP_NODELAY, the
+    run's `tcp_congestion` and the dead-peer timers (keepalive probes, user
+    timeout) set from `keepalive`."""
     if address.kind == "unix":
         return await trio.open_unix_socket(address.path)
     stream = await trio.open_tcp_stream(address.host, address.port)
     sock = stream.socket
+    congestion.apply(sock)
     interval = max(1, round(keepalive))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (

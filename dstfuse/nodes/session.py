@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from .. import congestion
 from ..address import Address
 from ..errors import NodeRefused, NodeUnavailable
 from ..protocol import (
@@ -60,10 +61,13 @@ Connector = Callable[[Address], Awaitable[trio.abc.Stream]]
 
 
 async def open_stream(address: Address) -> trio.abc.Stream:
-    """The default connector: TCP (IPv4/IPv6, TCP_NODELAY) or a unix socket."""
+    """The default connector: TCP (IPv4/IPv6, TCP_NODELAY, the run's
+    `tcp_congestion`) or a unix socket."""
     if address.kind == "unix":
         return await trio.open_unix_socket(address.path)
-    return await trio.open_tcp_stream(address.host, address.port)
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    congestion.apply(stream.socket)
+    return stream
 
 
 

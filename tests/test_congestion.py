@@ -1,8 +1,9 @@
 """`tcp_congestion`: the congestion control of dstfuse's own TCP connections.
 
 Seen from outside on real processes: `ss` shows the chosen algorithm on
-both ends of a mount's connection to a `dstfuse export` (and on the
-mount's connection to nbdkit), while the host's default is another one;
+both ends of a mount's connection to a `dstfuse export`, on our end of a
+mount's connection to nbdkit and of one its `nbd_listen` accepted, while
+the host's default is another one;
 a name the kernel lacks stops the mount before anything is served. The
 refusals that need no kernel are unit tests at the end.
 """

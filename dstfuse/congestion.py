@@ -15,8 +15,9 @@ does not let this process use, is refused before anything is served.
 `install(name)` sets it for the trio run (the mount daemon, the export
 server); `apply(sock)` sets it on each TCP socket that run connects or
 accepts (a mount's connections to its nodes and those its `nbd_listen`
-accepts; an export node's accepted ones, dstfuse and NBD). A socket the kernel refuses it keeps the host's default, with a
-warning: a connection is never lost over this setting.
+accepts; an export node's accepted ones, dstfuse and NBD). A socket the
+kernel refuses it keeps the host's default, with a warning: a connection
+is never lost over this setting.
 
 Invariant: nothing changes unless `install` was given a name.
 """
@@ -83,7 +84,8 @@ def apply(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
     except OSError as exc:
         try:
-            peer = "%s port %s" % sock.getpeername()[:2]
+            host, port = sock.getpeername()[:2]
+            peer = f"{host} port {port}"
         except OSError:
             peer = "a peer"
         log.warning("tcp_congestion '%s' refused on the connection with %s (%s); it uses "

@@ -9,7 +9,7 @@ import os
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dstfuse.errors import NodeError
@@ -303,3 +303,78 @@ async def test_checks_store_and_mismatch_across_page_boundaries():
     checks.store(*digests_of(offset + 100, data[: BLOCK + 200]), only_known=True)
     assert checks.mismatching(offset, data) == []  # partial blocks left alone
     checks.unpin(pinned)
+
+
+#: offsets and lengths near block and page boundaries, where the rounding is
+_NEAR_BLOCKS = st.tuples(
+    st.integers(min_value=0, max_value=1100), st.sampled_from([0, 1, BLOCK - 1])
+).map(lambda t: t[0] * BLOCK + t[1])
+
+
+@given(_NEAR_BLOCKS | st.integers(0, 1100 * BLOCK), _NEAR_BLOCKS | st.integers(0, 600 * BLOCK))
+@example(offset=0, length=512 * BLOCK)  # ends exactly at a page boundary
+@example(offset=510 * BLOCK + 1, length=2 * BLOCK)  # no whole block in page 1
+def test_pin_cached_pins_exactly_the_pages_a_read_check_needs(offset, length):
+    async def load(page: int) -> bytes:
+        return bytes(BLOCK)
+
+    async def write(page: int, raw: bytes) -> None:
+        pass
+
+    async def main() -> None:
+        checks = BlockChecks(8 * MiB * 512, 1 * MiB, load, write)
+        needed = checks.checked_pages(offset, length)
+        # a page missing from the cache: nothing pinned, the caller must wait
+        if needed:
+            assert checks.pin_cached(offset, length) is None
+            assert not checks._pins
+        held = await checks.pin(checks.touched_pages(offset, length))
+        pinned = checks.pin_cached(offset, length)
+        assert pinned == list(needed)
+        checks.unpin(pinned)
+        checks.unpin(held)
+        assert not checks._pins
+
+    trio.run(main)
+
+
+@given(
+    st.integers(min_value=0, max_value=1030 * BLOCK),
+    st.integers(min_value=0, max_value=6 * BLOCK),
+    st.sets(st.integers(min_value=0, max_value=1040)),
+    st.sets(st.integers(min_value=0, max_value=3)),
+)
+def test_mismatching_matches_a_block_by_block_reference(offset, length, damaged, untrusted):
+    """Every whole block with a known entry, outside untrusted regions, is
+    compared; partial blocks, unknown entries and untrusted regions never."""
+    stored = bytes((offset + i) % 253 for i in range(length + 2 * BLOCK))
+
+    async def load(page: int) -> bytes:
+        return bytes(BLOCK)
+
+    async def write(page: int, raw: bytes) -> None:
+        pass
+
+    async def main() -> None:
+        checks = BlockChecks(8 * MiB, 1 * MiB, load, write)  # 256 blocks per region
+        start = offset - offset % BLOCK
+        pinned = await checks.pin(checks.touched_pages(start, len(stored)))
+        checks.store(*digests_of(start, stored))
+        for block in range(start // BLOCK, (start + len(stored)) // BLOCK, 3):
+            checks.store(block, [UNKNOWN])
+        checks.distrust(untrusted)
+        data = bytearray(stored[offset - start : offset - start + length])
+        for block in damaged:
+            at = block * BLOCK - offset
+            if 0 <= at < len(data):
+                data[at] ^= 0xFF
+        expected = []
+        for block in range(-(-offset // BLOCK), (offset + length) // BLOCK):
+            at = block * BLOCK - offset
+            entry = checks.lookup(block)
+            if entry != UNKNOWN and block_digest(bytes(data[at : at + BLOCK])) != entry:
+                expected.append(block)
+        assert checks.mismatching(offset, bytes(data)) == expected
+        checks.unpin(pinned)
+
+    trio.run(main)

@@ -173,6 +173,27 @@ class BlockChecks:
             raise
         return pinned
 
+    def pin_cached(self, offset: int, length: int) -> list[int] | None:
+        """Pin the pages a read of [offset, +length) needs for its check
+        (`checked_pages`) without waiting, when all of them are cached
+        already: what `pin` does then (count the pin, mark the page
+        recently used; nothing is added, so nothing is evicted). None, with
+        nothing pinned, when one is not cached (then `pin` them)."""
+        first = -(-offset // BLOCK)
+        last = (offset + length) // BLOCK
+        if first >= last:
+            return []
+        pages = range(first // CHECKS_PER_PAGE, (last - 1) // CHECKS_PER_PAGE + 1)
+        cache = self._cache
+        for page in pages:
+            if page not in cache:
+                return None
+        pins = self._pins
+        for page in pages:
+            pins[page] = pins.get(page, 0) + 1
+            cache.move_to_end(page)
+        return list(pages)
+
     def unpin(self, pages: list[int]) -> None:
         for page in pages:
             count = self._pins[page] - 1
@@ -315,26 +336,28 @@ class BlockChecks:
         """Blocks of a read at `offset` whose bytes disagree with a known
         entry (pages pinned); partial blocks are not checked."""
         view = memoryview(data)
-        first = ceil_div(offset, BLOCK)
+        first = -(-offset // BLOCK)
         last = (offset + len(view)) // BLOCK
         digest = xxhash.xxh3_64_intdigest
+        untrusted = self.untrusted
+        per_region = self.blocks_per_region
         bad = []
         block = first
         while block < last:
             page, index = divmod(block, CHECKS_PER_PAGE)
-            count = min(CHECKS_PER_PAGE - index, last - block)
+            end = min(block - index + CHECKS_PER_PAGE, last)
             entries = self._entries(page)
-            for step in range(count):
-                expected = entries[index + step]
-                if expected == UNKNOWN:
-                    continue
-                current = block + step
-                if current // self.blocks_per_region in self.untrusted:
-                    continue
-                start = current * BLOCK - offset
-                if (digest(view[start : start + BLOCK]) or 1) != expected:
+            start = block * BLOCK - offset
+            for current in range(block, end):
+                expected = entries[current - block + index]
+                if (
+                    expected != UNKNOWN
+                    and current // per_region not in untrusted
+                    and (digest(view[start : start + BLOCK]) or 1) != expected
+                ):
                     bad.append(current)
-            block += count
+                start += BLOCK
+            block = end
         return bad
 
     def checked_pages(self, offset: int, length: int) -> range:

@@ -106,11 +106,15 @@ class MirrorReads:
         checks = self._checks
         pinned: list[int] = []
         if checks is not None:
-            try:
-                pinned = await checks.pin(checks.checked_pages(offset, length))
-            except NodeError as exc:
-                log.warning("storage %s: read not checked: %s", self.storage_name, exc)
-                checks = None
+            cached = checks.pin_cached(offset, length)
+            if cached is not None:
+                pinned = cached
+            else:
+                try:
+                    pinned = await checks.pin(checks.checked_pages(offset, length))
+                except NodeError as exc:
+                    log.warning("storage %s: read not checked: %s", self.storage_name, exc)
+                    checks = None
         try:
             failed: list[tuple[MirrorLeg, BaseException | None]] = []
             rejected: list[tuple[MirrorLeg, ReadData]] = []
@@ -163,7 +167,11 @@ class MirrorReads:
                 # its bytes may be older than a write that went on without it
                 continue
             leg.position = offset + length
-            last = not any(later.readable(regions) for later in legs[position + 1 :])
+            last = True
+            for later in legs[position + 1 :]:
+                if later.readable(regions):
+                    last = False
+                    break
             try:
                 data = await self._router.read(leg, offset, length, last=last)
             except LegSlow:

@@ -38,21 +38,33 @@ class ReadRouter:
     def order(self, regions: range, offset: int = 0) -> list[MirrorLeg]:
         """Readable legs: online ones nearest first (DST), ties broken by
         fewer requests in flight, then in turn; a leg that lately let a read
-        wait `read_timeout` after the others; offline ones last."""
-        legs = [leg for leg in self._legs if leg.readable(regions)]
+        wait `read_timeout` after the others; offline ones last. (Every
+        read calls this: one pass over the legs, no key function; the
+        leg's place in the list is unique, so legs are never compared.)"""
         count = len(self._legs)
         self._rotor += 1
+        rotor = self._rotor
         now = trio.current_time()
-        online = sorted(
-            (leg for leg in legs if leg.online),
-            key=lambda leg: (
-                leg.slow_until > now,
-                abs(leg.position - offset),
-                leg.node.counters.in_flight,
-                (leg.index - self._rotor) % count,
-            ),
-        )
-        return online + [leg for leg in legs if not leg.online]
+        ranked: list[tuple[bool, int, int, int, int, MirrorLeg]] = []
+        offline: list[MirrorLeg] = []
+        for place, leg in enumerate(self._legs):
+            if not leg.readable(regions):
+                continue
+            if leg.online:
+                ranked.append(
+                    (
+                        leg.slow_until > now,
+                        abs(leg.position - offset),
+                        leg.node.counters.in_flight,
+                        (leg.index - rotor) % count,
+                        place,
+                        leg,
+                    )
+                )
+            else:
+                offline.append(leg)
+        ranked.sort()
+        return [rank[-1] for rank in ranked] + offline
 
     async def ask(
         self, leg: MirrorLeg, call: Callable[[MirrorLeg], Awaitable[T]], *, last: bool

@@ -189,7 +189,15 @@ class Request:
         fields = self.__dict__
         if (
             checked_command is not None
-            and type(data) is bytes
+            # bytes, or a plain byte view (a mirror's or a split write's):
+            # len() is then the size in bytes and nothing needs casting
+            and (
+                type(data) is bytes
+                or type(data) is memoryview
+                and data.ndim == 1
+                and data.format == "B"
+                and data.c_contiguous
+            )
             and 0 <= handle < _U64
             and 0 <= offset < _U64
             and 0 <= length < _U32
@@ -250,7 +258,15 @@ class Reply:
         fields = self.__dict__
         if (
             checked_command is not None
-            and type(data) is bytes
+            # bytes, or a plain byte view (a mirror's or a split write's):
+            # len() is then the size in bytes and nothing needs casting
+            and (
+                type(data) is bytes
+                or type(data) is memoryview
+                and data.ndim == 1
+                and data.format == "B"
+                and data.c_contiguous
+            )
             and 0 <= handle < _U64
             and 0 <= status < _U32
             and 0 <= offset < _U64

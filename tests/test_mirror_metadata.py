@@ -9,7 +9,7 @@ import os
 import pytest
 import trio
 import trio.testing
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dstfuse.errors import NodeError
@@ -305,37 +305,31 @@ async def test_checks_store_and_mismatch_across_page_boundaries():
     checks.unpin(pinned)
 
 
-#: offsets and lengths near block and page boundaries, where the rounding is
-_NEAR_BLOCKS = st.tuples(
-    st.integers(min_value=0, max_value=1100), st.sampled_from([0, 1, BLOCK - 1])
-).map(lambda t: t[0] * BLOCK + t[1])
+async def test_pin_cached_pins_cached_pages_as_pin_does_or_nothing():
+    loaded: list[int] = []
 
-
-@given(_NEAR_BLOCKS | st.integers(0, 1100 * BLOCK), _NEAR_BLOCKS | st.integers(0, 600 * BLOCK))
-@example(offset=0, length=512 * BLOCK)  # ends exactly at a page boundary
-@example(offset=510 * BLOCK + 1, length=2 * BLOCK)  # no whole block in page 1
-def test_pin_cached_pins_exactly_the_pages_a_read_check_needs(offset, length):
     async def load(page: int) -> bytes:
+        loaded.append(page)
         return bytes(BLOCK)
 
     async def write(page: int, raw: bytes) -> None:
         pass
 
-    async def main() -> None:
-        checks = BlockChecks(8 * MiB * 512, 1 * MiB, load, write)
-        needed = checks.checked_pages(offset, length)
-        # a page missing from the cache: nothing pinned, the caller must wait
-        if needed:
-            assert checks.pin_cached(offset, length) is None
-            assert not checks._pins
-        held = await checks.pin(checks.touched_pages(offset, length))
-        pinned = checks.pin_cached(offset, length)
-        assert pinned == list(needed)
-        checks.unpin(pinned)
-        checks.unpin(held)
-        assert not checks._pins
-
-    trio.run(main)
+    checks = BlockChecks(64 * MiB, 1 * MiB, load, write, cache_pages=8)
+    held = await checks.pin(range(0, 3))
+    # one page of the range is not cached: nothing is pinned, nothing loaded
+    assert checks.pin_cached(range(2, 4)) is None
+    assert checks._pins == {0: 1, 1: 1, 2: 1} and loaded == [0, 1, 2]
+    pinned = checks.pin_cached(range(0, 1))
+    assert pinned == [0] and checks._pins == {0: 2, 1: 1, 2: 1}
+    checks.unpin(held)
+    assert checks._pins == {0: 1}
+    checks.unpin(pinned)
+    assert not checks._pins
+    # page 0 was used last: the first page evicted is page 1, the oldest
+    for page in range(3, 9):
+        checks.unpin(await checks.pin([page]))
+    assert 1 not in checks._cache and 0 in checks._cache and 2 in checks._cache
 
 
 @given(

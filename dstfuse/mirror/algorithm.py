@@ -330,8 +330,10 @@ class Mirror(Algorithm):
             pinned: list[int] = []
             try:
                 if checks is not None:
+                    pages = checks.touched_pages(offset, length)
                     try:
-                        pinned = await checks.pin(checks.touched_pages(offset, length))
+                        cached = checks.pin_cached(pages)
+                        pinned = cached if cached is not None else await checks.pin(pages)
                     except NodeError as exc:
                         log.warning("storage %s: %s; range not checked", self.storage_name, exc)
                         checks.distrust(regions)

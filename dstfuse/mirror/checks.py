@@ -173,17 +173,11 @@ class BlockChecks:
             raise
         return pinned
 
-    def pin_cached(self, offset: int, length: int) -> list[int] | None:
-        """Pin the pages a read of [offset, +length) needs for its check
-        (`checked_pages`) without waiting, when all of them are cached
-        already: what `pin` does then (count the pin, mark the page
-        recently used; nothing is added, so nothing is evicted). None, with
-        nothing pinned, when one is not cached (then `pin` them)."""
-        first = -(-offset // BLOCK)
-        last = (offset + length) // BLOCK
-        if first >= last:
-            return []
-        pages = range(first // CHECKS_PER_PAGE, (last - 1) // CHECKS_PER_PAGE + 1)
+    def pin_cached(self, pages: range) -> list[int] | None:
+        """`pin` without waiting when every page is cached already: what
+        `pin` does then (count the pin, mark the page recently used;
+        nothing is added, so nothing is evicted). None, with nothing
+        pinned, when one is not cached (then `pin` them)."""
         cache = self._cache
         for page in pages:
             if page not in cache:

@@ -106,12 +106,13 @@ class MirrorReads:
         checks = self._checks
         pinned: list[int] = []
         if checks is not None:
-            cached = checks.pin_cached(offset, length)
+            pages = checks.checked_pages(offset, length)
+            cached = checks.pin_cached(pages)
             if cached is not None:
                 pinned = cached
             else:
                 try:
-                    pinned = await checks.pin(checks.checked_pages(offset, length))
+                    pinned = await checks.pin(pages)
                 except NodeError as exc:
                     log.warning("storage %s: read not checked: %s", self.storage_name, exc)
                     checks = None

@@ -484,3 +484,17 @@ def test_a_forged_frame_and_a_sent_frame_are_read_alike():
     server.receive_data(sent + forged)
     assert drain(server) == [Request(Command.WRITE, 3, 8, 2, Flag.FUA, b"hi"),
                              Request(Command.WRITE, 4, 8, 2, Flag.FUA, b"hi")]
+
+
+def test_a_released_view_gives_the_field_by_field_error():
+    """With another field bad too, the field's error comes first, as the
+    field-by-field checks give it; alone, the view's own error."""
+    released = memoryview(b"abc")
+    released.release()
+    for fields in (
+        dict(command=Command.WRITE, handle=-1, offset=0, length=3, flags=Flag.NONE),
+        dict(command=Command.WRITE, handle=1, offset=0, length=3, flags=Flag.NONE),
+    ):
+        assert outcome(lambda f=fields: Request(**f, data=released)) == outcome(
+            lambda f=fields: checked_field_by_field(Request, **f, data=released)
+        )

@@ -174,10 +174,12 @@ class BlockChecks:
         return pinned
 
     def pin_cached(self, pages: range) -> list[int] | None:
-        """`pin` without waiting when every page is cached already: what
-        `pin` does then (count the pin, mark the page recently used;
-        nothing is added, so nothing is evicted). None, with nothing
-        pinned, when one is not cached (then `pin` them)."""
+        """`pin` without waiting when every page is cached already: count
+        the pins and mark the pages recently used, as `pin` does. It adds
+        nothing, so it never evicts: a cache over its bound (every page was
+        pinned at once) or a long queue of evicted pages is dealt with by the
+        next `pin` that loads a page. None, with nothing pinned, when one is
+        not cached (then `pin` them)."""
         cache = self._cache
         for page in pages:
             if page not in cache:

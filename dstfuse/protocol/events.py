@@ -189,8 +189,12 @@ class Request:
         fields = self.__dict__
         if (
             checked_command is not None
+            and 0 <= handle < _U64
+            and 0 <= offset < _U64
+            and 0 <= length < _U32
             # bytes, or a plain byte view (a mirror's or a split write's):
-            # len() is then the size in bytes and nothing needs casting
+            # len() is then the size in bytes and nothing needs casting (a
+            # released view raises here, after the fields' own checks)
             and (
                 type(data) is bytes
                 or type(data) is memoryview
@@ -198,9 +202,6 @@ class Request:
                 and data.format == "B"
                 and data.c_contiguous
             )
-            and 0 <= handle < _U64
-            and 0 <= offset < _U64
-            and 0 <= length < _U32
             and len(data) == (length if checked_command is _WRITE else 0)
         ):
             _fill_request(fields, checked_command, handle, offset, length, checked_flags, data)
@@ -258,8 +259,13 @@ class Reply:
         fields = self.__dict__
         if (
             checked_command is not None
+            and 0 <= handle < _U64
+            and 0 <= status < _U32
+            and 0 <= offset < _U64
+            and 0 <= length < _U32
             # bytes, or a plain byte view (a mirror's or a split write's):
-            # len() is then the size in bytes and nothing needs casting
+            # len() is then the size in bytes and nothing needs casting (a
+            # released view raises here, after the fields' own checks)
             and (
                 type(data) is bytes
                 or type(data) is memoryview
@@ -267,10 +273,6 @@ class Reply:
                 and data.format == "B"
                 and data.c_contiguous
             )
-            and 0 <= handle < _U64
-            and 0 <= status < _U32
-            and 0 <= offset < _U64
-            and 0 <= length < _U32
             and len(data) < _U32
         ):
             _fill_reply(fields, checked_command, handle, status, offset, length, data)

@@ -64,6 +64,18 @@ def _command(event: object, value: int) -> Command:
     return command
 
 
+def _plain_bytes(data: object) -> bool:
+    """bytes, or a plain byte view (a mirror's view of a FUSE write, a
+    split write's piece): len() is then the size in bytes and nothing needs
+    casting, so the constructors' fast test may take it as it is."""
+    return type(data) is bytes or (
+        type(data) is memoryview
+        and data.ndim == 1
+        and data.format == "B"
+        and data.c_contiguous
+    )
+
+
 def _data(event: object, value: object) -> int:
     """Check the data is a byte buffer; return its size in bytes."""
     if isinstance(value, bytes | bytearray):
@@ -192,16 +204,7 @@ class Request:
             and 0 <= handle < _U64
             and 0 <= offset < _U64
             and 0 <= length < _U32
-            # bytes, or a plain byte view (a mirror's or a split write's):
-            # len() is then the size in bytes and nothing needs casting (a
-            # released view raises here, after the fields' own checks)
-            and (
-                type(data) is bytes
-                or type(data) is memoryview
-                and data.ndim == 1
-                and data.format == "B"
-                and data.c_contiguous
-            )
+            and _plain_bytes(data)  # after the fields: a released view raises
             and len(data) == (length if checked_command is _WRITE else 0)
         ):
             _fill_request(fields, checked_command, handle, offset, length, checked_flags, data)
@@ -263,16 +266,7 @@ class Reply:
             and 0 <= status < _U32
             and 0 <= offset < _U64
             and 0 <= length < _U32
-            # bytes, or a plain byte view (a mirror's or a split write's):
-            # len() is then the size in bytes and nothing needs casting (a
-            # released view raises here, after the fields' own checks)
-            and (
-                type(data) is bytes
-                or type(data) is memoryview
-                and data.ndim == 1
-                and data.format == "B"
-                and data.c_contiguous
-            )
+            and _plain_bytes(data)  # after the fields: a released view raises
             and len(data) < _U32
         ):
             _fill_reply(fields, checked_command, handle, status, offset, length, data)

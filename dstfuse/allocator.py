@@ -1,4 +1,4 @@
-"""Keep large I/O buffers in the C heap instead of mapping them per request.
+"""Keep large I/O buffers in the C heap while busy; return it when idle.
 
 glibc serves an allocation above its mmap threshold (128 KiB at first,
 raised on the fly) with a fresh mapping, and hands the top of its heap
@@ -11,13 +11,25 @@ per 4 KiB page (about 128 per 512 KiB) when it is first written.
 `MMAP_THRESHOLD` come from the heap, and up to `TRIM_THRESHOLD` of free heap
 is kept for the next requests. The process's peak memory is unchanged (the
 same buffers are live at the peak); what it keeps between bursts grows by
-at most `TRIM_THRESHOLD`. Never fails: without glibc it does nothing.
+at most `TRIM_THRESHOLD`, and by the buffers freed below the heap's top,
+which glibc never hands back by itself. Never fails: without glibc it does
+nothing.
+
+`return_free_heap_when_idle` is the other half, for the mount daemon: once
+a period passed in which the process did (almost) no work after one in
+which it did, it hands the heap's free pages back to the kernel
+(`malloc_trim`), so that a daemon that wrote a burst does not stay at the
+burst's high-water mark. The pages are faulted in again only when the next
+burst uses them, once, not on every request.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import time
+
+import trio
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +39,96 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 8 << 20
 #: Free heap kept for later requests instead of being returned at once.
 TRIM_THRESHOLD = 32 << 20
+#: How long a quiet spell must last before free heap is returned.
+IDLE_PERIOD = 2.0
+#: A period in which the process used less CPU than this share of it is
+#: quiet (keepalives and control-tree reads cost far less).
+QUIET_CPU_SHARE = 0.02
+#: Free heap below this is not worth a `malloc_trim`.
+RETURN_AT_LEAST = 8 << 20
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]
+
+
+class GlibcHeap:
+    """The process's glibc heap: how much of it is free, and handing that
+    back to the kernel."""
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self._mallinfo2 = libc.mallinfo2
+        self._mallinfo2.argtypes = []
+        self._mallinfo2.restype = _Mallinfo2
+        self._malloc_trim = libc.malloc_trim
+        self._malloc_trim.argtypes = [ctypes.c_size_t]
+        self._malloc_trim.restype = ctypes.c_int
+
+    @classmethod
+    def open(cls) -> GlibcHeap | None:
+        """The heap, or None without glibc (2.33 or later, for mallinfo2)."""
+        try:
+            return cls(ctypes.CDLL(None))
+        except (OSError, AttributeError):
+            return None
+
+    def free_bytes(self) -> int:
+        """Bytes of free chunks in the heap (`mallinfo2().fordblks`); those
+        already handed back still count, as glibc keeps them for reuse."""
+        return self._mallinfo2().fordblks
+
+    def return_free(self) -> None:
+        """Hand every free page of the heap back to the kernel."""
+        self._malloc_trim(0)
+
+
+class QuietSpells:
+    """When to return free heap: at the first quiet period after a busy one
+    (a period is quiet under QUIET_CPU_SHARE of its length in CPU time), and
+    only with at least RETURN_AT_LEAST free. Once per quiet spell: what was
+    returned stays counted as free (`GlibcHeap.free_bytes`), so a return
+    in every quiet period would only repeat itself."""
+
+    def __init__(self, period: float) -> None:
+        self._quiet_cpu = period * QUIET_CPU_SHARE
+        self._worked = False
+
+    def should_return(self, cpu_used: float, free_heap: int) -> bool:
+        """After a period that used `cpu_used` seconds of CPU, with
+        `free_heap` bytes free now: return the free heap now?"""
+        if cpu_used >= self._quiet_cpu:
+            self._worked = True
+            return False
+        if not self._worked or free_heap < RETURN_AT_LEAST:
+            return False
+        self._worked = False
+        return True
+
+
+async def return_free_heap_when_idle(period: float = IDLE_PERIOD) -> None:
+    """Every `period`, hand the heap's free pages back to the kernel when
+    `QuietSpells` says so; runs until cancelled (returns at once without
+    glibc)."""
+    heap = GlibcHeap.open()
+    if heap is None:
+        log.debug("no glibc heap to return when idle")
+        return
+    spells = QuietSpells(period)
+    cpu = time.process_time()
+    while True:
+        await trio.sleep(period)
+        now = time.process_time()
+        used, cpu = now - cpu, now
+        free = heap.free_bytes()
+        if spells.should_return(used, free):
+            heap.return_free()
+            log.debug("idle: returned the heap's free pages (%d MiB) to the kernel", free >> 20)
 
 
 def keep_io_buffers() -> bool:

@@ -48,7 +48,7 @@ import trio
 
 from . import busypoll, congestion, sdnotify
 from .algorithms import ControlFile
-from .allocator import keep_io_buffers
+from .allocator import keep_io_buffers, return_free_heap_when_idle
 from .assembly import Assembly, open_assembly
 from .config import MountConfig, load_mount_config, parse_mount_options
 from .control import DAEMON_FILE, RELOAD_FILE, ControlTree, DaemonInfo
@@ -296,6 +296,7 @@ class MountDaemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
+                nursery.start_soon(return_free_heap_when_idle)
                 try:
                     result = await self._mount_and_serve()
                 except BaseException as exc:

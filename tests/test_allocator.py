@@ -1,11 +1,14 @@
 """`keep_io_buffers`: request-sized buffers stop costing fresh pages (page
-faults) on every request once the thresholds are set. Measured in a child
-process each, since the setting is process-wide."""
+faults) on every request once the thresholds are set; the heap they leave
+free is handed back when the process is quiet. Measured in a child process
+each, since the setting is process-wide."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+from dstfuse.allocator import QUIET_CPU_SHARE, RETURN_AT_LEAST, QuietSpells
 
 _CHILD = """
 import resource, sys
@@ -37,3 +40,47 @@ def test_request_buffers_are_reused_instead_of_faulted_in_again():
     default, kept = _faults("default"), _faults("keep")
     assert default > 200 * 100  # glibc alone: about a fresh page per 4 KiB per request
     assert kept < default / 20
+
+
+_HEAP_CHILD = """
+import sys
+from dstfuse.allocator import GlibcHeap, keep_io_buffers
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+assert keep_io_buffers()
+heap = GlibcHeap.open()
+buffers = [bytearray(512 << 10) for _ in range(160)]  # 80 MiB, every page touched
+top = bytearray(512 << 10)  # the heap's top stays in use: glibc trims no hole below it
+del buffers
+print(heap.free_bytes(), rss(), end=" ")
+heap.return_free()
+print(rss())
+"""
+
+
+def test_the_heap_hands_back_freed_buffers_below_its_top():
+    """What glibc keeps by itself (the freed buffers below a live one) is
+    free heap, and `return_free` gives its pages back to the kernel."""
+    done = subprocess.run(
+        [sys.executable, "-c", _HEAP_CHILD], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    free, before, after = map(int, done.stdout.split())
+    assert free >= 78 << 20
+    assert before - after >= 70 << 20, (before >> 20, after >> 20)
+
+
+def test_free_heap_is_returned_once_per_quiet_spell_after_work():
+    period = 2.0
+    busy, quiet = period * QUIET_CPU_SHARE, period * QUIET_CPU_SHARE / 2
+    plenty, little = RETURN_AT_LEAST, RETURN_AT_LEAST - 1
+    spells = QuietSpells(period)
+    assert not spells.should_return(quiet, plenty)  # nothing was done yet
+    assert not spells.should_return(busy, plenty)  # working: the heap is in use
+    assert spells.should_return(quiet, plenty)  # the first quiet period after it
+    assert not spells.should_return(quiet, plenty)  # once: what was returned counts as free
+    assert not spells.should_return(busy, plenty)
+    assert not spells.should_return(quiet, little)  # not worth it
+    assert spells.should_return(quiet, plenty)  # still owed: nothing was returned yet
+    assert not spells.should_return(quiet, plenty)

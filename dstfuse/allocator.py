@@ -15,11 +15,11 @@ at most `TRIM_THRESHOLD`, and by the buffers freed below the heap's top,
 which glibc never hands back by itself. Never fails: without glibc it does
 nothing.
 
-`return_free_heap_when_idle` is the other half, for the mount daemon: once
-a period passed in which the process did (almost) no work after one in
-which it did, it hands the heap's free pages back to the kernel
-(`malloc_trim`), so that a daemon that wrote a burst does not stay at the
-burst's high-water mark. The pages are faulted in again only when the next
+`return_free_heap_when_idle` is the other half, for the mount daemon: in a
+period in which the process did (almost) no work, with enough of its heap
+freed since it last did so, it hands the heap's free pages back to the
+kernel (`malloc_trim`), so that a daemon that wrote a burst does not stay
+at the burst's high-water mark. The pages are faulted in again only when the next
 burst uses them, once, not on every request.
 """
 
@@ -89,25 +89,26 @@ class GlibcHeap:
 
 
 class QuietSpells:
-    """When to return free heap: at the first quiet period after a busy one
-    (a period is quiet under QUIET_CPU_SHARE of its length in CPU time), and
-    only with at least RETURN_AT_LEAST free. Once per quiet spell: what was
-    returned stays counted as free (`GlibcHeap.free_bytes`), so a return
-    in every quiet period would only repeat itself."""
+    """When to return free heap: in a quiet period (under QUIET_CPU_SHARE
+    of its length in CPU time), when at least RETURN_AT_LEAST became free
+    since the last return. What was returned stays counted as free
+    (`GlibcHeap.free_bytes`), so within one quiet spell only what was freed
+    since (cyclic garbage collected later, say) counts; after a busy period
+    all of it does, as the returned pages may have been used again."""
 
     def __init__(self, period: float) -> None:
         self._quiet_cpu = period * QUIET_CPU_SHARE
-        self._worked = False
+        self._returned = 0  # free heap at the last return, this quiet spell
 
     def should_return(self, cpu_used: float, free_heap: int) -> bool:
         """After a period that used `cpu_used` seconds of CPU, with
         `free_heap` bytes free now: return the free heap now?"""
         if cpu_used >= self._quiet_cpu:
-            self._worked = True
+            self._returned = 0
             return False
-        if not self._worked or free_heap < RETURN_AT_LEAST:
+        if free_heap - self._returned < RETURN_AT_LEAST:
             return False
-        self._worked = False
+        self._returned = free_heap
         return True
 
 

@@ -71,16 +71,15 @@ def test_the_heap_hands_back_freed_buffers_below_its_top():
     assert before - after >= 70 << 20, (before >> 20, after >> 20)
 
 
-def test_free_heap_is_returned_once_per_quiet_spell_after_work():
+def test_free_heap_is_returned_in_quiet_periods_when_enough_was_freed_since():
     period = 2.0
     busy, quiet = period * QUIET_CPU_SHARE, period * QUIET_CPU_SHARE / 2
-    plenty, little = RETURN_AT_LEAST, RETURN_AT_LEAST - 1
+    enough = RETURN_AT_LEAST
     spells = QuietSpells(period)
-    assert not spells.should_return(quiet, plenty)  # nothing was done yet
-    assert not spells.should_return(busy, plenty)  # working: the heap is in use
-    assert spells.should_return(quiet, plenty)  # the first quiet period after it
-    assert not spells.should_return(quiet, plenty)  # once: what was returned counts as free
-    assert not spells.should_return(busy, plenty)
-    assert not spells.should_return(quiet, little)  # not worth it
-    assert spells.should_return(quiet, plenty)  # still owed: nothing was returned yet
-    assert not spells.should_return(quiet, plenty)
+    assert not spells.should_return(quiet, enough - 1)  # not worth it
+    assert spells.should_return(quiet, enough)
+    assert not spells.should_return(quiet, enough)  # returned already: still counted free
+    assert not spells.should_return(quiet, 2 * enough - 1)
+    assert spells.should_return(quiet, 2 * enough)  # freed since (garbage collected late)
+    assert not spells.should_return(busy, 3 * enough)  # working: the heap is in use
+    assert spells.should_return(quiet, enough)  # the work may have used the pages again

@@ -18,6 +18,14 @@ MiB = 1 << 20
 BURST = 96 * MiB
 #: The daemon's IDLE_PERIOD is 2 s: a quiet spell is seen within two periods.
 SETTLE = 20.0
+#: What the daemon may keep over its resident size before the burst: live
+#: memory, not free heap. Each handler task keeps its request buffer (1 MiB)
+#: while idle (dstfuse/fs.py, DEFAULT_IDLE_WORKERS), and every task that
+#: took one of the burst's 1 MiB writes has all of its pages touched: about
+#: one per request in flight; measured 6-11 MiB once settled, up to 18 on
+#: the way there. Without the return the daemon stays 40-70 MiB higher,
+#: wherever glibc's own trim of the heap's top leaves it.
+SLACK = 20 * MiB
 
 
 def resident(pid: int) -> int:
@@ -29,9 +37,9 @@ def test_a_quiet_mount_daemon_returns_what_a_write_burst_left_in_its_heap(tmp_pa
     """96 MiB of 1 MiB writes, 8 at once, kept for replay until the fsync releases
     them (so the heap has held up to the 64 MiB replay buffer and the
     requests in flight); once the daemon is quiet, its resident memory must
-    fall by at least a third of the burst. Without the return, glibc keeps
-    the freed buffers below the heap's top, and the daemon stays at its
-    high-water mark."""
+    come back to within SLACK of what it was before the burst. Without the
+    return, glibc keeps the freed buffers below the heap's top, and the
+    daemon stays near its high-water mark."""
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
     disk = tmp_path / "disk.img"
@@ -43,6 +51,7 @@ def test_a_quiet_mount_daemon_returns_what_a_write_burst_left_in_its_heap(tmp_pa
             {"vol": {"algorithm": "linear", "nodes": [{"remote": node.address}]}},
         )
         with mounted(config, tmp_path / "mnt") as mount:
+            before = resident(mount.pid)
             run(
                 "fio", "--name=burst", f"--filename={mount.file('vol')}", "--rw=write",
                 "--bs=1M", "--iodepth=8", "--ioengine=libaio", "--direct=1",
@@ -50,9 +59,9 @@ def test_a_quiet_mount_daemon_returns_what_a_write_burst_left_in_its_heap(tmp_pa
             )  # fmt: skip
             after_burst = resident(mount.pid)
             deadline = time.monotonic() + SETTLE
-            while (now := resident(mount.pid)) > after_burst - BURST // 3:
+            while (now := resident(mount.pid)) > before + SLACK:
                 assert time.monotonic() < deadline, (
-                    f"resident {now >> 20} MiB {SETTLE:g} s after the burst, "
-                    f"{after_burst >> 20} MiB right after it"
+                    f"resident {now >> 20} MiB {SETTLE:g} s after the burst: "
+                    f"{before >> 20} MiB before it, {after_burst >> 20} MiB right after it"
                 )
                 time.sleep(0.5)

@@ -16,11 +16,14 @@ which glibc never hands back by itself. Never fails: without glibc it does
 nothing.
 
 `return_free_heap_when_idle` is the other half, for the mount daemon: in a
-period in which the process did (almost) no work, with enough of its heap
-freed since it last did so, it hands the heap's free pages back to the
-kernel (`malloc_trim`), so that a daemon that wrote a burst does not stay
-at the burst's high-water mark. The pages are faulted in again only when the next
-burst uses them, once, not on every request.
+period in which the process did (almost) no work, it first lets go of what
+idle parts of the process hold for the next burst (the caller's
+`release_idle`: surplus FUSE handler tasks and their request buffers),
+then, with enough of its heap freed since it last did so, it hands the
+heap's free pages back to the kernel (`malloc_trim`), so that a daemon
+that wrote a burst does not stay at the burst's high-water mark. The pages
+are faulted in again only when the next burst uses them, once, not on
+every request.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -46,6 +50,9 @@ IDLE_PERIOD = 2.0
 QUIET_CPU_SHARE = 0.02
 #: Free heap below this is not worth a `malloc_trim`.
 RETURN_AT_LEAST = 8 << 20
+#: How long what `release_idle` let go gets to be freed (the tasks it
+#: retired run their last steps) before the heap is measured.
+RELEASE_SETTLE = 0.05
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -100,10 +107,14 @@ class QuietSpells:
         self._quiet_cpu = period * QUIET_CPU_SHARE
         self._returned = 0  # free heap at the last return, this quiet spell
 
+    def quiet(self, cpu_used: float) -> bool:
+        """Was a period that used `cpu_used` seconds of CPU quiet?"""
+        return cpu_used < self._quiet_cpu
+
     def should_return(self, cpu_used: float, free_heap: int) -> bool:
         """After a period that used `cpu_used` seconds of CPU, with
         `free_heap` bytes free now: return the free heap now?"""
-        if cpu_used >= self._quiet_cpu:
+        if not self.quiet(cpu_used):
             self._returned = 0
             return False
         if free_heap - self._returned < RETURN_AT_LEAST:
@@ -112,9 +123,17 @@ class QuietSpells:
         return True
 
 
-async def return_free_heap_when_idle(period: float = IDLE_PERIOD) -> None:
-    """Every `period`, hand the heap's free pages back to the kernel when
-    `QuietSpells` says so; runs until cancelled (returns at once without
+def _nothing_to_release() -> int:
+    return 0
+
+
+async def return_free_heap_when_idle(
+    period: float = IDLE_PERIOD, release_idle: Callable[[], int] = _nothing_to_release
+) -> None:
+    """Every `period`: if it was quiet, call `release_idle` (which lets go
+    of what idle parts of the process keep, and says how many it told to
+    go); then hand the heap's free pages back to the kernel when
+    `QuietSpells` says so. Runs until cancelled (returns at once without
     glibc)."""
     heap = GlibcHeap.open()
     if heap is None:
@@ -126,6 +145,8 @@ async def return_free_heap_when_idle(period: float = IDLE_PERIOD) -> None:
         await trio.sleep(period)
         now = time.process_time()
         used, cpu = now - cpu, now
+        if spells.quiet(used) and release_idle():
+            await trio.sleep(RELEASE_SETTLE)
         free = heap.free_bytes()
         if spells.should_return(used, free):
             heap.return_free()

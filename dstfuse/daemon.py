@@ -48,7 +48,7 @@ import trio
 
 from . import busypoll, congestion, sdnotify
 from .algorithms import ControlFile
-from .allocator import keep_io_buffers, return_free_heap_when_idle
+from .allocator import IDLE_PERIOD, keep_io_buffers, return_free_heap_when_idle
 from .assembly import Assembly, open_assembly
 from .config import MountConfig, load_mount_config, parse_mount_options
 from .control import DAEMON_FILE, RELOAD_FILE, ControlTree, DaemonInfo
@@ -288,6 +288,14 @@ class MountDaemon:
     def fuse_options(self) -> set[str]:
         return {name for name in FUSE_OPTIONS if self.options.get(name)}
 
+    def _retire_idle_workers(self) -> int:
+        """The quiet daemon's FUSE handler tasks beyond the few kept retire
+        (`FuseSession.retire_idle_workers`); how many."""
+        retired = 0 if self._session is None else self._session.retire_idle_workers()
+        if retired:
+            log.debug("%s: quiet: %d idle FUSE handler tasks retired", self.mountpoint, retired)
+        return retired
+
     async def run(self) -> int:
         error: BaseException | None = None
         result = 1
@@ -296,7 +304,9 @@ class MountDaemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
-                nursery.start_soon(return_free_heap_when_idle)
+                nursery.start_soon(
+                    return_free_heap_when_idle, IDLE_PERIOD, self._retire_idle_workers
+                )
                 try:
                     result = await self._mount_and_serve()
                 except BaseException as exc:

@@ -68,10 +68,14 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: Idle handler tasks kept waiting for requests (pyfuse3's `min_tasks`);
-#: more retire, each freeing its request buffer (about 1 MiB of address
-#: space, of which only the pages its requests touched are memory).
+#: Idle handler tasks kept waiting for requests while the mount is busy
+#: (pyfuse3's `min_tasks`); more retire, each freeing its request buffer
+#: (about 1 MiB of address space, of which the pages its requests touched
+#: are memory: all of it once the task took a 1 MiB write, and idle tasks
+#: take turns, so after sequential I/O every idle task holds about 1 MiB).
 DEFAULT_IDLE_WORKERS = 64
+#: Idle handler tasks kept once the daemon is quiet (`retire_idle_workers`).
+IDLE_WORKERS_WHEN_QUIET = 2
 #: pyfuse3's `max_tasks`, i.e. none: pyfuse3 starts a handler task whenever
 #: a request arrives with no task idle, so that requests waiting on a silent
 #: node never leave the next request unread (a ceiling would: once that
@@ -613,6 +617,15 @@ class FuseSession:
         if self._mounted and not self._stopped:
             self._stopped = True
             pyfuse3.terminate()  # wakes the idle worker waiting on /dev/fuse
+
+    def retire_idle_workers(self) -> int:
+        """Retire the idle handler tasks beyond IDLE_WORKERS_WHEN_QUIET, so
+        that a quiet daemon does not keep a request buffer for each task
+        the last burst needed; how many were told to go (0 without our
+        reader, whose wait is what can retire them)."""
+        if self._reader is None:
+            return 0
+        return self._reader.retire_idle(IDLE_WORKERS_WHEN_QUIET)
 
     def close(self, *, unmount: bool = True) -> None:
         """Destroy the session; with `unmount`, also unmount (lazily, so an

@@ -37,6 +37,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 import pyfuse3
+import trio
 
 from . import busypoll
 
@@ -256,7 +257,9 @@ class FuseReader:
     pyfuse3's wait enters trio's `wait_readable`, one worker at a time under
     its lock (trio allows one waiter per descriptor), and a woken worker's
     release of that lock hands the wait to the next idle one. It returns
-    False only when `idle_wait` does (the session is ending), and True when
+    False only when `idle_wait` does (the session is ending) or to a worker
+    `retire_idle` retired (which pyfuse3 then ends as it ends a worker
+    beyond `min_tasks`; at least one idle worker always stays), and True when
     the kernel reports the mount gone (POLLERR; the read then fails with
     ENODEV, which ends pyfuse3's session). Installed through pyfuse3's
     module attribute, which its compiled loop looks up on every call; if the
@@ -277,6 +280,8 @@ class FuseReader:
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
         self._idle_wait = idle_wait
+        #: The cancel scopes of the workers in the idle wait, longest first.
+        self._idle: dict[trio.CancelScope, None] = {}
         self._original: Callable[[], Awaitable[bool]] | None = None
 
     @classmethod
@@ -319,7 +324,26 @@ class FuseReader:
 
     async def wait_readable(self) -> bool:
         while not self._poll.poll(0):
-            if not await self._idle_wait():
+            with trio.CancelScope() as waiting:
+                self._idle[waiting] = None
+                try:
+                    readable = await self._idle_wait()
+                finally:
+                    del self._idle[waiting]
+            if waiting.cancelled_caught or not readable:
                 return False
         busypoll.poke()
         return True
+
+    def retire_idle(self, keep: int) -> int:
+        """Retire the workers now in the idle wait but the `keep` (at least
+        one) that have waited longest, and say how many: their waits return
+        False, so pyfuse3's loop ends them, freeing each one's request
+        buffer. Workers running a handler are not touched, and the longest
+        waiters (the one holding the wait on the descriptor among them)
+        stay, so the next request is read as before; pyfuse3 starts workers
+        again as requests need them."""
+        surplus = list(self._idle)[max(1, keep) :]
+        for waiting in surplus:
+            waiting.cancel()
+        return len(surplus)

@@ -200,6 +200,43 @@ async def test_requests_stuck_in_handlers_never_leave_the_next_one_unread(pipe):
     assert loop.task_count == 0
 
 
+async def test_idle_workers_retire_down_to_those_kept_and_the_next_request_is_read(pipe):
+    """A quiet daemon retires its surplus idle workers (fs.py,
+    `retire_idle_workers`): only workers in the idle wait go, the longest
+    waiting `keep` stay (never none), workers in handlers are untouched, and
+    requests are read as before, with workers started again as they need."""
+    read_end, write_end = pipe
+    node = trio.Event()
+
+    async def handle(request: bytes) -> None:
+        if request == b"n":
+            await node.wait()
+
+    loop = PyfuseLoop(read_end, handler=handle, min_tasks=100)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            loop.start(nursery, 8)
+            os.write(write_end, b"nnn")  # three requests stuck in their handlers
+            await trio.testing.wait_all_tasks_blocked()
+            idle = loop.active_readers  # (reads may have started more workers)
+            assert loop.task_count - idle == 3 and idle >= 5
+            assert loop.reader.retire_idle(2) == idle - 2
+            await trio.testing.wait_all_tasks_blocked()
+            assert loop.task_count == 3 + 2 and loop.active_readers == 2
+            assert loop.reader.retire_idle(0) == 1  # one always stays
+            await trio.testing.wait_all_tasks_blocked()
+            assert loop.task_count == 3 + 1 and loop.active_readers == 1
+            assert loop.reader.retire_idle(1) == 0
+            os.write(write_end, b"nns")
+            await trio.testing.wait_all_tasks_blocked()
+            assert loop.read == [b"n"] * 5 + [b"s"]
+            assert loop.active_readers >= 1  # workers started again as needed
+            node.set()
+            await trio.testing.wait_all_tasks_blocked()
+            loop.terminate()
+    assert loop.task_count == 0
+
+
 async def test_a_wakeup_whose_request_another_worker_took_waits_again(pipe):
     """The idle wait says readable, but a worker polling meanwhile read the
     request: the reader must wait again, not send its caller to a read that

@@ -31,7 +31,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -123,12 +123,13 @@ class QuietSpells:
         return True
 
 
-def _nothing_to_release() -> int:
+async def _nothing_to_release() -> int:
     return 0
 
 
 async def return_free_heap_when_idle(
-    period: float = IDLE_PERIOD, release_idle: Callable[[], int] = _nothing_to_release
+    period: float = IDLE_PERIOD,
+    release_idle: Callable[[], Awaitable[int]] = _nothing_to_release,
 ) -> None:
     """Every `period`: if it was quiet, call `release_idle` (which lets go
     of what idle parts of the process keep, and says how many it told to
@@ -145,7 +146,7 @@ async def return_free_heap_when_idle(
         await trio.sleep(period)
         now = time.process_time()
         used, cpu = now - cpu, now
-        if spells.quiet(used) and release_idle():
+        if spells.quiet(used) and await release_idle():
             await trio.sleep(RELEASE_SETTLE)
         free = heap.free_bytes()
         if spells.should_return(used, free):

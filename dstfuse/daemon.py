@@ -288,10 +288,10 @@ class MountDaemon:
     def fuse_options(self) -> set[str]:
         return {name for name in FUSE_OPTIONS if self.options.get(name)}
 
-    def _retire_idle_workers(self) -> int:
+    async def _retire_idle_workers(self) -> int:
         """The quiet daemon's FUSE handler tasks beyond the few kept retire
         (`FuseSession.retire_idle_workers`); how many."""
-        retired = 0 if self._session is None else self._session.retire_idle_workers()
+        retired = 0 if self._session is None else await self._session.retire_idle_workers()
         if retired:
             log.debug("%s: quiet: %d idle FUSE handler tasks retired", self.mountpoint, retired)
         return retired

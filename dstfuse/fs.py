@@ -618,14 +618,14 @@ class FuseSession:
             self._stopped = True
             pyfuse3.terminate()  # wakes the idle worker waiting on /dev/fuse
 
-    def retire_idle_workers(self) -> int:
+    async def retire_idle_workers(self) -> int:
         """Retire the idle handler tasks beyond IDLE_WORKERS_WHEN_QUIET, so
         that a quiet daemon does not keep a request buffer for each task
         the last burst needed; how many were told to go (0 without our
         reader, whose wait is what can retire them)."""
         if self._reader is None:
             return 0
-        return self._reader.retire_idle(IDLE_WORKERS_WHEN_QUIET)
+        return await self._reader.retire_idle(IDLE_WORKERS_WHEN_QUIET)
 
     def close(self, *, unmount: bool = True) -> None:
         """Destroy the session; with `unmount`, also unmount (lazily, so an

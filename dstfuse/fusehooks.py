@@ -257,9 +257,10 @@ class FuseReader:
     pyfuse3's wait enters trio's `wait_readable`, one worker at a time under
     its lock (trio allows one waiter per descriptor), and a woken worker's
     release of that lock hands the wait to the next idle one. It returns
-    False only when `idle_wait` does (the session is ending) or to a worker
-    `retire_idle` retired (which pyfuse3 then ends as it ends a worker
-    beyond `min_tasks`; at least one idle worker always stays), and True when
+    False only when `idle_wait` does: the session is ending, or
+    `retire_idle` woke the worker to retire it (pyfuse3 then ends it as it
+    ends a worker beyond `min_tasks`; at least one idle worker always
+    stays). It returns True when
     the kernel reports the mount gone (POLLERR; the read then fails with
     ENODEV, which ends pyfuse3's session). Installed through pyfuse3's
     module attribute, which its compiled loop looks up on every call; if the
@@ -274,14 +275,19 @@ class FuseReader:
     #: idle-worker count kept by `_wait_fuse_readable`). Another release
     #: keeps pyfuse3's own wait (slower, always safe) until checked.
     VERIFIED_PYFUSE3 = frozenset({"3.5"})
+    #: Time for the next idle worker to take over the wait on the
+    #: descriptor after `retire_idle` woke the one there.
+    RETIRE_HANDOVER = 0.002
+    #: The longest one `retire_idle` goes on (about 3 ms per worker).
+    RETIRE_WITHIN = 1.0
 
     def __init__(self, fd: int, idle_wait: Callable[[], Awaitable[bool]]) -> None:
         self._fd = fd
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
         self._idle_wait = idle_wait
-        #: The cancel scopes of the workers in the idle wait, longest first.
-        self._idle: dict[trio.CancelScope, None] = {}
+        #: Workers now in the idle wait (pyfuse3's own count is not visible).
+        self._idle = 0
         self._original: Callable[[], Awaitable[bool]] | None = None
 
     @classmethod
@@ -324,26 +330,31 @@ class FuseReader:
 
     async def wait_readable(self) -> bool:
         while not self._poll.poll(0):
-            with trio.CancelScope() as waiting:
-                self._idle[waiting] = None
-                try:
-                    readable = await self._idle_wait()
-                finally:
-                    del self._idle[waiting]
-            if waiting.cancelled_caught or not readable:
+            self._idle += 1
+            try:
+                readable = await self._idle_wait()
+            finally:
+                self._idle -= 1
+            if not readable:
                 return False
         busypoll.poke()
         return True
 
-    def retire_idle(self, keep: int) -> int:
-        """Retire the workers now in the idle wait but the `keep` (at least
-        one) that have waited longest, and say how many: their waits return
-        False, so pyfuse3's loop ends them, freeing each one's request
-        buffer. Workers running a handler are not touched, and the longest
-        waiters (the one holding the wait on the descriptor among them)
-        stay, so the next request is read as before; pyfuse3 starts workers
-        again as requests need them."""
-        surplus = list(self._idle)[max(1, keep) :]
-        for waiting in surplus:
-            waiting.cancel()
-        return len(surplus)
+    async def retire_idle(self, keep: int) -> int:
+        """Retire workers in the idle wait until only `keep` (at least one)
+        are left, and say how many went. The one worker waiting on the
+        descriptor is woken as pyfuse3's `terminate()` wakes it
+        (`notify_closing`, which leaves the descriptor open and usable):
+        pyfuse3's wait returns False to it, and its loop ends it as it ends
+        a worker beyond `min_tasks`, freeing its request buffer; the next
+        idle worker takes over the wait, and is the next to go. Workers
+        running a handler are not touched. A request that arrives meanwhile
+        is read by the worker that takes over. Wake-ups go RETIRE_HANDOVER
+        apart (one that finds nobody on the descriptor, mid hand-over, does
+        nothing), for at most RETIRE_WITHIN."""
+        keep, before = max(1, keep), self._idle
+        deadline = trio.current_time() + self.RETIRE_WITHIN
+        while self._idle > keep and trio.current_time() < deadline:
+            trio.lowlevel.notify_closing(self._fd)
+            await trio.sleep(self.RETIRE_HANDOVER)
+        return max(0, before - self._idle)

@@ -202,9 +202,10 @@ async def test_requests_stuck_in_handlers_never_leave_the_next_one_unread(pipe):
 
 async def test_idle_workers_retire_down_to_those_kept_and_the_next_request_is_read(pipe):
     """A quiet daemon retires its surplus idle workers (fs.py,
-    `retire_idle_workers`): only workers in the idle wait go, the longest
-    waiting `keep` stay (never none), workers in handlers are untouched, and
-    requests are read as before, with workers started again as they need."""
+    `retire_idle_workers`): only workers in the idle wait go, `keep` of them
+    stay (never none), workers in handlers are untouched, and requests are
+    read as before through the same descriptor, with workers started again
+    as they need."""
     read_end, write_end = pipe
     node = trio.Event()
 
@@ -220,19 +221,37 @@ async def test_idle_workers_retire_down_to_those_kept_and_the_next_request_is_re
             await trio.testing.wait_all_tasks_blocked()
             idle = loop.active_readers  # (reads may have started more workers)
             assert loop.task_count - idle == 3 and idle >= 5
-            assert loop.reader.retire_idle(2) == idle - 2
+            assert await loop.reader.retire_idle(2) == idle - 2
             await trio.testing.wait_all_tasks_blocked()
             assert loop.task_count == 3 + 2 and loop.active_readers == 2
-            assert loop.reader.retire_idle(0) == 1  # one always stays
+            assert await loop.reader.retire_idle(0) == 1  # one always stays
             await trio.testing.wait_all_tasks_blocked()
             assert loop.task_count == 3 + 1 and loop.active_readers == 1
-            assert loop.reader.retire_idle(1) == 0
+            assert await loop.reader.retire_idle(1) == 0
             os.write(write_end, b"nns")
             await trio.testing.wait_all_tasks_blocked()
             assert loop.read == [b"n"] * 5 + [b"s"]
             assert loop.active_readers >= 1  # workers started again as needed
             node.set()
             await trio.testing.wait_all_tasks_blocked()
+            loop.terminate()
+    assert loop.task_count == 0
+
+
+async def test_a_request_that_arrives_while_idle_workers_retire_is_read(pipe):
+    read_end, write_end = pipe
+    loop = PyfuseLoop(read_end, min_tasks=100)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            loop.start(nursery, 6)
+            await trio.testing.wait_all_tasks_blocked()
+            os.write(write_end, b"s")  # queued as the first wake-up goes out
+            await loop.reader.retire_idle(1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert loop.read == [b"s"] and loop.active_readers >= 1
+            os.write(write_end, b"t")
+            await trio.testing.wait_all_tasks_blocked()
+            assert loop.read == [b"s", b"t"]
             loop.terminate()
     assert loop.task_count == 0
 

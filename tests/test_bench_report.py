@@ -16,7 +16,7 @@ import pytest
 from benchmarks.bench.chart import chart_rows, write_chart
 from benchmarks.bench.jobs import JOBS, job_ratio
 from benchmarks.bench.plan import Plan
-from benchmarks.bench.report import comparison_table, load_json
+from benchmarks.bench.report import comparison_table, load_json, rss_lines
 
 from .mounts import REPO
 
@@ -121,6 +121,28 @@ def test_the_table_quotes_the_median_ratio_rounds_and_range(tmp_path):
     assert "0.80-0.90x" in rows["seq read 1 MiB QD4"]
     assert "0.50x" in rows["rand read 4 KiB QD1"]
     assert "0.40-0.60x" in rows["rand read 4 KiB QD1"]
+
+
+def test_the_memory_target_counts_the_rss_peak_less_the_replay_buffers_peak(tmp_path):
+    """A QD32 job whose replay buffer peaked at 40 MiB, released by a FLUSH
+    just before the RSS peak (100 MiB, 2 MiB kept then): 60 MiB without the
+    replay buffer, within the target; 98 MiB less what was kept at the
+    moment is reported too."""
+    saved = json.loads(_saved_run(tmp_path / "run.json").read_text())
+    qd32 = _result("dstfuse", "rand-write-qd32", 1, 500.0, 0.0)
+    qd32.update(
+        peak_rss={"client": 100 << 20, "server": 20 << 20},
+        peak_client_less_kept=98 << 20,
+        peak_kept=40 << 20,
+    )
+    saved["results"].append(qd32)
+    (tmp_path / "run.json").write_text(json.dumps(saved))
+    run = load_json(tmp_path / "run.json")
+    line = next(line for line in rss_lines(run["peers"], run["results"]) if "dstfuse" in line)
+    assert "100 MiB during QD32" in line
+    assert "98 MiB less what it kept at the same moment" in line
+    assert "60 MiB less the replay buffer's peak in the job (40 MiB)" in line
+    assert "within the 64 MiB target" in line
 
 
 def test_replay_prints_the_report_and_the_disturbed_round(tmp_path):

@@ -68,6 +68,8 @@ class Result:
     peak_rss: dict[str, int] = field(default_factory=dict)
     #: The client's peak RSS less the writes it kept for replay (dstfuse)
     peak_client_less_kept: int | None = None
+    #: The most the client kept for replay at once during the job (dstfuse)
+    peak_kept: int | None = None
     fio_cpu: float = 0.0
     round: int = 0
     #: Per storage node, how much its counters grew during the job.
@@ -215,6 +217,7 @@ def run_fio(
         cpu_cores=cores,
         peak_rss=dict(rss.peak),
         peak_client_less_kept=rss.peak_client_less_kept,
+        peak_kept=rss.peak_kept,
         fio_cpu=(float(stats.get("usr_cpu", 0)) + float(stats.get("sys_cpu", 0))) / 100,
         load={key: value / elapsed for key, value in machine.items()},
         nodes=nodes,

@@ -123,7 +123,9 @@ class RssSampler:
     thread while the `with` block runs (and once at each end). With `kept`
     (the bytes of acknowledged writes the client keeps for replay, read
     from its control tree), also the client's peak of RSS less those, as
-    sampled together: what the memory target counts."""
+    sampled together, and the peak of those bytes: the replay buffer's
+    high-water mark, which the heap keeps for the next kept writes while
+    the job goes on (a FLUSH releases them, the next ones reuse it)."""
 
     def __init__(
         self, pids: dict[str, int], kept: Callable[[], int | None] | None = None
@@ -131,6 +133,7 @@ class RssSampler:
         self.pids = pids
         self.peak: dict[str, int] = {}
         self.peak_client_less_kept: int | None = None
+        self.peak_kept: int | None = None
         self._kept = kept
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss sampler", daemon=True)
@@ -143,6 +146,7 @@ class RssSampler:
             if role == "client" and value is not None and self._kept is not None:
                 kept = self._kept()
                 if kept is not None:
+                    self.peak_kept = max(self.peak_kept or 0, kept)
                     less = value - kept
                     self.peak_client_less_kept = max(self.peak_client_less_kept or 0, less)
 

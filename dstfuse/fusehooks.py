@@ -351,7 +351,10 @@ class FuseReader:
         running a handler are not touched. A request that arrives meanwhile
         is read by the worker that takes over. Wake-ups go RETIRE_HANDOVER
         apart (one that finds nobody on the descriptor, mid hand-over, does
-        nothing), for at most RETIRE_WITHIN."""
+        nothing), for at most RETIRE_WITHIN, and only while more than
+        `keep` workers are in the idle wait: the session is live and the
+        descriptor open then, so a wake-up never reaches another file that
+        reused the number after the session closed it."""
         keep, before = max(1, keep), self._idle
         deadline = trio.current_time() + self.RETIRE_WITHIN
         while self._idle > keep and trio.current_time() < deadline:

@@ -1,6 +1,7 @@
-"""A mount daemon that wrote a burst gives its free heap back once it is
-quiet: a real export process, a real mount, writes through the storage
-file, and the daemon's resident memory read from /proc."""
+"""A mount daemon that wrote a burst gives its free heap back, and retires
+the handler tasks the burst needed, once it is quiet: a real export
+process, a real mount, writes through the storage file, and the daemon's
+resident memory read from /proc."""
 
 from __future__ import annotations
 

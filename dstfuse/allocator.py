@@ -135,7 +135,9 @@ async def return_free_heap_when_idle(
     of what idle parts of the process keep, and says how many it told to
     go); then hand the heap's free pages back to the kernel when
     `QuietSpells` says so. Runs until cancelled (returns at once without
-    glibc)."""
+    glibc). This is housekeeping beside the data path: if `release_idle`
+    fails, the failure is logged and it is not called again, and the
+    caller's work goes on."""
     heap = GlibcHeap.open()
     if heap is None:
         log.debug("no glibc heap to return when idle")
@@ -146,8 +148,14 @@ async def return_free_heap_when_idle(
         await trio.sleep(period)
         now = time.process_time()
         used, cpu = now - cpu, now
-        if spells.quiet(used) and await release_idle():
-            await trio.sleep(RELEASE_SETTLE)
+        if spells.quiet(used):
+            try:
+                released = await release_idle()
+            except Exception as exc:  # noqa: BLE001 - housekeeping must not end the mount
+                log.error("idle: letting go of idle parts failed (%r); not tried again", exc)
+                release_idle, released = _nothing_to_release, 0
+            if released:
+                await trio.sleep(RELEASE_SETTLE)
         free = heap.free_bytes()
         if spells.should_return(used, free):
             heap.return_free()

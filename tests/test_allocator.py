@@ -8,7 +8,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from dstfuse.allocator import QUIET_CPU_SHARE, RETURN_AT_LEAST, QuietSpells
+import trio
+import trio.testing
+
+from dstfuse.allocator import (
+    QUIET_CPU_SHARE,
+    RETURN_AT_LEAST,
+    QuietSpells,
+    return_free_heap_when_idle,
+)
 
 _CHILD = """
 import resource, sys
@@ -83,3 +91,18 @@ def test_free_heap_is_returned_in_quiet_periods_when_enough_was_freed_since():
     assert spells.should_return(quiet, 2 * enough)  # freed since (garbage collected late)
     assert not spells.should_return(busy, 3 * enough)  # working: the heap is in use
     assert spells.should_return(quiet, enough)  # the work may have used the pages again
+
+
+async def test_a_failing_release_is_logged_once_and_never_stops_the_caller(caplog):
+    """The housekeeping runs in the mount daemon's nursery: an error in
+    `release_idle` must not cancel the mount, only end the releasing."""
+    calls = []
+
+    async def release_fails() -> int:
+        calls.append(trio.current_time())
+        raise RuntimeError("reader gone")
+
+    with trio.move_on_after(1.0):  # about 10 periods, quiet but for this test
+        await return_free_heap_when_idle(0.1, release_fails)
+    assert len(calls) == 1
+    assert "letting go of idle parts failed" in caplog.text

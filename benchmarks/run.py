@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"also an aes-256-gcm storage against the plain one ({', '.join(KEY_JOBS)} only)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the null file system (bench/nullfs.py: dstfuse's FUSE front end "
+        "with no storage behind it), against nbdfuse and dstfuse",
+    )
     parser.add_argument("--size", type=parse_size, help="backing file size (default 1G)")
     parser.add_argument("--runtime", type=int, help="measured seconds per job (default 20)")
     parser.add_argument("--ramp", type=int, help="seconds before measuring (default 2)")

@@ -1,7 +1,9 @@
 """The peers: the stacks under test, each presenting `size` bytes of a
 backing file as one file that a loop device is attached to. `nbdkit file`
-+ `nbdfuse` (the C baseline) and dstfuse (export nodes + `dstfuse mount`,
-plain, mirrored or encrypted).
++ `nbdfuse` (the C baseline), dstfuse (export nodes + `dstfuse mount`,
+plain, mirrored or encrypted) and the null file system (`nullfs.py`:
+dstfuse's FUSE front end with nothing behind it, the ceiling of any
+pyfuse3 client).
 
 Invariants: every process, mount and loop device a peer makes is registered
 with the run's Teardown the moment it exists (the unmount after the process
@@ -189,6 +191,28 @@ class NbdfusePeer(Peer):
         wait_until("mounting nbdfuse", lambda: is_mounted(mountpoint), 10, nbdfuse)
         self.roles["client"] = nbdfuse.pid
         return mountpoint / "nbd"
+
+
+class NullfsPeer(Peer):
+    """`nullfs.py MNT SIZE`: dstfuse's FUSE session with no storage behind
+    it (reads are zeros, writes are discarded); the file is MNT/bench."""
+
+    kind = "nullfs"
+
+    def start(self) -> Path:
+        mountpoint = self.dir / "mnt"
+        mountpoint.mkdir()
+        script = Path(__file__).with_name("nullfs.py")
+        pid_file = self.dir / "nullfs.pid"
+        nullfs = self.start_process(
+            "nullfs", [self.tools.python, str(script), str(mountpoint), str(self.size)]
+        )
+        # Registered after the process, so it runs before the process stop.
+        self.tools.teardown.add(f"unmount {mountpoint}", lambda: unmount_fuse(mountpoint, []))
+        wait_until("mounting the null file system", pid_file.exists, 30, nullfs)
+        wait_until("mounting the null file system", lambda: is_mounted(mountpoint), 10, nullfs)
+        self.roles["client"] = nullfs.pid
+        return mountpoint / "bench"
 
 
 class DstfusePeer(Peer):
@@ -408,6 +432,8 @@ def start_peers(plan: Plan, tools: Tools, failures: list[str]) -> list[Peer]:
         peer: Peer
         if kind == "nbdfuse":
             peer = NbdfusePeer(label, tools, plan.size)
+        elif kind == "nullfs":
+            peer = NullfsPeer(label, tools, plan.size)
         else:
             peer = DstfusePeer(label, tools, plan.size, **options)
         try:

@@ -93,6 +93,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 jobs,
             )
         )
+    if args.floor and not args.self_test:
+        peers.append(("nullfs", "nullfs", {}))
+        comparisons.append(
+            (
+                "null file system vs nbdfuse (ratio = nullfs / nbdfuse: the ceiling of a "
+                "pyfuse3 client with nothing behind it)",
+                "nullfs",
+                "nbdfuse",
+                jobs,
+            )
+        )
+        comparisons.append(
+            (
+                "dstfuse vs the null file system (ratio = dstfuse / nullfs)",
+                "dstfuse",
+                "nullfs",
+                jobs,
+            )
+        )
     if args.key and not args.self_test:
         peers.append(("dstfuse-aes", "dstfuse", {"key": True}))
         key_jobs = tuple(job for job in jobs if job.name in KEY_JOBS)

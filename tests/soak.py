@@ -64,9 +64,9 @@ from .mounts import (
 )
 
 MiB = 1 << 20
-LEG_SIZE = 384 * MiB
+LEG_SIZE = 256 * MiB
 #: One fio segment: writes this much at random, then reads it all back.
-SEGMENT_SIZE = 32 * MiB
+SEGMENT_SIZE = 16 * MiB
 SEGMENT_FILES = 3
 SEGMENT_TIMEOUT = 240.0
 CLEAN_TIMEOUT = 120.0
@@ -76,7 +76,7 @@ FIRST_MOUNT = ["assume_clean", "bitmap_idle=1s"]
 REMOUNT = ["bitmap_idle=1s"]
 #: Pause between the storage being clean and the next fault (seconds); the
 #: short end hits a leg right after the other finished its resync.
-QUIET = (0.5, 4.0)
+QUIET = (0.5, 2.0)
 
 
 class SoakFailure(AssertionError):

@@ -30,6 +30,7 @@ from .soak import Relay
 from .test_mirror_e2e import (
     BLOCK,
     FAST_TIMEOUTS,
+    QUICK_TAKEOVER,
     REGION,
     LegExport,
     MiB,
@@ -76,10 +77,10 @@ def refused_mount(config, mountpoint, options: str) -> str:
     return refused.stderr.strip()
 
 
-def assert_mounts_with(config, mountpoint, block0: bytes, legs) -> None:
+def assert_mounts_with(config, mountpoint, block0: bytes, legs, options=()) -> None:
     """A mount with every leg back reads `block0` at offset 0, gets clean,
     unmounts, and leaves the legs' data identical."""
-    with mounted(config, mountpoint) as mount:
+    with mounted(config, mountpoint, options=options) as mount:
         assert read_block(mount, 0) == block0
         wait_state(mount, "clean")
         size = storage_size(mount)
@@ -113,7 +114,9 @@ def test_a_leg_left_behind_is_never_mounted_as_the_newest(tmp_path, ending):
         assert time.monotonic() - started >= 3
         # with the newer leg back, the mount takes it as the source
         legs[0].start()
-        assert_mounts_with(config, tmp_path / "mnt2", new, legs)
+        # after a crash, the dead holder's heartbeat is watched for 3 s, not 7
+        options = QUICK_TAKEOVER if ending == "client crash" else []
+        assert_mounts_with(config, tmp_path / "mnt2", new, legs, options)
 
 
 def wait_disk(mount, leg: int, disk: str, timeout: float = 60.0) -> None:
@@ -174,7 +177,7 @@ def test_a_leg_declared_clean_while_the_source_is_frozen_never_leaves_the_source
         legs[1].start()
         del storage["resync_rate"]  # the mount with both resyncs at full speed
         config = write_config(tmp_path / "storage.yaml", {"vol0": storage})
-        assert_mounts_with(config, tmp_path / "mnt2", new, legs)
+        assert_mounts_with(config, tmp_path / "mnt2", new, legs, QUICK_TAKEOVER)
 
 
 # -- 2. one writer ----------------------------------------------------------------------
@@ -190,7 +193,7 @@ def test_a_frozen_holder_never_writes_over_the_next_one(tmp_path):
             try:
                 with mounted(config, tmp_path / "mnt2", options=["force"]) as second:
                     write_block(second, 0, b"2" * BLOCK)
-                    time.sleep(8)  # longer than the first holder's lease
+                    time.sleep(6)  # longer than the first holder's lease (4 s)
                     os.kill(first.pid, signal.SIGCONT)
                     with pytest.raises(OSError) as fenced:
                         write_block(first, 0, b"X" * BLOCK)

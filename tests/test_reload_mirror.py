@@ -29,6 +29,7 @@ from .mounts import (
     write_config,
 )
 from .test_mirror_e2e import (
+    QUICK_TAKEOVER,
     LegExport,
     _slots,
     data_area,
@@ -146,7 +147,7 @@ def test_a_leg_added_under_fio_load_is_brought_up_to_date_then_an_old_leg_remove
     require_loop()
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
-    with leg_exports(tmp_path, count=3) as legs:
+    with leg_exports(tmp_path, count=3, size=128 * MiB) as legs:
         # The rate makes the copy of the new leg overlap the load.
         config = legs_config(tmp_path, legs[:2], resync_rate="24M")
         mountpoint = tmp_path / "mnt"
@@ -229,7 +230,7 @@ def _header(leg: LegExport):
 
 
 def test_a_client_killed_while_a_new_leg_is_copied_ends_clean_with_either_config(tmp_path):
-    with leg_exports(tmp_path, count=3) as legs:
+    with leg_exports(tmp_path, count=3, size=64 * MiB) as legs:
         old = legs_config(tmp_path, legs[:2], resync_rate="4M")
         mountpoint = tmp_path / "mnt"
         with mounted(old, mountpoint, options=["assume_clean"]) as mount:
@@ -250,7 +251,7 @@ def test_a_client_killed_while_a_new_leg_is_copied_ends_clean_with_either_config
             assert row is not None and not row.in_sync and row.flags & MEMBER_FULL_RESYNC
         # The old config: the two legs agree, the third is not looked at.
         old = legs_config(tmp_path, legs[:2])
-        with mounted(old, mountpoint) as mount:
+        with mounted(old, mountpoint, options=QUICK_TAKEOVER) as mount:
             wait_state(mount, "clean")
             assert mount.umount().returncode == 0
         assert data_area(legs[0], size) == data_area(legs[1], size)
@@ -295,14 +296,15 @@ def test_a_leg_holding_another_storage_is_refused_and_nothing_is_applied(tmp_pat
 
 def test_the_last_up_to_date_leg_cannot_be_removed(tmp_path):
     with leg_exports(tmp_path, count=3, size=64 * MiB) as legs:
-        config = legs_config(tmp_path, legs, resync_rate="1M")
+        # Slow enough that legs 0 and 1 are still copied (16 s each) at the reload.
+        config = legs_config(tmp_path, legs, resync_rate="4M")
         mountpoint = tmp_path / "mnt"
         with mounted(config, mountpoint, options=["assume_clean"]) as mount:
             for leg in (0, 1):
                 (mountpoint / ".dst" / "vol0" / f"n-0-{leg}" / "dirty").write_text("1\n")
             wait_copying(mount, 0)
             assert [node["state"] for node in status(mount)["nodes"]][2] == "clean"
-            legs_config(tmp_path, legs[:2], resync_rate="1M")
+            legs_config(tmp_path, legs[:2], resync_rate="4M")
             line = single_line_refusal(reload(mountpoint))
             assert "cannot remove leg(s) 2: no remaining leg is up to date" in line, line
             assert len(status(mount)["nodes"]) == 3
@@ -318,7 +320,7 @@ def test_a_removed_leg_is_never_taken_as_up_to_date_by_the_old_config(tmp_path):
     with leg_exports(tmp_path, count=3, size=64 * MiB) as legs:
         old = legs_config(tmp_path, legs)
         mountpoint = tmp_path / "mnt"
-        with mounted(old, mountpoint, options=["assume_clean"]) as mount:
+        with mounted(old, mountpoint, options=["assume_clean", "bitmap_idle=1s"]) as mount:
             size = storage_size(mount)
             legs_config(tmp_path, legs[:2])
             done = reload(mountpoint)
@@ -332,7 +334,7 @@ def test_a_removed_leg_is_never_taken_as_up_to_date_by_the_old_config(tmp_path):
             mount.process.wait(30)
         assert not _header(legs[2]).self_record.in_sync
         old = legs_config(tmp_path, legs)
-        with mounted(old, mountpoint) as mount:
+        with mounted(old, mountpoint, options=QUICK_TAKEOVER) as mount:
             clean = wait_state(mount, "clean", timeout=120)
             assert clean["nodes"][2]["resync_total"] >= size
             assert mount.umount().returncode == 0
@@ -352,7 +354,8 @@ def test_a_leg_back_in_a_longer_config_while_offline_is_copied_in_full(tmp_path)
         with mounted(legs_config(tmp_path, legs), mountpoint, options=["assume_clean"]) as mount:
             size = storage_size(mount)
             assert mount.umount().returncode == 0
-        with mounted(legs_config(tmp_path, legs[:2]), mountpoint) as mount:
+        short = legs_config(tmp_path, legs[:2])
+        with mounted(short, mountpoint, options=["bitmap_idle=1s"]) as mount:
             payload = os.urandom(MiB)
             write_spread(mount, payload, 32 * MiB, 2 * MiB)
             wait_marked(mount, 0)
@@ -440,7 +443,9 @@ def test_a_client_killed_while_removing_a_middle_leg_ends_clean(tmp_path, crash)
             assert first.renumbered is not None and first.renumbered.removed == 0b010
             assert len(first.members) == 2
             try:
-                done = run_dstfuse("mount", old, mountpoint, timeout=60)
+                done = run_dstfuse(
+                    "mount", "-o", ",".join(QUICK_TAKEOVER), old, mountpoint, timeout=60
+                )
             finally:
                 force_unmount(mountpoint)
             assert done.returncode != 0
@@ -450,7 +455,7 @@ def test_a_client_killed_while_removing_a_middle_leg_ends_clean(tmp_path, crash)
         else:
             assert _header(legs[0]).renumbered is None
         new = legs_config(tmp_path, [legs[0], legs[2]])
-        with mounted(new, mountpoint) as mount:
+        with mounted(new, mountpoint, options=QUICK_TAKEOVER) as mount:
             clean = wait_state(mount, "clean", timeout=120)
             assert len(clean["nodes"]) == 2
             fd = os.open(mount.file("vol0"), os.O_RDONLY)

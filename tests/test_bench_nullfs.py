@@ -13,6 +13,7 @@ import sys
 import time
 
 from benchmarks.bench.plan import make_plan
+from benchmarks.bench.system import is_mounted
 
 from .mounts import REPO, force_unmount, require_fuse
 
@@ -36,11 +37,6 @@ def test_floor_adds_the_null_file_system_against_nbdfuse_and_dstfuse():
     assert not any("nullfs" in pair for pair in [
         (s, b) for _, s, b, _ in make_plan(plan_arguments()).comparisons
     ])  # fmt: skip
-
-
-def is_mounted(path) -> bool:
-    with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1] == str(path) for line in mounts)
 
 
 def test_the_null_file_system_serves_one_file_of_zeros_and_takes_writes(tmp_path):

@@ -55,7 +55,9 @@ REGION = 4 * MiB
 FAST_TIMEOUTS = {"resend": "500ms", "max_resends": 4, "keepalive": "500ms", "connect": "2s"}
 #: Mount options for a mount after a client was killed (kill -9): the dead
 #: holder's heartbeat is watched standing still for 3 s, not the default 7
-#: (the lease keeps its margin: 0.5 s heartbeats, a 1.5 s lease).
+#: (this mount's own lease keeps its margin: 0.5 s heartbeats, 1.5 s).
+#: Only after a kill: the killed holder had the default 4 s lease, which a
+#: live (frozen) holder could still be writing in after 3 s.
 QUICK_TAKEOVER = ["heartbeat_interval=500ms", "holder_timeout=3s"]
 
 

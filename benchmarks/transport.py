@@ -1,4 +1,5 @@
-"""The socket fast path alone: a client `Session` against an export node.
+"""The socket fast path alone: a client `Session` (or, `--layer storage`, a
+`Storage` over one `RemoteNode`) against an export node.
 
 An export node (`python -m dstfuse export`, its own process) serves a
 sparse file on 127.0.0.1; this process runs one client `Session` over TCP
@@ -75,7 +76,11 @@ def _start_node(disk: Path, port: int) -> subprocess.Popen[bytes]:
     raise SystemExit("the export node did not listen within 20 s")
 
 
-async def _run_jobs(port: int, node_pid: int, scale: float) -> dict[str, dict[str, float]]:
+async def _run_jobs(
+    port: int, node_pid: int, scale: float, layer: str
+) -> dict[str, dict[str, float]]:
+    if layer == "storage":
+        return await _run_storage_jobs(port, node_pid, scale)
     import trio
 
     from dstfuse.address import parse_address
@@ -139,7 +144,60 @@ async def _run_jobs(port: int, node_pid: int, scale: float) -> dict[str, dict[st
     return results
 
 
-def measure(scale: float, directory: str) -> dict[str, dict[str, float]]:
+async def _run_storage_jobs(port: int, node_pid: int, scale: float) -> dict[str, dict[str, float]]:
+    """The jobs through a `Storage` as `dstfuse mount` assembles it (linear
+    over one remote node, default options), without FUSE above it."""
+    import trio
+
+    from dstfuse.allocator import keep_io_buffers
+    from dstfuse.assembly import open_assembly
+    from dstfuse.config import load_mount_config
+
+    keep_io_buffers()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config_file:
+        config_file.write(
+            f"storages:\n  bench:\n    algorithm: linear\n    nodes:\n"
+            f"      - remote: 127.0.0.1:{port}\n"
+        )
+        config_file.flush()
+        config = load_mount_config(config_file.name)
+    results: dict[str, dict[str, float]] = {}
+    async with open_assembly(config) as assembly:
+        storage = assembly.storages["bench"]
+        for name, (command_name, block, depth, count) in JOBS.items():
+            count = max(depth * 4, int(count * scale))
+            writing = command_name == "WRITE"
+            payload = os.urandom(block)
+            left = [count]
+
+            async def worker(
+                index: int, block: int, writing: bool, payload: bytes, left: list[int]
+            ) -> None:
+                position = index * 7919
+                slots = SIZE // block
+                while left[0] > 0:
+                    left[0] -= 1
+                    position = (position * 1103515245 + 12345) % slots
+                    if writing:
+                        await storage.write(position * block, payload)
+                    else:
+                        await storage.read(position * block, block)
+
+            cpu, node_cpu, start = time.process_time(), _cpu_of(node_pid), time.perf_counter()
+            async with trio.open_nursery() as workers:
+                for index in range(depth):
+                    workers.start_soon(worker, index, block, writing, payload, left)
+            wall = time.perf_counter() - start
+            results[name] = {
+                "us_per_request": wall / count * 1e6,
+                "client_cpu_us": (time.process_time() - cpu) / count * 1e6,
+                "node_cpu_us": (_cpu_of(node_pid) - node_cpu) / count * 1e6,
+            }
+            await storage.flush()
+    return results
+
+
+def measure(scale: float, directory: str, layer: str) -> dict[str, dict[str, float]]:
     """One pass over every job against a fresh export node."""
     import trio
 
@@ -150,7 +208,7 @@ def measure(scale: float, directory: str) -> dict[str, dict[str, float]]:
         port = _free_port()
         node = _start_node(disk, port)
         try:
-            return trio.run(_run_jobs, port, node.pid, scale)
+            return trio.run(_run_jobs, port, node.pid, scale, layer)
         finally:
             node.terminate()
             try:
@@ -160,10 +218,15 @@ def measure(scale: float, directory: str) -> dict[str, dict[str, float]]:
                 node.wait()
 
 
-def _one_round(tree: str, scale: float, directory: str) -> dict[str, dict[str, float]]:
+def _one_round(
+    tree: str, scale: float, directory: str, layer: str
+) -> dict[str, dict[str, float]]:
     env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
     out = subprocess.run(
-        [sys.executable, __file__, "--json", "--requests-scale", str(scale), "--dir", directory],
+        [
+            sys.executable, __file__, "--json", "--requests-scale", str(scale),
+            "--dir", directory, "--layer", layer,
+        ],
         env=env, check=True, capture_output=True, text=True, timeout=600,
     )
     return json.loads(out.stdout)
@@ -173,12 +236,12 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):7.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def ab(trees: list[str], rounds: int, scale: float, directory: str) -> None:
+def ab(trees: list[str], rounds: int, scale: float, directory: str, layer: str) -> None:
     runs: dict[str, list[dict[str, dict[str, float]]]] = {tree: [] for tree in trees}
     for index in range(rounds):
         order = trees if index % 2 == 0 else trees[::-1]
         for tree in order:
-            runs[tree].append(_one_round(tree, scale, directory))
+            runs[tree].append(_one_round(tree, scale, directory, layer))
         print(f"round {index + 1}/{rounds} done", file=sys.stderr)
     a, b = trees
     print(f"A = {a}\nB = {b}\nmedian (range) over {rounds} rounds, interleaved\n")
@@ -206,11 +269,17 @@ def main() -> None:
     parser.add_argument("--requests-scale", type=float, default=1.0)
     parser.add_argument("--dir", default="/var/tmp", help="where the sparse backing file goes")
     parser.add_argument("--json", action="store_true", help="one pass, JSON on stdout")
+    parser.add_argument(
+        "--layer",
+        choices=("session", "storage"),
+        default="session",
+        help="what the jobs drive: a bare client Session, or a Storage as a mount builds it",
+    )
     args = parser.parse_args()
     if args.ab:
-        ab(args.ab, args.rounds, args.requests_scale, args.dir)
+        ab(args.ab, args.rounds, args.requests_scale, args.dir, args.layer)
         return
-    results = measure(args.requests_scale, args.dir)
+    results = measure(args.requests_scale, args.dir, args.layer)
     if args.json:
         json.dump(results, sys.stdout)
         return

@@ -56,10 +56,22 @@ class Linear(Algorithm):
 
     @property
     def writable(self) -> bool:
-        return all(p.node.writable for p in self._placements)
+        for placement in self._placements:  # per write: no generator
+            if not placement.node.writable:
+                return False
+        return True
 
     def placements(self) -> list[Placement]:
         return list(self._placements)
+
+    def _within_one(self, offset: int, length: int) -> tuple[Placement, int] | None:
+        """(placement, node offset) when [offset, +length) lies on one node
+        (the common case, without building pieces), else None."""
+        placement = self._placements[bisect.bisect_right(self._starts, offset) - 1]
+        node_offset = offset - placement.start
+        if node_offset + length <= placement.size:
+            return placement, node_offset
+        return None
 
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[Placement, int, int, int]]:
         """Yield (placement, node offset, piece length, offset into request)."""
@@ -75,10 +87,10 @@ class Linear(Algorithm):
             index += 1
 
     async def read(self, offset: int, length: int) -> ReadData:
+        one = self._within_one(offset, length)
+        if one is not None:
+            return await one[0].node.read(one[1], length)
         pieces = list(self._pieces(offset, length))
-        if len(pieces) == 1:
-            placement, node_offset, piece, _ = pieces[0]
-            return await placement.node.read(node_offset, piece)
         buffer = bytearray(length)
 
         def reader(p: Placement, node_offset: int, piece: int, at: int):
@@ -91,16 +103,15 @@ class Linear(Algorithm):
         return bytes(buffer)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
-        pieces = list(self._pieces(offset, len(data)))
-        if len(pieces) == 1:
-            placement, node_offset, _, _ = pieces[0]
-            await placement.node.write(node_offset, data, fua=fua)
+        one = self._within_one(offset, len(data))
+        if one is not None:
+            await one[0].node.write(one[1], data, fua=fua)
             return
         view = memoryview(data)
         await gather_or_raise(
             [
                 lambda p=p, o=o, n=n, at=at: p.node.write(o, view[at : at + n], fua=fua)
-                for p, o, n, at in pieces
+                for p, o, n, at in self._pieces(offset, len(data))
             ]
         )
 

@@ -420,14 +420,17 @@ class RemoteNode(TransactionNode[Session]):
         data back under it."""
         if self.fenced is not None:
             raise NodeFenced(str(self), f"fenced: {self.fenced}")
-        writing = command in WRITE_COMMANDS
-        ticket = await self._write_order.admit(offset, length) if writing else None
+        if command not in WRITE_COMMANDS:
+            return await self._run(command, offset, length, flags, data, give_up_at)
+        ticket = self._write_order.register(offset, length)
         try:
+            if ticket.earlier is not None:
+                await self._write_order.wait_turn(ticket)
             reply = await self._run(command, offset, length, flags, data, give_up_at)
         finally:
-            if ticket is not None:
-                self._write_order.release(ticket)
-        if writing and self._flush_at_limit:
+            self._write_order.release(ticket)
+        kept = self._unflushed
+        if self._flush_at_limit and kept.size > kept.limit // 2:
             await self._keep_within_limit()
         return reply
 
@@ -441,45 +444,51 @@ class RemoteNode(TransactionNode[Session]):
         give_up_at: float = math.inf,
     ) -> Reply:
         """One transaction (or, when the node's maximum shrank under it, its
-        parts); the caller holds the write-order ticket for the whole range."""
-        txn = await self._table.begin(command, offset, length, flags=flags, data=data)
+        parts); the caller holds the write-order ticket for the whole range.
+        This is every request's path: it takes a free slot and sends without
+        a checkpoint, and awaits nothing but the reply."""
+        table = self._table
+        txn = table.try_begin(command, offset, length, flags, data)
+        if txn is None:
+            txn = await table.begin(command, offset, length, flags=flags, data=data)
         if give_up_at < self._resend_wake:
             self._wake_resend_timer(give_up_at)
         txn.give_up_at = give_up_at
-        self.counters.requests += 1
-        self.counters.in_flight = len(self._table)
+        counters = self.counters
+        counters.requests += 1
+        counters.in_flight = len(table)
+        txn.deadline = trio.current_time() + self._timeouts.resend
         try:
-            reply = await self._await_reply(txn)
+            if self._conn is not None:
+                self._send(self._conn, txn)
+            await txn.wait_done()
         finally:
-            self._table.end(txn)
-            self.counters.in_flight = len(self._table)
-        if reply is None:
-            return await self._run_split(command, offset, length, flags, data)
-        if reply.status:
+            table.end(txn)
+            counters.in_flight = len(table)
+        reply = txn.reply
+        if reply is None or reply.status:
+            return await self._unanswered(txn)
+        return reply
+
+    async def _unanswered(self, txn: Transaction) -> Reply:
+        """A transaction that ended without success: its parts' replies
+        when it must be split (`resplit`), else the error."""
+        if txn.resplit:
+            return await self._run_split(txn.command, txn.offset, txn.length, txn.flags, txn.data)
+        if txn.reply is not None:
             self.counters.errors += 1
             raise NodeError(
                 str(self),
-                f"{txn} failed on the node: {os.strerror(reply.status)}",
-                errno=reply.status,
+                f"{txn} failed on the node: {os.strerror(txn.reply.status)}",
+                errno=txn.reply.status,
             )
-        return reply
-
-    async def _await_reply(self, txn: Transaction) -> Reply | None:
-        """The reply to `txn`; None when it must be split (`resplit`)."""
-        txn.deadline = trio.current_time() + self._timeouts.resend
-        if self._conn is not None:
-            self._send(self._conn, txn)
-        await txn.wait_done()
-        if txn.resplit:
-            return None
         if txn.impatient:
             raise NodeSlow(str(self), f"{txn}: no answer within the caller's patience")
-        if txn.reply is None and self.fenced is not None:
+        if self.fenced is not None:
             raise NodeFenced(str(self), f"{txn}: fenced: {self.fenced}")
-        if txn.reply is None:  # the resend timer gave up on it
-            budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
-            raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")
-        return txn.reply
+        # the resend timer gave up on it
+        budget = self._timeouts.resend * (self._timeouts.max_resends + 1)
+        raise NodeUnavailable(str(self), f"{txn}: no acknowledgement within {budget:g}s")
 
     async def _resend_overdue(self) -> None:
         """The node's resend timer. A transaction unanswered `resend`
@@ -623,10 +632,15 @@ class RemoteNode(TransactionNode[Session]):
     async def _flush_for_limit(self) -> None:
         """The limit flusher: one FLUSH at a time when writers ask. A FLUSH
         that fails cannot release anything: then the oldest kept writes
-        beyond the limit stop being protected (the next user flush fails)."""
+        beyond the limit stop being protected (the next user flush fails).
+        An ask made while a FLUSH ran is dropped when that FLUSH brought the
+        kept data back under half the limit: it saw the data it covered."""
+        kept = self._unflushed
         while True:
             await self._flush_wanted.wait()
             self._flush_wanted = trio.Event()
+            if kept.size <= kept.limit // 2:
+                continue
             try:
                 await self._flush_kept()
             except NodeError as exc:

@@ -3,8 +3,8 @@
 A `Transaction` is one request to a remote node with a handle unique for
 the node's lifetime. The `TransactionTable` holds the in-flight ones in
 submission order (the order a reconnect resends them in) and bounds how many
-there are: `begin` waits while the table is full (and only then: a free slot
-is taken without a trip through the scheduler).
+there are: `begin` waits while the table is full; `try_begin` takes a free
+slot without a trip through the scheduler.
 
 A transaction carries its own resend deadline; the node's one resend timer
 (`RemoteNode`) looks them up here, so no request arms a timer of its own.
@@ -111,11 +111,6 @@ class TransactionTable:
         """In-flight transactions in submission order (a snapshot)."""
         return iter(list(self._in_flight.values()))
 
-    def new_handle(self) -> int:
-        handle = self._next_handle
-        self._next_handle += 1
-        return handle
-
     async def begin(
         self,
         command: Command,
@@ -125,13 +120,37 @@ class TransactionTable:
         flags: Flag = Flag.NONE,
         data: bytes | memoryview = b"",
     ) -> Transaction:
-        """Wait for a free slot, then register a new transaction."""
+        """Wait for a free slot (only when there is none: a free one is
+        taken without a checkpoint), then register a new transaction."""
+        txn = self.try_begin(command, offset, length, flags, data)
+        if txn is None:
+            await self._slots.acquire()
+            txn = self._register(command, offset, length, flags, data)
+        return txn
+
+    def try_begin(
+        self,
+        command: Command,
+        offset: int = 0,
+        length: int = 0,
+        flags: Flag = Flag.NONE,
+        data: bytes | memoryview = b"",
+    ) -> Transaction | None:
+        """`begin` without waiting: the new transaction, or None when the
+        table is full (then `begin` waits for a slot)."""
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
-            await self._slots.acquire()
-        txn = Transaction(command, self.new_handle(), offset, length, flags, data)
-        self._in_flight[txn.handle] = txn
+            return None
+        return self._register(command, offset, length, flags, data)
+
+    def _register(
+        self, command: Command, offset: int, length: int, flags: Flag, data: bytes | memoryview
+    ) -> Transaction:
+        handle = self._next_handle
+        self._next_handle = handle + 1
+        txn = Transaction(command, handle, offset, length, flags, data)
+        self._in_flight[handle] = txn
         return txn
 
     def complete(self, reply: Reply) -> Transaction | None:

@@ -14,7 +14,11 @@ writes everything queued by the time it runs in one writev, waiting only
 while the socket is full (EAGAIN). Items are sealed by the session's `seal`
 callback at the moment they go out, so that sequence numbers follow the
 wire order; `on_written` learns which items are done with (on the wire,
-skipped or discarded), once each.
+skipped or discarded), once each. `defer` (the client's requests) puts an
+item at the end of the run loop's pass instead, with every other item
+deferred in that pass, up to DEFER_ITEMS: the frames of all the requests
+that ran in one pass reach the peer in one write (and the peer reads them
+in one), without a task switch (`_EndOfPass`, a trio instrument).
 
 Reading: `receive` reads the descriptor itself. After a read that left the
 socket empty it waits until readable, then reads (one pass of the run loop
@@ -33,6 +37,10 @@ Invariants:
   so it can never overtake (or land inside) a frame queued before it;
 - a write never blocks and never waits in `put`: a cancelled caller can
   never leave half a frame on the wire (the unsent tail is the sender's);
+- deferred items are put before anything put or queued after them, and
+  at the latest when the run loop is about to wait for I/O; a sender
+  woken then runs in the next pass (the wait is cut short), never after
+  the wait's timeout;
 - the descriptor is forgotten (`aclose`) before the stream closes, and
   checked after every wait, so a reused descriptor number never sees our
   bytes;
@@ -45,6 +53,7 @@ Streams without a descriptor (in-memory ones in tests) go through
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -56,6 +65,8 @@ from . import busypoll
 from .protocol import Connection
 from .protocol.sealing import Buffer
 
+log = logging.getLogger(__name__)
+
 #: Bytes asked for by one read of a chunk.
 RECEIVE_SIZE = 1 << 18
 #: Items the sender seals and writes together, at most ...
@@ -64,6 +75,11 @@ BATCH_ITEMS = 256
 BATCH_BYTES = 256 << 10
 #: Buffers one writev takes at most (Linux's IOV_MAX).
 IOV_MAX = 1024
+#: Deferred items put together at most (the peer keeps working on a batch
+#: while the next one is collected), and the payload from which an item is
+#: put at once (its write costs more than the system call saved).
+DEFER_ITEMS = 8
+DEFER_BYTES = 64 << 10
 #: Reads in a row that found data waiting before `receive` yields anyway.
 READS_PER_YIELD = 8
 
@@ -100,6 +116,52 @@ def _size(parts: Sequence[Buffer]) -> int:
     return sum(map(len, parts))
 
 
+class _EndOfPass(trio.abc.Instrument):
+    """Puts the deferred frames of every transport of a trio run just
+    before the run loop waits for I/O: once per pass, after every task that
+    was runnable in it has run (trio calls `before_io_wait` then). One per
+    run (a RunVar), added as an instrument on first use.
+
+    The wait's timeout was fixed before this hook runs, so a task it wakes
+    would sleep through it: when a write left frames for a sender task (a
+    full socket), the loop is woken once more (`run_sync_soon`, a write to
+    trio's wake-up socket) so that the sender runs at once."""
+
+    _RUN: trio.lowlevel.RunVar[_EndOfPass | None] = trio.lowlevel.RunVar(
+        "frames_at_end_of_pass", None
+    )
+
+    def __init__(self) -> None:
+        self._transports: list[FrameTransport] = []
+        self._token = trio.lowlevel.current_trio_token()
+
+    @classmethod
+    def current(cls) -> _EndOfPass:
+        hook = cls._RUN.get()
+        if hook is None:
+            hook = cls()
+            trio.lowlevel.add_instrument(hook)
+            cls._RUN.set(hook)
+        return hook
+
+    def add(self, transport: FrameTransport) -> None:
+        self._transports.append(transport)
+
+    def before_io_wait(self, timeout: float) -> None:
+        if not self._transports:
+            return
+        transports, self._transports = self._transports, []
+        sender_woken = False
+        for transport in transports:
+            sender_woken |= transport.put_deferred()
+        if sender_woken and timeout > 0:
+            self._token.run_sync_soon(_nothing)
+
+
+def _nothing() -> None:
+    """What `_EndOfPass` runs to wake the run loop."""
+
+
 class FrameTransport(Generic[T]):
     """Frames of one session to and from `stream`. `seal(item)` frames an
     item as buffers to write (None: it needs no sending any more);
@@ -124,6 +186,8 @@ class FrameTransport(Generic[T]):
         self._on_written = on_written
         self._coalesce = coalesce
         self._queue: deque[_Entry[T]] = deque()
+        self._deferred: list[T] = []  # `defer`red in this pass, not yet put
+        self._awaiting_pass = False  # listed for the end of this pass
         self._sending = False  # the sender holds a batch: sealing or writing it
         self._closed = False  # no more items: the sender ends once the queue is empty
         self.broken = False
@@ -144,6 +208,9 @@ class FrameTransport(Generic[T]):
         """Send `items` (in this order) after everything put before; write
         them at once when the transport is idle (see the module doc)."""
         fd = self._fd
+        if self._deferred:
+            items = [*self._deferred, *items]
+            self._deferred = []
         if fd is None or self._queue or self._sending:
             self.queue(items)
             return
@@ -169,8 +236,59 @@ class FrameTransport(Generic[T]):
         self._queue.append((items, unsent(parts, sent)))
         self._sender_lot.unpark()
 
+    def defer(self, item: T) -> None:
+        """`put` `item` at the end of the current pass of the run loop,
+        together with every other item deferred in that pass: one write
+        for the frames of all the tasks that ran (see `_EndOfPass`), and
+        no task switch. In order with everything put, queued or deferred
+        before; a transport without a descriptor puts it at once."""
+        if self._fd is None or self._weight(item) >= DEFER_BYTES:
+            self.put([item])
+            return
+        if not self._awaiting_pass:
+            self._awaiting_pass = True
+            _EndOfPass.current().add(self)
+        deferred = self._deferred
+        deferred.append(item)
+        if len(deferred) >= DEFER_ITEMS:
+            self.put([])
+
+    def put_deferred(self) -> bool:
+        """Put what `defer` collected; True when the sender was left
+        something to write (the socket did not take it all)."""
+        self._awaiting_pass = False
+        items, self._deferred = self._deferred, []
+        if items:
+            try:
+                self.put(items)
+            except Exception as exc:  # noqa: BLE001 - raised here, nobody would see it
+                # Called outside any task, and trio drops a hook that raises
+                # (and with it every later deferred frame): the connection
+                # ends instead; its session resends what was in flight. A
+                # failed seal comes before any write: nothing of them left.
+                log.error(
+                    "frames could not be sealed (%s: %s); dropping the connection",
+                    type(exc).__name__,
+                    exc,
+                )
+                self._written(items)
+                self.abandon()
+                return True
+        return not self.idle
+
+    def abandon(self) -> None:
+        """Break the transport from outside its tasks: everything queued is
+        discarded, and the sender raises (the session ends)."""
+        self.broken = True
+        self._deferred = []
+        self._discard_queue()
+        self._sender_lot.unpark()
+
     def queue(self, items: list[T]) -> None:
         """Leave `items` to the sender, after everything put before."""
+        if self._deferred:
+            items = [*self._deferred, *items]
+            self._deferred = []
         if self.broken or self._closed:
             self._written(items)
             return
@@ -199,6 +317,8 @@ class FrameTransport(Generic[T]):
         then and every item still queued is discarded."""
         queue = self._queue
         while True:
+            if self.broken:
+                raise trio.BrokenResourceError("the transport was abandoned")
             if not queue:
                 if self._closed:
                     return

@@ -435,3 +435,114 @@ async def test_a_slow_peer_gets_every_sealed_frame_whole_and_in_sequence():
     assert [r.handle for r in received] == [r.handle for r in requests]
     assert all(bytes(r.data) == bytes(q.data) for r, q in zip(received, requests, strict=True))
     assert transport.direct_writes > 1 and transport.sender_writes > 1
+
+
+# -- deferred items: put at the end of the run loop's pass ---------------------
+
+
+async def test_deferred_frames_go_out_together_at_the_end_of_the_pass(pair):
+    transport, peer, frames = pair
+    items = [frame(i, 1000) for i in range(3)]
+    for item in items:
+        transport.defer(item)
+    assert not frames.written and transport.direct_writes == 0  # not yet
+    await trio.lowlevel.checkpoint()  # the run loop passes by its I/O wait
+    assert frames.written == items and transport.direct_writes == 1  # one write
+    assert await read_exactly(peer, 3000) == b"".join(items)
+
+
+async def test_a_frame_put_after_deferred_ones_goes_behind_them(pair):
+    transport, peer, frames = pair
+    first, second, third = frame(1, 500), frame(2, 500), frame(3, 500)
+    transport.defer(first)
+    transport.put([second])  # before the pass ends: behind `first`, same write
+    assert frames.written == [first, second] and transport.direct_writes == 1
+    transport.defer(third)
+    transport.queue([frame(4, 500)])  # queued behind the deferred one
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(transport.run_sender)
+        data = await read_exactly(peer, 2000)
+        transport.close()
+    assert data == first + second + third + frame(4, 500)
+    assert frames.written == [first, second, third, frame(4, 500)]
+
+
+async def test_a_full_batch_or_a_large_frame_is_put_at_once(pair):
+    transport, peer, frames = pair
+    batch = [frame(i, 100) for i in range(transport_module.DEFER_ITEMS)]
+    for item in batch:
+        transport.defer(item)
+    assert frames.written == batch  # the last one filled the batch
+    large = frame(99, transport_module.DEFER_BYTES)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(transport.run_sender)
+        transport.defer(large)
+        assert transport.direct_writes == 2  # written (in part) right away
+        await read_exactly(peer, 100 * len(batch) + len(large))
+        transport.close()
+
+
+async def test_a_deferred_frame_the_socket_cannot_take_wakes_the_sender_at_once(pair):
+    """The end-of-pass write leaves a tail for the sender while the run
+    loop is about to sleep: the sender must run at once, not when some
+    other event happens to wake the loop (here none would: the only timer
+    is the test's own 10 s limit, and the peer reads in a plain thread)."""
+    import threading
+
+    transport, peer, frames = pair
+    items = [frame(i, 60 * KiB) for i in range(6)]  # each deferred, together > the socket
+    total = sum(map(len, items))
+    received = bytearray()
+
+    def read_all() -> None:
+        while len(received) < total:
+            chunk = peer.recv(1 << 20)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    done = trio.Event()
+    recorded = frames.on_written
+
+    def on_written(batch: list[bytes]) -> None:
+        recorded(batch)
+        if len(frames.written) == len(items):
+            done.set()
+
+    transport._on_written = on_written
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.run_sender)
+            await trio.testing.wait_all_tasks_blocked()
+            for item in items:
+                transport.defer(item)
+            with trio.fail_after(10):
+                await done.wait()
+            transport.close()
+    finally:
+        reader.join(10)
+    assert bytes(received) == b"".join(items)
+
+
+async def test_a_deferred_frame_that_cannot_be_sealed_ends_the_connection(pair, caplog):
+    """Sealing happens in the run loop's hook, outside any task: a failure
+    there must end the connection (the session resends on the next one),
+    never silently drop the hook and with it every later frame."""
+    transport, peer, frames = pair
+
+    def broken_seal(item: bytes) -> list[memoryview]:
+        raise ValueError("cannot seal")
+
+    transport._seal = broken_seal
+    with pytest.RaisesGroup(trio.BrokenResourceError):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.run_sender)
+            await trio.testing.wait_all_tasks_blocked()
+            transport.defer(frame(1, 100))
+            with trio.fail_after(10):
+                await trio.sleep_forever()
+    assert transport.broken
+    assert frames.written == [frame(1, 100)]  # discarded, and said so
+    assert "frames could not be sealed (ValueError: cannot seal)" in caplog.text

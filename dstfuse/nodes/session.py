@@ -184,12 +184,13 @@ class Session:
     # -- running --------------------------------------------------------
     def transmit(self, item: Transaction | int) -> None:
         """Send a transaction (or a ping handle), in order after everything
-        transmitted before. When nothing is queued or being sent, the frame
-        is written to the socket at once without blocking (a task switch
-        less per request); what the socket does not take goes to the sender
-        task, first in line. On a session that has ended this does nothing:
-        whatever is still in flight is resent by the next session."""
-        self._transport.put([item])
+        transmitted before: at the end of this pass of the run loop, in one
+        write with the frames of the other requests that ran in it
+        (`FrameTransport.defer`), without a task switch; what the socket
+        does not take goes to the sender task, first in line. On a session
+        that has ended this does nothing: whatever is still in flight is
+        resent by the next session."""
+        self._transport.defer(item)
 
     def _frame(self, item: Transaction | int) -> list[Buffer] | None:
         """Seal the frame for `item` (the next sequence number: frames must

@@ -393,7 +393,12 @@ class FrameTransport(Generic[T]):
     async def receive(self, conn: Connection) -> bool:
         """Read the next bytes from the peer into `conn`; False once the
         peer closed its side (the end of stream is passed on to `conn`).
-        Raises one of STREAM_ERRORS when the connection is lost."""
+        Raises one of STREAM_ERRORS when the connection is lost. Deferred
+        items are put first: a reader that keeps reading (a large reply in
+        several reads) must not hold back the requests behind it until the
+        pass ends."""
+        if self._deferred:
+            self.put_deferred()
         fd = self._fd
         if fd is None:
             if isinstance(self.stream, trio.SocketStream):

@@ -546,3 +546,15 @@ async def test_a_deferred_frame_that_cannot_be_sealed_ends_the_connection(pair, 
     assert transport.broken
     assert frames.written == [frame(1, 100)]  # discarded, and said so
     assert "frames could not be sealed (ValueError: cannot seal)" in caplog.text
+
+
+async def test_a_read_puts_the_deferred_frames_first(pair):
+    """A reader that keeps reading (a large reply in several reads, no
+    pass ending in between) must not hold back requests deferred behind it."""
+    transport, peer, frames = pair
+    client, _ = open_pair(max_payload=4 * MiB)
+    transport.defer(frame(1, 100))
+    peer.sendall(b"x")  # something to read at once
+    await transport.receive(client)
+    assert frames.written == [frame(1, 100)]
+    assert read_available(peer) == frame(1, 100)

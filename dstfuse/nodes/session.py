@@ -48,7 +48,7 @@ from ..protocol import (
     State,
 )
 from ..protocol.sealing import Buffer
-from ..transport import RECEIVE_SIZE, STREAM_ERRORS, FrameTransport
+from ..transport import DEFER_BYTES, RECEIVE_SIZE, STREAM_ERRORS, FrameTransport
 from .transactions import Transaction
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,17 @@ class Session:
     def transmit(self, item: Transaction | int) -> None:
         """Send a transaction (or a ping handle), in order after everything
         transmitted before: at the end of this pass of the run loop, in one
-        write with the frames of the other requests that ran in it
+        write with the frames of the other small requests that ran in it
         (`FrameTransport.defer`), without a task switch; what the socket
         does not take goes to the sender task, first in line. On a session
         that has ended this does nothing: whatever is still in flight is
-        resent by the next session."""
-        self._transport.defer(item)
+        resent by the next session. A large request (a READ or WRITE of
+        DEFER_BYTES or more) is written at once: batching saves it nothing
+        worth its wait."""
+        if type(item) is not int and item.length >= DEFER_BYTES:
+            self._transport.put([item])
+        else:
+            self._transport.defer(item)
 
     def _frame(self, item: Transaction | int) -> list[Buffer] | None:
         """Seal the frame for `item` (the next sequence number: frames must

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 MiB = 1 << 20
@@ -48,6 +49,17 @@ def _cpu_of(pid: int) -> float:
     """CPU seconds (user + system) a process used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _offsets(index: int, block: int, left: list[int]) -> Iterator[int]:
+    """Worker `index`'s pseudo-random block offsets, one per request the
+    job has `left` (shared by its workers, counted down here)."""
+    position = index * 7919
+    slots = SIZE // block
+    while left[0] > 0:
+        left[0] -= 1
+        position = (position * 1103515245 + 12345) % slots
+        yield position * block
 
 
 def _free_port() -> int:
@@ -119,12 +131,8 @@ async def _run_jobs(
             async def worker(
                 index: int, command: Command, block: int, payload: bytes, left: list[int]
             ) -> None:
-                position = index * 7919
-                slots = SIZE // block
-                while left[0] > 0:
-                    left[0] -= 1
-                    position = (position * 1103515245 + 12345) % slots
-                    txn = Transaction(command, next(handles), position * block, block, data=payload)
+                for offset in _offsets(index, block, left):
+                    txn = Transaction(command, next(handles), offset, block, data=payload)
                     waiting[txn.handle] = txn
                     session.transmit(txn)
                     await txn.wait_done()
@@ -173,15 +181,11 @@ async def _run_storage_jobs(port: int, node_pid: int, scale: float) -> dict[str,
             async def worker(
                 index: int, block: int, writing: bool, payload: bytes, left: list[int]
             ) -> None:
-                position = index * 7919
-                slots = SIZE // block
-                while left[0] > 0:
-                    left[0] -= 1
-                    position = (position * 1103515245 + 12345) % slots
+                for offset in _offsets(index, block, left):
                     if writing:
-                        await storage.write(position * block, payload)
+                        await storage.write(offset, payload)
                     else:
-                        await storage.read(position * block, block)
+                        await storage.read(offset, block)
 
             cpu, node_cpu, start = time.process_time(), _cpu_of(node_pid), time.perf_counter()
             async with trio.open_nursery() as workers:

@@ -1,5 +1,6 @@
 """The socket fast path alone: a client `Session` (or, `--layer storage`, a
-`Storage` over one `RemoteNode`) against an export node.
+`Storage` over one `RemoteNode`; `--layer mirror`, a mirror of two) against
+export nodes.
 
 An export node (`python -m dstfuse export`, its own process) serves a
 sparse file on 127.0.0.1; this process runs one client `Session` over TCP
@@ -51,11 +52,11 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _offsets(index: int, block: int, left: list[int]) -> Iterator[int]:
-    """Worker `index`'s pseudo-random block offsets, one per request the
-    job has `left` (shared by its workers, counted down here)."""
+def _offsets(index: int, block: int, left: list[int], size: int = SIZE) -> Iterator[int]:
+    """Worker `index`'s pseudo-random block offsets below `size`, one per
+    request the job has `left` (shared by its workers, counted down here)."""
     position = index * 7919
-    slots = SIZE // block
+    slots = size // block
     while left[0] > 0:
         left[0] -= 1
         position = (position * 1103515245 + 12345) % slots
@@ -89,10 +90,11 @@ def _start_node(disk: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 async def _run_jobs(
-    port: int, node_pid: int, scale: float, layer: str
+    ports: list[int], node_pids: list[int], scale: float, layer: str
 ) -> dict[str, dict[str, float]]:
-    if layer == "storage":
-        return await _run_storage_jobs(port, node_pid, scale)
+    if layer != "session":
+        return await _run_storage_jobs(ports, node_pids, scale)
+    [port], [node_pid] = ports, node_pids
     import trio
 
     from dstfuse.address import parse_address
@@ -152,9 +154,13 @@ async def _run_jobs(
     return results
 
 
-async def _run_storage_jobs(port: int, node_pid: int, scale: float) -> dict[str, dict[str, float]]:
+async def _run_storage_jobs(
+    ports: list[int], node_pids: list[int], scale: float
+) -> dict[str, dict[str, float]]:
     """The jobs through a `Storage` as `dstfuse mount` assembles it (linear
-    over one remote node, default options), without FUSE above it."""
+    over one remote node, or a mirror over several taken as clean; default
+    options otherwise), without FUSE above it. The node CPU is the nodes'
+    sum."""
     import trio
 
     from dstfuse.allocator import keep_io_buffers
@@ -163,14 +169,20 @@ async def _run_storage_jobs(port: int, node_pid: int, scale: float) -> dict[str,
 
     keep_io_buffers()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config_file:
+        algorithm = "mirror" if len(ports) > 1 else "linear"
         config_file.write(
-            f"storages:\n  bench:\n    algorithm: linear\n    nodes:\n"
-            f"      - remote: 127.0.0.1:{port}\n"
+            f"storages:\n  bench:\n    algorithm: {algorithm}\n    nodes:\n"
+            + "".join(f"      - remote: 127.0.0.1:{port}\n" for port in ports)
         )
         config_file.flush()
         config = load_mount_config(config_file.name)
+    options: dict[str, str | bool] = {"assume_clean": True} if len(ports) > 1 else {}
+
+    def node_cpu() -> float:
+        return sum(_cpu_of(pid) for pid in node_pids)
+
     results: dict[str, dict[str, float]] = {}
-    async with open_assembly(config) as assembly:
+    async with open_assembly(config, mount_options=options) as assembly:
         storage = assembly.storages["bench"]
         for name, (command_name, block, depth, count) in JOBS.items():
             count = max(depth * 4, int(count * scale))
@@ -181,13 +193,13 @@ async def _run_storage_jobs(port: int, node_pid: int, scale: float) -> dict[str,
             async def worker(
                 index: int, block: int, writing: bool, payload: bytes, left: list[int]
             ) -> None:
-                for offset in _offsets(index, block, left):
+                for offset in _offsets(index, block, left, storage.size):
                     if writing:
                         await storage.write(offset, payload)
                     else:
                         await storage.read(offset, block)
 
-            cpu, node_cpu, start = time.process_time(), _cpu_of(node_pid), time.perf_counter()
+            cpu, node_start, start = time.process_time(), node_cpu(), time.perf_counter()
             async with trio.open_nursery() as workers:
                 for index in range(depth):
                     workers.start_soon(worker, index, block, writing, payload, left)
@@ -195,31 +207,36 @@ async def _run_storage_jobs(port: int, node_pid: int, scale: float) -> dict[str,
             results[name] = {
                 "us_per_request": wall / count * 1e6,
                 "client_cpu_us": (time.process_time() - cpu) / count * 1e6,
-                "node_cpu_us": (_cpu_of(node_pid) - node_cpu) / count * 1e6,
+                "node_cpu_us": (node_cpu() - node_start) / count * 1e6,
             }
             await storage.flush()
     return results
 
 
 def measure(scale: float, directory: str, layer: str) -> dict[str, dict[str, float]]:
-    """One pass over every job against a fresh export node."""
+    """One pass over every job against fresh export nodes (two for the
+    mirror layer, one otherwise)."""
     import trio
 
+    nodes: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        disk = Path(tmp) / "disk.img"
-        with disk.open("wb") as f:
-            f.truncate(SIZE)
-        port = _free_port()
-        node = _start_node(disk, port)
         try:
-            return trio.run(_run_jobs, port, node.pid, scale, layer)
+            for leg in range(2 if layer == "mirror" else 1):
+                disk = Path(tmp) / f"disk{leg}.img"
+                with disk.open("wb") as f:
+                    f.truncate(SIZE)
+                ports.append(_free_port())
+                nodes.append(_start_node(disk, ports[-1]))
+            return trio.run(_run_jobs, ports, [node.pid for node in nodes], scale, layer)
         finally:
-            node.terminate()
-            try:
-                node.wait(10)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
+            for node in nodes:
+                node.terminate()
+                try:
+                    node.wait(10)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+                    node.wait()
 
 
 def _one_round(
@@ -275,9 +292,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one pass, JSON on stdout")
     parser.add_argument(
         "--layer",
-        choices=("session", "storage"),
+        choices=("session", "storage", "mirror"),
         default="session",
-        help="what the jobs drive: a bare client Session, or a Storage as a mount builds it",
+        help="what the jobs drive: a bare client Session, a Storage as a mount builds it "
+        "(linear over one node), or a mirror of two nodes",
     )
     args = parser.parse_args()
     if args.ab:

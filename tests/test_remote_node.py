@@ -198,6 +198,77 @@ async def test_overlapping_write_waits_for_the_unacknowledged_one(autojump_clock
         assert fake.data[:4096] == b"a" * 4096 and fake.data[4096:12288] == b"b" * 8192
 
 
+async def test_a_started_write_is_sent_at_once_and_settles_like_write(autojump_clock):
+    """`begin_write` + `settle` is `write` in two halves: sent without a
+    wait, `on_done` called once when the node answered (here after one
+    resend: the first reply is dropped), and the range held until settled."""
+    sends: list[int] = []
+
+    def drop_first(request, number):
+        if request.command is Command.WRITE:
+            sends.append(request.handle)
+            return DROP if len(sends) == 1 else ANSWER
+        return ANSWER
+
+    fake = FakeExport(policy=drop_first)
+    async with remote(fake) as node:
+        data = os.urandom(4096)
+        started = node.begin_write(8192, data)
+        assert started is not None and not started.done
+        calls: list[bool] = []
+        started.on_done = lambda: calls.append(started.done)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.write, 8192, b"later" * 100)  # overlaps: waits
+            await trio.sleep(TIMEOUTS.resend + 0.5)
+            assert calls == [True] and started.succeeded
+            assert len(sends) == 2  # the resend; the overlapping write still waits
+            await started.settle()
+        assert bytes(fake.data[8192 : 8192 + 500]) == b"later" * 100
+        assert bytes(fake.data[8192 + 500 : 8192 + 4096]) == data[500:]
+        assert node.counters.bytes_written == 4096 + 500
+        assert node.counters.in_flight == 0
+
+
+async def test_begin_write_leaves_to_write_what_needs_a_wait_or_fails(autojump_clock):
+    """None (the caller uses `write`) for a write that overlaps one in
+    flight, finds no free slot, is larger than one transaction, lies past
+    the end, or goes to a read-only node."""
+    fake = FakeExport(size=1 << 20)
+    fake.gate = trio.Event()
+    async with remote(fake, max_in_flight=2) as node:
+        first = node.begin_write(0, b"a" * 4096)
+        assert first is not None
+        assert node.begin_write(2048, b"b" * 4096) is None  # overlaps the first
+        assert node.begin_write(node.size - 100, b"c" * 4096) is None  # past the end
+        assert node.begin_write(65536, bytes(node.max_request + 1)) is None
+        second = node.begin_write(65536, b"d" * 4096)
+        assert second is not None
+        assert node.begin_write(131072, b"e" * 4096) is None  # both slots taken
+        fake.gate.set()
+        await first.settle()
+        await second.settle()
+        assert node.counters.in_flight == 0
+    read_only = FakeExport(writable=False)
+    async with remote(read_only) as node:
+        assert node.begin_write(0, b"f" * 512) is None
+
+
+async def test_a_started_write_raises_the_nodes_error_when_settled():
+    fake = FakeExport(size=8192)
+    async with remote(fake) as node:
+        node.size = 1 << 20  # pretend, so the client-side bounds check passes
+        started = node.begin_write(16384, b"q" * 512)
+        assert started is not None
+        with trio.fail_after(5):
+            while not started.done:
+                await trio.sleep(0.01)
+        assert not started.succeeded
+        with pytest.raises(NodeError) as info:
+            await started.settle()
+        assert info.value.errno == errno.EINVAL
+        assert node.counters.errors == 1 and node.counters.in_flight == 0
+
+
 async def test_in_flight_transactions_are_bounded(autojump_clock):
     fake = FakeExport()
     fake.gate = trio.Event()

@@ -34,7 +34,7 @@ import trio
 
 from ..algorithms.base import Algorithm, ControlFile, Placement
 from ..errors import NodeError, UserError
-from ..nodes.base import Node, ReadData
+from ..nodes.base import Node, ReadData, StartedWrite
 from ..ranges import WriteOrder
 from ..units import format_size
 from .adding import admit_leg, check_new_leg
@@ -293,7 +293,12 @@ class Mirror(Algorithm):
         view = memoryview(data)
         entries = digests_of(offset, view) if self.runtime.checks is not None else None
         await self._mutate(
-            "write", offset, len(view), lambda leg: leg.node.write(offset, view, fua=fua), entries
+            "write",
+            offset,
+            len(view),
+            lambda leg: leg.node.write(offset, view, fua=fua),
+            entries,
+            start=lambda leg: leg.node.begin_write(offset, view, fua=fua),
         )
 
     async def trim(self, offset: int, length: int) -> None:
@@ -319,7 +324,11 @@ class Mirror(Algorithm):
         length: int,
         call: Callable[[MirrorLeg], Awaitable[None]],
         entries: tuple[int, list[int]] | None,
+        start: Callable[[MirrorLeg], StartedWrite | None] | None = None,
     ) -> None:
+        """`call(leg)` on every leg that takes writes (`start`: how to send
+        it without a runner, `LegDispatch.run`), inside the write order, the
+        lease, the bitmap marks and the block checks."""
         live = self.runtime
         bitmap, checks, states, activity = live.bitmap, live.checks, live.states, live.activity
         regions = live.geometry.regions_of(offset, length)
@@ -351,7 +360,7 @@ class Mirror(Algorithm):
                 await self.lease.ensure()
                 targets = [leg for leg in self.legs if leg.takes_writes]
                 try:
-                    outcomes = await self.dispatch.run(targets, call)
+                    outcomes = await self.dispatch.run(targets, call, start)
                 except trio.Cancelled:
                     if pinned and checks is not None and entries is not None:
                         # some legs may hold the new bytes, some the old

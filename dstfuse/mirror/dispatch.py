@@ -20,11 +20,17 @@ Invariants:
   runner task, which takes no other call before it ended), and the
   leg counts it in `MirrorLeg.unsettled` until then: a stale leg rejoins
   only once everything sent to it before has settled, so nothing it still
-  held can land after its resync copied newer data.
+  held can land after its resync copied newer data;
+- a write a leg's node sent at once (`Node.begin_write`) is the same call
+  in two halves: its answer counts as the leg's outcome the moment it
+  arrives; the request settles it when it returns, or, when it returns
+  without it (given up on, cancelled), hands the settling to a runner.
+  Settled exactly once either way, and counted in `unsettled` until then.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -33,6 +39,7 @@ import trio
 
 from ..errors import NodeError, NodeUnavailable
 from ..fanout import Outcome, gather
+from ..nodes.base import StartedWrite
 from .legs import MirrorLeg
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,13 @@ class LegGivenUp(NodeUnavailable):
     `leg_timeout`) after another in-sync leg completed the request."""
 
 
+class _Unsettled(NodeError):
+    """A started write ended without success; settling it tells how."""
+
+
+_UNSETTLED = _Unsettled("mirror leg", "not settled yet")
+
+
 class LegSlow(NodeError):
     """A read-only request stopped waiting for this leg after `read_timeout`
     to ask another leg instead (the leg is not blamed for it)."""
@@ -60,11 +74,15 @@ class _Round:
     the request's task parked until it has something to look at (a bare
     park, like `Transaction.wait_done`: no Event, no cancel scope)."""
 
-    __slots__ = ("legs", "outcomes", "done", "running", "returned", "deadline", "_waiter")
+    __slots__ = (
+        "legs", "outcomes", "done", "running", "returned", "deadline", "started", "_waiter"
+    )
 
     def __init__(self, legs: Sequence[MirrorLeg], deadline: float) -> None:
         self.legs = legs
         self.outcomes: list[Outcome] = [(None, None)] * len(legs)
+        #: per leg, its write sent by `begin_write` and not yet settled
+        self.started: list[StartedWrite | None] = [None] * len(legs)
         self.done = [False] * len(legs)
         self.running = len(legs)
         self.returned = False
@@ -94,6 +112,15 @@ class _Round:
         if self._waiter is not None:
             trio.lowlevel.reschedule(self._waiter)
             self._waiter = None
+
+
+def _settler(started: StartedWrite) -> Callable[[MirrorLeg], Awaitable[None]]:
+    """A runner's call that settles `started` (on the leg it was sent to)."""
+
+    async def settle(_: MirrorLeg) -> None:
+        await started.settle()
+
+    return settle
 
 
 _Job = tuple[_Round, int, MirrorLeg, Callable[[MirrorLeg], Awaitable[Any]]]
@@ -131,9 +158,10 @@ class LegDispatch:
     """Runs requests on several legs (see the module doc). Until
     `run_background` has started, requests wait for every leg (start-up).
 
-    Cost per request: each leg's call runs in a runner task of the
-    dispatcher's, reused (parked between calls: no task spawned per leg per
-    request), and there is no timer: a request whose legs all answer parks
+    Cost per request: a write a node can send at once needs no task at
+    all (`run`'s `start`); any other leg's call runs in a runner task of
+    the dispatcher's, reused (parked between calls: no task spawned per leg
+    per request), and there is no timer: a request whose legs all answer parks
     once and is woken by the last answer. Only a request left waiting for a
     straggler after an in-sync leg completed it is looked at again, by one
     watcher task every STRAGGLER_POLL for all such requests (a cancel scope
@@ -168,32 +196,84 @@ class LegDispatch:
         self._nursery = None
 
     async def run(
-        self, legs: Sequence[MirrorLeg], call: Callable[[MirrorLeg], Awaitable[Any]]
+        self,
+        legs: Sequence[MirrorLeg],
+        call: Callable[[MirrorLeg], Awaitable[Any]],
+        start: Callable[[MirrorLeg], StartedWrite | None] | None = None,
     ) -> list[Outcome]:
+        """Each leg's outcome of `call(leg)` (see the module doc). With
+        `start` (a write), a leg whose `start(leg)` sends the request at
+        once (`Node.begin_write`) needs no runner: its answer is taken from
+        the transaction and the request settles it itself once it returns."""
         nursery = self._nursery
         if nursery is None or len(legs) < 2:
             return await gather([lambda leg=leg: call(leg) for leg in legs])
         state = _Round(legs, trio.current_time() + self.leg_timeout)
         for index, leg in enumerate(legs):
             leg.unsettled += 1
-            job = (state, index, leg, call)
-            if self._idle:
-                self._idle.pop().hand(job)
+            started = start(leg) if start is not None else None
+            if started is None:
+                self._hand(nursery, (state, index, leg, call))
             else:
-                nursery.start_soon(self._runner, _Runner(job))
+                state.started[index] = started
+                if started.done:
+                    self._arrived(state, index)
+                else:
+                    started.on_done = functools.partial(self._arrived, state, index)
         try:
             while state.running:
                 if state.completed():
                     if self._may_give_up(state, trio.current_time()):
                         for i in state.stragglers():
                             state.outcomes[i] = (None, self._given_up(legs[i]))
-                        return state.outcomes
+                        break
                     self._watch(state)
                 await state.wait()
+            # the outcomes are decided: a late answer must not change them
+            for started in state.started:
+                if started is not None and not started.done:
+                    started.on_done = None
+            await self._settle_started(state)
             return state.outcomes
         finally:
             state.returned = True
             self._straggling.discard(state)
+            for index, started in enumerate(state.started):
+                if started is not None:  # given up on, or the request was cancelled
+                    started.on_done = None
+                    self._hand(nursery, (state, index, legs[index], _settler(started)))
+
+    def _hand(self, nursery: trio.Nursery, job: _Job) -> None:
+        """Run `job` in a parked runner, or in a new one."""
+        if self._idle:
+            self._idle.pop().hand(job)
+        else:
+            nursery.start_soon(self._runner, _Runner(job))
+
+    def _arrived(self, state: _Round, index: int) -> None:
+        """A started write's transaction ended (its `on_done`): a success
+        is the leg's outcome; anything else (an error, a request the node
+        now wants split) is the request's to settle, and until then counts
+        as a failure of the leg."""
+        started = state.started[index]
+        assert started is not None
+        self._record(state, index, (None, None) if started.succeeded else (None, _UNSETTLED))
+
+    async def _settle_started(self, state: _Round) -> None:
+        """Settle the started writes that ended, in the request: their
+        outcomes become final. Those still running are left to the caller
+        (`run` hands them to runners)."""
+        for index, started in enumerate(state.started):
+            if started is None or not started.done:
+                continue
+            state.started[index] = None
+            try:
+                await started.settle()
+                state.outcomes[index] = (None, None)
+            except Exception as exc:  # noqa: BLE001 - the leg's outcome, as from a runner
+                state.outcomes[index] = (None, exc)
+            finally:
+                state.legs[index].settle_one()
 
     def _watch(self, state: _Round) -> None:
         self._straggling.add(state)

@@ -15,13 +15,18 @@ interface. Invariants every implementation keeps:
 - `write(..., fua=True)` returns only once the data is on stable storage;
   `flush()` puts every write completed before it on stable storage;
 - `state` changes are announced through `wait_state_change`, so watchers
-  (a mirror's resync) need no callbacks into the node.
+  (a mirror's resync) need no callbacks into the node;
+- `begin_write` plus `StartedWrite.settle` is `write` in two halves: the
+  same checks, the same ordering against overlapping writes, the same
+  errors (from `settle`); a node that cannot start a write without waiting
+  returns None and the caller uses `write`.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +43,31 @@ CHECKSUM_SIZE = 16
 #: What `Node.read` returns (module doc): bytes, or a read-only view that
 #: nothing else holds.
 ReadData = bytes | memoryview
+
+
+class StartedWrite(abc.ABC):
+    """A write `Node.begin_write` sent without waiting for anything.
+    `done` turns True once, when the node answered or the write was given
+    up; `on_done`, when set, is called then, from the task that finished it
+    (it must neither block nor raise). `settle` must be awaited exactly
+    once, done or not: it waits for the end and finishes the write as
+    `write` would, raising its errors; until then the write holds its
+    range (later overlapping writes to the node wait) and its slot."""
+
+    on_done: Callable[[], None] | None
+
+    @property
+    @abc.abstractmethod
+    def done(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def succeeded(self) -> bool:
+        """Done with the node's success: `settle` raises nothing (it may
+        still wait for a flush that keeps the unflushed writes in bounds)."""
+
+    @abc.abstractmethod
+    async def settle(self) -> None: ...
 
 
 class NodeState(enum.Enum):
@@ -171,6 +201,14 @@ class Node(abc.ABC):
     @abc.abstractmethod
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         """Write `data` at `offset`; with `fua`, durable before returning."""
+
+    def begin_write(
+        self, offset: int, data: bytes | memoryview, *, fua: bool = False
+    ) -> StartedWrite | None:
+        """Send `write(offset, data, fua=fua)` now and return it unsettled,
+        when that needs no wait (module doc); None: call `write`. Nodes
+        without transactions of their own always say None."""
+        return None
 
     @abc.abstractmethod
     async def flush(self) -> None:

@@ -66,7 +66,8 @@ from ..protocol import (
     continuity,
     offered_modes,
 )
-from .base import NodeState, ReadData
+from ..ranges import RangeTicket
+from .base import NodeState, ReadData, StartedWrite
 from .session import Connector, Session, open_stream
 from .transaction_node import ReplayPart, TransactionNode
 from .transactions import Transaction
@@ -429,10 +430,15 @@ class RemoteNode(TransactionNode[Session]):
             reply = await self._run(command, offset, length, flags, data, give_up_at)
         finally:
             self._write_order.release(ticket)
+        await self._after_write()
+        return reply
+
+    async def _after_write(self) -> None:
+        """A write succeeded: past half the unflushed limit (policy flush),
+        wait until a FLUSH has brought the kept data back under it."""
         kept = self._unflushed
         if self._flush_at_limit and kept.size > kept.limit // 2:
             await self._keep_within_limit()
-        return reply
 
     async def _run(
         self,
@@ -451,20 +457,32 @@ class RemoteNode(TransactionNode[Session]):
         txn = table.try_begin(command, offset, length, flags, data)
         if txn is None:
             txn = await table.begin(command, offset, length, flags=flags, data=data)
+        try:
+            self._launch(txn, give_up_at)
+            await txn.wait_done()
+        finally:
+            self._end(txn)
+        return await self._answer(txn)
+
+    def _launch(self, txn: Transaction, give_up_at: float) -> None:
+        """Arm a new transaction's deadlines and send it (when connected:
+        else the next connection sends it)."""
         if give_up_at < self._resend_wake:
             self._wake_resend_timer(give_up_at)
         txn.give_up_at = give_up_at
         counters = self.counters
         counters.requests += 1
-        counters.in_flight = len(table)
+        counters.in_flight = len(self._table)
         txn.deadline = trio.current_time() + self._timeouts.resend
-        try:
-            if self._conn is not None:
-                self._send(self._conn, txn)
-            await txn.wait_done()
-        finally:
-            table.end(txn)
-            counters.in_flight = len(table)
+        if self._conn is not None:
+            self._send(self._conn, txn)
+
+    def _end(self, txn: Transaction) -> None:
+        self._table.end(txn)
+        self.counters.in_flight = len(self._table)
+
+    async def _answer(self, txn: Transaction) -> Reply:
+        """An ended transaction's successful reply, else `_unanswered`."""
         reply = txn.reply
         if reply is None or reply.status:
             return await self._unanswered(txn)
@@ -583,6 +601,52 @@ class RemoteNode(TransactionNode[Session]):
         self.counters.bytes_read += length
         return data
 
+    def begin_write(
+        self, offset: int, data: bytes | memoryview, *, fua: bool = False
+    ) -> StartedWrite | None:
+        """`write`'s first half without a wait: one transaction, sent now.
+        None when `write` must do it: the write would fail its checks, is
+        larger than one transaction, overlaps a write still in flight, or
+        finds no free slot."""
+        length = len(data)
+        order = self._write_order
+        if (
+            self.fenced is not None
+            or not self.writable
+            or offset < 0
+            or offset + length > self.size
+            or length > self.max_request
+            or order.overlaps(offset, length)
+        ):
+            return None
+        flags = Flag.FUA if fua else Flag.NONE
+        txn = self._table.try_begin(Command.WRITE, offset, length, flags, data)
+        if txn is None:
+            return None
+        ticket = order.register(offset, length)
+        try:
+            self._launch(txn, math.inf)
+        except BaseException:
+            self._end(txn)
+            order.release(ticket)
+            raise
+        return _StartedRemoteWrite(self, txn, ticket)
+
+    async def _settle(self, started: _StartedRemoteWrite) -> None:
+        """`write`'s second half (`_transact` and `_run` after the send)."""
+        txn = started.txn
+        try:
+            try:
+                if not txn.done:
+                    await txn.wait_done()
+            finally:
+                self._end(txn)
+            await self._answer(txn)
+        finally:
+            self._write_order.release(started.ticket)
+        await self._after_write()
+        self.counters.bytes_written += txn.length
+
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         self.check_writable()
         self.check_range(offset, len(data))
@@ -678,3 +742,34 @@ class RemoteNode(TransactionNode[Session]):
         if len(reply.data) != 16:
             raise NodeError(str(self), f"CHECKSUM returned {len(reply.data)} bytes, expected 16")
         return bytes(reply.data)
+
+
+class _StartedRemoteWrite(StartedWrite):
+    """A `RemoteNode.begin_write`: its transaction and write-order ticket."""
+
+    __slots__ = ("node", "txn", "ticket")
+
+    def __init__(self, node: RemoteNode, txn: Transaction, ticket: RangeTicket) -> None:
+        self.node = node
+        self.txn = txn
+        self.ticket = ticket
+
+    @property
+    def on_done(self) -> Callable[[], None] | None:  # type: ignore[override]
+        return self.txn.on_done
+
+    @on_done.setter
+    def on_done(self, notify: Callable[[], None] | None) -> None:
+        self.txn.on_done = notify
+
+    @property
+    def done(self) -> bool:
+        return self.txn.done
+
+    @property
+    def succeeded(self) -> bool:
+        reply = self.txn.reply
+        return reply is not None and not reply.status
+
+    async def settle(self) -> None:
+        await self.node._settle(self)

@@ -24,7 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -39,7 +39,9 @@ class Transaction:
     sent; `give_up_at` is when the caller stops waiting, whatever is left
     of the budget. `done` turns True once, by the reply or by `give_up`
     (then `reply` is None); `wait_done` returns from then on. One task
-    waits at a time: the one that runs the transaction."""
+    waits at a time: the one that runs the transaction; `on_done`, when
+    set, is called once at that moment instead of or besides waking it
+    (a request waiting for several transactions at once)."""
 
     command: Command
     handle: int
@@ -59,6 +61,7 @@ class Transaction:
     #: whether the resend timer ended the wait for that reason.
     give_up_at: float = math.inf
     impatient: bool = False
+    on_done: Callable[[], None] | None = field(default=None, repr=False)
     _waiter: trio.lowlevel.Task | None = field(default=None, repr=False)
 
     def request(self) -> Request:
@@ -87,6 +90,9 @@ class Transaction:
         if self._waiter is not None:
             trio.lowlevel.reschedule(self._waiter)
             self._waiter = None
+        if self.on_done is not None:
+            notify, self.on_done = self.on_done, None
+            notify()
 
     def __str__(self) -> str:
         return f"{self.command.name} #{self.handle} [{self.offset}, +{self.length})"

@@ -305,6 +305,47 @@ async def test_checks_store_and_mismatch_across_page_boundaries():
     checks.unpin(pinned)
 
 
+@given(
+    block=st.integers(min_value=0, max_value=2 * 512 - 1),
+    known=st.booleans(),
+    only_known=st.booleans(),
+)
+async def test_a_one_block_write_stores_what_a_longer_one_stores_for_that_block(
+    block, known, only_known
+):
+    """The one-block fast paths of `digests_of` and `store` against the
+    general ones: a write of two blocks (block, block + 1) stores the same
+    entry for `block`, and dirties the same page; a read of `block` alone
+    is checked as the longer read checks it."""
+
+    async def load(page: int) -> bytes:
+        return bytes(BLOCK)
+
+    async def write(page: int, raw: bytes) -> None:
+        pass
+
+    data = os.urandom(2 * BLOCK)
+    one, two = (BlockChecks(8 * MiB, 1 * MiB, load, write) for _ in range(2))
+    first, entries = digests_of(block * BLOCK, data[:BLOCK])
+    assert (first, entries) == (block, [block_digest(data[:BLOCK])])
+    if not known:
+        entries = [UNKNOWN]
+    longer = digests_of(block * BLOCK, data)[1]
+    longer[0] = entries[0]
+    for checks, stored in ((one, entries), (two, longer)):
+        pinned = await checks.pin(checks.touched_pages(block * BLOCK, 2 * BLOCK))
+        checks.store(block, [7])  # what was there before
+        checks._dirty.clear()
+        checks.store(block, stored, only_known=only_known)
+        checks.unpin(pinned)
+    assert one.lookup(block) == two.lookup(block)
+    assert one._dirty <= two._dirty and block // 512 in one._dirty
+    damaged = bytes([data[0] ^ 1]) + data[1:]
+    for read in (data, damaged):
+        whole = two.mismatching(block * BLOCK, read)
+        assert one.mismatching(block * BLOCK, read[:BLOCK]) == [b for b in whole if b == block]
+
+
 async def test_pin_cached_pins_cached_pages_as_pin_does_or_nothing():
     loaded: list[int] = []
 

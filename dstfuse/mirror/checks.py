@@ -59,8 +59,10 @@ def digests_of(offset: int, data: bytes | memoryview) -> tuple[int, list[int]]:
     """(first block, entry per block touched) for data written at `offset`;
     blocks only partly covered get UNKNOWN (their other bytes are not here)."""
     view = memoryview(data)
-    end = offset + len(view)
     first = offset // BLOCK
+    if len(view) == BLOCK and not offset % BLOCK:  # the common one-block write
+        return first, [xxhash.xxh3_64_intdigest(view) or 1]
+    end = offset + len(view)
     head = -offset % BLOCK  # bytes before the first whole block
     whole = (len(view) - head) // BLOCK if len(view) >= head else 0
     digest = xxhash.xxh3_64_intdigest
@@ -306,6 +308,12 @@ class BlockChecks:
     def store(self, first_block: int, entries: list[int], *, only_known: bool = False) -> None:
         """Set entries; their pages must be pinned. `only_known` leaves the
         entries of blocks given as UNKNOWN (partly covered) as they are."""
+        if len(entries) == 1:  # the common one-block write
+            page, index = divmod(first_block, CHECKS_PER_PAGE)
+            if not only_known or entries[0] != UNKNOWN:
+                self._entries(page)[index] = entries[0]
+            self._dirty.add(page)
+            return
         position = 0
         while position < len(entries):
             page, index = divmod(first_block + position, CHECKS_PER_PAGE)
@@ -331,6 +339,17 @@ class BlockChecks:
     def mismatching(self, offset: int, data: bytes | memoryview) -> list[int]:
         """Blocks of a read at `offset` whose bytes disagree with a known
         entry (pages pinned); partial blocks are not checked."""
+        if len(data) == BLOCK and not offset % BLOCK:  # the common one-block read
+            block = offset // BLOCK
+            page, index = divmod(block, CHECKS_PER_PAGE)
+            expected = self._entries(page)[index]
+            if (
+                expected == UNKNOWN
+                or block // self.blocks_per_region in self.untrusted
+                or (xxhash.xxh3_64_intdigest(data) or 1) == expected
+            ):
+                return []
+            return [block]
         view = memoryview(data)
         first = -(-offset // BLOCK)
         last = (offset + len(view)) // BLOCK

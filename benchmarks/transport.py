@@ -1,6 +1,7 @@
 """The socket fast path alone: a client `Session` (or, `--layer storage`, a
-`Storage` over one `RemoteNode`; `--layer mirror`, a mirror of two) against
-export nodes.
+`Storage` over one `RemoteNode`; `--layer mirror`, a mirror of two;
+`--layer mirror-instant-leg`, the same with leg 1's writes answered at
+once) against export nodes.
 
 An export node (`python -m dstfuse export`, its own process) serves a
 sparse file on 127.0.0.1; this process runs one client `Session` over TCP
@@ -93,7 +94,9 @@ async def _run_jobs(
     ports: list[int], node_pids: list[int], scale: float, layer: str
 ) -> dict[str, dict[str, float]]:
     if layer != "session":
-        return await _run_storage_jobs(ports, node_pids, scale)
+        return await _run_storage_jobs(
+            ports, node_pids, scale, instant_leg=layer == "mirror-instant-leg"
+        )
     [port], [node_pid] = ports, node_pids
     import trio
 
@@ -155,12 +158,15 @@ async def _run_jobs(
 
 
 async def _run_storage_jobs(
-    ports: list[int], node_pids: list[int], scale: float
+    ports: list[int], node_pids: list[int], scale: float, *, instant_leg: bool = False
 ) -> dict[str, dict[str, float]]:
     """The jobs through a `Storage` as `dstfuse mount` assembles it (linear
     over one remote node, or a mirror over several taken as clean; default
     options otherwise), without FUSE above it. The node CPU is the nodes'
-    sum."""
+    sum. `instant_leg`: the mirror's leg 1 answers every write at once
+    without sending it, so the difference to a plain mirror is what the
+    second leg costs; only the write jobs run (leg 1 does not hold the
+    data a read would check)."""
     import trio
 
     from dstfuse.allocator import keep_io_buffers
@@ -184,7 +190,11 @@ async def _run_storage_jobs(
     results: dict[str, dict[str, float]] = {}
     async with open_assembly(config, mount_options=options) as assembly:
         storage = assembly.storages["bench"]
+        if instant_leg:
+            _answer_writes_at_once(storage.algorithm.legs[1].node)  # type: ignore[attr-defined]
         for name, (command_name, block, depth, count) in JOBS.items():
+            if instant_leg and command_name != "WRITE":
+                continue
             count = max(depth * 4, int(count * scale))
             writing = command_name == "WRITE"
             payload = os.urandom(block)
@@ -213,6 +223,26 @@ async def _run_storage_jobs(
     return results
 
 
+def _answer_writes_at_once(node: object) -> None:
+    """Make `node` (a mirror leg's) take every write at once, sending
+    nothing: as if it answered in no time."""
+    from dstfuse.nodes.base import StartedWrite
+
+    class Answered(StartedWrite):
+        on_done = None
+        done = True
+        succeeded = True
+
+        async def settle(self) -> None:
+            return None
+
+    async def write(offset: int, data: object, *, fua: bool = False) -> None:
+        return None
+
+    node.begin_write = lambda offset, data, *, fua=False: Answered()  # type: ignore[attr-defined]
+    node.write = write  # type: ignore[attr-defined]
+
+
 def measure(scale: float, directory: str, layer: str) -> dict[str, dict[str, float]]:
     """One pass over every job against fresh export nodes (two for the
     mirror layer, one otherwise)."""
@@ -222,7 +252,7 @@ def measure(scale: float, directory: str, layer: str) -> dict[str, dict[str, flo
     ports: list[int] = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         try:
-            for leg in range(2 if layer == "mirror" else 1):
+            for leg in range(2 if layer.startswith("mirror") else 1):
                 disk = Path(tmp) / f"disk{leg}.img"
                 with disk.open("wb") as f:
                     f.truncate(SIZE)
@@ -272,7 +302,7 @@ def ab(trees: list[str], rounds: int, scale: float, directory: str, layer: str) 
         ("node_cpu_us", "node CPU us per request"),
     ):
         print(f"{label:28} {'A':>24} {'B':>24}   B/A per round")
-        for job in JOBS:
+        for job in (job for job in JOBS if job in runs[a][0]):
             va = [r[job][metric] for r in runs[a]]
             vb = [r[job][metric] for r in runs[b]]
             ratios = sorted(y / x for x, y in zip(va, vb, strict=True))
@@ -292,10 +322,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one pass, JSON on stdout")
     parser.add_argument(
         "--layer",
-        choices=("session", "storage", "mirror"),
+        choices=("session", "storage", "mirror", "mirror-instant-leg"),
         default="session",
         help="what the jobs drive: a bare client Session, a Storage as a mount builds it "
-        "(linear over one node), or a mirror of two nodes",
+        "(linear over one node), a mirror of two nodes, or one whose leg 1 answers "
+        "writes at once (write jobs only)",
     )
     args = parser.parse_args()
     if args.ab:

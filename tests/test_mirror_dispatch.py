@@ -156,3 +156,20 @@ async def test_a_leg_that_cannot_start_runs_its_call_in_a_runner(autojump_clock)
         assert outcomes == [(None, None), (None, None)]
         assert called == [1] and started.settled == 1
         assert [leg.unsettled for leg in legs] == [0, 0]
+
+
+async def test_a_write_that_fails_to_start_is_that_legs_failure(autojump_clock):
+    legs = _legs()
+    started = _Started()
+    started.answer()
+
+    def start(leg: MirrorLeg) -> StartedWrite:
+        if leg.index == 1:
+            raise NodeError(str(leg), "could not seal the frame")
+        return started
+
+    async with _dispatching() as (dispatch, _):
+        outcomes = await dispatch.run(legs, _no_runner_call, start)
+        assert outcomes[0] == (None, None)
+        assert isinstance(outcomes[1][1], NodeError) and "seal" in str(outcomes[1][1])
+        assert [leg.unsettled for leg in legs] == [0, 0]

@@ -211,7 +211,12 @@ class LegDispatch:
         state = _Round(legs, trio.current_time() + self.leg_timeout)
         for index, leg in enumerate(legs):
             leg.unsettled += 1
-            started = start(leg) if start is not None else None
+            try:
+                started = start(leg) if start is not None else None
+            except Exception as exc:  # noqa: BLE001 - the leg's outcome, as a failed call's
+                leg.settle_one()
+                self._record(state, index, (None, exc))
+                continue
             if started is None:
                 self._hand(nursery, (state, index, leg, call))
             else:

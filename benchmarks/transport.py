@@ -232,6 +232,7 @@ def _answer_writes_at_once(node: object) -> None:
         on_done = None
         done = True
         succeeded = True
+        settles_at_once = True
 
         async def settle(self) -> None:
             return None

@@ -34,14 +34,17 @@ class _Node:
 
 
 class _Started(StartedWrite):
-    """A started write the test ends by hand (`answer`)."""
+    """A started write the test ends by hand (`answer`). `flushed`, when
+    given, is what its settling waits for after the answer (a node over
+    its unflushed limit waits for a FLUSH)."""
 
-    def __init__(self) -> None:
+    def __init__(self, flushed: trio.Event | None = None) -> None:
         self.on_done = None
         self._done = False
         self._error: NodeError | None = None
         self.settled = 0
         self._ended = trio.Event()
+        self._flushed = flushed
 
     @property
     def done(self) -> bool:
@@ -50,6 +53,10 @@ class _Started(StartedWrite):
     @property
     def succeeded(self) -> bool:
         return self._done and self._error is None
+
+    @property
+    def settles_at_once(self) -> bool:
+        return self._done and (self._flushed is None or self._flushed.is_set())
 
     def answer(self, error: NodeError | None = None) -> None:
         self._done, self._error = True, error
@@ -60,6 +67,8 @@ class _Started(StartedWrite):
 
     async def settle(self) -> None:
         await self._ended.wait()
+        if self._flushed is not None:
+            await self._flushed.wait()
         self.settled += 1
         if self._error is not None:
             raise self._error
@@ -172,4 +181,48 @@ async def test_a_write_that_fails_to_start_is_that_legs_failure(autojump_clock):
         outcomes = await dispatch.run(legs, _no_runner_call, start)
         assert outcomes[0] == (None, None)
         assert isinstance(outcomes[1][1], NodeError) and "seal" in str(outcomes[1][1])
+        assert [leg.unsettled for leg in legs] == [0, 0]
+
+
+async def test_an_answered_write_whose_settling_waits_is_given_up_at_leg_timeout(autojump_clock):
+    """Leg 0 acknowledged the write, but its node is over its unflushed
+    limit and settling it waits for a FLUSH that does not come (a node that
+    froze after the acknowledgement). The request must not wait for that
+    FLUSH beyond leg_timeout when leg 1 completed it: the wait goes to a
+    runner, and leg 0 is given up as a silent leg would be."""
+    legs = _legs()
+    flushed = trio.Event()
+    started = [_Started(flushed), _Started()]
+    async with _dispatching() as (dispatch, _):
+        begun = trio.current_time()
+        with trio.fail_after(LEG_TIMEOUT * 3):
+            for one in started:
+                one.answer()
+            outcomes = await dispatch.run(legs, _no_runner_call, lambda leg: started[leg.index])
+        assert trio.current_time() - begun == pytest.approx(LEG_TIMEOUT, abs=0.1)
+        assert isinstance(outcomes[0][1], LegGivenUp) and outcomes[1] == (None, None)
+        assert legs[0].unsettled == 1  # still settling, counted
+        flushed.set()
+        await trio.sleep(0.1)
+        assert [s.settled for s in started] == [1, 1]
+        assert [leg.unsettled for leg in legs] == [0, 0]
+
+
+async def test_an_answered_write_whose_flush_comes_in_time_is_the_legs_success(autojump_clock):
+    legs = _legs()
+    flushed = trio.Event()
+    started = [_Started(flushed), _Started()]
+    async with _dispatching() as (dispatch, nursery):
+        for one in started:
+            one.answer()
+
+        async def flush_soon() -> None:
+            await trio.sleep(1)
+            flushed.set()
+
+        nursery.start_soon(flush_soon)
+        begun = trio.current_time()
+        outcomes = await dispatch.run(legs, _no_runner_call, lambda leg: started[leg.index])
+        assert trio.current_time() - begun == pytest.approx(1, abs=0.1)
+        assert outcomes == [(None, None), (None, None)]
         assert [leg.unsettled for leg in legs] == [0, 0]

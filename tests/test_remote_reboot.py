@@ -178,6 +178,40 @@ async def test_policy_flush_keeps_every_write_within_the_limit(autojump_clock):
     assert fake.flushed[: 20 * BLOCK] == b"".join(block(i % 200) for i in range(20))
 
 
+async def test_a_started_write_past_the_limit_says_its_settling_waits_for_the_flush(
+    autojump_clock,
+):
+    """`begin_write`'s writes are kept like `write`'s; once the kept data
+    is past the limit, an answered write's `settles_at_once` is False and
+    its `settle` returns only after the FLUSH (here dropped once, so it
+    comes with its resend)."""
+    flushes: list[int] = []
+
+    def drop_first_flush(request, number):
+        if request.command is Command.FLUSH:
+            flushes.append(request.handle)
+            return DROP if len(flushes) == 1 else ANSWER
+        return ANSWER
+
+    fake = FakeExport(policy=drop_first_flush)
+    limit = 2 * (BLOCK + 64)
+    async with remote(fake, unflushed=Unflushed(limit=limit, policy="flush")) as node:
+        started = [node.begin_write(index * BLOCK, block(index)) for index in range(3)]
+        assert all(one is not None for one in started)
+        await trio.sleep(0.1)
+        assert all(one.done and one.succeeded for one in started)
+        assert node._unflushed.size > limit
+        assert not any(one.settles_at_once for one in started)
+        begun = trio.current_time()
+        for one in started:
+            await one.settle()
+        assert trio.current_time() - begun == pytest.approx(TIMEOUTS.resend, abs=0.1)
+        assert node._unflushed.size <= limit and len(flushes) == 2
+        last = node.begin_write(3 * BLOCK, block(3))
+        assert last is not None
+        await last.settle()
+
+
 async def test_policy_drop_never_flushes_and_a_reboot_reports_only_the_dropped(autojump_clock):
     fake = FakeExport()
     limit = 2 * (BLOCK + 64)

@@ -25,6 +25,10 @@ Invariants:
   in two halves: its answer counts as the leg's outcome the moment it
   arrives; the request settles it when it returns, or, when it returns
   without it (given up on, cancelled), hands the settling to a runner.
+  Settling that would wait (a node over its unflushed limit waits for a
+  FLUSH) is never done in the request: a runner does it, and the request
+  waits for that runner under the same rules as for any leg, so an
+  acknowledged write's FLUSH holds it no longer than `leg_timeout` either.
   Settled exactly once either way, and counted in `unsettled` until then.
 """
 
@@ -209,37 +213,31 @@ class LegDispatch:
         if nursery is None or len(legs) < 2:
             return await gather([lambda leg=leg: call(leg) for leg in legs])
         state = _Round(legs, trio.current_time() + self.leg_timeout)
-        for index, leg in enumerate(legs):
-            leg.unsettled += 1
-            try:
-                started = start(leg) if start is not None else None
-            except Exception as exc:  # noqa: BLE001 - the leg's outcome, as a failed call's
-                leg.settle_one()
-                self._record(state, index, (None, exc))
-                continue
-            if started is None:
-                self._hand(nursery, (state, index, leg, call))
-            else:
-                state.started[index] = started
-                if started.done:
-                    self._arrived(state, index)
-                else:
-                    started.on_done = functools.partial(self._arrived, state, index)
         try:
-            while state.running:
-                if state.completed():
-                    if self._may_give_up(state, trio.current_time()):
-                        for i in state.stragglers():
-                            state.outcomes[i] = (None, self._given_up(legs[i]))
-                        break
-                    self._watch(state)
-                await state.wait()
-            # the outcomes are decided: a late answer must not change them
-            for started in state.started:
-                if started is not None and not started.done:
-                    started.on_done = None
-            await self._settle_started(state)
-            return state.outcomes
+            for index, leg in enumerate(legs):
+                leg.unsettled += 1
+                try:
+                    started = start(leg) if start is not None else None
+                except Exception as exc:  # noqa: BLE001 - the leg's outcome, as a failed call's
+                    leg.settle_one()
+                    self._record(state, index, (None, exc))
+                    continue
+                if started is None:
+                    self._hand(nursery, (state, index, leg, call))
+                else:
+                    state.started[index] = started
+                    if started.done:
+                        self._arrived(state, index)
+                    else:
+                        started.on_done = functools.partial(self._arrived, state, index)
+            while True:
+                gave_up = await self._wait(state)
+                # the outcomes are decided: a late answer must not change them
+                for started in state.started:
+                    if started is not None and not started.done:
+                        started.on_done = None
+                if not await self._settle_started(state, nursery, gave_up):
+                    return state.outcomes
         finally:
             state.returned = True
             self._straggling.discard(state)
@@ -247,6 +245,19 @@ class LegDispatch:
                 if started is not None:  # given up on, or the request was cancelled
                     started.on_done = None
                     self._hand(nursery, (state, index, legs[index], _settler(started)))
+
+    async def _wait(self, state: _Round) -> bool:
+        """Until every leg's outcome is in (False), or the legs still
+        running may be given up (True: their outcomes are LegGivenUp)."""
+        while state.running:
+            if state.completed():
+                if self._may_give_up(state, trio.current_time()):
+                    for i in state.stragglers():
+                        state.outcomes[i] = (None, self._given_up(state.legs[i]))
+                    return True
+                self._watch(state)
+            await state.wait()
+        return False
 
     def _hand(self, nursery: trio.Nursery, job: _Job) -> None:
         """Run `job` in a parked runner, or in a new one."""
@@ -264,12 +275,29 @@ class LegDispatch:
         assert started is not None
         self._record(state, index, (None, None) if started.succeeded else (None, _UNSETTLED))
 
-    async def _settle_started(self, state: _Round) -> None:
-        """Settle the started writes that ended, in the request: their
-        outcomes become final. Those still running are left to the caller
-        (`run` hands them to runners)."""
+    async def _settle_started(self, state: _Round, nursery: trio.Nursery, gave_up: bool) -> bool:
+        """Settle, in the request, the started writes that ended and settle
+        at once: their outcomes become final. One that ended but would wait
+        (its node is over its unflushed limit, or splits it again) is left
+        to a runner and counts as running again, as a call in a runner
+        would; True then: the request waits for it like for any leg (given
+        up at leg_timeout if another in-sync leg completed it). After
+        `gave_up` it is given up instead. Those still running are left to
+        the caller (`run` hands them to runners)."""
+        rearmed = False
         for index, started in enumerate(state.started):
             if started is None or not started.done:
+                continue
+            leg = state.legs[index]
+            if not started.settles_at_once:
+                if gave_up:
+                    state.outcomes[index] = (None, self._given_up(leg))
+                    continue  # `run` hands it to a runner
+                state.started[index] = None
+                state.done[index] = False
+                state.running += 1
+                self._hand(nursery, (state, index, leg, _settler(started)))
+                rearmed = True
                 continue
             state.started[index] = None
             try:
@@ -278,7 +306,8 @@ class LegDispatch:
             except Exception as exc:  # noqa: BLE001 - the leg's outcome, as from a runner
                 state.outcomes[index] = (None, exc)
             finally:
-                state.legs[index].settle_one()
+                leg.settle_one()
+        return rearmed
 
     def _watch(self, state: _Round) -> None:
         self._straggling.add(state)

@@ -66,6 +66,12 @@ class StartedWrite(abc.ABC):
         """Done with the node's success: `settle` raises nothing (it may
         still wait for a flush that keeps the unflushed writes in bounds)."""
 
+    @property
+    @abc.abstractmethod
+    def settles_at_once(self) -> bool:
+        """Done, and `settle` would return (or raise) now, without a wait:
+        no request left to run for it (a split) and no flush to wait for."""
+
     @abc.abstractmethod
     async def settle(self) -> None: ...
 

@@ -435,10 +435,15 @@ class RemoteNode(TransactionNode[Session]):
 
     async def _after_write(self) -> None:
         """A write succeeded: past half the unflushed limit (policy flush),
-        wait until a FLUSH has brought the kept data back under it."""
+        ask for a FLUSH; past the limit, wait until one has brought the kept
+        data back under it (`_keep_within_limit`)."""
         kept = self._unflushed
         if self._flush_at_limit and kept.size > kept.limit // 2:
             await self._keep_within_limit()
+
+    def _after_write_waits(self) -> bool:
+        """`_after_write` would wait now."""
+        return self._flush_at_limit and self._unflushed.size > self._unflushed.limit
 
     async def _run(
         self,
@@ -770,6 +775,13 @@ class _StartedRemoteWrite(StartedWrite):
     def succeeded(self) -> bool:
         reply = self.txn.reply
         return reply is not None and not reply.status
+
+    @property
+    def settles_at_once(self) -> bool:
+        txn = self.txn
+        if not txn.done or txn.resplit:
+            return False
+        return not self.succeeded or not self.node._after_write_waits()
 
     async def settle(self) -> None:
         await self.node._settle(self)
